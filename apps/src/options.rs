@@ -1,0 +1,101 @@
+//! Command-line options shared by the apps, and the checks that turn what a
+//! user typed into engine settings before any socket opens.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::Args;
+use vsock_relay_engine::endpoint::{parse_host, Host};
+use vsock_relay_engine::{BackendChoice, DataPath, DnsOptions, IpFamily, RelayConfig};
+
+/// Tuning options every relaying app accepts.
+#[derive(Args, Clone, Debug)]
+pub struct EngineArgs {
+    /// Backend: `auto` probes io_uring at start; `uring` insists on it.
+    #[arg(long, default_value = "auto", value_name = "auto|uring")]
+    pub backend: BackendChoice,
+
+    /// Give up on an upstream connect after this many seconds; that one
+    /// client is reset, the others are unaffected.
+    #[arg(long, default_value_t = 10.0, value_name = "SECONDS", value_parser = parse_seconds)]
+    pub connect_timeout: f64,
+
+    /// Copy through user space instead of splicing (for comparison; splice
+    /// falls back to copying by itself where a socket family refuses it).
+    #[arg(long)]
+    pub copy: bool,
+
+    /// Capacity of each pooled pipe, in KiB (the kernel caps it at
+    /// /proc/sys/fs/pipe-max-size).
+    #[arg(long, default_value_t = 1024, value_name = "KIB", value_parser = clap::value_parser!(u32).range(4..=1048576))]
+    pub pipe_kib: u32,
+
+    /// Ask this DNS server (IP:PORT, repeatable) instead of /etc/resolv.conf.
+    #[arg(long = "dns-server", value_name = "IP:PORT")]
+    pub dns_servers: Vec<SocketAddr>,
+}
+
+fn parse_seconds(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(s) if s > 0.0 && s.is_finite() && s <= 3600.0 => Ok(s),
+        _ => Err(format!("`{text}` is not a number of seconds between 0 and 3600")),
+    }
+}
+
+impl EngineArgs {
+    pub fn dns(&self, family: IpFamily) -> DnsOptions {
+        DnsOptions { servers: self.dns_servers.clone(), family }
+    }
+
+    /// Applies these options to a relay description.
+    pub fn apply(&self, config: &mut RelayConfig) {
+        config.backend = self.backend;
+        config.connect_timeout = Duration::from_secs_f64(self.connect_timeout);
+        config.data_path = if self.copy { DataPath::Copy } else { DataPath::Splice };
+        config.pipe_bytes = self.pipe_kib as usize * 1024;
+    }
+}
+
+/// Parses REMOTE_ADDR: a host name or an IP address. A bare number is
+/// refused: it is almost always an enclave CID typed in the wrong place, and
+/// the system resolver would quietly turn `3` into 0.0.0.3.
+pub fn parse_remote_host(text: &str) -> Result<Host, String> {
+    if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(format!(
+            "`{text}` is a bare number, not a host. REMOTE_ADDR is the TCP server to proxy to \
+             (a host name or an IP address); an enclave CID does not go here"
+        ));
+    }
+    let bracketed = if text.contains(':') && !text.starts_with('[') { format!("[{text}]") } else { text.to_string() };
+    parse_host(&bracketed).ok_or_else(|| format!("`{text}` is neither a host name nor an IP address"))
+}
+
+/// Parses `-w/--num_workers`: a positive count.
+pub fn parse_workers(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(0) => Err("the number of workers must not be 0".into()),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!("`{text}` is not a number of workers")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn remote_host_accepts_names_and_ips_and_refuses_bare_numbers() {
+        assert_eq!(parse_remote_host("kms.us-east-1.amazonaws.com"), Ok(Host::Name("kms.us-east-1.amazonaws.com".into())));
+        assert_eq!(parse_remote_host("127.0.0.1"), Ok(Host::Ip("127.0.0.1".parse().unwrap())));
+        assert_eq!(parse_remote_host("::1"), Ok(Host::Ip("::1".parse().unwrap())));
+        assert!(parse_remote_host("3").unwrap_err().contains("bare number"));
+        assert!(parse_remote_host("bad host").unwrap_err().contains("neither a host name"));
+    }
+
+    #[test]
+    fn workers_must_be_positive() {
+        assert_eq!(parse_workers("4"), Ok(4));
+        assert_eq!(parse_workers("0").unwrap_err(), "the number of workers must not be 0");
+        assert!(parse_workers("x").is_err());
+    }
+}

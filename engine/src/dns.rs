@@ -1,0 +1,115 @@
+//! Name resolution with TTLs (hickory-resolver), for targets given by name.
+//!
+//! The resolver runs on its own small runtime and is only ever called from
+//! start-up code and from a target's refresh thread: never on the accept or
+//! data path.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use hickory_resolver::config::{LookupIpStrategy, NameServerConfig, ResolverConfig, ResolverOpts};
+use hickory_resolver::net::runtime::TokioRuntimeProvider;
+use hickory_resolver::TokioResolver;
+
+/// Which address families a lookup may return.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum IpFamily {
+    /// IPv4 first, then IPv6 (like AWS's proxy without `-4`/`-6`).
+    #[default]
+    Any,
+    V4Only,
+    V6Only,
+}
+
+impl IpFamily {
+    pub fn admits(self, ip: IpAddr) -> bool {
+        match self {
+            IpFamily::Any => true,
+            IpFamily::V4Only => ip.is_ipv4(),
+            IpFamily::V6Only => ip.is_ipv6(),
+        }
+    }
+}
+
+/// Where and how to resolve names.
+#[derive(Clone, Debug, Default)]
+pub struct DnsOptions {
+    /// Name servers to ask instead of `/etc/resolv.conf`'s (tests, split DNS).
+    pub servers: Vec<SocketAddr>,
+    pub family: IpFamily,
+}
+
+/// The addresses of a name and how long they may be used.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Resolution {
+    pub addresses: Vec<IpAddr>,
+    pub valid_until: Instant,
+}
+
+impl Resolution {
+    pub fn ttl(&self) -> Duration {
+        self.valid_until.saturating_duration_since(Instant::now())
+    }
+}
+
+/// A blocking resolver.
+pub struct Resolver {
+    runtime: tokio::runtime::Runtime,
+    resolver: TokioResolver,
+    family: IpFamily,
+}
+
+impl Resolver {
+    pub fn new(options: &DnsOptions) -> Result<Resolver, String> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| format!("cannot start the resolver runtime: {e}"))?;
+        let provider = TokioRuntimeProvider::default();
+        let mut builder = if options.servers.is_empty() {
+            TokioResolver::builder(provider).map_err(|e| format!("cannot read the system DNS configuration: {e}"))?
+        } else {
+            let servers = options
+                .servers
+                .iter()
+                .map(|server| {
+                    let mut config = NameServerConfig::udp_and_tcp(server.ip());
+                    for connection in &mut config.connections {
+                        connection.port = server.port();
+                    }
+                    config
+                })
+                .collect();
+            TokioResolver::builder_with_config(ResolverConfig::from_parts(None, vec![], servers), provider)
+        };
+        let opts: &mut ResolverOpts = builder.options_mut();
+        opts.ip_strategy = match options.family {
+            IpFamily::Any => LookupIpStrategy::Ipv4thenIpv6,
+            IpFamily::V4Only => LookupIpStrategy::Ipv4Only,
+            IpFamily::V6Only => LookupIpStrategy::Ipv6Only,
+        };
+        opts.timeout = Duration::from_secs(3);
+        opts.attempts = 2;
+        let resolver = {
+            let _guard = runtime.enter();
+            builder.build().map_err(|e| format!("cannot build the resolver: {e}"))?
+        };
+        Ok(Resolver { runtime, resolver, family: options.family })
+    }
+
+    /// Resolves `name` (an IP literal resolves to itself).
+    pub fn resolve(&self, name: &str) -> Result<Resolution, String> {
+        if let Ok(ip) = name.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>() {
+            if !self.family.admits(ip) {
+                return Err(format!("{ip} is not of the address family asked for"));
+            }
+            return Ok(Resolution { addresses: vec![ip], valid_until: Instant::now() + Duration::from_secs(86_400) });
+        }
+        let lookup = self.runtime.block_on(self.resolver.lookup_ip(name)).map_err(|e| e.to_string())?;
+        let addresses: Vec<IpAddr> = lookup.iter().filter(|ip| self.family.admits(*ip)).collect();
+        if addresses.is_empty() {
+            return Err("no address of the family asked for".into());
+        }
+        Ok(Resolution { addresses, valid_until: lookup.valid_until() })
+    }
+}

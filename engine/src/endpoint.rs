@@ -1,0 +1,185 @@
+//! Endpoints: one type and one text form for every socket family the relay
+//! speaks, so that every app, config file and log line names a socket the
+//! same way: `vsock:CID:PORT`, `tcp:HOST:PORT`, `unix:PATH`.
+
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::str::FromStr;
+
+/// `VMADDR_CID_ANY`: listen on every CID of this machine.
+pub const VSOCK_CID_ANY: u32 = u32::MAX;
+
+/// A stream socket address in any family the relay supports.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Endpoint {
+    /// AF_VSOCK; `cid` may be [`VSOCK_CID_ANY`] (written `any`) on a listener.
+    Vsock { cid: u32, port: u32 },
+    /// TCP over IPv4 or IPv6; a host name is resolved before use.
+    Tcp { host: Host, port: u16 },
+    /// A Unix-domain stream socket at a filesystem path.
+    Unix { path: PathBuf },
+}
+
+/// The host part of a TCP endpoint.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Host {
+    Ip(IpAddr),
+    Name(String),
+}
+
+/// Why an endpoint's text did not parse; each variant names the bad part.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EndpointParseError {
+    /// The text has no family prefix.
+    #[error("`{0}`: missing family; expected vsock:CID:PORT, tcp:HOST:PORT or unix:PATH")]
+    MissingFamily(String),
+    /// The family prefix is not one we know.
+    #[error("`{0}`: unknown family `{1}`; expected vsock, tcp or unix")]
+    UnknownFamily(String, String),
+    /// The port is missing, not a number, or out of range.
+    #[error("`{0}`: bad port `{1}`; expected a number from 0 to {2}")]
+    BadPort(String, String, u64),
+    /// The vsock CID is neither `any` nor a 32-bit number.
+    #[error("`{0}`: bad vsock CID `{1}`; expected `any` or a number")]
+    BadCid(String, String),
+    /// The TCP host is empty or malformed.
+    #[error("`{0}`: bad host `{1}`; expected an IPv4 address, [IPv6] or a host name")]
+    BadHost(String, String),
+    /// The Unix path is empty.
+    #[error("`{0}`: empty unix socket path")]
+    EmptyPath(String),
+}
+
+impl Endpoint {
+    /// A TCP endpoint on a literal socket address.
+    pub fn tcp(addr: SocketAddr) -> Self {
+        Endpoint::Tcp { host: Host::Ip(addr.ip()), port: addr.port() }
+    }
+
+    /// A short name of the family, as in the text form.
+    pub fn family(&self) -> &'static str {
+        match self {
+            Endpoint::Vsock { .. } => "vsock",
+            Endpoint::Tcp { .. } => "tcp",
+            Endpoint::Unix { .. } => "unix",
+        }
+    }
+}
+
+impl fmt::Display for Host {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Host::Ip(IpAddr::V6(ip)) => write!(f, "[{ip}]"),
+            Host::Ip(IpAddr::V4(ip)) => write!(f, "{ip}"),
+            Host::Name(name) => f.write_str(name),
+        }
+    }
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Endpoint::Vsock { cid: VSOCK_CID_ANY, port } => write!(f, "vsock:any:{port}"),
+            Endpoint::Vsock { cid, port } => write!(f, "vsock:{cid}:{port}"),
+            Endpoint::Tcp { host, port } => write!(f, "tcp:{host}:{port}"),
+            Endpoint::Unix { path } => write!(f, "unix:{}", path.display()),
+        }
+    }
+}
+
+fn parse_port(text: &str, port: &str, max: u64) -> Result<u64, EndpointParseError> {
+    match port.parse::<u64>() {
+        Ok(n) if n <= max && !port.starts_with('+') => Ok(n),
+        _ => Err(EndpointParseError::BadPort(text.into(), port.into(), max)),
+    }
+}
+
+/// Parses a host as written in `tcp:HOST:PORT` (IPv6 in brackets).
+pub fn parse_host(host: &str) -> Option<Host> {
+    if let Some(inner) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        return inner.parse::<std::net::Ipv6Addr>().ok().map(|ip| Host::Ip(IpAddr::V6(ip)));
+    }
+    if let Ok(ip) = host.parse::<std::net::Ipv4Addr>() {
+        return Some(Host::Ip(IpAddr::V4(ip)));
+    }
+    let valid_name = !host.is_empty()
+        && host.len() <= 253
+        && host.split('.').enumerate().all(|(i, label)| {
+            // A trailing dot (fully qualified name) leaves one empty last label.
+            (label.is_empty() && i > 0 && host.ends_with('.') && host.len() > 1)
+                || (!label.is_empty()
+                    && label.len() <= 63
+                    && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+                    && !label.starts_with('-')
+                    && !label.ends_with('-'))
+        });
+    valid_name.then(|| Host::Name(host.to_owned()))
+}
+
+impl FromStr for Endpoint {
+    type Err = EndpointParseError;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let (family, rest) =
+            text.split_once(':').ok_or_else(|| EndpointParseError::MissingFamily(text.into()))?;
+        match family {
+            "vsock" => {
+                let (cid, port) = rest
+                    .split_once(':')
+                    .ok_or_else(|| EndpointParseError::BadPort(text.into(), String::new(), u32::MAX.into()))?;
+                let cid = match cid {
+                    "any" => VSOCK_CID_ANY,
+                    _ => cid.parse().map_err(|_| EndpointParseError::BadCid(text.into(), cid.into()))?,
+                };
+                let port = parse_port(text, port, u32::MAX.into())? as u32;
+                Ok(Endpoint::Vsock { cid, port })
+            }
+            "tcp" => {
+                let (host, port) = rest
+                    .rsplit_once(':')
+                    .ok_or_else(|| EndpointParseError::BadPort(text.into(), String::new(), u16::MAX.into()))?;
+                let port = parse_port(text, port, u16::MAX.into())? as u16;
+                let host = parse_host(host).ok_or_else(|| EndpointParseError::BadHost(text.into(), host.into()))?;
+                Ok(Endpoint::Tcp { host, port })
+            }
+            "unix" if rest.is_empty() => Err(EndpointParseError::EmptyPath(text.into())),
+            "unix" => Ok(Endpoint::Unix { path: PathBuf::from(rest) }),
+            other => Err(EndpointParseError::UnknownFamily(text.into(), other.into())),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_every_family() {
+        for text in [
+            "vsock:any:8001",
+            "vsock:3:5005",
+            "tcp:127.0.0.1:443",
+            "tcp:[::1]:8080",
+            "tcp:kms.us-east-1.amazonaws.com:443",
+            "unix:/run/relay.sock",
+        ] {
+            let endpoint: Endpoint = text.parse().unwrap();
+            assert_eq!(endpoint.to_string(), text);
+        }
+    }
+
+    #[test]
+    fn errors_name_the_bad_part() {
+        let err = |s: &str| s.parse::<Endpoint>().unwrap_err().to_string();
+        assert_eq!(err("tcp:127.0.0.1:70000"), "`tcp:127.0.0.1:70000`: bad port `70000`; expected a number from 0 to 65535");
+        assert_eq!(err("vsock:x:1"), "`vsock:x:1`: bad vsock CID `x`; expected `any` or a number");
+        assert_eq!(err("udp:1:2"), "`udp:1:2`: unknown family `udp`; expected vsock, tcp or unix");
+        assert_eq!(err("localhost:80"), "`localhost:80`: unknown family `localhost`; expected vsock, tcp or unix");
+        assert!(err("8080").contains("missing family"));
+        assert!(err("tcp:[::1:80").contains("bad host `[::1`"));
+        assert!(err("tcp:bad host:80").contains("bad host"));
+        assert!(err("unix:").contains("empty unix socket path"));
+        assert!(err("vsock:3").contains("bad port"));
+    }
+}

@@ -1,0 +1,302 @@
+//! One direction of a relayed connection: move bytes from a source socket to
+//! a destination socket until the source says EOF, then pass the EOF on as
+//! `shutdown(SHUT_WR)` (half-close).
+//!
+//! The pump is readiness-driven and backend-neutral: it makes non-blocking
+//! system calls until one would block and then says what to wait for. The
+//! backends only wait.
+//!
+//! Rules it keeps:
+//! - It reads only into an empty pipe or buffer, and reads again only after
+//!   the destination took everything: memory per direction is one pipe (or
+//!   one buffer) at most, and only while data is in flight.
+//! - Because the pipe is empty before each read, EAGAIN from the read means
+//!   "source empty", never "pipe full" (which would make a read poll spin).
+//! - Splice refused on the source's family (EINVAL: vsock before Linux 5.0)
+//!   switches this direction to copying, once, without losing a byte.
+
+use std::io::{self, Read};
+use std::net::Shutdown;
+use std::os::fd::AsFd;
+
+use socket2::Socket;
+
+use crate::error::{ConnError, Op, Side};
+use crate::pool::{Buffer, Pipe, Pools};
+use crate::sys;
+
+/// How a direction moves its bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DataPath {
+    /// socket -> pipe -> socket with `splice(2)`: no copy through user space.
+    Splice,
+    /// `read(2)` into a pooled buffer, then `send(2)`.
+    Copy,
+}
+
+/// What a pump waits for after a run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Wait {
+    /// The source has nothing more now.
+    Readable,
+    /// The destination cannot take more now.
+    Writable,
+    /// The run spent its budget with work left: run again after the others.
+    Yield,
+    /// EOF was passed on; nothing more will move in this direction.
+    Finished,
+}
+
+/// Bytes one run may move before it yields, so that one bulk stream cannot
+/// starve the other connections of its worker.
+const RUN_BUDGET_BYTES: u64 = 8 << 20;
+
+/// Length asked for per socket -> pipe splice: larger than any pipe, because
+/// a pipe's capacity counts page slots, not bytes, and the kernel stops at
+/// whichever comes first.
+const SPLICE_REQUEST_BYTES: usize = 1 << 30;
+
+#[derive(Debug)]
+enum Held {
+    Nothing,
+    /// A pipe holding `pending` bytes not yet written.
+    Pipe { pipe: Pipe, pending: usize },
+    /// A buffer whose bytes `start..end` are not yet written.
+    Buffer { buffer: Buffer, start: usize, end: usize },
+}
+
+/// One direction's state.
+#[derive(Debug)]
+pub struct Pump {
+    from: Side,
+    to: Side,
+    path: DataPath,
+    held: Held,
+    eof: bool,
+    finished: bool,
+    /// Bytes delivered to the destination so far.
+    pub bytes: u64,
+}
+
+fn is_splice_unsupported(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EINVAL | libc::EOPNOTSUPP | libc::ENOSYS))
+}
+
+impl Pump {
+    pub fn new(from: Side, to: Side, path: DataPath) -> Self {
+        Pump { from, to, path, held: Held::Nothing, eof: false, finished: false, bytes: 0 }
+    }
+
+    pub fn is_finished(&self) -> bool {
+        self.finished
+    }
+
+    pub fn path(&self) -> DataPath {
+        self.path
+    }
+
+    /// Moves bytes until a call would block, EOF is passed on, or the budget
+    /// is spent. Returns what to wait for and the bytes moved in this run.
+    pub fn run(&mut self, src: &Socket, dst: &Socket, pools: &mut Pools) -> Result<(Wait, u64), ConnError> {
+        let mut moved = 0u64;
+        loop {
+            match self.flush(dst) {
+                Ok(0) => {}
+                Ok(n) => {
+                    moved += n as u64;
+                    continue;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok((Wait::Writable, moved)),
+                Err(e) => return Err(ConnError::new(self.to, Op::Write, e)),
+            }
+            // Everything read so far is delivered.
+            self.release(pools);
+            if self.eof {
+                return self.pass_on_eof(dst).map(|()| (Wait::Finished, moved));
+            }
+            if moved >= RUN_BUDGET_BYTES {
+                return Ok((Wait::Yield, moved));
+            }
+            match self.fill(src, pools) {
+                Ok(0) => self.eof = true,
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.release(pools);
+                    return Ok((Wait::Readable, moved));
+                }
+                Err(e) if self.path == DataPath::Splice && is_splice_unsupported(&e) => {
+                    tracing::debug!(from = %self.from, error = %e, "splice refused; this direction copies");
+                    self.release(pools);
+                    self.path = DataPath::Copy;
+                }
+                Err(e) => {
+                    self.release(pools);
+                    return Err(ConnError::new(self.from, Op::Read, e));
+                }
+            }
+        }
+    }
+
+    /// Writes held bytes to the destination; `Ok(0)` when nothing is held.
+    fn flush(&mut self, dst: &Socket) -> io::Result<usize> {
+        let n = match &mut self.held {
+            Held::Pipe { pipe, pending } if *pending > 0 => {
+                let n = sys::splice(pipe.read_end(), dst.as_fd(), *pending)?;
+                *pending -= n;
+                n
+            }
+            Held::Buffer { buffer, start, end } if *start < *end => {
+                let n = dst.send_with_flags(&buffer[*start..*end], libc::MSG_NOSIGNAL)?;
+                *start += n;
+                n
+            }
+            _ => return Ok(0),
+        };
+        if n == 0 {
+            return Err(io::Error::new(io::ErrorKind::WriteZero, "destination accepted no bytes"));
+        }
+        self.bytes += n as u64;
+        Ok(n)
+    }
+
+    /// Reads from the source into an empty pipe or buffer.
+    fn fill(&mut self, src: &Socket, pools: &mut Pools) -> io::Result<usize> {
+        match self.path {
+            DataPath::Splice => {
+                let pipe = match std::mem::replace(&mut self.held, Held::Nothing) {
+                    Held::Pipe { pipe, .. } => pipe,
+                    _ => pools.take_pipe()?,
+                };
+                let result = sys::splice(src.as_fd(), pipe.write_end(), SPLICE_REQUEST_BYTES);
+                let pending = *result.as_ref().unwrap_or(&0);
+                self.held = Held::Pipe { pipe, pending };
+                result
+            }
+            DataPath::Copy => {
+                let mut buffer = match std::mem::replace(&mut self.held, Held::Nothing) {
+                    Held::Buffer { buffer, .. } => buffer,
+                    _ => pools.take_buffer(),
+                };
+                let result = (&*src).read(&mut buffer);
+                let end = *result.as_ref().unwrap_or(&0);
+                self.held = Held::Buffer { buffer, start: 0, end };
+                result
+            }
+        }
+    }
+
+    fn pass_on_eof(&mut self, dst: &Socket) -> Result<(), ConnError> {
+        self.finished = true;
+        match dst.shutdown(Shutdown::Write) {
+            // The destination already went away entirely: nothing left to tell it.
+            Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(()),
+            Err(e) => Err(ConnError::new(self.to, Op::Shutdown, e)),
+            Ok(()) => Ok(()),
+        }
+    }
+
+    /// Gives an empty pipe or buffer back to the pool. One still holding
+    /// bytes is kept (or, at close, dropped with them).
+    pub fn release(&mut self, pools: &mut Pools) {
+        match std::mem::replace(&mut self.held, Held::Nothing) {
+            Held::Pipe { pipe, pending: 0 } => pools.give_pipe(pipe),
+            Held::Buffer { buffer, start, end } if start == end => pools.give_buffer(buffer),
+            Held::Nothing => {}
+            other => self.held = other,
+        }
+    }
+
+    /// Bytes read from the source and not yet written.
+    pub fn pending(&self) -> usize {
+        match &self.held {
+            Held::Nothing => 0,
+            Held::Pipe { pending, .. } => *pending,
+            Held::Buffer { start, end, .. } => end - start,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use socket2::{Domain, Type};
+    use std::io::Write;
+    use std::os::unix::net::UnixStream;
+
+    fn pair() -> (Socket, UnixStream) {
+        let (a, b) = Socket::pair(Domain::UNIX, Type::STREAM, None).unwrap();
+        a.set_nonblocking(true).unwrap();
+        (a, UnixStream::from(std::os::fd::OwnedFd::from(b)))
+    }
+
+    fn relays_and_half_closes(path: DataPath) {
+        let (src, mut src_peer) = pair();
+        let (dst, mut dst_peer) = pair();
+        let mut pools = Pools::new(64 * 1024, 4);
+        let mut pump = Pump::new(Side::Client, Side::Upstream, path);
+
+        assert_eq!(pump.run(&src, &dst, &mut pools).unwrap().0, Wait::Readable);
+        assert_eq!(pools.idle(), (0, 0), "nothing was taken while idle");
+        src_peer.write_all(b"hello relay").unwrap();
+        let (wait, moved) = pump.run(&src, &dst, &mut pools).unwrap();
+        assert_eq!((wait, moved), (Wait::Readable, 11));
+        assert_eq!(pump.pending(), 0);
+        src_peer.shutdown(std::net::Shutdown::Write).unwrap();
+        assert_eq!(pump.run(&src, &dst, &mut pools).unwrap().0, Wait::Finished);
+        let mut got = Vec::new();
+        dst_peer.read_to_end(&mut got).unwrap();
+        assert_eq!(got, b"hello relay");
+        assert_eq!(pump.bytes, 11);
+    }
+
+    #[test]
+    fn splice_path_relays_and_half_closes() {
+        relays_and_half_closes(DataPath::Splice);
+    }
+
+    #[test]
+    fn copy_path_relays_and_half_closes() {
+        relays_and_half_closes(DataPath::Copy);
+    }
+
+    #[test]
+    fn full_destination_waits_for_writable_and_keeps_the_bytes() {
+        let (src, mut src_peer) = pair();
+        let (dst, mut dst_peer) = pair();
+        let mut pools = Pools::new(1 << 20, 4);
+        let mut pump = Pump::new(Side::Client, Side::Upstream, DataPath::Splice);
+        let data: Vec<u8> = (0..4 << 20).map(|i: u32| (i % 251) as u8).collect();
+        let writer = std::thread::spawn(move || {
+            src_peer.write_all(&data).unwrap();
+            data
+        });
+        let mut received = Vec::new();
+        let mut chunk = vec![0u8; 1 << 16];
+        let mut saw_writable = false;
+        while received.len() < 4 << 20 {
+            let (wait, _) = pump.run(&src, &dst, &mut pools).unwrap();
+            saw_writable |= wait == Wait::Writable;
+            dst_peer.set_nonblocking(true).unwrap();
+            while let Ok(n) = dst_peer.read(&mut chunk) {
+                received.extend_from_slice(&chunk[..n]);
+            }
+        }
+        assert!(saw_writable, "a Unix socket buffer is far smaller than 4 MiB");
+        assert_eq!(received, writer.join().unwrap());
+    }
+
+    #[test]
+    fn closed_source_finishes_without_taking_a_pipe() {
+        let (src, src_peer) = pair();
+        let (dst, mut dst_peer) = pair();
+        drop(src_peer);
+        let mut pools = Pools::new(0, 4);
+        let mut pump = Pump::new(Side::Client, Side::Upstream, DataPath::Splice);
+        assert_eq!(pump.run(&src, &dst, &mut pools).unwrap().0, Wait::Finished);
+        assert!(pump.is_finished());
+        assert_eq!(pools.idle(), (1, 0), "the pipe went back to the pool");
+        let mut got = Vec::new();
+        dst_peer.read_to_end(&mut got).unwrap();
+        assert!(got.is_empty());
+    }
+}

@@ -1,0 +1,228 @@
+//! A relay: a listener, a target, and worker threads (one ring each) that
+//! accept, connect upstream and pump bytes. Apps describe a relay with
+//! [`RelayConfig`] and hand it here; they hold no socket loops of their own.
+
+use std::fs::File;
+use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use socket2::Socket;
+
+use crate::backend::{self, Backend, BackendChoice};
+use crate::endpoint::Endpoint;
+use crate::error::Error;
+use crate::pump::DataPath;
+use crate::socket::{self, SocketOptions};
+use crate::stats::Stats;
+use crate::sys;
+use crate::target::Target;
+
+/// Default capacity asked for each pooled pipe.
+pub const DEFAULT_PIPE_BYTES: usize = 1 << 20;
+/// Default bound on an upstream connect.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default time a stopping relay lets open connections finish.
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Everything a relay needs to run.
+#[derive(Clone, Debug)]
+pub struct RelayConfig {
+    pub listen: Endpoint,
+    pub target: Target,
+    /// Worker threads, each with its own ring; 0 means one per core.
+    pub workers: usize,
+    pub backend: BackendChoice,
+    /// `Splice` (each direction falls back to copying where refused) or
+    /// `Copy` everywhere.
+    pub data_path: DataPath,
+    pub pipe_bytes: usize,
+    pub connect_timeout: Duration,
+    pub drain_timeout: Duration,
+    pub socket: SocketOptions,
+}
+
+impl RelayConfig {
+    pub fn new(listen: Endpoint, target: Target) -> Self {
+        RelayConfig {
+            listen,
+            target,
+            workers: 0,
+            backend: BackendChoice::Auto,
+            data_path: DataPath::Splice,
+            pipe_bytes: DEFAULT_PIPE_BYTES,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            drain_timeout: DEFAULT_DRAIN_TIMEOUT,
+            socket: SocketOptions::default(),
+        }
+    }
+}
+
+/// What workers share: the stop flag and a way to wake each one.
+#[derive(Debug)]
+pub(crate) struct Control {
+    pub stopping: AtomicBool,
+    wakers: Vec<File>,
+}
+
+impl Control {
+    pub fn stop(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        for mut waker in &self.wakers {
+            // An eventfd write fails only when the counter would overflow,
+            // which means a wake-up is pending anyway.
+            let _ = waker.write(&1u64.to_ne_bytes());
+        }
+    }
+}
+
+/// Stops a running relay from anywhere (a signal handler thread, a test).
+#[derive(Clone, Debug)]
+pub struct StopHandle(Arc<Control>);
+
+impl StopHandle {
+    /// Stops accepting; open connections get the drain timeout to finish.
+    pub fn stop(&self) {
+        self.0.stop();
+    }
+}
+
+/// A started relay.
+pub struct Relay {
+    local: Endpoint,
+    backend: Backend,
+    stats: Arc<Stats>,
+    control: Arc<Control>,
+    workers: Vec<JoinHandle<Result<(), Error>>>,
+}
+
+/// What one worker gets.
+pub(crate) struct WorkerSetup {
+    pub index: usize,
+    pub listener: Socket,
+    pub wake: File,
+    pub config: Arc<RelayConfig>,
+    pub stats: Arc<Stats>,
+    pub control: Arc<Control>,
+}
+
+impl Relay {
+    /// Binds the listener(s), picks the backend and starts the workers.
+    pub fn start(config: RelayConfig) -> Result<Relay, Error> {
+        if config.connect_timeout.is_zero() {
+            return Err(Error::Config("the connect timeout must be more than zero".into()));
+        }
+        let backend = backend::choose(config.backend)?;
+        if let Err(e) = sys::raise_open_files_limit() {
+            tracing::warn!(error = %e, "cannot raise the open-files limit");
+        }
+        let workers = match config.workers {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        };
+        let listen_error = |source| Error::Listen { endpoint: config.listen.clone(), source };
+        // TCP: one listener per worker on one port (SO_REUSEPORT), so the
+        // kernel spreads connections. Other families: one listener shared.
+        let reuse_port = matches!(config.listen, Endpoint::Tcp { .. });
+        let first = socket::listen(&config.listen, &config.socket, reuse_port).map_err(listen_error)?;
+        let local = socket::local_endpoint(&first, &config.listen).map_err(listen_error)?;
+        let mut listeners = vec![first];
+        for _ in 1..workers {
+            let listener = if reuse_port {
+                socket::listen(&local, &config.socket, true)
+            } else {
+                listeners[0].try_clone()
+            };
+            listeners.push(listener.map_err(listen_error)?);
+        }
+        let wakers = (0..workers)
+            .map(|_| sys::eventfd().map(File::from))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(Error::Start)?;
+        let worker_wakes = wakers.iter().map(|w| w.try_clone()).collect::<Result<Vec<_>, _>>().map_err(Error::Start)?;
+        let control = Arc::new(Control { stopping: AtomicBool::new(false), wakers });
+        let stats = Arc::new(Stats::default());
+        let config = Arc::new(config);
+        tracing::info!(listen = %local, target = %config.target.endpoint(), workers, backend = %backend,
+            "relay listening");
+        let mut handles = Vec::with_capacity(workers);
+        for (index, (listener, wake)) in listeners.into_iter().zip(worker_wakes).enumerate() {
+            let setup = WorkerSetup {
+                index,
+                listener,
+                wake,
+                config: Arc::clone(&config),
+                stats: Arc::clone(&stats),
+                control: Arc::clone(&control),
+            };
+            let handle = std::thread::Builder::new()
+                .name(format!("relay-worker-{index}"))
+                .spawn(move || backend.run_worker(setup))
+                .map_err(|e| {
+                    control.stop();
+                    Error::Start(e)
+                })?;
+            handles.push(handle);
+        }
+        Ok(Relay { local, backend, stats, control, workers: handles })
+    }
+
+    /// The endpoint actually listened on (with the real port after port 0).
+    pub fn local_endpoint(&self) -> &Endpoint {
+        &self.local
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    pub fn stats(&self) -> Arc<Stats> {
+        Arc::clone(&self.stats)
+    }
+
+    pub fn stop_handle(&self) -> StopHandle {
+        StopHandle(Arc::clone(&self.control))
+    }
+
+    /// Waits until every worker ended (after a stop, or on a fatal error,
+    /// which stops the others too).
+    pub fn wait(mut self) -> Result<(), Error> {
+        self.join()
+    }
+
+    fn join(&mut self) -> Result<(), Error> {
+        let mut first_error = None;
+        for (worker, handle) in std::mem::take(&mut self.workers).into_iter().enumerate() {
+            let result = handle.join().unwrap_or_else(|_| {
+                Err(Error::Worker { worker, source: std::io::Error::other("worker thread panicked") })
+            });
+            if let Err(e) = result {
+                self.control.stop();
+                first_error.get_or_insert(e);
+            }
+        }
+        if let Endpoint::Unix { path } = &self.local {
+            let _ = std::fs::remove_file(path);
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// Stops and waits.
+    pub fn shutdown(mut self) -> Result<(), Error> {
+        self.control.stop();
+        self.join()
+    }
+}
+
+impl Drop for Relay {
+    /// A relay dropped without `wait` or `shutdown` stops and is joined, so
+    /// that its sockets are closed when the drop returns.
+    fn drop(&mut self) {
+        if !self.workers.is_empty() {
+            self.control.stop();
+            let _ = self.join();
+        }
+    }
+}

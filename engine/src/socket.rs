@@ -1,0 +1,160 @@
+//! Listening and connecting for every endpoint family, with the socket
+//! options a relay wants. Sockets are always non-blocking: the backends wait
+//! for readiness themselves.
+
+use std::io;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::os::fd::AsFd;
+use std::path::Path;
+
+use socket2::{Domain, SockAddr, Socket, Type};
+
+use crate::endpoint::{Endpoint, Host};
+use crate::sys;
+
+/// Options applied to every socket the relay opens or accepts.
+#[derive(Clone, Debug)]
+pub struct SocketOptions {
+    /// TCP_NODELAY on TCP sockets: a relay must not add Nagle delay to the
+    /// small writes of request/response protocols (TLS handshakes).
+    pub tcp_nodelay: bool,
+    /// The vsock credit window in bytes (default 256 KiB in the kernel).
+    pub vsock_buffer_size: Option<u64>,
+    /// Listen backlog.
+    pub backlog: i32,
+}
+
+impl Default for SocketOptions {
+    fn default() -> Self {
+        SocketOptions { tcp_nodelay: true, vsock_buffer_size: Some(1 << 20), backlog: 1024 }
+    }
+}
+
+/// Resolves a listen or connect endpoint to one socket address, using the
+/// system resolver for a TCP host name (start-up only, never on the data path).
+pub fn sockaddr(endpoint: &Endpoint) -> io::Result<SockAddr> {
+    match endpoint {
+        Endpoint::Vsock { cid, port } => Ok(SockAddr::vsock(*cid, *port)),
+        Endpoint::Unix { path } => SockAddr::unix(path),
+        Endpoint::Tcp { host: Host::Ip(ip), port } => Ok(SocketAddr::new(*ip, *port).into()),
+        Endpoint::Tcp { host: Host::Name(name), port } => (name.as_str(), *port)
+            .to_socket_addrs()?
+            .next()
+            .map(SockAddr::from)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("`{name}` has no address"))),
+    }
+}
+
+fn new_socket(addr: &SockAddr) -> io::Result<Socket> {
+    let socket = Socket::new(addr.domain(), Type::STREAM.nonblocking().cloexec(), None)?;
+    Ok(socket)
+}
+
+/// Applies [`SocketOptions`] to a connected or accepted socket.
+pub fn tune(socket: &Socket, options: &SocketOptions) -> io::Result<()> {
+    match socket.domain()? {
+        Domain::IPV4 | Domain::IPV6 if options.tcp_nodelay => socket.set_tcp_nodelay(true),
+        Domain::VSOCK => match options.vsock_buffer_size {
+            Some(bytes) => sys::set_vsock_buffer_size(socket.as_fd(), bytes),
+            None => Ok(()),
+        },
+        _ => Ok(()),
+    }
+}
+
+/// Opens a listening socket on `endpoint`. With `reuse_port`, several
+/// listeners may share one TCP port (one per worker).
+pub fn listen(endpoint: &Endpoint, options: &SocketOptions, reuse_port: bool) -> io::Result<Socket> {
+    let addr = sockaddr(endpoint)?;
+    if let Endpoint::Unix { path } = endpoint {
+        remove_stale_unix_socket(path)?;
+    }
+    let socket = new_socket(&addr)?;
+    if matches!(endpoint, Endpoint::Tcp { .. }) {
+        socket.set_reuse_address(true)?;
+        if reuse_port {
+            socket.set_reuse_port(true)?;
+        }
+        if let Endpoint::Tcp { host: Host::Ip(std::net::IpAddr::V6(_)), .. } = endpoint {
+            socket.set_only_v6(true)?;
+        }
+    }
+    if matches!(endpoint, Endpoint::Vsock { .. }) {
+        // Accepted vsock sockets inherit the listener's buffer size.
+        tune(&socket, options)?;
+    }
+    socket.bind(&addr)?;
+    socket.listen(options.backlog)?;
+    Ok(socket)
+}
+
+/// The endpoint a listener is actually bound to (the real port after port 0).
+pub fn local_endpoint(listener: &Socket, requested: &Endpoint) -> io::Result<Endpoint> {
+    let addr = listener.local_addr()?;
+    Ok(match (requested, addr.as_socket(), addr.as_vsock_address()) {
+        (Endpoint::Tcp { .. }, Some(sa), _) => Endpoint::tcp(sa),
+        (Endpoint::Vsock { .. }, _, Some((cid, port))) => Endpoint::Vsock { cid, port },
+        _ => requested.clone(),
+    })
+}
+
+/// A Unix socket file left behind by a process that died cannot be bound
+/// again; remove it, but only when nobody is listening on it.
+fn remove_stale_unix_socket(path: &Path) -> io::Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    let Ok(meta) = std::fs::symlink_metadata(path) else { return Ok(()) };
+    if !meta.file_type().is_socket() {
+        return Ok(()); // bind will report "address in use"; never delete a regular file
+    }
+    match std::os::unix::net::UnixStream::connect(path) {
+        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => std::fs::remove_file(path),
+        _ => Ok(()),
+    }
+}
+
+/// A new non-blocking socket of `addr`'s family, tuned for relaying.
+pub fn socket_for(addr: &SockAddr, options: &SocketOptions) -> io::Result<Socket> {
+    let socket = new_socket(addr)?;
+    if addr.domain() == Domain::VSOCK {
+        tune(&socket, options)?;
+    }
+    Ok(socket)
+}
+
+/// Starts a non-blocking connect. `Ok(true)`: connected already (Unix
+/// sockets usually are); `Ok(false)`: in progress, so wait for writability
+/// and then call [`finish_connect`].
+pub fn start_connect(socket: &Socket, addr: &SockAddr) -> io::Result<bool> {
+    match socket.connect(addr) {
+        Ok(()) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => Ok(false),
+        // vsock may answer EALREADY for a connect still in progress (FACTS.md).
+        Err(e) if e.raw_os_error() == Some(libc::EALREADY) => Ok(false),
+        // A Unix listener with a full backlog refuses a non-blocking connect.
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock && addr.domain() == Domain::UNIX => {
+            Err(io::Error::new(io::ErrorKind::ConnectionRefused, "unix listener backlog is full"))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// After a pending connect became writable: did it succeed?
+pub fn finish_connect(socket: &Socket) -> io::Result<()> {
+    match socket.take_error()? {
+        Some(e) => Err(e),
+        None => socket.peer_addr().map(drop),
+    }
+}
+
+/// A socket address as text, in the endpoint form where it has one.
+pub fn describe(addr: &SockAddr) -> String {
+    if let Some(sa) = addr.as_socket() {
+        Endpoint::tcp(sa).to_string()
+    } else if let Some((cid, port)) = addr.as_vsock_address() {
+        Endpoint::Vsock { cid, port }.to_string()
+    } else if let Some(path) = addr.as_pathname() {
+        format!("unix:{}", path.display())
+    } else {
+        "unix:(unnamed)".to_string()
+    }
+}

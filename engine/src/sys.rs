@@ -1,0 +1,102 @@
+//! Raw system calls that neither `std` nor `socket2` wrap: pipes, splice,
+//! eventfd, the vsock buffer option and the open-files limit. With `ring.rs`
+//! this is the engine's unsafe fence: every function here is safe to call and
+//! each `unsafe` block says which invariant holds.
+
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+
+fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+/// Creates a non-blocking, close-on-exec pipe: `(read end, write end)`.
+pub fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [-1 as libc::c_int; 2];
+    // SAFETY: `fds` is a writable array of two ints, as pipe2 requires.
+    check(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) })?;
+    // SAFETY: pipe2 succeeded, so both fds are open and owned by nobody else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// Asks for a pipe capacity of `bytes`; returns the capacity the kernel set.
+pub fn set_pipe_size(pipe: BorrowedFd<'_>, bytes: usize) -> io::Result<usize> {
+    let bytes = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    // SAFETY: F_SETPIPE_SZ takes an int argument and touches no memory of ours.
+    check(unsafe { libc::fcntl(pipe.as_raw_fd(), libc::F_SETPIPE_SZ, bytes) }).map(|n| n as usize)
+}
+
+/// The pipe's current capacity in bytes.
+pub fn pipe_size(pipe: BorrowedFd<'_>) -> io::Result<usize> {
+    // SAFETY: F_GETPIPE_SZ takes no argument and touches no memory of ours.
+    check(unsafe { libc::fcntl(pipe.as_raw_fd(), libc::F_GETPIPE_SZ) }).map(|n| n as usize)
+}
+
+/// One non-blocking `splice(2)` of at most `len` bytes from `from` to `to`.
+pub fn splice(from: BorrowedFd<'_>, to: BorrowedFd<'_>, len: usize) -> io::Result<usize> {
+    // SAFETY: null offsets mean "use the file position"; the fds are borrowed
+    // and so stay open for the duration of the call.
+    let n = unsafe {
+        libc::splice(
+            from.as_raw_fd(),
+            std::ptr::null_mut(),
+            to.as_raw_fd(),
+            std::ptr::null_mut(),
+            len,
+            libc::SPLICE_F_NONBLOCK | libc::SPLICE_F_MOVE,
+        )
+    };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+/// A non-blocking, close-on-exec eventfd, used to wake a worker.
+pub fn eventfd() -> io::Result<OwnedFd> {
+    // SAFETY: eventfd takes plain integers.
+    let fd = check(unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) })?;
+    // SAFETY: eventfd succeeded, so `fd` is open and owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Sets the vsock credit window (`SO_VM_SOCKETS_BUFFER_MAX_SIZE`, then
+/// `SO_VM_SOCKETS_BUFFER_SIZE`) of an AF_VSOCK socket.
+pub fn set_vsock_buffer_size(socket: BorrowedFd<'_>, bytes: u64) -> io::Result<()> {
+    const SO_VM_SOCKETS_BUFFER_SIZE: libc::c_int = 0;
+    const SO_VM_SOCKETS_BUFFER_MAX_SIZE: libc::c_int = 2;
+    for option in [SO_VM_SOCKETS_BUFFER_MAX_SIZE, SO_VM_SOCKETS_BUFFER_SIZE] {
+        // SAFETY: the option value is a u64 that lives across the call, and
+        // its exact size is passed.
+        check(unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::AF_VSOCK,
+                option,
+                (&bytes as *const u64).cast(),
+                std::mem::size_of::<u64>() as libc::socklen_t,
+            )
+        })?;
+    }
+    Ok(())
+}
+
+/// Raises the soft open-files limit to the hard limit: a relay needs two
+/// descriptors per connection and the usual soft limit of 1024 is far too low.
+/// Returns the limit now in force.
+pub fn raise_open_files_limit() -> io::Result<u64> {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: `limit` is a valid, writable rlimit.
+    check(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) })?;
+    if limit.rlim_cur < limit.rlim_max {
+        limit.rlim_cur = limit.rlim_max;
+        // SAFETY: `limit` is a valid rlimit read just above.
+        check(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) })?;
+    }
+    Ok(limit.rlim_cur)
+}
