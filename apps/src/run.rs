@@ -1,6 +1,7 @@
 //! Process glue shared by the binaries: logging, running a relay until
 //! SIGINT/SIGTERM, and the exit code of a failure.
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use signal_hook::consts::{SIGINT, SIGTERM};
@@ -11,7 +12,11 @@ use vsock_relay_engine::Relay;
 /// Logs to stderr; `RUST_LOG` filters (default `info`).
 pub fn init_logging() {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .try_init();
 }
 
 /// Runs `relay` until SIGINT or SIGTERM, then lets open connections drain.

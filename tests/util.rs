@@ -1,0 +1,129 @@
+//! Helpers shared by the integration tests.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use vsock_relay_engine::{DataPath, Endpoint, Relay, RelayConfig, Target};
+
+/// A fresh directory under the system temp dir, removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, Ordering::SeqCst);
+        let dir = std::env::temp_dir().join(format!("vsock-relay-{tag}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The data paths every relaying test runs on.
+pub const PATHS: [DataPath; 2] = [DataPath::Splice, DataPath::Copy];
+
+/// Starts an in-process relay from `listen` to `to`.
+pub fn relay(listen: &str, to: &Endpoint, path: DataPath, tune: impl FnOnce(&mut RelayConfig)) -> Relay {
+    let target = Target::fixed(to).unwrap();
+    let mut config = RelayConfig::new(listen.parse().unwrap(), target);
+    config.data_path = path;
+    config.workers = 2;
+    tune(&mut config);
+    Relay::start(config).unwrap()
+}
+
+/// A child process killed when dropped; its stderr is collected.
+pub struct Proc {
+    pub child: Child,
+    stderr: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl Proc {
+    pub fn spawn(binary: &str, args: &[&str]) -> Proc {
+        let mut child = Command::new(vsock_relay_testkit::binary(binary))
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let sink = std::sync::Arc::clone(&stderr);
+        let pipe = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                let mut s = sink.lock().unwrap();
+                s.push_str(&line);
+                s.push('\n');
+            }
+        });
+        Proc { child, stderr }
+    }
+
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// Waits until the process logged a line containing `needle`.
+    pub fn wait_for_log(&mut self, needle: &str, within: Duration) {
+        let deadline = Instant::now() + within;
+        while !self.stderr().contains(needle) {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("process exited ({status}) before logging `{needle}`:\n{}", self.stderr());
+            }
+            assert!(Instant::now() < deadline, "no `{needle}` within {within:?}:\n{}", self.stderr());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Resident set size in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs a binary to completion with a time limit: (exit code, stderr).
+pub fn run_to_exit(binary: &str, args: &[&str]) -> (i32, String) {
+    let mut proc = Proc::spawn(binary, args);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(status) = proc.child.try_wait().unwrap() {
+            std::thread::sleep(Duration::from_millis(50)); // let the stderr reader finish
+            return (status.code().unwrap_or(-1), proc.stderr());
+        }
+        assert!(Instant::now() < deadline, "{binary} {args:?} did not exit:\n{}", proc.stderr());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Waits until something listens on a Unix socket path.
+pub fn wait_for_unix(path: &Path, within: Duration) {
+    let deadline = Instant::now() + within;
+    while std::os::unix::net::UnixStream::connect(path).is_err() {
+        assert!(Instant::now() < deadline, "nothing listens on {} after {within:?}", path.display());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
