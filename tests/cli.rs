@@ -1,0 +1,229 @@
+//! The binaries' command-line contract: AWS's `vsock-proxy` options, messages
+//! and exit codes (1: config or allowlist, 2: usage). `vsock-proxy` itself
+//! listens on vsock, so on the host only its refusals run (and the harness
+//! disables AF_VSOCK in every child); success goes through `vsock-relay
+//! proxy`, which shares its code path.
+
+use std::io::{Read, Write};
+use std::time::Duration;
+
+use vsock_relay_testkit::servers::{echo, Server, Stream};
+
+use crate::util::{run_to_exit, wait_for_unix, Proc, TempDir};
+
+fn config(dir: &TempDir, yaml: &str) -> String {
+    let path = dir.path("vsock-proxy.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    path.display().to_string()
+}
+
+fn assert_exit(binary: &str, args: &[&str], code: i32, message: &str) {
+    let (got, stderr) = run_to_exit(binary, args);
+    assert_eq!(got, code, "{binary} {args:?}: exit code; stderr:\n{stderr}");
+    assert!(
+        stderr.contains(message),
+        "{binary} {args:?}: stderr lacks `{message}`:\n{stderr}"
+    );
+}
+
+/// Starts `vsock-relay proxy` on a Unix socket and checks it relays.
+fn proxy_allows(remote: &str, allow: &str) {
+    let server = Server::tcp(echo);
+    let port = server.tcp_addr().port().to_string();
+    let dir = TempDir::new("cli");
+    let cfg = config(
+        &dir,
+        &format!("allowlist:\n- {{address: {allow}, port: {port}}}\n"),
+    );
+    let listen = dir.path("proxy.sock");
+    let listen_arg = format!("unix:{}", listen.display());
+    let mut proxy = Proc::spawn(
+        "vsock-relay",
+        &[
+            "proxy",
+            "--listen",
+            &listen_arg,
+            "--config",
+            &cfg,
+            remote,
+            &port,
+        ],
+    );
+    proxy.wait_for_log("relay listening", Duration::from_secs(20));
+    wait_for_unix(&listen, Duration::from_secs(5));
+    let mut client = Stream::connect(&listen_arg.parse().unwrap()).unwrap();
+    client.write_all(b"ping").unwrap();
+    let mut reply = [0u8; 4];
+    client.read_exact(&mut reply).unwrap();
+    assert_eq!(&reply, b"ping", "{remote} allowed by {allow}");
+    assert!(proxy.stderr().contains("allowed:"), "{}", proxy.stderr());
+}
+
+#[test]
+fn host_allowed_by_name() {
+    proxy_allows("localhost", "localhost");
+}
+
+#[test]
+fn host_allowed_by_ip_either_way() {
+    // AWS's proxy misses both of these.
+    proxy_allows("localhost", "127.0.0.1");
+    proxy_allows("127.0.0.1", "localhost");
+}
+
+#[test]
+fn host_not_allowed_exits_1() {
+    let dir = TempDir::new("cli");
+    let cfg = config(&dir, "allowlist:\n- {address: localhost, port: 443}\n");
+    assert_exit(
+        "vsock-proxy",
+        &["8001", "127.0.0.1", "444", "--config", &cfg],
+        1,
+        &format!("vsock-proxy: error: the given address and port are not allowed: 127.0.0.1:444 matches no entry of {cfg}"),
+    );
+}
+
+#[test]
+fn bad_yaml_exits_1() {
+    let dir = TempDir::new("cli");
+    let cfg = config(&dir, "allowlist: [ {address: localhost, port: 443\n");
+    assert_exit(
+        "vsock-proxy",
+        &["8001", "localhost", "443", "--config", &cfg],
+        1,
+        &format!("error: bad YAML in {cfg}"),
+    );
+}
+
+#[test]
+fn missing_allowlist_field_exits_1() {
+    let dir = TempDir::new("cli");
+    let cfg = config(&dir, "services:\n- {address: localhost, port: 443}\n");
+    assert_exit(
+        "vsock-proxy",
+        &["8001", "localhost", "443", "--config", &cfg],
+        1,
+        "has no `allowlist` field",
+    );
+}
+
+#[test]
+fn bad_allowlist_entry_exits_1() {
+    let dir = TempDir::new("cli");
+    let cfg = config(&dir, "allowlist:\n- {address: localhost}\n");
+    assert_exit(
+        "vsock-proxy",
+        &["8001", "localhost", "443", "--config", &cfg],
+        1,
+        "missing field `port`",
+    );
+}
+
+#[test]
+fn missing_config_file_exits_1() {
+    assert_exit(
+        "vsock-proxy",
+        &[
+            "8001",
+            "localhost",
+            "443",
+            "--config",
+            "/nonexistent/vsock-proxy.yaml",
+        ],
+        1,
+        "cannot read the config file /nonexistent/vsock-proxy.yaml",
+    );
+}
+
+#[test]
+fn bad_ports_exit_2() {
+    assert_exit(
+        "vsock-proxy",
+        &["port", "localhost", "443"],
+        2,
+        "invalid value 'port' for '<LOCAL_PORT>'",
+    );
+    assert_exit(
+        "vsock-proxy",
+        &["8001", "localhost", "70000"],
+        2,
+        "invalid value '70000' for '<REMOTE_PORT>'",
+    );
+    assert_exit("vsock-proxy", &["8001", "localhost", "-1"], 2, "error:");
+}
+
+#[test]
+fn ipv4_with_ipv6_exits_2() {
+    assert_exit(
+        "vsock-proxy",
+        &["-4", "-6", "8001", "localhost", "443"],
+        2,
+        "cannot be used with",
+    );
+}
+
+#[test]
+fn zero_workers_exits_2() {
+    assert_exit(
+        "vsock-proxy",
+        &["-w", "0", "8001", "localhost", "443"],
+        2,
+        "the number of workers must not be 0",
+    );
+}
+
+#[test]
+fn bare_number_remote_addr_exits_2() {
+    assert_exit(
+        "vsock-proxy",
+        &["8001", "3", "443"],
+        2,
+        "`3` is a bare number, not a host",
+    );
+}
+
+#[test]
+fn help_explains_the_contract() {
+    let (code, _) = run_to_exit("vsock-proxy", &["--help"]);
+    assert_eq!(code, 0);
+    let out = std::process::Command::new(vsock_relay_testkit::binary("vsock-proxy"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    let help = String::from_utf8(out.stdout).unwrap();
+    for needle in [
+        "<LOCAL_PORT>",
+        "<REMOTE_ADDR>",
+        "<REMOTE_PORT>",
+        "--ipv4",
+        "--ipv6",
+        "--num_workers",
+        "--config",
+        "/etc/nitro_enclaves/vsock-proxy.yaml",
+        "RUST_LOG",
+    ] {
+        assert!(help.contains(needle), "--help lacks {needle}:\n{help}");
+    }
+}
+
+#[test]
+fn relay_rejects_bad_endpoints_with_exit_2() {
+    assert_exit(
+        "vsock-relay",
+        &[
+            "relay",
+            "--listen",
+            "tcp:127.0.0.1:99999",
+            "--to",
+            "unix:/x",
+        ],
+        2,
+        "bad port `99999`",
+    );
+    assert_exit(
+        "vsock-relay",
+        &["relay", "--listen", "udp:1:2", "--to", "unix:/x"],
+        2,
+        "unknown family `udp`",
+    );
+}

@@ -26,16 +26,36 @@ struct Case {
 /// 64 connections from 0 B to `max` bytes each way, mostly small, two at `max`.
 fn cases(max: u64, seed: u64) -> Vec<Case> {
     let mut rng = Rng::new(seed);
-    let fixed = [(0, 0), (1, 0), (0, 1), (1, 1), (8191, 65_537), (MIB + 1, 3), (max, 1024), (1024, max)];
-    let mut cases: Vec<Case> =
-        fixed.iter().enumerate().map(|(i, &(up, down))| Case { id: i as u64, up, down }).collect();
+    let fixed = [
+        (0, 0),
+        (1, 0),
+        (0, 1),
+        (1, 1),
+        (8191, 65_537),
+        (MIB + 1, 3),
+        (max, 1024),
+        (1024, max),
+    ];
+    let mut cases: Vec<Case> = fixed
+        .iter()
+        .enumerate()
+        .map(|(i, &(up, down))| Case {
+            id: i as u64,
+            up,
+            down,
+        })
+        .collect();
     while cases.len() < 64 {
         // Log-uniform up to 4 MiB: many small, some large.
         let mut size = || {
             let bits = rng.between(0, 22);
             rng.between(0, (1u64 << bits).min(max))
         };
-        cases.push(Case { id: cases.len() as u64, up: size(), down: size() });
+        cases.push(Case {
+            id: cases.len() as u64,
+            up: size(),
+            down: size(),
+        });
     }
     cases
 }
@@ -63,7 +83,11 @@ fn check_byte_exact(relay_endpoint: &Endpoint, ledger: &Ledger, cases: Vec<Case>
                     hash
                 });
                 let (bytes, hash) = traffic::receive(&mut stream).expect("receive from relay");
-                assert_eq!(bytes, case.down, "connection {}: bytes received from upstream", case.id);
+                assert_eq!(
+                    bytes, case.down,
+                    "connection {}: bytes received from upstream",
+                    case.id
+                );
                 assert_eq!(
                     hex(&hash),
                     hex(&traffic::expected_hash(case.down, down_seed)),
@@ -82,10 +106,20 @@ fn check_byte_exact(relay_endpoint: &Endpoint, ledger: &Ledger, cases: Vec<Case>
             if let Some(r) = ledger.lock().unwrap().get(&id) {
                 break r.as_ref().map(|r| *r).map_err(|e| e.to_string());
             }
-            assert!(Instant::now() < deadline, "server never finished connection {id}");
+            assert!(
+                Instant::now() < deadline,
+                "server never finished connection {id}"
+            );
             std::thread::sleep(Duration::from_millis(10));
         };
-        assert_eq!(received, Ok(Received { bytes: up, sha256: sent }), "connection {id}: what upstream received");
+        assert_eq!(
+            received,
+            Ok(Received {
+                bytes: up,
+                sha256: sent
+            }),
+            "connection {id}: what upstream received"
+        );
     }
 }
 
@@ -93,7 +127,12 @@ fn check_byte_exact(relay_endpoint: &Endpoint, ledger: &Ledger, cases: Vec<Case>
 fn byte_exact_64_connections_up_to_256_mib_tcp_splice() {
     let ledger = Ledger::default();
     let server = Server::tcp(twin(Arc::clone(&ledger)));
-    let relay = relay("tcp:127.0.0.1:0", server.endpoint(), DataPath::Splice, |_| {});
+    let relay = relay(
+        "tcp:127.0.0.1:0",
+        server.endpoint(),
+        DataPath::Splice,
+        |_| {},
+    );
     let cases = cases(256 * MIB, 1);
     let up: u64 = cases.iter().map(|c| c.up + 24).sum();
     let down: u64 = cases.iter().map(|c| c.down).sum();
@@ -121,7 +160,12 @@ fn byte_exact_tcp_to_unix_splice() {
     let dir = TempDir::new("exact-unix");
     let ledger = Ledger::default();
     let server = Server::unix(&dir.path("upstream.sock"), twin(Arc::clone(&ledger)));
-    let relay = relay("tcp:127.0.0.1:0", server.endpoint(), DataPath::Splice, |_| {});
+    let relay = relay(
+        "tcp:127.0.0.1:0",
+        server.endpoint(),
+        DataPath::Splice,
+        |_| {},
+    );
     check_byte_exact(relay.local_endpoint(), &ledger, cases(64 * MIB, 3));
     relay.shutdown().unwrap();
 }
@@ -161,10 +205,16 @@ fn upstream_half_close_still_receives_the_client() {
         let relay = relay("tcp:127.0.0.1:0", server.endpoint(), path, |_| {});
         let mut client = Stream::connect(relay.local_endpoint()).unwrap();
         let (bytes, hash) = traffic::receive(&mut client).unwrap();
-        assert_eq!((bytes, hash), (2 * MIB, traffic::expected_hash(2 * MIB, 5)), "{path:?}");
+        assert_eq!(
+            (bytes, hash),
+            (2 * MIB, traffic::expected_hash(2 * MIB, 5)),
+            "{path:?}"
+        );
         let sent = traffic::send(&mut client, 3 * MIB, 6).unwrap();
         client.shutdown(Shutdown::Write).unwrap();
-        let received = rx.recv_timeout(Duration::from_secs(20)).expect("server received");
+        let received = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("server received");
         assert_eq!(received, (3 * MIB, sent), "{path:?}");
     }
 }
@@ -229,12 +279,17 @@ fn upstream_reset_reaches_the_client_as_a_reset() {
         });
         let relay = relay("tcp:127.0.0.1:0", server.endpoint(), path, |_| {});
         let mut client = Stream::connect(relay.local_endpoint()).unwrap();
-        client.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        client
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
         client.write_all(&[1u8; 100]).unwrap();
         let mut got = [0u8; 13];
         client.read_exact(&mut got).unwrap();
         assert_eq!(&got, b"partial reply");
-        expect_reset(&mut client, &format!("{path:?}: client read after the upstream reset"));
+        expect_reset(
+            &mut client,
+            &format!("{path:?}: client read after the upstream reset"),
+        );
     }
 }
 
@@ -256,9 +311,18 @@ fn refused_upstream_closes_that_connection_only() {
 
         let started = Instant::now();
         let mut refused = Stream::connect(relay.local_endpoint()).unwrap();
-        refused.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        expect_reset(&mut refused, &format!("{path:?}: client of a refused upstream"));
-        assert!(started.elapsed() < Duration::from_secs(2), "took {:?}", started.elapsed());
+        refused
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        expect_reset(
+            &mut refused,
+            &format!("{path:?}: client of a refused upstream"),
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "took {:?}",
+            started.elapsed()
+        );
 
         open.write_all(b"during").unwrap();
         open.read_exact(&mut buf).unwrap();
@@ -279,7 +343,14 @@ fn refused_upstream_closes_that_connection_only() {
 #[test]
 fn unreachable_upstream_times_out_and_the_relay_serves_others() {
     let silent = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    silent.bind(&"127.0.0.1:0".parse::<std::net::SocketAddr>().unwrap().into()).unwrap();
+    silent
+        .bind(
+            &"127.0.0.1:0"
+                .parse::<std::net::SocketAddr>()
+                .unwrap()
+                .into(),
+        )
+        .unwrap();
     silent.listen(0).unwrap();
     let silent_addr = silent.local_addr().unwrap().as_socket().unwrap();
     // Fill the accept queue so that further SYNs are dropped.
@@ -292,15 +363,25 @@ fn unreachable_upstream_times_out_and_the_relay_serves_others() {
     }
     std::thread::sleep(Duration::from_millis(100));
 
-    let relay = relay("tcp:127.0.0.1:0", &Endpoint::tcp(silent_addr), DataPath::Splice, |config| {
-        config.connect_timeout = Duration::from_millis(300);
-    });
+    let relay = relay(
+        "tcp:127.0.0.1:0",
+        &Endpoint::tcp(silent_addr),
+        DataPath::Splice,
+        |config| {
+            config.connect_timeout = Duration::from_millis(300);
+        },
+    );
     let started = Instant::now();
     let mut client = Stream::connect(relay.local_endpoint()).unwrap();
-    client.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
     expect_reset(&mut client, "client of an unreachable upstream");
     let waited = started.elapsed();
-    assert!(waited >= Duration::from_millis(250) && waited < Duration::from_secs(3), "gave up after {waited:?}");
+    assert!(
+        waited >= Duration::from_millis(250) && waited < Duration::from_secs(3),
+        "gave up after {waited:?}"
+    );
     assert_eq!(relay.stats().snapshot().failed, 1);
     drop(fillers);
 }
@@ -312,7 +393,12 @@ fn stop_refuses_new_clients_and_lets_open_ones_finish() {
         std::thread::sleep(Duration::from_millis(300));
         let _ = stream.write_all(&bytes.to_le_bytes());
     });
-    let relay: Relay = relay("tcp:127.0.0.1:0", server.endpoint(), DataPath::Splice, |_| {});
+    let relay: Relay = relay(
+        "tcp:127.0.0.1:0",
+        server.endpoint(),
+        DataPath::Splice,
+        |_| {},
+    );
     let endpoint = relay.local_endpoint().clone();
     let mut client = Stream::connect(&endpoint).unwrap();
     traffic::send(&mut client, 12345, 1).unwrap();
@@ -323,8 +409,15 @@ fn stop_refuses_new_clients_and_lets_open_ones_finish() {
     stop.stop();
     let mut reply = Vec::new();
     client.read_to_end(&mut reply).unwrap();
-    assert_eq!(reply, 12345u64.to_le_bytes(), "the open connection finished after the stop");
+    assert_eq!(
+        reply,
+        12345u64.to_le_bytes(),
+        "the open connection finished after the stop"
+    );
     waiter.join().unwrap().unwrap();
-    assert!(Stream::connect(&endpoint).is_err(), "a stopped relay refuses connections");
+    assert!(
+        Stream::connect(&endpoint).is_err(),
+        "a stopped relay refuses connections"
+    );
     let _ = TcpListener::bind("127.0.0.1:0");
 }

@@ -15,7 +15,8 @@ impl TempDir {
     pub fn new(tag: &str) -> TempDir {
         static NEXT: AtomicU32 = AtomicU32::new(0);
         let n = NEXT.fetch_add(1, Ordering::SeqCst);
-        let dir = std::env::temp_dir().join(format!("vsock-relay-{tag}-{}-{n}", std::process::id()));
+        let dir =
+            std::env::temp_dir().join(format!("vsock-relay-{tag}-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         TempDir(dir)
@@ -36,7 +37,12 @@ impl Drop for TempDir {
 pub const PATHS: [DataPath; 2] = [DataPath::Splice, DataPath::Copy];
 
 /// Starts an in-process relay from `listen` to `to`.
-pub fn relay(listen: &str, to: &Endpoint, path: DataPath, tune: impl FnOnce(&mut RelayConfig)) -> Relay {
+pub fn relay(
+    listen: &str,
+    to: &Endpoint,
+    path: DataPath,
+    tune: impl FnOnce(&mut RelayConfig),
+) -> Relay {
     let target = Target::fixed(to).unwrap();
     let mut config = RelayConfig::new(listen.parse().unwrap(), target);
     config.data_path = path;
@@ -56,6 +62,7 @@ impl Proc {
         let mut child = Command::new(vsock_relay_testkit::binary(binary))
             .args(args)
             .env("RUST_LOG", "info")
+            .env(vsock_relay_engine::socket::NO_VSOCK_ENV, "1")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -83,9 +90,16 @@ impl Proc {
         let deadline = Instant::now() + within;
         while !self.stderr().contains(needle) {
             if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("process exited ({status}) before logging `{needle}`:\n{}", self.stderr());
+                panic!(
+                    "process exited ({status}) before logging `{needle}`:\n{}",
+                    self.stderr()
+                );
             }
-            assert!(Instant::now() < deadline, "no `{needle}` within {within:?}:\n{}", self.stderr());
+            assert!(
+                Instant::now() < deadline,
+                "no `{needle}` within {within:?}:\n{}",
+                self.stderr()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -114,7 +128,11 @@ pub fn run_to_exit(binary: &str, args: &[&str]) -> (i32, String) {
             std::thread::sleep(Duration::from_millis(50)); // let the stderr reader finish
             return (status.code().unwrap_or(-1), proc.stderr());
         }
-        assert!(Instant::now() < deadline, "{binary} {args:?} did not exit:\n{}", proc.stderr());
+        assert!(
+            Instant::now() < deadline,
+            "{binary} {args:?} did not exit:\n{}",
+            proc.stderr()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -123,7 +141,11 @@ pub fn run_to_exit(binary: &str, args: &[&str]) -> (i32, String) {
 pub fn wait_for_unix(path: &Path, within: Duration) {
     let deadline = Instant::now() + within;
     while std::os::unix::net::UnixStream::connect(path).is_err() {
-        assert!(Instant::now() < deadline, "nothing listens on {} after {within:?}", path.display());
+        assert!(
+            Instant::now() < deadline,
+            "nothing listens on {} after {within:?}",
+            path.display()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }

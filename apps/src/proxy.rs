@@ -30,7 +30,9 @@ pub struct ProxySettings {
 pub fn start(settings: &ProxySettings) -> anyhow::Result<Relay> {
     let entries = allowlist::load(&settings.config)?;
     let dns = settings.engine.dns(settings.family);
-    let resolver = Resolver::new(&dns).map_err(anyhow::Error::msg).context("cannot set up DNS resolution")?;
+    let resolver = Resolver::new(&dns)
+        .map_err(anyhow::Error::msg)
+        .context("cannot set up DNS resolution")?;
     let host_text = match &settings.host {
         Host::Ip(ip) => ip.to_string(),
         Host::Name(name) => name.clone(),
@@ -39,9 +41,19 @@ pub fn start(settings: &ProxySettings) -> anyhow::Result<Relay> {
         .resolve(&host_text)
         .map_err(anyhow::Error::msg)
         .with_context(|| format!("cannot resolve REMOTE_ADDR `{host_text}`"))?;
-    allowlist::check(&entries, &settings.host, settings.port, &resolution.addresses, &resolver, &settings.config)?;
+    allowlist::check(
+        &entries,
+        &settings.host,
+        settings.port,
+        &resolution.addresses,
+        &resolver,
+        &settings.config,
+    )?;
 
-    let endpoint = Endpoint::Tcp { host: settings.host.clone(), port: settings.port };
+    let endpoint = Endpoint::Tcp {
+        host: settings.host.clone(),
+        port: settings.port,
+    };
     let target = match &settings.host {
         Host::Ip(_) => Target::fixed(&endpoint)?,
         Host::Name(_) => Target::follow(endpoint, settings.port, resolver, resolution),

@@ -171,15 +171,24 @@ impl Connection {
                 self.after_runs(waits)
             }
             // Refused, unreachable, or timed out: this connection only ends.
-            (ConnState::Connecting, Event::Connected(Err(e))) => {
-                Action::Close(Ending::Failed(ConnError::new(Side::Upstream, Op::Connect, e)))
-            }
+            (ConnState::Connecting, Event::Connected(Err(e))) => Action::Close(Ending::Failed(
+                ConnError::new(Side::Upstream, Op::Connect, e),
+            )),
             (ConnState::Connecting, Event::ConnectTimedOut(after)) => {
-                let e = io::Error::new(io::ErrorKind::TimedOut, format!("no answer within {after:?}"));
-                Action::Close(Ending::Failed(ConnError::new(Side::Upstream, Op::Connect, e)))
+                let e = io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("no answer within {after:?}"),
+                );
+                Action::Close(Ending::Failed(ConnError::new(
+                    Side::Upstream,
+                    Op::Connect,
+                    e,
+                )))
             }
             // A direction may move again.
-            (ConnState::Relaying, Event::Ready(direction)) if !self.pump(direction).is_finished() => {
+            (ConnState::Relaying, Event::Ready(direction))
+                if !self.pump(direction).is_finished() =>
+            {
                 match self.run(direction, pools) {
                     Ok((wait, n)) => {
                         moved[direction as usize] += n;

@@ -60,9 +60,16 @@ const SPLICE_REQUEST_BYTES: usize = 1 << 30;
 enum Held {
     Nothing,
     /// A pipe holding `pending` bytes not yet written.
-    Pipe { pipe: Pipe, pending: usize },
+    Pipe {
+        pipe: Pipe,
+        pending: usize,
+    },
     /// A buffer whose bytes `start..end` are not yet written.
-    Buffer { buffer: Buffer, start: usize, end: usize },
+    Buffer {
+        buffer: Buffer,
+        start: usize,
+        end: usize,
+    },
 }
 
 /// One direction's state.
@@ -79,12 +86,23 @@ pub struct Pump {
 }
 
 fn is_splice_unsupported(e: &io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(libc::EINVAL | libc::EOPNOTSUPP | libc::ENOSYS))
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EINVAL | libc::EOPNOTSUPP | libc::ENOSYS)
+    )
 }
 
 impl Pump {
     pub fn new(from: Side, to: Side, path: DataPath) -> Self {
-        Pump { from, to, path, held: Held::Nothing, eof: false, finished: false, bytes: 0 }
+        Pump {
+            from,
+            to,
+            path,
+            held: Held::Nothing,
+            eof: false,
+            finished: false,
+            bytes: 0,
+        }
     }
 
     pub fn is_finished(&self) -> bool {
@@ -97,7 +115,12 @@ impl Pump {
 
     /// Moves bytes until a call would block, EOF is passed on, or the budget
     /// is spent. Returns what to wait for and the bytes moved in this run.
-    pub fn run(&mut self, src: &Socket, dst: &Socket, pools: &mut Pools) -> Result<(Wait, u64), ConnError> {
+    pub fn run(
+        &mut self,
+        src: &Socket,
+        dst: &Socket,
+        pools: &mut Pools,
+    ) -> Result<(Wait, u64), ConnError> {
         let mut moved = 0u64;
         loop {
             match self.flush(dst) {
@@ -106,7 +129,9 @@ impl Pump {
                     moved += n as u64;
                     continue;
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok((Wait::Writable, moved)),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    return Ok((Wait::Writable, moved))
+                }
                 Err(e) => return Err(ConnError::new(self.to, Op::Write, e)),
             }
             // Everything read so far is delivered.
@@ -153,7 +178,10 @@ impl Pump {
             _ => return Ok(0),
         };
         if n == 0 {
-            return Err(io::Error::new(io::ErrorKind::WriteZero, "destination accepted no bytes"));
+            return Err(io::Error::new(
+                io::ErrorKind::WriteZero,
+                "destination accepted no bytes",
+            ));
         }
         self.bytes += n as u64;
         Ok(n)
@@ -179,7 +207,11 @@ impl Pump {
                 };
                 let result = (&*src).read(&mut buffer);
                 let end = *result.as_ref().unwrap_or(&0);
-                self.held = Held::Buffer { buffer, start: 0, end };
+                self.held = Held::Buffer {
+                    buffer,
+                    start: 0,
+                    end,
+                };
                 result
             }
         }
@@ -281,7 +313,10 @@ mod tests {
                 received.extend_from_slice(&chunk[..n]);
             }
         }
-        assert!(saw_writable, "a Unix socket buffer is far smaller than 4 MiB");
+        assert!(
+            saw_writable,
+            "a Unix socket buffer is far smaller than 4 MiB"
+        );
         assert_eq!(received, writer.join().unwrap());
     }
 

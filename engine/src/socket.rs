@@ -26,7 +26,11 @@ pub struct SocketOptions {
 
 impl Default for SocketOptions {
     fn default() -> Self {
-        SocketOptions { tcp_nodelay: true, vsock_buffer_size: Some(1 << 20), backlog: 1024 }
+        SocketOptions {
+            tcp_nodelay: true,
+            vsock_buffer_size: Some(1 << 20),
+            backlog: 1024,
+        }
     }
 }
 
@@ -36,16 +40,35 @@ pub fn sockaddr(endpoint: &Endpoint) -> io::Result<SockAddr> {
     match endpoint {
         Endpoint::Vsock { cid, port } => Ok(SockAddr::vsock(*cid, *port)),
         Endpoint::Unix { path } => SockAddr::unix(path),
-        Endpoint::Tcp { host: Host::Ip(ip), port } => Ok(SocketAddr::new(*ip, *port).into()),
-        Endpoint::Tcp { host: Host::Name(name), port } => (name.as_str(), *port)
+        Endpoint::Tcp {
+            host: Host::Ip(ip),
+            port,
+        } => Ok(SocketAddr::new(*ip, *port).into()),
+        Endpoint::Tcp {
+            host: Host::Name(name),
+            port,
+        } => (name.as_str(), *port)
             .to_socket_addrs()?
             .next()
             .map(SockAddr::from)
-            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("`{name}` has no address"))),
+            .ok_or_else(|| {
+                io::Error::new(io::ErrorKind::NotFound, format!("`{name}` has no address"))
+            }),
     }
 }
 
+/// Set in the environment, this refuses every AF_VSOCK socket: the test
+/// harness sets it for the processes it starts on a development machine,
+/// whose vsock leads to infrastructure that is not ours.
+pub const NO_VSOCK_ENV: &str = "VSOCK_RELAY_NO_VSOCK";
+
 fn new_socket(addr: &SockAddr) -> io::Result<Socket> {
+    if addr.domain() == Domain::VSOCK && std::env::var_os(NO_VSOCK_ENV).is_some() {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!("AF_VSOCK is disabled here ({NO_VSOCK_ENV} is set)"),
+        ));
+    }
     let socket = Socket::new(addr.domain(), Type::STREAM.nonblocking().cloexec(), None)?;
     Ok(socket)
 }
@@ -64,7 +87,11 @@ pub fn tune(socket: &Socket, options: &SocketOptions) -> io::Result<()> {
 
 /// Opens a listening socket on `endpoint`. With `reuse_port`, several
 /// listeners may share one TCP port (one per worker).
-pub fn listen(endpoint: &Endpoint, options: &SocketOptions, reuse_port: bool) -> io::Result<Socket> {
+pub fn listen(
+    endpoint: &Endpoint,
+    options: &SocketOptions,
+    reuse_port: bool,
+) -> io::Result<Socket> {
     let addr = sockaddr(endpoint)?;
     if let Endpoint::Unix { path } = endpoint {
         remove_stale_unix_socket(path)?;
@@ -75,7 +102,11 @@ pub fn listen(endpoint: &Endpoint, options: &SocketOptions, reuse_port: bool) ->
         if reuse_port {
             socket.set_reuse_port(true)?;
         }
-        if let Endpoint::Tcp { host: Host::Ip(std::net::IpAddr::V6(_)), .. } = endpoint {
+        if let Endpoint::Tcp {
+            host: Host::Ip(std::net::IpAddr::V6(_)),
+            ..
+        } = endpoint
+        {
             socket.set_only_v6(true)?;
         }
     }
@@ -91,18 +122,22 @@ pub fn listen(endpoint: &Endpoint, options: &SocketOptions, reuse_port: bool) ->
 /// The endpoint a listener is actually bound to (the real port after port 0).
 pub fn local_endpoint(listener: &Socket, requested: &Endpoint) -> io::Result<Endpoint> {
     let addr = listener.local_addr()?;
-    Ok(match (requested, addr.as_socket(), addr.as_vsock_address()) {
-        (Endpoint::Tcp { .. }, Some(sa), _) => Endpoint::tcp(sa),
-        (Endpoint::Vsock { .. }, _, Some((cid, port))) => Endpoint::Vsock { cid, port },
-        _ => requested.clone(),
-    })
+    Ok(
+        match (requested, addr.as_socket(), addr.as_vsock_address()) {
+            (Endpoint::Tcp { .. }, Some(sa), _) => Endpoint::tcp(sa),
+            (Endpoint::Vsock { .. }, _, Some((cid, port))) => Endpoint::Vsock { cid, port },
+            _ => requested.clone(),
+        },
+    )
 }
 
 /// A Unix socket file left behind by a process that died cannot be bound
 /// again; remove it, but only when nobody is listening on it.
 fn remove_stale_unix_socket(path: &Path) -> io::Result<()> {
     use std::os::unix::fs::FileTypeExt;
-    let Ok(meta) = std::fs::symlink_metadata(path) else { return Ok(()) };
+    let Ok(meta) = std::fs::symlink_metadata(path) else {
+        return Ok(());
+    };
     if !meta.file_type().is_socket() {
         return Ok(()); // bind will report "address in use"; never delete a regular file
     }
@@ -132,7 +167,10 @@ pub fn start_connect(socket: &Socket, addr: &SockAddr) -> io::Result<bool> {
         Err(e) if e.raw_os_error() == Some(libc::EALREADY) => Ok(false),
         // A Unix listener with a full backlog refuses a non-blocking connect.
         Err(e) if e.kind() == io::ErrorKind::WouldBlock && addr.domain() == Domain::UNIX => {
-            Err(io::Error::new(io::ErrorKind::ConnectionRefused, "unix listener backlog is full"))
+            Err(io::Error::new(
+                io::ErrorKind::ConnectionRefused,
+                "unix listener backlog is full",
+            ))
         }
         Err(e) => Err(e),
     }

@@ -44,7 +44,12 @@ enum Command {
         ipv6: bool,
 
         /// Worker threads (default: one per core).
-        #[arg(short = 'w', long = "workers", default_value_t = 0, hide_default_value = true)]
+        #[arg(
+            short = 'w',
+            long = "workers",
+            default_value_t = 0,
+            hide_default_value = true
+        )]
         workers: usize,
 
         /// Host name or IP address of the server to proxy to.
@@ -69,7 +74,12 @@ enum Command {
         to: Endpoint,
 
         /// Worker threads (default: one per core).
-        #[arg(short = 'w', long = "workers", default_value_t = 0, hide_default_value = true)]
+        #[arg(
+            short = 'w',
+            long = "workers",
+            default_value_t = 0,
+            hide_default_value = true
+        )]
         workers: usize,
 
         #[command(flatten)]
@@ -79,7 +89,16 @@ enum Command {
 
 fn start(command: Command) -> anyhow::Result<Relay> {
     match command {
-        Command::Proxy { listen, config, ipv4, ipv6, workers, remote_addr, remote_port, engine } => {
+        Command::Proxy {
+            listen,
+            config,
+            ipv4,
+            ipv6,
+            workers,
+            remote_addr,
+            remote_port,
+            engine,
+        } => {
             let family = match (ipv4, ipv6) {
                 (true, _) => IpFamily::V4Only,
                 (_, true) => IpFamily::V6Only,
@@ -95,7 +114,12 @@ fn start(command: Command) -> anyhow::Result<Relay> {
                 engine,
             })
         }
-        Command::Relay { listen, to, workers, engine } => {
+        Command::Relay {
+            listen,
+            to,
+            workers,
+            engine,
+        } => {
             let target = Target::new(&to, &engine.dns(IpFamily::Any))
                 .with_context(|| format!("cannot use --to {to}"))?;
             let mut config = RelayConfig::new(listen, target);

@@ -50,7 +50,11 @@ impl FromStr for BackendChoice {
 pub fn choose(choice: BackendChoice) -> Result<Backend, Error> {
     match crate::ring::Ring::probe() {
         Ok(()) => {
-            tracing::info!(backend = "io_uring", ?choice, "backend chosen: io_uring setup and opcode probe passed");
+            tracing::info!(
+                backend = "io_uring",
+                ?choice,
+                "backend chosen: io_uring setup and opcode probe passed"
+            );
             Ok(Backend::Uring)
         }
         Err(why) => Err(Error::UringUnavailable(why)),
@@ -67,7 +71,10 @@ impl Backend {
         if let Err(source) = result {
             tracing::error!(worker = index, error = %source, "worker failed; stopping the relay");
             control.stop();
-            return Err(Error::Worker { worker: index, source });
+            return Err(Error::Worker {
+                worker: index,
+                source,
+            });
         }
         Ok(())
     }

@@ -63,7 +63,9 @@ impl Tag {
     }
 
     fn decode(user_data: u64) -> Option<(Tag, usize)> {
-        let tag = Tag::ALL.into_iter().find(|t| *t as u64 == user_data & 0xff)?;
+        let tag = Tag::ALL
+            .into_iter()
+            .find(|t| *t as u64 == user_data & 0xff)?;
         Some((tag, (user_data >> 8) as usize))
     }
 
@@ -134,7 +136,11 @@ pub(crate) fn run(setup: WorkerSetup) -> io::Result<()> {
 impl Worker {
     fn run(&mut self) -> io::Result<()> {
         self.arm_accept()?;
-        self.ring.poll(self.wake.as_fd(), libc::POLLIN as u32, Tag::Wake.user_data(0))?;
+        self.ring.poll(
+            self.wake.as_fd(),
+            libc::POLLIN as u32,
+            Tag::Wake.user_data(0),
+        )?;
         if self.control.stopping.load(Ordering::SeqCst) {
             self.begin_stop()?;
         }
@@ -142,9 +148,11 @@ impl Worker {
         let mut ready = Vec::new();
         loop {
             if self.stopping && (self.conns.is_empty() || self.drain_expired) {
-                return Ok(self.abandon_open_connections());
+                self.abandon_open_connections();
+                return Ok(());
             }
-            self.ring.submit_and_wait(if self.ready.is_empty() { 1 } else { 0 })?;
+            self.ring
+                .submit_and_wait(if self.ready.is_empty() { 1 } else { 0 })?;
             self.ring.reap(&mut completions);
             for completion in completions.drain(..) {
                 self.complete(completion)?;
@@ -163,14 +171,19 @@ impl Worker {
 
     fn arm_accept(&mut self) -> io::Result<()> {
         match &self.listener {
-            Some(listener) => self.ring.accept_multishot(listener.as_fd(), Tag::Accept.user_data(0)),
+            Some(listener) => self
+                .ring
+                .accept_multishot(listener.as_fd(), Tag::Accept.user_data(0)),
             None => Ok(()),
         }
     }
 
     fn complete(&mut self, completion: Completion) -> io::Result<()> {
         let Some((tag, index)) = Tag::decode(completion.user_data) else {
-            tracing::warn!(user_data = completion.user_data, "completion with an unknown tag ignored");
+            tracing::warn!(
+                user_data = completion.user_data,
+                "completion with an unknown tag ignored"
+            );
             return Ok(());
         };
         match tag {
@@ -182,7 +195,11 @@ impl Worker {
                 if self.control.stopping.load(Ordering::SeqCst) {
                     self.begin_stop()
                 } else {
-                    self.ring.poll(self.wake.as_fd(), libc::POLLIN as u32, Tag::Wake.user_data(0))
+                    self.ring.poll(
+                        self.wake.as_fd(),
+                        libc::POLLIN as u32,
+                        Tag::Wake.user_data(0),
+                    )
                 }
             }
             Tag::Drain => {
@@ -229,7 +246,9 @@ impl Worker {
                 libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM => {
                     tracing::warn!(worker = self.index, %error, "cannot accept: out of resources; retrying shortly");
                     if !completion.more && !self.stopping {
-                        return self.ring.timeout(Timer::AcceptRetry, Tag::AcceptRetry.user_data(0));
+                        return self
+                            .ring
+                            .timeout(Timer::AcceptRetry, Tag::AcceptRetry.user_data(0));
                     }
                 }
                 _ => tracing::debug!(worker = self.index, %error, "accept failed"),
@@ -300,7 +319,10 @@ impl Worker {
                         Some(Wait::Finished) | None => continue,
                     };
                     let tag = Tag::poll(direction);
-                    let fd = slot.conn.socket_for(direction, wait.unwrap_or(Wait::Readable)).as_fd();
+                    let fd = slot
+                        .conn
+                        .socket_for(direction, wait.unwrap_or(Wait::Readable))
+                        .as_fd();
                     self.ring.poll(fd, events as u32, tag.user_data(index))?;
                     slot.in_flight |= tag.bit();
                 }
@@ -319,7 +341,11 @@ impl Worker {
         let failed = matches!(ending, Ending::Failed(_));
         self.stats.closed(failed);
         if tracing::enabled!(tracing::Level::DEBUG) {
-            let client = conn.client.peer_addr().ok().map(|a| crate::socket::describe(&a));
+            let client = conn
+                .client
+                .peer_addr()
+                .ok()
+                .map(|a| crate::socket::describe(&a));
             let outcome = match &ending {
                 Ending::Finished => "finished".to_string(),
                 Ending::Failed(e) => e.to_string(),
@@ -331,7 +357,8 @@ impl Worker {
         let in_flight = slot.in_flight;
         for tag in [Tag::PollToUpstream, Tag::PollToClient, Tag::Connect] {
             if in_flight & tag.bit() != 0 {
-                self.ring.cancel(tag.user_data(index), Tag::Cancel.user_data(index))?;
+                self.ring
+                    .cancel(tag.user_data(index), Tag::Cancel.user_data(index))?;
             }
         }
         if in_flight == 0 {
@@ -346,9 +373,14 @@ impl Worker {
             return Ok(());
         }
         self.stopping = true;
-        tracing::debug!(worker = self.index, open = self.conns.len(), "stopping: no new connections");
+        tracing::debug!(
+            worker = self.index,
+            open = self.conns.len(),
+            "stopping: no new connections"
+        );
         if self.listener.take().is_some() {
-            self.ring.cancel(Tag::Accept.user_data(0), Tag::Cancel.user_data(0))?;
+            self.ring
+                .cancel(Tag::Accept.user_data(0), Tag::Cancel.user_data(0))?;
         }
         self.ring.timeout(Timer::Drain, Tag::Drain.user_data(0))
     }
@@ -356,7 +388,11 @@ impl Worker {
     /// At the end of the drain time, connections still open are reset.
     fn abandon_open_connections(&mut self) {
         if !self.conns.is_empty() {
-            tracing::info!(worker = self.index, open = self.conns.len(), "drain time over; resetting open connections");
+            tracing::info!(
+                worker = self.index,
+                open = self.conns.len(),
+                "drain time over; resetting open connections"
+            );
         }
         for (_, slot) in self.conns.iter() {
             if slot.conn.state != ConnState::Closed {
