@@ -268,8 +268,16 @@ mod tests {
         let mut pump = Pump::new(Side::Client, Side::Upstream, path);
 
         assert_eq!(pump.run(&src, &dst, &mut pools).unwrap().0, Wait::Readable);
-        let idle = if path == DataPath::Splice { (1, 0) } else { (0, 1) };
-        assert_eq!(pools.idle(), idle, "an idle direction gave its pipe or buffer back");
+        let idle = if path == DataPath::Splice {
+            (1, 0)
+        } else {
+            (0, 1)
+        };
+        assert_eq!(
+            pools.idle(),
+            idle,
+            "an idle direction gave its pipe or buffer back"
+        );
         src_peer.write_all(b"hello relay").unwrap();
         let (wait, moved) = pump.run(&src, &dst, &mut pools).unwrap();
         assert_eq!((wait, moved), (Wait::Readable, 11));
@@ -309,7 +317,12 @@ mod tests {
         let mut rounds = 0;
         while received.len() < 4 << 20 {
             rounds += 1;
-            assert!(rounds < 1_000_000, "stuck at {} bytes, pending {}", received.len(), pump.pending());
+            assert!(
+                rounds < 1_000_000,
+                "stuck at {} bytes, pending {}",
+                received.len(),
+                pump.pending()
+            );
             let (wait, _) = pump.run(&src, &dst, &mut pools).unwrap();
             if wait == Wait::Writable {
                 saw_writable = true;
