@@ -56,17 +56,12 @@ fn push(to: SocketAddr, payload: &[u8]) {
 }
 
 fn engine_relay(to: SocketAddr, path: DataPath) -> (Relay, SocketAddr) {
-    let mut config = RelayConfig::new(
-        "tcp:127.0.0.1:0".parse().unwrap(),
-        Target::fixed(&Endpoint::tcp(to)).unwrap(),
-    );
+    let mut config =
+        RelayConfig::new("tcp:127.0.0.1:0".parse().unwrap(), Target::fixed(&Endpoint::tcp(to)).unwrap());
     config.data_path = path;
     config.workers = 1;
     let relay = Relay::start(config).expect("start relay");
-    let addr = vsock_relay_engine::socket::sockaddr(relay.local_endpoint())
-        .unwrap()
-        .as_socket()
-        .unwrap();
+    let addr = vsock_relay_engine::socket::sockaddr(relay.local_endpoint()).unwrap().as_socket().unwrap();
     (relay, addr)
 }
 
@@ -86,9 +81,7 @@ fn bulk(c: &mut Criterion) {
     group.measurement_time(Duration::from_secs(15));
     group.throughput(Throughput::Bytes(BULK_BYTES));
     for (case, addr) in CASES.into_iter().zip([direct, splice, copy, baseline]) {
-        group.bench_function(BenchmarkId::from_parameter(case), |b| {
-            b.iter(|| push(addr, &payload))
-        });
+        group.bench_function(BenchmarkId::from_parameter(case), |b| b.iter(|| push(addr, &payload)));
     }
     group.finish();
 }
@@ -101,11 +94,7 @@ fn mean_seconds(case: &str) -> Option<f64> {
     let mean = &text[text.find("\"mean\"")?..];
     let estimate = &mean[mean.find("\"point_estimate\":")? + "\"point_estimate\":".len()..];
     let end = estimate.find([',', '}'])?;
-    estimate[..end]
-        .trim()
-        .parse::<f64>()
-        .ok()
-        .map(|ns| ns / 1e9)
+    estimate[..end].trim().parse::<f64>().ok().map(|ns| ns / 1e9)
 }
 
 fn summary() {
@@ -113,21 +102,11 @@ fn summary() {
     let (Some(direct), Some(aws)) = (gib_per_s("direct"), gib_per_s("aws-design")) else {
         return;
     };
-    println!(
-        "\nbulk summary ({} GiB, one stream, loopback TCP)",
-        BULK_BYTES >> 30
-    );
-    println!(
-        "{:<12} {:>10} {:>10} {:>14}",
-        "case", "GiB/s", "x direct", "x aws-design"
-    );
+    println!("\nbulk summary ({} GiB, one stream, loopback TCP)", BULK_BYTES >> 30);
+    println!("{:<12} {:>10} {:>10} {:>14}", "case", "GiB/s", "x direct", "x aws-design");
     for case in CASES {
         if let Some(rate) = gib_per_s(case) {
-            println!(
-                "{case:<12} {rate:>10.2} {:>10.2} {:>14.2}",
-                rate / direct,
-                rate / aws
-            );
+            println!("{case:<12} {rate:>10.2} {:>10.2} {:>14.2}", rate / direct, rate / aws);
         }
     }
 }

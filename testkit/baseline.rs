@@ -48,16 +48,8 @@ impl Baseline {
 
 fn wait_readable(a: &TcpStream, b: &TcpStream) -> (bool, bool) {
     let mut fds = [
-        libc::pollfd {
-            fd: a.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        },
-        libc::pollfd {
-            fd: b.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        },
+        libc::pollfd { fd: a.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+        libc::pollfd { fd: b.as_raw_fd(), events: libc::POLLIN, revents: 0 },
     ];
     // SAFETY: `fds` is a valid array of two pollfds for the whole call.
     let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };

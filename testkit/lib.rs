@@ -19,11 +19,7 @@ pub fn binary(name: &str) -> PathBuf {
     let dir = BUILT.get_or_init(|| {
         let exe = std::env::current_exe().expect("current exe");
         // target/<profile>/deps/<test>-<hash>
-        let dir = exe
-            .parent()
-            .and_then(|d| d.parent())
-            .expect("target dir")
-            .to_path_buf();
+        let dir = exe.parent().and_then(|d| d.parent()).expect("target dir").to_path_buf();
         let release = dir.file_name().is_some_and(|n| n == "release");
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut build = Command::new(cargo);

@@ -24,9 +24,7 @@ impl Stream {
     pub fn connect(endpoint: &Endpoint) -> io::Result<Stream> {
         match endpoint {
             Endpoint::Tcp { .. } => {
-                let addr = vsock_relay_engine::socket::sockaddr(endpoint)?
-                    .as_socket()
-                    .expect("tcp address");
+                let addr = vsock_relay_engine::socket::sockaddr(endpoint)?.as_socket().expect("tcp address");
                 TcpStream::connect(addr).map(Stream::Tcp)
             }
             Endpoint::Unix { path } => UnixStream::connect(path).map(Stream::Unix),
@@ -58,9 +56,7 @@ impl Stream {
     /// Closes with a reset (TCP `SO_LINGER {1, 0}`).
     pub fn reset(self) {
         if let Stream::Tcp(s) = &self {
-            socket2::SockRef::from(s)
-                .set_linger(Some(Duration::ZERO))
-                .expect("set linger");
+            socket2::SockRef::from(s).set_linger(Some(Duration::ZERO)).expect("set linger");
         }
     }
 }
@@ -149,11 +145,7 @@ impl Server {
                 }
             }
         });
-        Server {
-            endpoint,
-            stop,
-            acceptor: Some(acceptor),
-        }
+        Server { endpoint, stop, acceptor: Some(acceptor) }
     }
 
     pub fn endpoint(&self) -> &Endpoint {
@@ -162,10 +154,7 @@ impl Server {
 
     pub fn tcp_addr(&self) -> SocketAddr {
         match &self.endpoint {
-            Endpoint::Tcp {
-                host: vsock_relay_engine::Host::Ip(ip),
-                port,
-            } => SocketAddr::new(*ip, *port),
+            Endpoint::Tcp { host: vsock_relay_engine::Host::Ip(ip), port } => SocketAddr::new(*ip, *port),
             other => panic!("{other} is not a TCP endpoint"),
         }
     }
@@ -228,8 +217,7 @@ pub fn twin(ledger: Ledger) -> impl Fn(Stream) + Send + Sync + 'static {
             let _ = writer.shutdown(Shutdown::Write);
             sent
         });
-        let received =
-            traffic::receive(&mut stream).map(|(bytes, sha256)| Received { bytes, sha256 });
+        let received = traffic::receive(&mut stream).map(|(bytes, sha256)| Received { bytes, sha256 });
         let _ = sender.join();
         ledger.lock().unwrap().insert(id, received);
     }

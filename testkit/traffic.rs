@@ -43,10 +43,8 @@ impl Data {
         let mut i = 0;
         while i < buf.len() {
             let at = self.offset + i as u64;
-            let word = mix(self
-                .seed
-                .wrapping_add((at / 8).wrapping_mul(0x9e37_79b9_7f4a_7c15)))
-            .to_le_bytes();
+            let word =
+                mix(self.seed.wrapping_add((at / 8).wrapping_mul(0x9e37_79b9_7f4a_7c15))).to_le_bytes();
             let start = (at % 8) as usize;
             let n = (8 - start).min(buf.len() - i);
             buf[i..i + n].copy_from_slice(&word[start..start + n]);

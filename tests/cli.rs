@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use vsock_relay_testkit::servers::{echo, Server, Stream};
 
-use crate::util::{run_to_exit, wait_for_unix, Proc, TempDir};
+use crate::util::{backend_arg, run_to_exit, wait_for_unix, Proc, TempDir, BACKENDS};
 
 fn config(dir: &TempDir, yaml: &str) -> String {
     let path = dir.path("vsock-proxy.yaml");
@@ -20,34 +20,27 @@ fn config(dir: &TempDir, yaml: &str) -> String {
 fn assert_exit(binary: &str, args: &[&str], code: i32, message: &str) {
     let (got, stderr) = run_to_exit(binary, args);
     assert_eq!(got, code, "{binary} {args:?}: exit code; stderr:\n{stderr}");
-    assert!(
-        stderr.contains(message),
-        "{binary} {args:?}: stderr lacks `{message}`:\n{stderr}"
-    );
+    assert!(stderr.contains(message), "{binary} {args:?}: stderr lacks `{message}`:\n{stderr}");
 }
 
-/// Starts `vsock-relay proxy` on a Unix socket and checks it relays.
+/// Starts `vsock-relay proxy` on a Unix socket and checks it relays, on
+/// every backend.
 fn proxy_allows(remote: &str, allow: &str) {
+    for backend in BACKENDS {
+        proxy_allows_on(backend_arg(backend), remote, allow);
+    }
+}
+
+fn proxy_allows_on(backend: &str, remote: &str, allow: &str) {
     let server = Server::tcp(echo);
     let port = server.tcp_addr().port().to_string();
     let dir = TempDir::new("cli");
-    let cfg = config(
-        &dir,
-        &format!("allowlist:\n- {{address: {allow}, port: {port}}}\n"),
-    );
+    let cfg = config(&dir, &format!("allowlist:\n- {{address: {allow}, port: {port}}}\n"));
     let listen = dir.path("proxy.sock");
     let listen_arg = format!("unix:{}", listen.display());
     let mut proxy = Proc::spawn(
         "vsock-relay",
-        &[
-            "proxy",
-            "--listen",
-            &listen_arg,
-            "--config",
-            &cfg,
-            remote,
-            &port,
-        ],
+        &["proxy", "--backend", backend, "--listen", &listen_arg, "--config", &cfg, remote, &port],
     );
     proxy.wait_for_log("relay listening", Duration::from_secs(20));
     wait_for_unix(&listen, Duration::from_secs(5));
@@ -55,7 +48,8 @@ fn proxy_allows(remote: &str, allow: &str) {
     client.write_all(b"ping").unwrap();
     let mut reply = [0u8; 4];
     client.read_exact(&mut reply).unwrap();
-    assert_eq!(&reply, b"ping", "{remote} allowed by {allow}");
+    assert_eq!(&reply, b"ping", "{backend}: {remote} allowed by {allow}");
+    assert!(proxy.stderr().contains(&format!("backend chosen: {}", backend.replace("uring", "io_uring"))));
     assert!(proxy.stderr().contains("allowed:"), "{}", proxy.stderr());
 }
 
@@ -111,25 +105,14 @@ fn missing_allowlist_field_exits_1() {
 fn bad_allowlist_entry_exits_1() {
     let dir = TempDir::new("cli");
     let cfg = config(&dir, "allowlist:\n- {address: localhost}\n");
-    assert_exit(
-        "vsock-proxy",
-        &["8001", "localhost", "443", "--config", &cfg],
-        1,
-        "missing field `port`",
-    );
+    assert_exit("vsock-proxy", &["8001", "localhost", "443", "--config", &cfg], 1, "missing field `port`");
 }
 
 #[test]
 fn missing_config_file_exits_1() {
     assert_exit(
         "vsock-proxy",
-        &[
-            "8001",
-            "localhost",
-            "443",
-            "--config",
-            "/nonexistent/vsock-proxy.yaml",
-        ],
+        &["8001", "localhost", "443", "--config", "/nonexistent/vsock-proxy.yaml"],
         1,
         "cannot read the config file /nonexistent/vsock-proxy.yaml",
     );
@@ -137,12 +120,7 @@ fn missing_config_file_exits_1() {
 
 #[test]
 fn bad_ports_exit_2() {
-    assert_exit(
-        "vsock-proxy",
-        &["port", "localhost", "443"],
-        2,
-        "invalid value 'port' for '<LOCAL_PORT>'",
-    );
+    assert_exit("vsock-proxy", &["port", "localhost", "443"], 2, "invalid value 'port' for '<LOCAL_PORT>'");
     assert_exit(
         "vsock-proxy",
         &["8001", "localhost", "70000"],
@@ -154,12 +132,7 @@ fn bad_ports_exit_2() {
 
 #[test]
 fn ipv4_with_ipv6_exits_2() {
-    assert_exit(
-        "vsock-proxy",
-        &["-4", "-6", "8001", "localhost", "443"],
-        2,
-        "cannot be used with",
-    );
+    assert_exit("vsock-proxy", &["-4", "-6", "8001", "localhost", "443"], 2, "cannot be used with");
 }
 
 #[test]
@@ -174,12 +147,7 @@ fn zero_workers_exits_2() {
 
 #[test]
 fn bare_number_remote_addr_exits_2() {
-    assert_exit(
-        "vsock-proxy",
-        &["8001", "3", "443"],
-        2,
-        "`3` is a bare number, not a host",
-    );
+    assert_exit("vsock-proxy", &["8001", "3", "443"], 2, "`3` is a bare number, not a host");
 }
 
 #[test]
@@ -210,13 +178,7 @@ fn help_explains_the_contract() {
 fn relay_rejects_bad_endpoints_with_exit_2() {
     assert_exit(
         "vsock-relay",
-        &[
-            "relay",
-            "--listen",
-            "tcp:127.0.0.1:99999",
-            "--to",
-            "unix:/x",
-        ],
+        &["relay", "--listen", "tcp:127.0.0.1:99999", "--to", "unix:/x"],
         2,
         "bad port `99999`",
     );

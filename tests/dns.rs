@@ -12,7 +12,7 @@ use hickory_proto::rr::rdata::A;
 use hickory_proto::rr::{RData, Record, RecordType};
 use vsock_relay_testkit::servers::Stream;
 
-use crate::util::{wait_for_unix, Proc, TempDir};
+use crate::util::{backend_arg, wait_for_unix, Proc, TempDir, BACKENDS};
 
 const NAME: &str = "upstream.relay.test";
 
@@ -33,11 +33,7 @@ fn name_server(answer: Arc<Mutex<Answer>>) -> SocketAddr {
             let Ok(query) = Message::from_vec(&buf[..n]) else {
                 continue;
             };
-            let mut reply = Message::new(
-                query.metadata.id,
-                MessageType::Response,
-                query.metadata.op_code,
-            );
+            let mut reply = Message::new(query.metadata.id, MessageType::Response, query.metadata.op_code);
             reply.metadata.recursion_desired = query.metadata.recursion_desired;
             reply.metadata.recursion_available = true;
             reply.metadata.authoritative = true;
@@ -50,11 +46,7 @@ fn name_server(answer: Arc<Mutex<Answer>>) -> SocketAddr {
                     for q in &query.queries {
                         let asked = q.name().to_string();
                         if q.query_type() == RecordType::A && asked.trim_end_matches('.') == NAME {
-                            reply.add_answer(Record::from_rdata(
-                                q.name().clone(),
-                                1,
-                                RData::A(A(ip)),
-                            ));
+                            reply.add_answer(Record::from_rdata(q.name().clone(), 1, RData::A(A(ip))));
                         }
                     }
                 }
@@ -82,9 +74,7 @@ fn named_server(ip: Ipv4Addr, port: u16, name: &'static str) -> TcpListener {
 
 fn ask(endpoint: &vsock_relay_engine::Endpoint) -> String {
     let mut stream = Stream::connect(endpoint).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let mut reply = String::new();
     let _ = stream.read_to_string(&mut reply);
     reply
@@ -92,6 +82,12 @@ fn ask(endpoint: &vsock_relay_engine::Endpoint) -> String {
 
 #[test]
 fn proxy_follows_dns_changes_and_survives_resolver_failure() {
+    for backend in BACKENDS {
+        follows_dns(backend_arg(backend));
+    }
+}
+
+fn follows_dns(backend: &str) {
     let a = named_server(Ipv4Addr::new(127, 0, 0, 2), 0, "A");
     let port = a.local_addr().unwrap().port();
     let _b = named_server(Ipv4Addr::new(127, 0, 0, 3), port, "B");
@@ -100,19 +96,16 @@ fn proxy_follows_dns_changes_and_survives_resolver_failure() {
 
     let dir = TempDir::new("dns");
     let cfg = dir.path("allow.yaml");
-    std::fs::write(
-        &cfg,
-        format!("allowlist:\n- {{address: {NAME}, port: {port}}}\n"),
-    )
-    .unwrap();
+    std::fs::write(&cfg, format!("allowlist:\n- {{address: {NAME}, port: {port}}}\n")).unwrap();
     let listen = dir.path("proxy.sock");
     let listen_arg = format!("unix:{}", listen.display());
-    let (cfg_arg, dns_arg, port_arg) =
-        (cfg.display().to_string(), dns.to_string(), port.to_string());
+    let (cfg_arg, dns_arg, port_arg) = (cfg.display().to_string(), dns.to_string(), port.to_string());
     let mut proxy = Proc::spawn(
         "vsock-relay",
         &[
             "proxy",
+            "--backend",
+            backend,
             "--listen",
             &listen_arg,
             "--config",
@@ -131,20 +124,13 @@ fn proxy_follows_dns_changes_and_survives_resolver_failure() {
     *answer.lock().unwrap() = Answer::Address(Ipv4Addr::new(127, 0, 0, 3));
     let deadline = Instant::now() + Duration::from_secs(10);
     while ask(&endpoint) != "B" {
-        assert!(
-            Instant::now() < deadline,
-            "the proxy never followed the new address:\n{}",
-            proxy.stderr()
-        );
+        assert!(Instant::now() < deadline, "the proxy never followed the new address:\n{}", proxy.stderr());
         std::thread::sleep(Duration::from_millis(200));
     }
 
     *answer.lock().unwrap() = Answer::ServerFailure;
     proxy.wait_for_log("keeping the last good address", Duration::from_secs(15));
     assert_eq!(ask(&endpoint), "B", "the last good address is still used");
-    assert!(
-        proxy.child.try_wait().unwrap().is_none(),
-        "the proxy is still running"
-    );
+    assert!(proxy.child.try_wait().unwrap().is_none(), "the proxy is still running");
     assert!(proxy.stderr().contains("upstream address changed"));
 }

@@ -3,7 +3,7 @@
 //! data paths (splice and copy).
 
 use std::io::{ErrorKind, Read, Write};
-use std::net::{Shutdown, TcpListener};
+use std::net::Shutdown;
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -12,7 +12,7 @@ use vsock_relay_engine::{DataPath, Endpoint, Relay};
 use vsock_relay_testkit::servers::{echo, twin, Ledger, Received, Server, Stream};
 use vsock_relay_testkit::traffic::{self, hex, Rng};
 
-use crate::util::{relay, TempDir, PATHS};
+use crate::util::{relay, TempDir, BACKENDS, VARIANTS};
 
 const MIB: u64 = 1 << 20;
 
@@ -26,36 +26,16 @@ struct Case {
 /// 64 connections from 0 B to `max` bytes each way, mostly small, two at `max`.
 fn cases(max: u64, seed: u64) -> Vec<Case> {
     let mut rng = Rng::new(seed);
-    let fixed = [
-        (0, 0),
-        (1, 0),
-        (0, 1),
-        (1, 1),
-        (8191, 65_537),
-        (MIB + 1, 3),
-        (max, 1024),
-        (1024, max),
-    ];
-    let mut cases: Vec<Case> = fixed
-        .iter()
-        .enumerate()
-        .map(|(i, &(up, down))| Case {
-            id: i as u64,
-            up,
-            down,
-        })
-        .collect();
+    let fixed = [(0, 0), (1, 0), (0, 1), (1, 1), (8191, 65_537), (MIB + 1, 3), (max, 1024), (1024, max)];
+    let mut cases: Vec<Case> =
+        fixed.iter().enumerate().map(|(i, &(up, down))| Case { id: i as u64, up, down }).collect();
     while cases.len() < 64 {
         // Log-uniform up to 4 MiB: many small, some large.
         let mut size = || {
             let bits = rng.between(0, 22);
             rng.between(0, (1u64 << bits).min(max))
         };
-        cases.push(Case {
-            id: cases.len() as u64,
-            up: size(),
-            down: size(),
-        });
+        cases.push(Case { id: cases.len() as u64, up: size(), down: size() });
     }
     cases
 }
@@ -83,11 +63,7 @@ fn check_byte_exact(relay_endpoint: &Endpoint, ledger: &Ledger, cases: Vec<Case>
                     hash
                 });
                 let (bytes, hash) = traffic::receive(&mut stream).expect("receive from relay");
-                assert_eq!(
-                    bytes, case.down,
-                    "connection {}: bytes received from upstream",
-                    case.id
-                );
+                assert_eq!(bytes, case.down, "connection {}: bytes received from upstream", case.id);
                 assert_eq!(
                     hex(&hash),
                     hex(&traffic::expected_hash(case.down, down_seed)),
@@ -106,18 +82,12 @@ fn check_byte_exact(relay_endpoint: &Endpoint, ledger: &Ledger, cases: Vec<Case>
             if let Some(r) = ledger.lock().unwrap().get(&id) {
                 break r.as_ref().map(|r| *r).map_err(|e| e.to_string());
             }
-            assert!(
-                Instant::now() < deadline,
-                "server never finished connection {id}"
-            );
+            assert!(Instant::now() < deadline, "server never finished connection {id}");
             std::thread::sleep(Duration::from_millis(10));
         };
         assert_eq!(
             received,
-            Ok(Received {
-                bytes: up,
-                sha256: sent
-            }),
+            Ok(Received { bytes: up, sha256: sent }),
             "connection {id}: what upstream received"
         );
     }
@@ -125,67 +95,63 @@ fn check_byte_exact(relay_endpoint: &Endpoint, ledger: &Ledger, cases: Vec<Case>
 
 #[test]
 fn byte_exact_64_connections_up_to_256_mib_tcp_splice() {
-    let ledger = Ledger::default();
-    let server = Server::tcp(twin(Arc::clone(&ledger)));
-    let relay = relay(
-        "tcp:127.0.0.1:0",
-        server.endpoint(),
-        DataPath::Splice,
-        |_| {},
-    );
-    let cases = cases(256 * MIB, 1);
-    let up: u64 = cases.iter().map(|c| c.up + 24).sum();
-    let down: u64 = cases.iter().map(|c| c.down).sum();
-    check_byte_exact(relay.local_endpoint(), &ledger, cases);
-    let stats = relay.stats().snapshot();
-    assert_eq!((stats.accepted, stats.failed), (64, 0));
-    assert_eq!((stats.bytes_to_upstream, stats.bytes_to_client), (up, down));
-    assert!(down > 256 * MIB && up > 256 * MIB);
-    relay.shutdown().unwrap();
+    for backend in BACKENDS {
+        let ledger = Ledger::default();
+        let server = Server::tcp(twin(Arc::clone(&ledger)));
+        let relay = relay("tcp:127.0.0.1:0", server.endpoint(), (backend, DataPath::Splice), |_| {});
+        let cases = cases(256 * MIB, 1);
+        let up: u64 = cases.iter().map(|c| c.up + 24).sum();
+        let down: u64 = cases.iter().map(|c| c.down).sum();
+        check_byte_exact(relay.local_endpoint(), &ledger, cases);
+        let stats = relay.stats().snapshot();
+        assert_eq!((stats.accepted, stats.failed), (64, 0), "{backend:?}");
+        assert_eq!((stats.bytes_to_upstream, stats.bytes_to_client), (up, down), "{backend:?}");
+        assert!(down > 256 * MIB && up > 256 * MIB);
+        relay.shutdown().unwrap();
+    }
 }
 
 #[test]
 fn byte_exact_64_connections_unix_to_tcp_copy() {
-    let dir = TempDir::new("exact");
-    let ledger = Ledger::default();
-    let server = Server::tcp(twin(Arc::clone(&ledger)));
-    let listen = format!("unix:{}", dir.path("relay.sock").display());
-    let relay = relay(&listen, server.endpoint(), DataPath::Copy, |_| {});
-    check_byte_exact(relay.local_endpoint(), &ledger, cases(64 * MIB, 2));
-    relay.shutdown().unwrap();
+    for backend in BACKENDS {
+        let dir = TempDir::new("exact");
+        let ledger = Ledger::default();
+        let server = Server::tcp(twin(Arc::clone(&ledger)));
+        let listen = format!("unix:{}", dir.path("relay.sock").display());
+        let relay = relay(&listen, server.endpoint(), (backend, DataPath::Copy), |_| {});
+        check_byte_exact(relay.local_endpoint(), &ledger, cases(64 * MIB, 2));
+        relay.shutdown().unwrap();
+    }
 }
 
 #[test]
 fn byte_exact_tcp_to_unix_splice() {
-    let dir = TempDir::new("exact-unix");
-    let ledger = Ledger::default();
-    let server = Server::unix(&dir.path("upstream.sock"), twin(Arc::clone(&ledger)));
-    let relay = relay(
-        "tcp:127.0.0.1:0",
-        server.endpoint(),
-        DataPath::Splice,
-        |_| {},
-    );
-    check_byte_exact(relay.local_endpoint(), &ledger, cases(64 * MIB, 3));
-    relay.shutdown().unwrap();
+    for backend in BACKENDS {
+        let dir = TempDir::new("exact-unix");
+        let ledger = Ledger::default();
+        let server = Server::unix(&dir.path("upstream.sock"), twin(Arc::clone(&ledger)));
+        let relay = relay("tcp:127.0.0.1:0", server.endpoint(), (backend, DataPath::Splice), |_| {});
+        check_byte_exact(relay.local_endpoint(), &ledger, cases(64 * MIB, 3));
+        relay.shutdown().unwrap();
+    }
 }
 
 /// The server reads to EOF, then replies: the client's half-close must not
 /// cut the reply.
 #[test]
 fn client_half_close_still_gets_the_whole_reply() {
-    for path in PATHS {
+    for variant in VARIANTS {
         let server = Server::tcp(|mut stream| {
             let (bytes, _) = traffic::receive(&mut stream).unwrap();
             traffic::send(&mut stream, 3 * MIB + bytes, 42).unwrap();
         });
-        let relay = relay("tcp:127.0.0.1:0", server.endpoint(), path, |_| {});
+        let relay = relay("tcp:127.0.0.1:0", server.endpoint(), variant, |_| {});
         let mut client = Stream::connect(relay.local_endpoint()).unwrap();
         traffic::send(&mut client, 1000, 7).unwrap();
         client.shutdown(Shutdown::Write).unwrap();
         let (bytes, hash) = traffic::receive(&mut client).unwrap();
-        assert_eq!(bytes, 3 * MIB + 1000, "{path:?}");
-        assert_eq!(hash, traffic::expected_hash(bytes, 42), "{path:?}");
+        assert_eq!(bytes, 3 * MIB + 1000, "{variant:?}");
+        assert_eq!(hash, traffic::expected_hash(bytes, 42), "{variant:?}");
     }
 }
 
@@ -193,7 +159,7 @@ fn client_half_close_still_gets_the_whole_reply() {
 /// after it saw that EOF, and the server must still receive it all.
 #[test]
 fn upstream_half_close_still_receives_the_client() {
-    for path in PATHS {
+    for variant in VARIANTS {
         let (tx, rx) = mpsc::channel();
         let tx = std::sync::Mutex::new(tx);
         let server = Server::tcp(move |mut stream| {
@@ -202,20 +168,14 @@ fn upstream_half_close_still_receives_the_client() {
             let received = traffic::receive(&mut stream).unwrap();
             tx.lock().unwrap().send(received).unwrap();
         });
-        let relay = relay("tcp:127.0.0.1:0", server.endpoint(), path, |_| {});
+        let relay = relay("tcp:127.0.0.1:0", server.endpoint(), variant, |_| {});
         let mut client = Stream::connect(relay.local_endpoint()).unwrap();
         let (bytes, hash) = traffic::receive(&mut client).unwrap();
-        assert_eq!(
-            (bytes, hash),
-            (2 * MIB, traffic::expected_hash(2 * MIB, 5)),
-            "{path:?}"
-        );
+        assert_eq!((bytes, hash), (2 * MIB, traffic::expected_hash(2 * MIB, 5)), "{variant:?}");
         let sent = traffic::send(&mut client, 3 * MIB, 6).unwrap();
         client.shutdown(Shutdown::Write).unwrap();
-        let received = rx
-            .recv_timeout(Duration::from_secs(20))
-            .expect("server received");
-        assert_eq!(received, (3 * MIB, sent), "{path:?}");
+        let received = rx.recv_timeout(Duration::from_secs(20)).expect("server received");
+        assert_eq!(received, (3 * MIB, sent), "{variant:?}");
     }
 }
 
@@ -236,7 +196,7 @@ fn expect_reset(stream: &mut Stream, what: &str) {
 
 #[test]
 fn client_reset_reaches_upstream_as_a_reset() {
-    for path in PATHS {
+    for variant in VARIANTS {
         let (tx, rx) = mpsc::channel();
         let tx = std::sync::Mutex::new(tx);
         let server = Server::tcp(move |mut stream| {
@@ -253,7 +213,7 @@ fn client_reset_reaches_upstream_as_a_reset() {
             };
             tx.lock().unwrap().send(Some(result)).unwrap();
         });
-        let relay = relay("tcp:127.0.0.1:0", server.endpoint(), path, |_| {});
+        let relay = relay("tcp:127.0.0.1:0", server.endpoint(), variant, |_| {});
         let mut client = Stream::connect(relay.local_endpoint()).unwrap();
         client.write_all(&[1u8; 100]).unwrap();
         assert!(rx.recv_timeout(Duration::from_secs(10)).unwrap().is_none());
@@ -261,7 +221,7 @@ fn client_reset_reaches_upstream_as_a_reset() {
         let result = rx.recv_timeout(Duration::from_secs(10)).unwrap().unwrap();
         assert!(
             matches!(&result, Err(e) if e.kind() == ErrorKind::ConnectionReset),
-            "{path:?}: upstream read after the client reset: expected a reset, got {result:?}"
+            "{variant:?}: upstream read after the client reset: expected a reset, got {result:?}"
         );
         assert_eq!(relay.stats().snapshot().failed, 1);
     }
@@ -269,7 +229,7 @@ fn client_reset_reaches_upstream_as_a_reset() {
 
 #[test]
 fn upstream_reset_reaches_the_client_as_a_reset() {
-    for path in PATHS {
+    for variant in VARIANTS {
         let server = Server::tcp(|mut stream| {
             let mut first = [0u8; 100];
             stream.read_exact(&mut first).unwrap();
@@ -277,19 +237,14 @@ fn upstream_reset_reaches_the_client_as_a_reset() {
             std::thread::sleep(Duration::from_millis(100));
             stream.reset();
         });
-        let relay = relay("tcp:127.0.0.1:0", server.endpoint(), path, |_| {});
+        let relay = relay("tcp:127.0.0.1:0", server.endpoint(), variant, |_| {});
         let mut client = Stream::connect(relay.local_endpoint()).unwrap();
-        client
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .unwrap();
+        client.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         client.write_all(&[1u8; 100]).unwrap();
         let mut got = [0u8; 13];
         client.read_exact(&mut got).unwrap();
         assert_eq!(&got, b"partial reply");
-        expect_reset(
-            &mut client,
-            &format!("{path:?}: client read after the upstream reset"),
-        );
+        expect_reset(&mut client, &format!("{variant:?}: client read after the upstream reset"));
     }
 }
 
@@ -298,11 +253,11 @@ fn upstream_reset_reaches_the_client_as_a_reset() {
 /// succeeds once the upstream is back.
 #[test]
 fn refused_upstream_closes_that_connection_only() {
-    for path in PATHS {
+    for variant in VARIANTS {
         let dir = TempDir::new("refused");
         let upstream = dir.path("upstream.sock");
         let server = Server::unix(&upstream, echo);
-        let relay = relay("tcp:127.0.0.1:0", server.endpoint(), path, |_| {});
+        let relay = relay("tcp:127.0.0.1:0", server.endpoint(), variant, |_| {});
         let mut open = Stream::connect(relay.local_endpoint()).unwrap();
         open.write_all(b"before").unwrap();
         let mut buf = [0u8; 6];
@@ -311,18 +266,9 @@ fn refused_upstream_closes_that_connection_only() {
 
         let started = Instant::now();
         let mut refused = Stream::connect(relay.local_endpoint()).unwrap();
-        refused
-            .set_read_timeout(Some(Duration::from_secs(5)))
-            .unwrap();
-        expect_reset(
-            &mut refused,
-            &format!("{path:?}: client of a refused upstream"),
-        );
-        assert!(
-            started.elapsed() < Duration::from_secs(2),
-            "took {:?}",
-            started.elapsed()
-        );
+        refused.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        expect_reset(&mut refused, &format!("{variant:?}: client of a refused upstream"));
+        assert!(started.elapsed() < Duration::from_secs(2), "took {:?}", started.elapsed());
 
         open.write_all(b"during").unwrap();
         open.read_exact(&mut buf).unwrap();
@@ -334,7 +280,7 @@ fn refused_upstream_closes_that_connection_only() {
         again.read_exact(&mut buf).unwrap();
         assert_eq!(&buf, b"after!");
         let stats = relay.stats().snapshot();
-        assert_eq!((stats.accepted, stats.failed), (3, 1), "{path:?}");
+        assert_eq!((stats.accepted, stats.failed), (3, 1), "{variant:?}");
     }
 }
 
@@ -343,14 +289,7 @@ fn refused_upstream_closes_that_connection_only() {
 #[test]
 fn unreachable_upstream_times_out_and_the_relay_serves_others() {
     let silent = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    silent
-        .bind(
-            &"127.0.0.1:0"
-                .parse::<std::net::SocketAddr>()
-                .unwrap()
-                .into(),
-        )
-        .unwrap();
+    silent.bind(&"127.0.0.1:0".parse::<std::net::SocketAddr>().unwrap().into()).unwrap();
     silent.listen(0).unwrap();
     let silent_addr = silent.local_addr().unwrap().as_socket().unwrap();
     // Fill the accept queue so that further SYNs are dropped.
@@ -363,26 +302,21 @@ fn unreachable_upstream_times_out_and_the_relay_serves_others() {
     }
     std::thread::sleep(Duration::from_millis(100));
 
-    let relay = relay(
-        "tcp:127.0.0.1:0",
-        &Endpoint::tcp(silent_addr),
-        DataPath::Splice,
-        |config| {
+    for variant in VARIANTS {
+        let relay = relay("tcp:127.0.0.1:0", &Endpoint::tcp(silent_addr), variant, |config| {
             config.connect_timeout = Duration::from_millis(300);
-        },
-    );
-    let started = Instant::now();
-    let mut client = Stream::connect(relay.local_endpoint()).unwrap();
-    client
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    expect_reset(&mut client, "client of an unreachable upstream");
-    let waited = started.elapsed();
-    assert!(
-        waited >= Duration::from_millis(250) && waited < Duration::from_secs(3),
-        "gave up after {waited:?}"
-    );
-    assert_eq!(relay.stats().snapshot().failed, 1);
+        });
+        let started = Instant::now();
+        let mut client = Stream::connect(relay.local_endpoint()).unwrap();
+        client.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        expect_reset(&mut client, &format!("{variant:?}: client of an unreachable upstream"));
+        let waited = started.elapsed();
+        assert!(
+            waited >= Duration::from_millis(250) && waited < Duration::from_secs(3),
+            "{variant:?}: gave up after {waited:?}"
+        );
+        assert_eq!(relay.stats().snapshot().failed, 1, "{variant:?}");
+    }
     drop(fillers);
 }
 
@@ -393,31 +327,20 @@ fn stop_refuses_new_clients_and_lets_open_ones_finish() {
         std::thread::sleep(Duration::from_millis(300));
         let _ = stream.write_all(&bytes.to_le_bytes());
     });
-    let relay: Relay = relay(
-        "tcp:127.0.0.1:0",
-        server.endpoint(),
-        DataPath::Splice,
-        |_| {},
-    );
-    let endpoint = relay.local_endpoint().clone();
-    let mut client = Stream::connect(&endpoint).unwrap();
-    traffic::send(&mut client, 12345, 1).unwrap();
-    client.shutdown(Shutdown::Write).unwrap();
-    std::thread::sleep(Duration::from_millis(100));
-    let stop = relay.stop_handle();
-    let waiter = std::thread::spawn(move || relay.wait());
-    stop.stop();
-    let mut reply = Vec::new();
-    client.read_to_end(&mut reply).unwrap();
-    assert_eq!(
-        reply,
-        12345u64.to_le_bytes(),
-        "the open connection finished after the stop"
-    );
-    waiter.join().unwrap().unwrap();
-    assert!(
-        Stream::connect(&endpoint).is_err(),
-        "a stopped relay refuses connections"
-    );
-    let _ = TcpListener::bind("127.0.0.1:0");
+    for backend in BACKENDS {
+        let relay: Relay = relay("tcp:127.0.0.1:0", server.endpoint(), (backend, DataPath::Splice), |_| {});
+        let endpoint = relay.local_endpoint().clone();
+        let mut client = Stream::connect(&endpoint).unwrap();
+        traffic::send(&mut client, 12345, 1).unwrap();
+        client.shutdown(Shutdown::Write).unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        let stop = relay.stop_handle();
+        let waiter = std::thread::spawn(move || relay.wait());
+        stop.stop();
+        let mut reply = Vec::new();
+        client.read_to_end(&mut reply).unwrap();
+        assert_eq!(reply, 12345u64.to_le_bytes(), "{backend:?}: the open connection finished after the stop");
+        waiter.join().unwrap().unwrap();
+        assert!(Stream::connect(&endpoint).is_err(), "{backend:?}: a stopped relay refuses connections");
+    }
 }

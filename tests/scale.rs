@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use vsock_relay_testkit::servers::{echo, Server, Stream};
 
-use crate::util::{wait_for_unix, Proc, TempDir};
+use crate::util::{backend_arg, wait_for_unix, Proc, TempDir, BACKENDS};
 
 const CONNECTIONS: usize = 2000;
 
@@ -21,6 +21,12 @@ const RSS_BOUND_KIB: u64 = 16 * 1024;
 #[test]
 fn two_thousand_concurrent_connections_in_bounded_memory() {
     vsock_relay_engine::raise_open_files_limit().unwrap();
+    for backend in BACKENDS {
+        two_thousand_connections(backend_arg(backend));
+    }
+}
+
+fn two_thousand_connections(backend: &str) {
     let server = Server::tcp(echo);
     let dir = TempDir::new("scale");
     let listen = dir.path("relay.sock");
@@ -28,7 +34,7 @@ fn two_thousand_concurrent_connections_in_bounded_memory() {
     let to_arg = server.endpoint().to_string();
     let mut relay = Proc::spawn(
         "vsock-relay",
-        &["relay", "--listen", &listen_arg, "--to", &to_arg],
+        &["relay", "--backend", backend, "--listen", &listen_arg, "--to", &to_arg],
     );
     relay.wait_for_log("relay listening", Duration::from_secs(20));
     wait_for_unix(&listen, Duration::from_secs(5));
@@ -36,29 +42,21 @@ fn two_thousand_concurrent_connections_in_bounded_memory() {
     let endpoint = listen_arg.parse().unwrap();
     let mut clients = Vec::with_capacity(CONNECTIONS);
     for i in 0..CONNECTIONS {
-        let mut client =
-            Stream::connect(&endpoint).unwrap_or_else(|e| panic!("connection {i}: {e}"));
+        let mut client = Stream::connect(&endpoint).unwrap_or_else(|e| panic!("connection {i}: {e}"));
         client.write_all(&(i as u64).to_le_bytes()).unwrap();
         clients.push(client);
     }
     for (i, client) in clients.iter_mut().enumerate() {
-        client
-            .set_read_timeout(Some(Duration::from_secs(20)))
-            .unwrap();
+        client.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
         let mut echoed = [0u8; 8];
-        client
-            .read_exact(&mut echoed)
-            .unwrap_or_else(|e| panic!("connection {i}: {e}"));
+        client.read_exact(&mut echoed).unwrap_or_else(|e| panic!("connection {i}: {e}"));
         assert_eq!(u64::from_le_bytes(echoed), i as u64);
     }
     let rss = relay.rss_kib();
     println!(
-        "relay RSS with {CONNECTIONS} open connections: {rss} KiB (bound {RSS_BOUND_KIB} KiB)"
+        "{backend} relay RSS with {CONNECTIONS} open connections: {rss} KiB (bound {RSS_BOUND_KIB} KiB)"
     );
-    assert!(
-        rss < RSS_BOUND_KIB,
-        "relay RSS {rss} KiB over the bound {RSS_BOUND_KIB} KiB"
-    );
+    assert!(rss < RSS_BOUND_KIB, "{backend} relay RSS {rss} KiB over the bound {RSS_BOUND_KIB} KiB");
 
     // All still work, and closing them leaves the relay serving.
     for client in &mut clients {

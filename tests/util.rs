@@ -6,7 +6,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use vsock_relay_engine::{DataPath, Endpoint, Relay, RelayConfig, Target};
+use vsock_relay_engine::{BackendChoice, DataPath, Endpoint, Relay, RelayConfig, Target};
 
 /// A fresh directory under the system temp dir, removed on drop.
 pub struct TempDir(pub PathBuf);
@@ -15,8 +15,7 @@ impl TempDir {
     pub fn new(tag: &str) -> TempDir {
         static NEXT: AtomicU32 = AtomicU32::new(0);
         let n = NEXT.fetch_add(1, Ordering::SeqCst);
-        let dir =
-            std::env::temp_dir().join(format!("vsock-relay-{tag}-{}-{n}", std::process::id()));
+        let dir = std::env::temp_dir().join(format!("vsock-relay-{tag}-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         TempDir(dir)
@@ -33,18 +32,36 @@ impl Drop for TempDir {
     }
 }
 
-/// The data paths every relaying test runs on.
-pub const PATHS: [DataPath; 2] = [DataPath::Splice, DataPath::Copy];
+/// The backends every relaying test runs on.
+pub const BACKENDS: [BackendChoice; 2] = [BackendChoice::Uring, BackendChoice::Portable];
+
+/// Every backend with every data path.
+pub const VARIANTS: [(BackendChoice, DataPath); 4] = [
+    (BackendChoice::Uring, DataPath::Splice),
+    (BackendChoice::Uring, DataPath::Copy),
+    (BackendChoice::Portable, DataPath::Splice),
+    (BackendChoice::Portable, DataPath::Copy),
+];
+
+/// The `--backend` value of a choice, for the binaries.
+pub fn backend_arg(backend: BackendChoice) -> &'static str {
+    match backend {
+        BackendChoice::Auto => "auto",
+        BackendChoice::Uring => "uring",
+        BackendChoice::Portable => "portable",
+    }
+}
 
 /// Starts an in-process relay from `listen` to `to`.
 pub fn relay(
     listen: &str,
     to: &Endpoint,
-    path: DataPath,
+    (backend, path): (BackendChoice, DataPath),
     tune: impl FnOnce(&mut RelayConfig),
 ) -> Relay {
     let target = Target::fixed(to).unwrap();
     let mut config = RelayConfig::new(listen.parse().unwrap(), target);
+    config.backend = backend;
     config.data_path = path;
     config.workers = 2;
     tune(&mut config);
@@ -90,16 +107,9 @@ impl Proc {
         let deadline = Instant::now() + within;
         while !self.stderr().contains(needle) {
             if let Ok(Some(status)) = self.child.try_wait() {
-                panic!(
-                    "process exited ({status}) before logging `{needle}`:\n{}",
-                    self.stderr()
-                );
+                panic!("process exited ({status}) before logging `{needle}`:\n{}", self.stderr());
             }
-            assert!(
-                Instant::now() < deadline,
-                "no `{needle}` within {within:?}:\n{}",
-                self.stderr()
-            );
+            assert!(Instant::now() < deadline, "no `{needle}` within {within:?}:\n{}", self.stderr());
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -128,11 +138,7 @@ pub fn run_to_exit(binary: &str, args: &[&str]) -> (i32, String) {
             std::thread::sleep(Duration::from_millis(50)); // let the stderr reader finish
             return (status.code().unwrap_or(-1), proc.stderr());
         }
-        assert!(
-            Instant::now() < deadline,
-            "{binary} {args:?} did not exit:\n{}",
-            proc.stderr()
-        );
+        assert!(Instant::now() < deadline, "{binary} {args:?} did not exit:\n{}", proc.stderr());
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -141,11 +147,7 @@ pub fn run_to_exit(binary: &str, args: &[&str]) -> (i32, String) {
 pub fn wait_for_unix(path: &Path, within: Duration) {
     let deadline = Instant::now() + within;
     while std::os::unix::net::UnixStream::connect(path).is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "nothing listens on {} after {within:?}",
-            path.display()
-        );
+        assert!(Instant::now() < deadline, "nothing listens on {} after {within:?}", path.display());
         std::thread::sleep(Duration::from_millis(20));
     }
 }

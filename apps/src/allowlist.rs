@@ -32,43 +32,30 @@ pub enum AllowlistError {
     Read { path: PathBuf, reason: String },
     #[error("bad YAML in {path}: {reason}")]
     BadYaml { path: PathBuf, reason: String },
-    #[error("{path} has no `allowlist` field (expected `allowlist:` followed by a list of {{address, port}})")]
+    #[error(
+        "{path} has no `allowlist` field (expected `allowlist:` followed by a list of {{address, port}})"
+    )]
     NoAllowlist { path: PathBuf },
     #[error("bad allowlist entry in {path}: {reason}")]
     BadEntry { path: PathBuf, reason: String },
-    #[error(
-        "the given address and port are not allowed: {host}:{port} matches no entry of {path}"
-    )]
-    NotAllowed {
-        host: String,
-        port: u16,
-        path: PathBuf,
-    },
+    #[error("the given address and port are not allowed: {host}:{port} matches no entry of {path}")]
+    NotAllowed { host: String, port: u16, path: PathBuf },
 }
 
 /// Reads the allowlist from a config file.
 pub fn load(path: &Path) -> Result<Vec<Entry>, AllowlistError> {
-    let text = std::fs::read_to_string(path).map_err(|e| AllowlistError::Read {
-        path: path.into(),
-        reason: e.to_string(),
-    })?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| AllowlistError::Read { path: path.into(), reason: e.to_string() })?;
     parse(&text, path)
 }
 
 /// Parses allowlist YAML; `path` only names the file in errors.
 pub fn parse(text: &str, path: &Path) -> Result<Vec<Entry>, AllowlistError> {
-    let doc: serde_norway::Value =
-        serde_norway::from_str(text).map_err(|e| AllowlistError::BadYaml {
-            path: path.into(),
-            reason: e.to_string(),
-        })?;
-    let list = doc
-        .get("allowlist")
-        .ok_or_else(|| AllowlistError::NoAllowlist { path: path.into() })?;
-    serde_norway::from_value(list.clone()).map_err(|e| AllowlistError::BadEntry {
-        path: path.into(),
-        reason: e.to_string(),
-    })
+    let doc: serde_norway::Value = serde_norway::from_str(text)
+        .map_err(|e| AllowlistError::BadYaml { path: path.into(), reason: e.to_string() })?;
+    let list = doc.get("allowlist").ok_or_else(|| AllowlistError::NoAllowlist { path: path.into() })?;
+    serde_norway::from_value(list.clone())
+        .map_err(|e| AllowlistError::BadEntry { path: path.into(), reason: e.to_string() })
 }
 
 /// Checks `host:port` against `entries`, resolving names with `resolver`.
@@ -92,12 +79,7 @@ pub fn check(
             return Ok(());
         }
         match resolver.resolve(wanted) {
-            Ok(resolution)
-                if resolution
-                    .addresses
-                    .iter()
-                    .any(|a| target_addresses.contains(a)) =>
-            {
+            Ok(resolution) if resolution.addresses.iter().any(|a| target_addresses.contains(a)) => {
                 tracing::info!(address = %entry.address, port, "allowed: address matches");
                 return Ok(());
             }
@@ -107,11 +89,7 @@ pub fn check(
             }
         }
     }
-    Err(AllowlistError::NotAllowed {
-        host: host_text,
-        port,
-        path: path.into(),
-    })
+    Err(AllowlistError::NotAllowed { host: host_text, port, path: path.into() })
 }
 
 #[cfg(test)]
@@ -125,33 +103,20 @@ mod tests {
     #[test]
     fn parses_the_aws_format() {
         let entries = parse("allowlist:\n- {address: kms.us-east-1.amazonaws.com, port: 443}\n- {address: 10.0.0.1, port: 80}\n", p()).unwrap();
-        assert_eq!(
-            entries[0],
-            Entry {
-                address: "kms.us-east-1.amazonaws.com".into(),
-                port: 443
-            }
-        );
+        assert_eq!(entries[0], Entry { address: "kms.us-east-1.amazonaws.com".into(), port: 443 });
         assert_eq!(entries[1].port, 80);
     }
 
     #[test]
     fn errors_say_what_is_wrong() {
-        assert!(matches!(
-            parse("allowlist: [", p()),
-            Err(AllowlistError::BadYaml { .. })
-        ));
+        assert!(matches!(parse("allowlist: [", p()), Err(AllowlistError::BadYaml { .. })));
         assert_eq!(
             parse("services: []", p()).unwrap_err().to_string(),
             "test.yaml has no `allowlist` field (expected `allowlist:` followed by a list of {address, port})"
         );
-        let err = parse("allowlist:\n- {address: a.example}\n", p())
-            .unwrap_err()
-            .to_string();
+        let err = parse("allowlist:\n- {address: a.example}\n", p()).unwrap_err().to_string();
         assert!(err.contains("missing field `port`"), "{err}");
-        let err = parse("allowlist:\n- {address: a.example, port: 70000}\n", p())
-            .unwrap_err()
-            .to_string();
+        let err = parse("allowlist:\n- {address: a.example, port: 70000}\n", p()).unwrap_err().to_string();
         assert!(err.starts_with("bad allowlist entry in test.yaml"), "{err}");
     }
 }

@@ -11,8 +11,10 @@ use vsock_relay_engine::{BackendChoice, DataPath, DnsOptions, IpFamily, RelayCon
 /// Tuning options every relaying app accepts.
 #[derive(Args, Clone, Debug)]
 pub struct EngineArgs {
-    /// Backend: `auto` probes io_uring at start; `uring` insists on it.
-    #[arg(long, default_value = "auto", value_name = "auto|uring")]
+    /// Backend: `auto` uses io_uring when the kernel allows it and epoll
+    /// otherwise (saying why in the log); `uring` insists on io_uring (exit 1
+    /// when unavailable); `portable` uses epoll.
+    #[arg(long, default_value = "auto", value_name = "auto|uring|portable")]
     pub backend: BackendChoice,
 
     /// Give up on an upstream connect after this many seconds; that one
@@ -38,29 +40,20 @@ pub struct EngineArgs {
 fn parse_seconds(text: &str) -> Result<f64, String> {
     match text.parse::<f64>() {
         Ok(s) if s > 0.0 && s.is_finite() && s <= 3600.0 => Ok(s),
-        _ => Err(format!(
-            "`{text}` is not a number of seconds between 0 and 3600"
-        )),
+        _ => Err(format!("`{text}` is not a number of seconds between 0 and 3600")),
     }
 }
 
 impl EngineArgs {
     pub fn dns(&self, family: IpFamily) -> DnsOptions {
-        DnsOptions {
-            servers: self.dns_servers.clone(),
-            family,
-        }
+        DnsOptions { servers: self.dns_servers.clone(), family }
     }
 
     /// Applies these options to a relay description.
     pub fn apply(&self, config: &mut RelayConfig) {
         config.backend = self.backend;
         config.connect_timeout = Duration::from_secs_f64(self.connect_timeout);
-        config.data_path = if self.copy {
-            DataPath::Copy
-        } else {
-            DataPath::Splice
-        };
+        config.data_path = if self.copy { DataPath::Copy } else { DataPath::Splice };
         config.pipe_bytes = self.pipe_kib as usize * 1024;
     }
 }
@@ -75,13 +68,9 @@ pub fn parse_remote_host(text: &str) -> Result<Host, String> {
              (a host name or an IP address); an enclave CID does not go here"
         ));
     }
-    let bracketed = if text.contains(':') && !text.starts_with('[') {
-        format!("[{text}]")
-    } else {
-        text.to_string()
-    };
-    parse_host(&bracketed)
-        .ok_or_else(|| format!("`{text}` is neither a host name nor an IP address"))
+    let bracketed =
+        if text.contains(':') && !text.starts_with('[') { format!("[{text}]") } else { text.to_string() };
+    parse_host(&bracketed).ok_or_else(|| format!("`{text}` is neither a host name nor an IP address"))
 }
 
 /// Parses `-w/--num_workers`: a positive count.
@@ -103,27 +92,16 @@ mod tests {
             parse_remote_host("kms.us-east-1.amazonaws.com"),
             Ok(Host::Name("kms.us-east-1.amazonaws.com".into()))
         );
-        assert_eq!(
-            parse_remote_host("127.0.0.1"),
-            Ok(Host::Ip("127.0.0.1".parse().unwrap()))
-        );
-        assert_eq!(
-            parse_remote_host("::1"),
-            Ok(Host::Ip("::1".parse().unwrap()))
-        );
+        assert_eq!(parse_remote_host("127.0.0.1"), Ok(Host::Ip("127.0.0.1".parse().unwrap())));
+        assert_eq!(parse_remote_host("::1"), Ok(Host::Ip("::1".parse().unwrap())));
         assert!(parse_remote_host("3").unwrap_err().contains("bare number"));
-        assert!(parse_remote_host("bad host")
-            .unwrap_err()
-            .contains("neither a host name"));
+        assert!(parse_remote_host("bad host").unwrap_err().contains("neither a host name"));
     }
 
     #[test]
     fn workers_must_be_positive() {
         assert_eq!(parse_workers("4"), Ok(4));
-        assert_eq!(
-            parse_workers("0").unwrap_err(),
-            "the number of workers must not be 0"
-        );
+        assert_eq!(parse_workers("0").unwrap_err(), "the number of workers must not be 0");
         assert!(parse_workers("x").is_err());
     }
 }

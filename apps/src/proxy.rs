@@ -30,9 +30,7 @@ pub struct ProxySettings {
 pub fn start(settings: &ProxySettings) -> anyhow::Result<Relay> {
     let entries = allowlist::load(&settings.config)?;
     let dns = settings.engine.dns(settings.family);
-    let resolver = Resolver::new(&dns)
-        .map_err(anyhow::Error::msg)
-        .context("cannot set up DNS resolution")?;
+    let resolver = Resolver::new(&dns).map_err(anyhow::Error::msg).context("cannot set up DNS resolution")?;
     let host_text = match &settings.host {
         Host::Ip(ip) => ip.to_string(),
         Host::Name(name) => name.clone(),
@@ -50,10 +48,7 @@ pub fn start(settings: &ProxySettings) -> anyhow::Result<Relay> {
         &settings.config,
     )?;
 
-    let endpoint = Endpoint::Tcp {
-        host: settings.host.clone(),
-        port: settings.port,
-    };
+    let endpoint = Endpoint::Tcp { host: settings.host.clone(), port: settings.port };
     let target = match &settings.host {
         Host::Ip(_) => Target::fixed(&endpoint)?,
         Host::Name(_) => Target::follow(endpoint, settings.port, resolver, resolution),

@@ -100,15 +100,22 @@ pub struct Connection {
     pub upstream: Socket,
     pub state: ConnState,
     pub opened: Instant,
+    /// The client's address as text, for the log line (empty unless debug
+    /// logging is on: it costs a system call per connection).
+    pub client_name: String,
     to_upstream: Pump,
     to_client: Pump,
 }
 
 impl Connection {
-    /// A connection whose upstream connect was started (`connected` says
-    /// whether it already completed).
+    /// A connection whose upstream connect was started.
     pub fn new(id: u64, client: Socket, upstream: Socket, path: DataPath) -> Self {
+        let client_name = match tracing::enabled!(tracing::Level::DEBUG) {
+            true => client.peer_addr().map(|a| crate::socket::describe(&a)).unwrap_or_default(),
+            false => String::new(),
+        };
         Connection {
+            client_name,
             id,
             client,
             upstream,
@@ -171,24 +178,15 @@ impl Connection {
                 self.after_runs(waits)
             }
             // Refused, unreachable, or timed out: this connection only ends.
-            (ConnState::Connecting, Event::Connected(Err(e))) => Action::Close(Ending::Failed(
-                ConnError::new(Side::Upstream, Op::Connect, e),
-            )),
+            (ConnState::Connecting, Event::Connected(Err(e))) => {
+                Action::Close(Ending::Failed(ConnError::new(Side::Upstream, Op::Connect, e)))
+            }
             (ConnState::Connecting, Event::ConnectTimedOut(after)) => {
-                let e = io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    format!("no answer within {after:?}"),
-                );
-                Action::Close(Ending::Failed(ConnError::new(
-                    Side::Upstream,
-                    Op::Connect,
-                    e,
-                )))
+                let e = io::Error::new(io::ErrorKind::TimedOut, format!("no answer within {after:?}"));
+                Action::Close(Ending::Failed(ConnError::new(Side::Upstream, Op::Connect, e)))
             }
             // A direction may move again.
-            (ConnState::Relaying, Event::Ready(direction))
-                if !self.pump(direction).is_finished() =>
-            {
+            (ConnState::Relaying, Event::Ready(direction)) if !self.pump(direction).is_finished() => {
                 match self.run(direction, pools) {
                     Ok((wait, n)) => {
                         moved[direction as usize] += n;

@@ -81,10 +81,7 @@ impl Resolver {
                     config
                 })
                 .collect();
-            TokioResolver::builder_with_config(
-                ResolverConfig::from_parts(None, vec![], servers),
-                provider,
-            )
+            TokioResolver::builder_with_config(ResolverConfig::from_parts(None, vec![], servers), provider)
         };
         let opts: &mut ResolverOpts = builder.options_mut();
         opts.ip_strategy = match options.family {
@@ -96,24 +93,14 @@ impl Resolver {
         opts.attempts = 2;
         let resolver = {
             let _guard = runtime.enter();
-            builder
-                .build()
-                .map_err(|e| format!("cannot build the resolver: {e}"))?
+            builder.build().map_err(|e| format!("cannot build the resolver: {e}"))?
         };
-        Ok(Resolver {
-            runtime,
-            resolver,
-            family: options.family,
-        })
+        Ok(Resolver { runtime, resolver, family: options.family })
     }
 
     /// Resolves `name` (an IP literal resolves to itself).
     pub fn resolve(&self, name: &str) -> Result<Resolution, String> {
-        if let Ok(ip) = name
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .parse::<IpAddr>()
-        {
+        if let Ok(ip) = name.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>() {
             if !self.family.admits(ip) {
                 return Err(format!("{ip} is not of the address family asked for"));
             }
@@ -122,17 +109,11 @@ impl Resolver {
                 valid_until: Instant::now() + Duration::from_secs(86_400),
             });
         }
-        let lookup = self
-            .runtime
-            .block_on(self.resolver.lookup_ip(name))
-            .map_err(|e| e.to_string())?;
+        let lookup = self.runtime.block_on(self.resolver.lookup_ip(name)).map_err(|e| e.to_string())?;
         let addresses: Vec<IpAddr> = lookup.iter().filter(|ip| self.family.admits(*ip)).collect();
         if addresses.is_empty() {
             return Err("no address of the family asked for".into());
         }
-        Ok(Resolution {
-            addresses,
-            valid_until: lookup.valid_until(),
-        })
+        Ok(Resolution { addresses, valid_until: lookup.valid_until() })
     }
 }

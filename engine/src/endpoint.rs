@@ -54,10 +54,7 @@ pub enum EndpointParseError {
 impl Endpoint {
     /// A TCP endpoint on a literal socket address.
     pub fn tcp(addr: SocketAddr) -> Self {
-        Endpoint::Tcp {
-            host: Host::Ip(addr.ip()),
-            port: addr.port(),
-        }
+        Endpoint::Tcp { host: Host::Ip(addr.ip()), port: addr.port() }
     }
 
     /// A short name of the family, as in the text form.
@@ -83,10 +80,7 @@ impl fmt::Display for Host {
 impl fmt::Display for Endpoint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Endpoint::Vsock {
-                cid: VSOCK_CID_ANY,
-                port,
-            } => write!(f, "vsock:any:{port}"),
+            Endpoint::Vsock { cid: VSOCK_CID_ANY, port } => write!(f, "vsock:any:{port}"),
             Endpoint::Vsock { cid, port } => write!(f, "vsock:{cid}:{port}"),
             Endpoint::Tcp { host, port } => write!(f, "tcp:{host}:{port}"),
             Endpoint::Unix { path } => write!(f, "unix:{}", path.display()),
@@ -104,10 +98,7 @@ fn parse_port(text: &str, port: &str, max: u64) -> Result<u64, EndpointParseErro
 /// Parses a host as written in `tcp:HOST:PORT` (IPv6 in brackets).
 pub fn parse_host(host: &str) -> Option<Host> {
     if let Some(inner) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
-        return inner
-            .parse::<std::net::Ipv6Addr>()
-            .ok()
-            .map(|ip| Host::Ip(IpAddr::V6(ip)));
+        return inner.parse::<std::net::Ipv6Addr>().ok().map(|ip| Host::Ip(IpAddr::V6(ip)));
     }
     if let Ok(ip) = host.parse::<std::net::Ipv4Addr>() {
         return Some(Host::Ip(IpAddr::V4(ip)));
@@ -119,9 +110,7 @@ pub fn parse_host(host: &str) -> Option<Host> {
             (label.is_empty() && i > 0 && host.ends_with('.') && host.len() > 1)
                 || (!label.is_empty()
                     && label.len() <= 63
-                    && label
-                        .bytes()
-                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+                    && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
                     && !label.starts_with('-')
                     && !label.ends_with('-'))
         });
@@ -132,9 +121,8 @@ impl FromStr for Endpoint {
     type Err = EndpointParseError;
 
     fn from_str(text: &str) -> Result<Self, Self::Err> {
-        let (family, rest) = text
-            .split_once(':')
-            .ok_or_else(|| EndpointParseError::MissingFamily(text.into()))?;
+        let (family, rest) =
+            text.split_once(':').ok_or_else(|| EndpointParseError::MissingFamily(text.into()))?;
         match family {
             "vsock" => {
                 let (cid, port) = rest.split_once(':').ok_or_else(|| {
@@ -142,9 +130,7 @@ impl FromStr for Endpoint {
                 })?;
                 let cid = match cid {
                     "any" => VSOCK_CID_ANY,
-                    _ => cid
-                        .parse()
-                        .map_err(|_| EndpointParseError::BadCid(text.into(), cid.into()))?,
+                    _ => cid.parse().map_err(|_| EndpointParseError::BadCid(text.into(), cid.into()))?,
                 };
                 let port = parse_port(text, port, u32::MAX.into())? as u32;
                 Ok(Endpoint::Vsock { cid, port })
@@ -154,14 +140,12 @@ impl FromStr for Endpoint {
                     EndpointParseError::BadPort(text.into(), String::new(), u16::MAX.into())
                 })?;
                 let port = parse_port(text, port, u16::MAX.into())? as u16;
-                let host = parse_host(host)
-                    .ok_or_else(|| EndpointParseError::BadHost(text.into(), host.into()))?;
+                let host =
+                    parse_host(host).ok_or_else(|| EndpointParseError::BadHost(text.into(), host.into()))?;
                 Ok(Endpoint::Tcp { host, port })
             }
             "unix" if rest.is_empty() => Err(EndpointParseError::EmptyPath(text.into())),
-            "unix" => Ok(Endpoint::Unix {
-                path: PathBuf::from(rest),
-            }),
+            "unix" => Ok(Endpoint::Unix { path: PathBuf::from(rest) }),
             other => Err(EndpointParseError::UnknownFamily(text.into(), other.into())),
         }
     }
@@ -193,14 +177,8 @@ mod tests {
             err("tcp:127.0.0.1:70000"),
             "`tcp:127.0.0.1:70000`: bad port `70000`; expected a number from 0 to 65535"
         );
-        assert_eq!(
-            err("vsock:x:1"),
-            "`vsock:x:1`: bad vsock CID `x`; expected `any` or a number"
-        );
-        assert_eq!(
-            err("udp:1:2"),
-            "`udp:1:2`: unknown family `udp`; expected vsock, tcp or unix"
-        );
+        assert_eq!(err("vsock:x:1"), "`vsock:x:1`: bad vsock CID `x`; expected `any` or a number");
+        assert_eq!(err("udp:1:2"), "`udp:1:2`: unknown family `udp`; expected vsock, tcp or unix");
         assert_eq!(
             err("localhost:80"),
             "`localhost:80`: unknown family `localhost`; expected vsock, tcp or unix"

@@ -98,22 +98,10 @@ mod tests {
 
     #[test]
     fn conn_error_names_side_and_operation() {
-        let err = ConnError::new(
-            Side::Upstream,
-            Op::Connect,
-            io::Error::from(io::ErrorKind::ConnectionRefused),
-        );
-        assert_eq!(
-            err.to_string(),
-            "upstream connect failed: connection refused"
-        );
-        let err = ConnError::new(
-            Side::Client,
-            Op::Read,
-            io::Error::from_raw_os_error(libc::ECONNRESET),
-        );
-        assert!(err
-            .to_string()
-            .starts_with("client read failed: Connection reset by peer"));
+        let err =
+            ConnError::new(Side::Upstream, Op::Connect, io::Error::from(io::ErrorKind::ConnectionRefused));
+        assert_eq!(err.to_string(), "upstream connect failed: connection refused");
+        let err = ConnError::new(Side::Client, Op::Read, io::Error::from_raw_os_error(libc::ECONNRESET));
+        assert!(err.to_string().starts_with("client read failed: Connection reset by peer"));
     }
 }

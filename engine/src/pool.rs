@@ -61,12 +61,7 @@ impl Pools {
     /// `pipe_size` is the capacity asked for each pipe; at most `max_idle`
     /// pipes and buffers each are kept when not in use.
     pub fn new(pipe_size: usize, max_idle: usize) -> Self {
-        Pools {
-            pipes: Vec::new(),
-            buffers: Vec::new(),
-            pipe_size,
-            max_idle,
-        }
+        Pools { pipes: Vec::new(), buffers: Vec::new(), pipe_size, max_idle }
     }
 
     pub fn take_pipe(&mut self) -> io::Result<Pipe> {
@@ -84,9 +79,7 @@ impl Pools {
     }
 
     pub fn take_buffer(&mut self) -> Buffer {
-        self.buffers
-            .pop()
-            .unwrap_or_else(|| vec![0; COPY_BUFFER_BYTES].into_boxed_slice())
+        self.buffers.pop().unwrap_or_else(|| vec![0; COPY_BUFFER_BYTES].into_boxed_slice())
     }
 
     pub fn give_buffer(&mut self, buffer: Buffer) {

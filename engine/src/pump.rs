@@ -86,23 +86,12 @@ pub struct Pump {
 }
 
 fn is_splice_unsupported(e: &io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(libc::EINVAL | libc::EOPNOTSUPP | libc::ENOSYS)
-    )
+    matches!(e.raw_os_error(), Some(libc::EINVAL | libc::EOPNOTSUPP | libc::ENOSYS))
 }
 
 impl Pump {
     pub fn new(from: Side, to: Side, path: DataPath) -> Self {
-        Pump {
-            from,
-            to,
-            path,
-            held: Held::Nothing,
-            eof: false,
-            finished: false,
-            bytes: 0,
-        }
+        Pump { from, to, path, held: Held::Nothing, eof: false, finished: false, bytes: 0 }
     }
 
     pub fn is_finished(&self) -> bool {
@@ -115,12 +104,7 @@ impl Pump {
 
     /// Moves bytes until a call would block, EOF is passed on, or the budget
     /// is spent. Returns what to wait for and the bytes moved in this run.
-    pub fn run(
-        &mut self,
-        src: &Socket,
-        dst: &Socket,
-        pools: &mut Pools,
-    ) -> Result<(Wait, u64), ConnError> {
+    pub fn run(&mut self, src: &Socket, dst: &Socket, pools: &mut Pools) -> Result<(Wait, u64), ConnError> {
         let mut moved = 0u64;
         loop {
             match self.flush(dst) {
@@ -129,9 +113,7 @@ impl Pump {
                     moved += n as u64;
                     continue;
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    return Ok((Wait::Writable, moved))
-                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok((Wait::Writable, moved)),
                 Err(e) => return Err(ConnError::new(self.to, Op::Write, e)),
             }
             // Everything read so far is delivered.
@@ -178,10 +160,7 @@ impl Pump {
             _ => return Ok(0),
         };
         if n == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::WriteZero,
-                "destination accepted no bytes",
-            ));
+            return Err(io::Error::new(io::ErrorKind::WriteZero, "destination accepted no bytes"));
         }
         self.bytes += n as u64;
         Ok(n)
@@ -207,11 +186,7 @@ impl Pump {
                 };
                 let result = (&*src).read(&mut buffer);
                 let end = *result.as_ref().unwrap_or(&0);
-                self.held = Held::Buffer {
-                    buffer,
-                    start: 0,
-                    end,
-                };
+                self.held = Held::Buffer { buffer, start: 0, end };
                 result
             }
         }
@@ -268,16 +243,8 @@ mod tests {
         let mut pump = Pump::new(Side::Client, Side::Upstream, path);
 
         assert_eq!(pump.run(&src, &dst, &mut pools).unwrap().0, Wait::Readable);
-        let idle = if path == DataPath::Splice {
-            (1, 0)
-        } else {
-            (0, 1)
-        };
-        assert_eq!(
-            pools.idle(),
-            idle,
-            "an idle direction gave its pipe or buffer back"
-        );
+        let idle = if path == DataPath::Splice { (1, 0) } else { (0, 1) };
+        assert_eq!(pools.idle(), idle, "an idle direction gave its pipe or buffer back");
         src_peer.write_all(b"hello relay").unwrap();
         let (wait, moved) = pump.run(&src, &dst, &mut pools).unwrap();
         assert_eq!((wait, moved), (Wait::Readable, 11));
@@ -317,12 +284,7 @@ mod tests {
         let mut rounds = 0;
         while received.len() < 4 << 20 {
             rounds += 1;
-            assert!(
-                rounds < 1_000_000,
-                "stuck at {} bytes, pending {}",
-                received.len(),
-                pump.pending()
-            );
+            assert!(rounds < 1_000_000, "stuck at {} bytes, pending {}", received.len(), pump.pending());
             let (wait, _) = pump.run(&src, &dst, &mut pools).unwrap();
             if wait == Wait::Writable {
                 saw_writable = true;

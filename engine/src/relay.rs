@@ -112,9 +112,7 @@ impl Relay {
     /// Binds the listener(s), picks the backend and starts the workers.
     pub fn start(config: RelayConfig) -> Result<Relay, Error> {
         if config.connect_timeout.is_zero() {
-            return Err(Error::Config(
-                "the connect timeout must be more than zero".into(),
-            ));
+            return Err(Error::Config("the connect timeout must be more than zero".into()));
         }
         let backend = backend::choose(config.backend)?;
         if let Err(e) = sys::raise_open_files_limit() {
@@ -124,15 +122,11 @@ impl Relay {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
             n => n,
         };
-        let listen_error = |source| Error::Listen {
-            endpoint: config.listen.clone(),
-            source,
-        };
+        let listen_error = |source| Error::Listen { endpoint: config.listen.clone(), source };
         // TCP: one listener per worker on one port (SO_REUSEPORT), so the
         // kernel spreads connections. Other families: one listener shared.
         let reuse_port = matches!(config.listen, Endpoint::Tcp { .. });
-        let first =
-            socket::listen(&config.listen, &config.socket, reuse_port).map_err(listen_error)?;
+        let first = socket::listen(&config.listen, &config.socket, reuse_port).map_err(listen_error)?;
         let local = socket::local_endpoint(&first, &config.listen).map_err(listen_error)?;
         let mut listeners = vec![first];
         for _ in 1..workers {
@@ -147,15 +141,9 @@ impl Relay {
             .map(|_| sys::eventfd().map(File::from))
             .collect::<Result<Vec<_>, _>>()
             .map_err(Error::Start)?;
-        let worker_wakes = wakers
-            .iter()
-            .map(|w| w.try_clone())
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(Error::Start)?;
-        let control = Arc::new(Control {
-            stopping: AtomicBool::new(false),
-            wakers,
-        });
+        let worker_wakes =
+            wakers.iter().map(|w| w.try_clone()).collect::<Result<Vec<_>, _>>().map_err(Error::Start)?;
+        let control = Arc::new(Control { stopping: AtomicBool::new(false), wakers });
         let stats = Arc::new(Stats::default());
         let config = Arc::new(config);
         tracing::info!(listen = %local, target = %config.target.endpoint(), workers, backend = %backend,
@@ -179,13 +167,7 @@ impl Relay {
                 })?;
             handles.push(handle);
         }
-        Ok(Relay {
-            local,
-            backend,
-            stats,
-            control,
-            workers: handles,
-        })
+        Ok(Relay { local, backend, stats, control, workers: handles })
     }
 
     /// The endpoint actually listened on (with the real port after port 0).
@@ -215,10 +197,7 @@ impl Relay {
         let mut first_error = None;
         for (worker, handle) in std::mem::take(&mut self.workers).into_iter().enumerate() {
             let result = handle.join().unwrap_or_else(|_| {
-                Err(Error::Worker {
-                    worker,
-                    source: std::io::Error::other("worker thread panicked"),
-                })
+                Err(Error::Worker { worker, source: std::io::Error::other("worker thread panicked") })
             });
             if let Err(e) = result {
                 self.control.stop();

@@ -62,30 +62,22 @@ impl Ring {
             .setup_coop_taskrun()
             .build(entries)
             .or_else(|_| IoUring::builder().setup_cqsize(cq_entries).build(entries))?;
-        Ok(Ring {
-            ring,
-            timers: Box::new([types::Timespec::new(); 3]),
-        })
+        Ok(Ring { ring, timers: Box::new([types::Timespec::new(); 3]) })
     }
 
     /// Checks that this kernel lets us set up a ring with every opcode the
     /// backend uses, and is recent enough for multishot accept (5.19).
     pub fn probe() -> Result<(), String> {
         let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-        let mut numbers = release
-            .trim()
-            .split(|c: char| !c.is_ascii_digit())
-            .filter_map(|n| n.parse::<u32>().ok());
+        let mut numbers =
+            release.trim().split(|c: char| !c.is_ascii_digit()).filter_map(|n| n.parse::<u32>().ok());
         let version = (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0));
         let ring = IoUring::new(8).map_err(|e| format!("io_uring_setup failed: {e}"))?;
         let mut probe = Probe::new();
         ring.submitter()
             .register_probe(&mut probe)
             .map_err(|e| format!("cannot probe io_uring opcodes: {e}"))?;
-        if let Some((_, name)) = REQUIRED_OPCODES
-            .iter()
-            .find(|(code, _)| !probe.is_supported(*code))
-        {
+        if let Some((_, name)) = REQUIRED_OPCODES.iter().find(|(code, _)| !probe.is_supported(*code)) {
             return Err(format!("the kernel lacks io_uring opcode {name}"));
         }
         if version < (5, 19) {
@@ -116,9 +108,7 @@ impl Ring {
 
     /// A one-shot poll for `events` (POLLIN, POLLOUT) on `fd`.
     pub fn poll(&mut self, fd: BorrowedFd<'_>, events: u32, user_data: u64) -> io::Result<()> {
-        let entry = opcode::PollAdd::new(types::Fd(fd.as_raw_fd()), events)
-            .build()
-            .user_data(user_data);
+        let entry = opcode::PollAdd::new(types::Fd(fd.as_raw_fd()), events).build().user_data(user_data);
         self.push(&[entry])
     }
 
@@ -136,17 +126,14 @@ impl Ring {
             .build()
             .user_data(user_data)
             .flags(squeue::Flags::IO_LINK);
-        let timeout = opcode::LinkTimeout::new(&self.timers[timer as usize])
-            .build()
-            .user_data(timeout_user_data);
+        let timeout =
+            opcode::LinkTimeout::new(&self.timers[timer as usize]).build().user_data(timeout_user_data);
         self.push(&[poll, timeout])
     }
 
     /// A standalone timeout that completes (with ETIME) after `timer`'s duration.
     pub fn timeout(&mut self, timer: Timer, user_data: u64) -> io::Result<()> {
-        let entry = opcode::Timeout::new(&self.timers[timer as usize])
-            .build()
-            .user_data(user_data);
+        let entry = opcode::Timeout::new(&self.timers[timer as usize]).build().user_data(user_data);
         self.push(&[entry])
     }
 
@@ -162,9 +149,7 @@ impl Ring {
 
     /// Asks the kernel to cancel the operation submitted with `target`.
     pub fn cancel(&mut self, target: u64, user_data: u64) -> io::Result<()> {
-        self.push(&[opcode::AsyncCancel::new(target)
-            .build()
-            .user_data(user_data)])
+        self.push(&[opcode::AsyncCancel::new(target).build().user_data(user_data)])
     }
 
     /// Submits what is queued and waits for at least `want` completions.

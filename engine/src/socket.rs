@@ -26,11 +26,7 @@ pub struct SocketOptions {
 
 impl Default for SocketOptions {
     fn default() -> Self {
-        SocketOptions {
-            tcp_nodelay: true,
-            vsock_buffer_size: Some(1 << 20),
-            backlog: 1024,
-        }
+        SocketOptions { tcp_nodelay: true, vsock_buffer_size: Some(1 << 20), backlog: 1024 }
     }
 }
 
@@ -40,20 +36,12 @@ pub fn sockaddr(endpoint: &Endpoint) -> io::Result<SockAddr> {
     match endpoint {
         Endpoint::Vsock { cid, port } => Ok(SockAddr::vsock(*cid, *port)),
         Endpoint::Unix { path } => SockAddr::unix(path),
-        Endpoint::Tcp {
-            host: Host::Ip(ip),
-            port,
-        } => Ok(SocketAddr::new(*ip, *port).into()),
-        Endpoint::Tcp {
-            host: Host::Name(name),
-            port,
-        } => (name.as_str(), *port)
+        Endpoint::Tcp { host: Host::Ip(ip), port } => Ok(SocketAddr::new(*ip, *port).into()),
+        Endpoint::Tcp { host: Host::Name(name), port } => (name.as_str(), *port)
             .to_socket_addrs()?
             .next()
             .map(SockAddr::from)
-            .ok_or_else(|| {
-                io::Error::new(io::ErrorKind::NotFound, format!("`{name}` has no address"))
-            }),
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("`{name}` has no address"))),
     }
 }
 
@@ -87,11 +75,7 @@ pub fn tune(socket: &Socket, options: &SocketOptions) -> io::Result<()> {
 
 /// Opens a listening socket on `endpoint`. With `reuse_port`, several
 /// listeners may share one TCP port (one per worker).
-pub fn listen(
-    endpoint: &Endpoint,
-    options: &SocketOptions,
-    reuse_port: bool,
-) -> io::Result<Socket> {
+pub fn listen(endpoint: &Endpoint, options: &SocketOptions, reuse_port: bool) -> io::Result<Socket> {
     let addr = sockaddr(endpoint)?;
     if let Endpoint::Unix { path } = endpoint {
         remove_stale_unix_socket(path)?;
@@ -102,11 +86,7 @@ pub fn listen(
         if reuse_port {
             socket.set_reuse_port(true)?;
         }
-        if let Endpoint::Tcp {
-            host: Host::Ip(std::net::IpAddr::V6(_)),
-            ..
-        } = endpoint
-        {
+        if let Endpoint::Tcp { host: Host::Ip(std::net::IpAddr::V6(_)), .. } = endpoint {
             socket.set_only_v6(true)?;
         }
     }
@@ -122,13 +102,11 @@ pub fn listen(
 /// The endpoint a listener is actually bound to (the real port after port 0).
 pub fn local_endpoint(listener: &Socket, requested: &Endpoint) -> io::Result<Endpoint> {
     let addr = listener.local_addr()?;
-    Ok(
-        match (requested, addr.as_socket(), addr.as_vsock_address()) {
-            (Endpoint::Tcp { .. }, Some(sa), _) => Endpoint::tcp(sa),
-            (Endpoint::Vsock { .. }, _, Some((cid, port))) => Endpoint::Vsock { cid, port },
-            _ => requested.clone(),
-        },
-    )
+    Ok(match (requested, addr.as_socket(), addr.as_vsock_address()) {
+        (Endpoint::Tcp { .. }, Some(sa), _) => Endpoint::tcp(sa),
+        (Endpoint::Vsock { .. }, _, Some((cid, port))) => Endpoint::Vsock { cid, port },
+        _ => requested.clone(),
+    })
 }
 
 /// A Unix socket file left behind by a process that died cannot be bound
@@ -167,10 +145,7 @@ pub fn start_connect(socket: &Socket, addr: &SockAddr) -> io::Result<bool> {
         Err(e) if e.raw_os_error() == Some(libc::EALREADY) => Ok(false),
         // A Unix listener with a full backlog refuses a non-blocking connect.
         Err(e) if e.kind() == io::ErrorKind::WouldBlock && addr.domain() == Domain::UNIX => {
-            Err(io::Error::new(
-                io::ErrorKind::ConnectionRefused,
-                "unix listener backlog is full",
-            ))
+            Err(io::Error::new(io::ErrorKind::ConnectionRefused, "unix listener backlog is full"))
         }
         Err(e) => Err(e),
     }

@@ -90,10 +90,7 @@ pub fn set_vsock_buffer_size(socket: BorrowedFd<'_>, bytes: u64) -> io::Result<(
 /// descriptors per connection and the usual soft limit of 1024 is far too low.
 /// Returns the limit now in force.
 pub fn raise_open_files_limit() -> io::Result<u64> {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: `limit` is a valid, writable rlimit.
     check(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) })?;
     if limit.rlim_cur < limit.rlim_max {

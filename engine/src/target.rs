@@ -48,27 +48,18 @@ impl Target {
     /// A target that never changes address (vsock, unix, TCP to an IP, or a
     /// name resolved once by the system resolver).
     pub fn fixed(endpoint: &Endpoint) -> Result<Target, Error> {
-        let addr = socket::sockaddr(endpoint).map_err(|e| Error::Resolve {
-            name: endpoint.to_string(),
-            reason: e.to_string(),
-        })?;
+        let addr = socket::sockaddr(endpoint)
+            .map_err(|e| Error::Resolve { name: endpoint.to_string(), reason: e.to_string() })?;
         Ok(Target::with(endpoint.clone(), addr, None))
     }
 
     /// A target for `endpoint`: fixed unless it is a TCP host name, which is
     /// resolved now with `dns` and refreshed whenever its TTL expires.
     pub fn new(endpoint: &Endpoint, dns: &DnsOptions) -> Result<Target, Error> {
-        let Endpoint::Tcp {
-            host: Host::Name(name),
-            port,
-        } = endpoint
-        else {
+        let Endpoint::Tcp { host: Host::Name(name), port } = endpoint else {
             return Target::fixed(endpoint);
         };
-        let resolve_error = |reason: String| Error::Resolve {
-            name: name.clone(),
-            reason,
-        };
+        let resolve_error = |reason: String| Error::Resolve { name: name.clone(), reason };
         let resolver = Resolver::new(dns).map_err(resolve_error)?;
         let first = resolver.resolve(name).map_err(resolve_error)?;
         Ok(Target::follow(endpoint.clone(), *port, resolver, first))
@@ -121,22 +112,12 @@ impl Target {
     }
 
     fn with(endpoint: Endpoint, addr: SockAddr, stop: Option<mpsc::Sender<()>>) -> Target {
-        Target {
-            shared: Arc::new(Shared {
-                endpoint,
-                current: RwLock::new(addr),
-                _stop_refresh: stop,
-            }),
-        }
+        Target { shared: Arc::new(Shared { endpoint, current: RwLock::new(addr), _stop_refresh: stop }) }
     }
 
     /// The address to connect to now.
     pub fn current(&self) -> SockAddr {
-        self.shared
-            .current
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.shared.current.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// The endpoint as configured (a name stays a name).

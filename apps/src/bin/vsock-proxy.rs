@@ -60,10 +60,7 @@ fn main() -> ExitCode {
     run::init_logging();
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let settings = ProxySettings {
-        listen: Endpoint::Vsock {
-            cid: vsock_relay_engine::endpoint::VSOCK_CID_ANY,
-            port: cli.local_port,
-        },
+        listen: Endpoint::Vsock { cid: vsock_relay_engine::endpoint::VSOCK_CID_ANY, port: cli.local_port },
         host: cli.remote_addr,
         port: cli.remote_port,
         config: cli.config,

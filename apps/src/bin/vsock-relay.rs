@@ -44,12 +44,7 @@ enum Command {
         ipv6: bool,
 
         /// Worker threads (default: one per core).
-        #[arg(
-            short = 'w',
-            long = "workers",
-            default_value_t = 0,
-            hide_default_value = true
-        )]
+        #[arg(short = 'w', long = "workers", default_value_t = 0, hide_default_value = true)]
         workers: usize,
 
         /// Host name or IP address of the server to proxy to.
@@ -74,12 +69,7 @@ enum Command {
         to: Endpoint,
 
         /// Worker threads (default: one per core).
-        #[arg(
-            short = 'w',
-            long = "workers",
-            default_value_t = 0,
-            hide_default_value = true
-        )]
+        #[arg(short = 'w', long = "workers", default_value_t = 0, hide_default_value = true)]
         workers: usize,
 
         #[command(flatten)]
@@ -89,16 +79,7 @@ enum Command {
 
 fn start(command: Command) -> anyhow::Result<Relay> {
     match command {
-        Command::Proxy {
-            listen,
-            config,
-            ipv4,
-            ipv6,
-            workers,
-            remote_addr,
-            remote_port,
-            engine,
-        } => {
+        Command::Proxy { listen, config, ipv4, ipv6, workers, remote_addr, remote_port, engine } => {
             let family = match (ipv4, ipv6) {
                 (true, _) => IpFamily::V4Only,
                 (_, true) => IpFamily::V6Only,
@@ -114,12 +95,7 @@ fn start(command: Command) -> anyhow::Result<Relay> {
                 engine,
             })
         }
-        Command::Relay {
-            listen,
-            to,
-            workers,
-            engine,
-        } => {
+        Command::Relay { listen, to, workers, engine } => {
             let target = Target::new(&to, &engine.dns(IpFamily::Any))
                 .with_context(|| format!("cannot use --to {to}"))?;
             let mut config = RelayConfig::new(listen, target);

@@ -9,27 +9,19 @@
 use std::fs::File;
 use std::io::{self, Read};
 use std::os::fd::AsFd;
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
-use std::time::Duration;
 
 use slab::Slab;
 use socket2::Socket;
 
+use super::{out_of_resources, WorkerCore, ACCEPT_RETRY};
 use crate::conn::{Action, ConnState, Connection, Direction, Ending, Event};
-use crate::pool::Pools;
 use crate::pump::Wait;
-use crate::relay::{Control, RelayConfig, WorkerSetup};
+use crate::relay::WorkerSetup;
 use crate::ring::{self, Completion, Ring, Timer};
 use crate::socket;
-use crate::stats::Stats;
 
 /// Submission queue size; completions get eight times as many slots.
 const RING_ENTRIES: u32 = 512;
-/// Idle pipes and buffers a worker keeps for reuse.
-const POOL_MAX_IDLE: usize = 16;
-/// Pause before accepting again after running out of descriptors.
-const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
@@ -63,9 +55,7 @@ impl Tag {
     }
 
     fn decode(user_data: u64) -> Option<(Tag, usize)> {
-        let tag = Tag::ALL
-            .into_iter()
-            .find(|t| *t as u64 == user_data & 0xff)?;
+        let tag = Tag::ALL.into_iter().find(|t| *t as u64 == user_data & 0xff)?;
         Some((tag, (user_data >> 8) as usize))
     }
 
@@ -94,18 +84,13 @@ struct Slot {
 }
 
 struct Worker {
+    core: WorkerCore,
     ring: Ring,
-    index: usize,
     listener: Option<Socket>,
     wake: File,
-    config: Arc<RelayConfig>,
-    stats: Arc<Stats>,
-    control: Arc<Control>,
     conns: Slab<Slot>,
-    pools: Pools,
     /// Directions that yielded with work left, run after the completions.
     ready: Vec<(usize, u64, Direction)>,
-    next_id: u64,
     stopping: bool,
     drain_expired: bool,
 }
@@ -116,17 +101,12 @@ pub(crate) fn run(setup: WorkerSetup) -> io::Result<()> {
     ring.set_timer(Timer::AcceptRetry, ACCEPT_RETRY);
     ring.set_timer(Timer::Drain, setup.config.drain_timeout);
     let mut worker = Worker {
+        core: WorkerCore::new(&setup),
         ring,
-        index: setup.index,
         listener: Some(setup.listener),
         wake: setup.wake,
-        pools: Pools::new(setup.config.pipe_bytes, POOL_MAX_IDLE),
-        config: setup.config,
-        stats: setup.stats,
-        control: setup.control,
         conns: Slab::new(),
         ready: Vec::new(),
-        next_id: (setup.index as u64) << 48,
         stopping: false,
         drain_expired: false,
     };
@@ -136,23 +116,19 @@ pub(crate) fn run(setup: WorkerSetup) -> io::Result<()> {
 impl Worker {
     fn run(&mut self) -> io::Result<()> {
         self.arm_accept()?;
-        self.ring.poll(
-            self.wake.as_fd(),
-            libc::POLLIN as u32,
-            Tag::Wake.user_data(0),
-        )?;
-        if self.control.stopping.load(Ordering::SeqCst) {
+        self.ring.poll(self.wake.as_fd(), libc::POLLIN as u32, Tag::Wake.user_data(0))?;
+        if self.core.stop_requested() {
             self.begin_stop()?;
         }
         let mut completions = Vec::with_capacity(RING_ENTRIES as usize);
         let mut ready = Vec::new();
         loop {
             if self.stopping && (self.conns.is_empty() || self.drain_expired) {
-                self.abandon_open_connections();
+                let open = self.conns.iter().map(|(_, slot)| &slot.conn);
+                self.core.abandon(open.filter(|conn| conn.state != ConnState::Closed));
                 return Ok(());
             }
-            self.ring
-                .submit_and_wait(if self.ready.is_empty() { 1 } else { 0 })?;
+            self.ring.submit_and_wait(if self.ready.is_empty() { 1 } else { 0 })?;
             self.ring.reap(&mut completions);
             for completion in completions.drain(..) {
                 self.complete(completion)?;
@@ -171,19 +147,14 @@ impl Worker {
 
     fn arm_accept(&mut self) -> io::Result<()> {
         match &self.listener {
-            Some(listener) => self
-                .ring
-                .accept_multishot(listener.as_fd(), Tag::Accept.user_data(0)),
+            Some(listener) => self.ring.accept_multishot(listener.as_fd(), Tag::Accept.user_data(0)),
             None => Ok(()),
         }
     }
 
     fn complete(&mut self, completion: Completion) -> io::Result<()> {
         let Some((tag, index)) = Tag::decode(completion.user_data) else {
-            tracing::warn!(
-                user_data = completion.user_data,
-                "completion with an unknown tag ignored"
-            );
+            tracing::warn!(user_data = completion.user_data, "completion with an unknown tag ignored");
             return Ok(());
         };
         match tag {
@@ -192,14 +163,10 @@ impl Worker {
             Tag::Wake => {
                 let mut count = [0u8; 8];
                 let _ = self.wake.read(&mut count);
-                if self.control.stopping.load(Ordering::SeqCst) {
+                if self.core.stop_requested() {
                     self.begin_stop()
                 } else {
-                    self.ring.poll(
-                        self.wake.as_fd(),
-                        libc::POLLIN as u32,
-                        Tag::Wake.user_data(0),
-                    )
+                    self.ring.poll(self.wake.as_fd(), libc::POLLIN as u32, Tag::Wake.user_data(0))
                 }
             }
             Tag::Drain => {
@@ -222,7 +189,7 @@ impl Worker {
                 }
                 let event = match tag {
                     Tag::Connect if completion.result == -libc::ECANCELED => {
-                        Event::ConnectTimedOut(self.config.connect_timeout)
+                        Event::ConnectTimedOut(self.core.config.connect_timeout)
                     }
                     Tag::Connect => Event::Connected(socket::finish_connect(&slot.conn.upstream)),
                     Tag::PollToUpstream => Event::Ready(Direction::ToUpstream),
@@ -239,19 +206,15 @@ impl Worker {
             if !self.stopping {
                 self.open(client)?;
             }
-        } else {
+        } else if completion.result != -libc::ECANCELED {
             let error = io::Error::from_raw_os_error(-completion.result);
-            match -completion.result {
-                libc::ECANCELED => {}
-                libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM => {
-                    tracing::warn!(worker = self.index, %error, "cannot accept: out of resources; retrying shortly");
-                    if !completion.more && !self.stopping {
-                        return self
-                            .ring
-                            .timeout(Timer::AcceptRetry, Tag::AcceptRetry.user_data(0));
-                    }
+            if out_of_resources(&error) {
+                tracing::warn!(worker = self.core.index, %error, "cannot accept: out of resources; retrying shortly");
+                if !completion.more && !self.stopping {
+                    return self.ring.timeout(Timer::AcceptRetry, Tag::AcceptRetry.user_data(0));
                 }
-                _ => tracing::debug!(worker = self.index, %error, "accept failed"),
+            } else {
+                tracing::debug!(worker = self.core.index, %error, "accept failed");
             }
         }
         if !completion.more && !self.stopping {
@@ -262,26 +225,7 @@ impl Worker {
 
     /// A new client: start the upstream connect.
     fn open(&mut self, client: Socket) -> io::Result<()> {
-        if let Err(e) = socket::tune(&client, &self.config.socket) {
-            tracing::debug!(error = %e, "cannot tune an accepted socket");
-        }
-        let target = self.config.target.current();
-        let upstream = match socket::socket_for(&target, &self.config.socket) {
-            Ok(upstream) => upstream,
-            Err(e) => {
-                // No socket to connect with (out of descriptors): turn this
-                // client away with a reset and keep serving the others.
-                tracing::warn!(worker = self.index, error = %e, "cannot open an upstream socket; client reset");
-                let _ = client.set_linger(Some(Duration::ZERO));
-                self.stats.opened();
-                self.stats.closed(true);
-                return Ok(());
-            }
-        };
-        self.stats.opened();
-        self.next_id += 1;
-        let started = socket::start_connect(&upstream, &target);
-        let conn = Connection::new(self.next_id, client, upstream, self.config.data_path);
+        let Some((conn, started)) = self.core.open(client) else { return Ok(()) };
         let index = self.conns.insert(Slot { conn, in_flight: 0 });
         match started {
             Ok(false) => {
@@ -303,10 +247,7 @@ impl Worker {
     /// Runs a connection's state machine on `event` and carries out its answer.
     fn dispatch(&mut self, index: usize, event: Event) -> io::Result<()> {
         let slot = &mut self.conns[index];
-        let mut moved = [0u64; 2];
-        let action = slot.conn.handle(event, &mut self.pools, &mut moved);
-        self.stats.moved(moved[0], moved[1]);
-        match action {
+        match self.core.handle(&mut slot.conn, event) {
             Action::Wait(waits) => {
                 for (direction, wait) in Direction::BOTH.into_iter().zip(waits) {
                     let events = match wait {
@@ -319,10 +260,7 @@ impl Worker {
                         Some(Wait::Finished) | None => continue,
                     };
                     let tag = Tag::poll(direction);
-                    let fd = slot
-                        .conn
-                        .socket_for(direction, wait.unwrap_or(Wait::Readable))
-                        .as_fd();
+                    let fd = slot.conn.socket_for(direction, wait.unwrap_or(Wait::Readable)).as_fd();
                     self.ring.poll(fd, events as u32, tag.user_data(index))?;
                     slot.in_flight |= tag.bit();
                 }
@@ -336,29 +274,11 @@ impl Worker {
     /// and drops it (closing its sockets) once nothing is.
     fn close(&mut self, index: usize, ending: Ending) -> io::Result<()> {
         let slot = &self.conns[index];
-        let conn = &slot.conn;
-        let (to_upstream, to_client) = conn.bytes();
-        let failed = matches!(ending, Ending::Failed(_));
-        self.stats.closed(failed);
-        if tracing::enabled!(tracing::Level::DEBUG) {
-            let client = conn
-                .client
-                .peer_addr()
-                .ok()
-                .map(|a| crate::socket::describe(&a));
-            let outcome = match &ending {
-                Ending::Finished => "finished".to_string(),
-                Ending::Failed(e) => e.to_string(),
-            };
-            tracing::debug!(worker = self.index, id = conn.id, client = client.as_deref().unwrap_or("?"),
-                upstream = %self.config.target.endpoint(), to_upstream, to_client,
-                ms = conn.opened.elapsed().as_millis() as u64, %outcome, "connection closed");
-        }
+        self.core.closed(&slot.conn, &ending);
         let in_flight = slot.in_flight;
         for tag in [Tag::PollToUpstream, Tag::PollToClient, Tag::Connect] {
             if in_flight & tag.bit() != 0 {
-                self.ring
-                    .cancel(tag.user_data(index), Tag::Cancel.user_data(index))?;
+                self.ring.cancel(tag.user_data(index), Tag::Cancel.user_data(index))?;
             }
         }
         if in_flight == 0 {
@@ -373,32 +293,10 @@ impl Worker {
             return Ok(());
         }
         self.stopping = true;
-        tracing::debug!(
-            worker = self.index,
-            open = self.conns.len(),
-            "stopping: no new connections"
-        );
+        tracing::debug!(worker = self.core.index, open = self.conns.len(), "stopping: no new connections");
         if self.listener.take().is_some() {
-            self.ring
-                .cancel(Tag::Accept.user_data(0), Tag::Cancel.user_data(0))?;
+            self.ring.cancel(Tag::Accept.user_data(0), Tag::Cancel.user_data(0))?;
         }
         self.ring.timeout(Timer::Drain, Tag::Drain.user_data(0))
-    }
-
-    /// At the end of the drain time, connections still open are reset.
-    fn abandon_open_connections(&mut self) {
-        if !self.conns.is_empty() {
-            tracing::info!(
-                worker = self.index,
-                open = self.conns.len(),
-                "drain time over; resetting open connections"
-            );
-        }
-        for (_, slot) in self.conns.iter() {
-            if slot.conn.state != ConnState::Closed {
-                let _ = slot.conn.client.set_linger(Some(Duration::ZERO));
-                let _ = slot.conn.upstream.set_linger(Some(Duration::ZERO));
-            }
-        }
     }
 }
