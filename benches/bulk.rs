@@ -2,27 +2,28 @@
 //!
 //! Cases (each moves `BULK_BYTES` per iteration):
 //! - `direct`: client -> server, no relay (the ceiling);
-//! - `splice`: through the engine's io_uring backend, splice path;
-//! - `copy`: through the engine's io_uring backend, copy path;
+//! - `uring-splice`: through the engine's io_uring backend, splice path;
+//! - `uring-copy`: through the engine's io_uring backend, copy path;
+//! - `portable-splice`: through the engine's epoll backend, splice path;
 //! - `aws-design`: through the baseline relay built like AWS's vsock-proxy
 //!   (thread per connection, poll, 8 KiB read + write_all).
 //!
-//! After the runs it prints each case's throughput as a ratio to `direct`
-//! and to `aws-design`, read from criterion's own estimates.
+//! After the runs it prints each case's throughput as a ratio to `direct`,
+//! to `uring-splice` and to `aws-design`, read from criterion's estimates.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
 use criterion::{criterion_group, BenchmarkId, Criterion, SamplingMode, Throughput};
-use vsock_relay_engine::{DataPath, Endpoint, Relay, RelayConfig, Target};
+use vsock_relay_engine::{BackendChoice, DataPath, Endpoint, Relay, RelayConfig, Target};
 use vsock_relay_testkit::baseline::Baseline;
 use vsock_relay_testkit::servers::{Server, Stream};
 use vsock_relay_testkit::traffic::Data;
 
 const BULK_BYTES: u64 = 1 << 30;
 const CHUNK: usize = 1 << 20;
-const CASES: [&str; 4] = ["direct", "splice", "copy", "aws-design"];
+const CASES: [&str; 5] = ["direct", "uring-splice", "uring-copy", "portable-splice", "aws-design"];
 
 /// Reads the announced byte count, then acknowledges with one byte.
 fn sink(mut stream: Stream) {
@@ -55,9 +56,10 @@ fn push(to: SocketAddr, payload: &[u8]) {
     stream.read_exact(&mut ack).unwrap();
 }
 
-fn engine_relay(to: SocketAddr, path: DataPath) -> (Relay, SocketAddr) {
+fn engine_relay(to: SocketAddr, backend: BackendChoice, path: DataPath) -> (Relay, SocketAddr) {
     let mut config =
         RelayConfig::new("tcp:127.0.0.1:0".parse().unwrap(), Target::fixed(&Endpoint::tcp(to)).unwrap());
+    config.backend = backend;
     config.data_path = path;
     config.workers = 1;
     let relay = Relay::start(config).expect("start relay");
@@ -68,8 +70,9 @@ fn engine_relay(to: SocketAddr, path: DataPath) -> (Relay, SocketAddr) {
 fn bulk(c: &mut Criterion) {
     let server = Server::tcp(sink);
     let direct = server.tcp_addr();
-    let (_splice, splice) = engine_relay(direct, DataPath::Splice);
-    let (_copy, copy) = engine_relay(direct, DataPath::Copy);
+    let (_splice, splice) = engine_relay(direct, BackendChoice::Uring, DataPath::Splice);
+    let (_copy, copy) = engine_relay(direct, BackendChoice::Uring, DataPath::Copy);
+    let (_portable, portable) = engine_relay(direct, BackendChoice::Portable, DataPath::Splice);
     let baseline = Baseline::start(direct, 4).addr;
     let mut payload = vec![0u8; CHUNK];
     Data::new(1).fill(&mut payload);
@@ -80,7 +83,7 @@ fn bulk(c: &mut Criterion) {
     group.warm_up_time(Duration::from_secs(2));
     group.measurement_time(Duration::from_secs(15));
     group.throughput(Throughput::Bytes(BULK_BYTES));
-    for (case, addr) in CASES.into_iter().zip([direct, splice, copy, baseline]) {
+    for (case, addr) in CASES.into_iter().zip([direct, splice, copy, portable, baseline]) {
         group.bench_function(BenchmarkId::from_parameter(case), |b| b.iter(|| push(addr, &payload)));
     }
     group.finish();
@@ -99,14 +102,24 @@ fn mean_seconds(case: &str) -> Option<f64> {
 
 fn summary() {
     let gib_per_s = |case| mean_seconds(case).map(|s| BULK_BYTES as f64 / s / f64::from(1 << 30));
-    let (Some(direct), Some(aws)) = (gib_per_s("direct"), gib_per_s("aws-design")) else {
+    let (Some(direct), Some(uring), Some(aws)) =
+        (gib_per_s("direct"), gib_per_s("uring-splice"), gib_per_s("aws-design"))
+    else {
         return;
     };
     println!("\nbulk summary ({} GiB, one stream, loopback TCP)", BULK_BYTES >> 30);
-    println!("{:<12} {:>10} {:>10} {:>14}", "case", "GiB/s", "x direct", "x aws-design");
+    println!(
+        "{:<16} {:>8} {:>9} {:>15} {:>13}",
+        "case", "GiB/s", "x direct", "x uring-splice", "x aws-design"
+    );
     for case in CASES {
         if let Some(rate) = gib_per_s(case) {
-            println!("{case:<12} {rate:>10.2} {:>10.2} {:>14.2}", rate / direct, rate / aws);
+            println!(
+                "{case:<16} {rate:>8.2} {:>9.2} {:>15.2} {:>13.2}",
+                rate / direct,
+                rate / uring,
+                rate / aws
+            );
         }
     }
 }

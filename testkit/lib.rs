@@ -5,6 +5,7 @@
 //! Everything here speaks TCP and Unix sockets only: no AF_VSOCK on the host.
 
 pub mod baseline;
+pub mod seccomp;
 pub mod servers;
 pub mod traffic;
 

@@ -17,14 +17,14 @@ use crate::util::{relay, TempDir, BACKENDS, VARIANTS};
 const MIB: u64 = 1 << 20;
 
 /// One connection of the byte-exact check: bytes client -> server and back.
-struct Case {
+pub struct Case {
     id: u64,
     up: u64,
     down: u64,
 }
 
 /// 64 connections from 0 B to `max` bytes each way, mostly small, two at `max`.
-fn cases(max: u64, seed: u64) -> Vec<Case> {
+pub fn cases(max: u64, seed: u64) -> Vec<Case> {
     let mut rng = Rng::new(seed);
     let fixed = [(0, 0), (1, 0), (0, 1), (1, 1), (8191, 65_537), (MIB + 1, 3), (max, 1024), (1024, max)];
     let mut cases: Vec<Case> =
@@ -42,7 +42,7 @@ fn cases(max: u64, seed: u64) -> Vec<Case> {
 
 /// Runs `cases` concurrently through `relay_endpoint` to a twin server and
 /// compares SHA-256 both ways.
-fn check_byte_exact(relay_endpoint: &Endpoint, ledger: &Ledger, cases: Vec<Case>) {
+pub fn check_byte_exact(relay_endpoint: &Endpoint, ledger: &Ledger, cases: Vec<Case>) {
     let threads: Vec<_> = cases
         .into_iter()
         .map(|case| {

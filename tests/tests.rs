@@ -2,6 +2,7 @@
 //! and Unix sockets only. AF_VSOCK is never opened on the host; the real
 //! vsock suite runs in the QEMU guest of tests/vm.
 
+mod backend;
 mod cli;
 mod dns;
 mod relay;

@@ -76,7 +76,14 @@ pub struct Proc {
 
 impl Proc {
     pub fn spawn(binary: &str, args: &[&str]) -> Proc {
-        let mut child = Command::new(vsock_relay_testkit::binary(binary))
+        Proc::spawn_with(binary, args, |_| {})
+    }
+
+    /// Like [`Proc::spawn`], with a last say on the command.
+    pub fn spawn_with(binary: &str, args: &[&str], configure: impl FnOnce(&mut Command)) -> Proc {
+        let mut command = Command::new(vsock_relay_testkit::binary(binary));
+        configure(&mut command);
+        let mut child = command
             .args(args)
             .env("RUST_LOG", "info")
             .env(vsock_relay_engine::socket::NO_VSOCK_ENV, "1")
@@ -131,7 +138,12 @@ impl Drop for Proc {
 
 /// Runs a binary to completion with a time limit: (exit code, stderr).
 pub fn run_to_exit(binary: &str, args: &[&str]) -> (i32, String) {
-    let mut proc = Proc::spawn(binary, args);
+    run_to_exit_with(binary, args, |_| {})
+}
+
+/// Like [`run_to_exit`], with a last say on the command.
+pub fn run_to_exit_with(binary: &str, args: &[&str], configure: impl FnOnce(&mut Command)) -> (i32, String) {
+    let mut proc = Proc::spawn_with(binary, args, configure);
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         if let Some(status) = proc.child.try_wait().unwrap() {

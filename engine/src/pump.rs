@@ -83,6 +83,10 @@ pub struct Pump {
     finished: bool,
     /// Bytes delivered to the destination so far.
     pub bytes: u64,
+    /// Test seam: act as if the source's family refused splice (as vsock
+    /// does before Linux 5.0), which no socket on the test host does.
+    #[cfg(test)]
+    refuse_splice: bool,
 }
 
 fn is_splice_unsupported(e: &io::Error) -> bool {
@@ -91,7 +95,17 @@ fn is_splice_unsupported(e: &io::Error) -> bool {
 
 impl Pump {
     pub fn new(from: Side, to: Side, path: DataPath) -> Self {
-        Pump { from, to, path, held: Held::Nothing, eof: false, finished: false, bytes: 0 }
+        Pump {
+            from,
+            to,
+            path,
+            held: Held::Nothing,
+            eof: false,
+            finished: false,
+            bytes: 0,
+            #[cfg(test)]
+            refuse_splice: false,
+        }
     }
 
     pub fn is_finished(&self) -> bool {
@@ -170,6 +184,10 @@ impl Pump {
     fn fill(&mut self, src: &Socket, pools: &mut Pools) -> io::Result<usize> {
         match self.path {
             DataPath::Splice => {
+                #[cfg(test)]
+                if self.refuse_splice {
+                    return Err(io::Error::from_raw_os_error(libc::EINVAL));
+                }
                 let pipe = match std::mem::replace(&mut self.held, Held::Nothing) {
                     Held::Pipe { pipe, .. } => pipe,
                     _ => pools.take_pipe()?,
@@ -265,6 +283,25 @@ mod tests {
     #[test]
     fn copy_path_relays_and_half_closes() {
         relays_and_half_closes(DataPath::Copy);
+    }
+
+    #[test]
+    fn refused_splice_switches_the_direction_to_copy_without_losing_bytes() {
+        let (src, mut src_peer) = pair();
+        let (dst, mut dst_peer) = pair();
+        let mut pools = Pools::new(0, 4);
+        let mut pump = Pump::new(Side::Client, Side::Upstream, DataPath::Splice);
+        pump.refuse_splice = true;
+        src_peer.write_all(b"first bytes").unwrap();
+        assert_eq!(pump.run(&src, &dst, &mut pools).unwrap(), (Wait::Readable, 11));
+        assert_eq!(pump.path(), DataPath::Copy);
+        src_peer.write_all(b", then more").unwrap();
+        src_peer.shutdown(std::net::Shutdown::Write).unwrap();
+        assert_eq!(pump.run(&src, &dst, &mut pools).unwrap().0, Wait::Finished);
+        let mut got = String::new();
+        dst_peer.read_to_string(&mut got).unwrap();
+        assert_eq!(got, "first bytes, then more");
+        assert_eq!(pools.idle(), (0, 1), "no pipe was taken; the copy buffer went back");
     }
 
     #[test]
