@@ -70,7 +70,16 @@ pub fn choose(choice: BackendChoice) -> Result<Backend, Error> {
         tracing::info!(backend = "portable", "backend chosen: portable (asked for)");
         return Ok(Backend::Portable);
     }
-    match (crate::ring::Ring::probe(), choice) {
+    // Probe on a thread of its own: the kernel ties a ring to the thread that
+    // set it up, and tearing the probe ring down later would interrupt that
+    // thread's blocking system calls (EINTR) when it is the caller's.
+    let probe = std::thread::Builder::new()
+        .name("io_uring-probe".into())
+        .spawn(crate::ring::Ring::probe)
+        .map_err(Error::Start)?
+        .join()
+        .unwrap_or_else(|_| Err("the io_uring probe panicked".into()));
+    match (probe, choice) {
         (Ok(()), _) => {
             tracing::info!(backend = "io_uring", "backend chosen: io_uring (setup and opcode probe passed)");
             Ok(Backend::Uring)
