@@ -4,14 +4,63 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
+use clap::Args;
 use vsock_relay_engine::dns::Resolver;
 use vsock_relay_engine::{Endpoint, Host, IpFamily, Relay, RelayConfig, Target};
 
 use crate::allowlist;
-use crate::options::EngineArgs;
+use crate::options::{parse_remote_host, EngineArgs};
 
 /// AWS's default config path.
 pub const DEFAULT_CONFIG: &str = "/etc/nitro_enclaves/vsock-proxy.yaml";
+
+/// The proxy's target and allowlist options, as AWS's `vsock-proxy` has
+/// them; shared by `vsock-proxy` and `vsock-relay proxy`.
+#[derive(Args, Clone, Debug)]
+pub struct ProxyArgs {
+    /// Force the proxy to use IPv4 addresses only.
+    #[arg(short = '4', long = "ipv4")]
+    pub ipv4: bool,
+
+    /// Force the proxy to use IPv6 addresses only.
+    #[arg(short = '6', long = "ipv6", conflicts_with = "ipv4")]
+    pub ipv6: bool,
+
+    /// YAML file containing the services that can be forwarded.
+    #[arg(long = "config", default_value = DEFAULT_CONFIG, value_name = "CONFIG_FILE")]
+    pub config: PathBuf,
+
+    /// Host name or IP address of the server to proxy to (not an enclave CID).
+    #[arg(value_name = "REMOTE_ADDR", value_parser = parse_remote_host)]
+    pub remote_addr: Host,
+
+    /// TCP port of the server to proxy to.
+    #[arg(value_name = "REMOTE_PORT")]
+    pub remote_port: u16,
+
+    #[command(flatten)]
+    pub engine: EngineArgs,
+}
+
+impl ProxyArgs {
+    /// The proxy these options describe, listening on `listen` with `workers`
+    /// threads (0: one per core).
+    pub fn settings(self, listen: Endpoint, workers: usize) -> ProxySettings {
+        ProxySettings {
+            listen,
+            host: self.remote_addr,
+            port: self.remote_port,
+            config: self.config,
+            family: match (self.ipv4, self.ipv6) {
+                (true, _) => IpFamily::V4Only,
+                (_, true) => IpFamily::V6Only,
+                _ => IpFamily::Any,
+            },
+            workers,
+            engine: self.engine,
+        }
+    }
+}
 
 /// A validated proxy description.
 #[derive(Clone, Debug)]

@@ -2,15 +2,14 @@
 
 #![forbid(unsafe_code)]
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use vsock_relay_apps::options::{parse_remote_host, EngineArgs};
-use vsock_relay_apps::proxy::{self, ProxySettings, DEFAULT_CONFIG};
+use vsock_relay_apps::options::EngineArgs;
+use vsock_relay_apps::proxy::{self, ProxyArgs};
 use vsock_relay_apps::run;
-use vsock_relay_engine::{Endpoint, Host, IpFamily, Relay, RelayConfig, Target};
+use vsock_relay_engine::{Endpoint, IpFamily, Relay, RelayConfig, Target};
 
 /// Fast relays between AF_VSOCK, TCP and Unix sockets for AWS Nitro Enclaves.
 ///
@@ -31,32 +30,12 @@ enum Command {
         #[arg(long, value_name = "ENDPOINT")]
         listen: Endpoint,
 
-        /// YAML allowlist, in AWS's format.
-        #[arg(long, default_value = DEFAULT_CONFIG, value_name = "FILE")]
-        config: PathBuf,
-
-        /// Use IPv4 addresses only.
-        #[arg(short = '4', long = "ipv4")]
-        ipv4: bool,
-
-        /// Use IPv6 addresses only.
-        #[arg(short = '6', long = "ipv6", conflicts_with = "ipv4")]
-        ipv6: bool,
-
         /// Worker threads (default: one per core).
         #[arg(short = 'w', long = "workers", default_value_t = 0, hide_default_value = true)]
         workers: usize,
 
-        /// Host name or IP address of the server to proxy to.
-        #[arg(value_name = "REMOTE_ADDR", value_parser = parse_remote_host)]
-        remote_addr: Host,
-
-        /// TCP port of the server to proxy to.
-        #[arg(value_name = "REMOTE_PORT")]
-        remote_port: u16,
-
         #[command(flatten)]
-        engine: EngineArgs,
+        proxy: ProxyArgs,
     },
     /// A plain relay between any two endpoints, without an allowlist.
     Relay {
@@ -79,22 +58,7 @@ enum Command {
 
 fn start(command: Command) -> anyhow::Result<Relay> {
     match command {
-        Command::Proxy { listen, config, ipv4, ipv6, workers, remote_addr, remote_port, engine } => {
-            let family = match (ipv4, ipv6) {
-                (true, _) => IpFamily::V4Only,
-                (_, true) => IpFamily::V6Only,
-                _ => IpFamily::Any,
-            };
-            proxy::start(&ProxySettings {
-                listen,
-                host: remote_addr,
-                port: remote_port,
-                config,
-                family,
-                workers,
-                engine,
-            })
-        }
+        Command::Proxy { listen, workers, proxy } => proxy::start(&proxy.settings(listen, workers)),
         Command::Relay { listen, to, workers, engine } => {
             let target = Target::new(&to, &engine.dns(IpFamily::Any))
                 .with_context(|| format!("cannot use --to {to}"))?;
