@@ -66,6 +66,40 @@ fn host_allowed_by_ip_either_way() {
 }
 
 #[test]
+fn sigterm_stops_the_proxy_with_exit_0_and_a_summary() {
+    let server = Server::tcp(echo);
+    let port = server.tcp_addr().port().to_string();
+    let dir = TempDir::new("cli");
+    let cfg = config(&dir, &format!("allowlist:\n- {{address: 127.0.0.1, port: {port}}}\n"));
+    let listen_arg = format!("unix:{}", dir.path("proxy.sock").display());
+    let mut proxy =
+        Proc::spawn("vsock-relay", &["proxy", "--listen", &listen_arg, "--config", &cfg, "127.0.0.1", &port]);
+    proxy.wait_for_log("relay listening", Duration::from_secs(20));
+    let mut client = Stream::connect(&listen_arg.parse().unwrap()).unwrap();
+    client.write_all(b"ping").unwrap();
+    let mut reply = [0u8; 4];
+    client.read_exact(&mut reply).unwrap();
+    drop(client);
+    let kill =
+        std::process::Command::new("kill").args(["-TERM", &proxy.child.id().to_string()]).status().unwrap();
+    assert!(kill.success());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = proxy.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(std::time::Instant::now() < deadline, "no exit after SIGTERM:\n{}", proxy.stderr());
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(status.code(), Some(0), "{}", proxy.stderr());
+    let log = proxy.stderr();
+    assert!(log.contains("stopping: finishing open connections"), "{log}");
+    assert!(log.contains("relay stopped accepted=1 failed=0 bytes_to_upstream=4 bytes_to_client=4"), "{log}");
+    assert!(!dir.path("proxy.sock").exists(), "the unix socket file is removed on exit");
+}
+
+#[test]
 fn host_not_allowed_exits_1() {
     let dir = TempDir::new("cli");
     let cfg = config(&dir, "allowlist:\n- {address: localhost, port: 443}\n");

@@ -23,6 +23,7 @@ pub fn init_logging() {
 pub fn until_signal(relay: Relay) -> anyhow::Result<()> {
     let mut signals = Signals::new([SIGINT, SIGTERM])?;
     let stop = relay.stop_handle();
+    let stats = relay.stats();
     let handle = signals.handle();
     let watcher = std::thread::spawn(move || {
         if let Some(signal) = signals.forever().next() {
@@ -33,6 +34,14 @@ pub fn until_signal(relay: Relay) -> anyhow::Result<()> {
     let result = relay.wait();
     handle.close();
     let _ = watcher.join();
+    let totals = stats.snapshot();
+    tracing::info!(
+        accepted = totals.accepted,
+        failed = totals.failed,
+        bytes_to_upstream = totals.bytes_to_upstream,
+        bytes_to_client = totals.bytes_to_client,
+        "relay stopped"
+    );
     Ok(result?)
 }
 
