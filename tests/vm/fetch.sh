@@ -1,0 +1,106 @@
+#!/usr/bin/env bash
+# Fetches what the vsock guest needs into a cache folder, with apt's download
+# and unpack only (nothing is installed system-wide):
+#   $WORK/root     QEMU (Debian's qemu-system-x86), its libraries, static busybox
+#   $WORK/kernel-$NAME/{vmlinux,modules/}   a Debian kernel and the vsock modules
+# Usage: fetch.sh WORK   (prints each step; a second run uses the cache)
+set -euo pipefail
+mkdir -p "$1"
+WORK=$(cd "$1" && pwd)
+
+say() { printf '[vm] %s\n' "$*" >&2; }
+
+# The mirror comes from this machine's own apt sources, never from this file.
+mirror() {
+    local uri
+    uri=$(grep -hoE '^URIs: *[^ ]+/debian/?$' /etc/apt/sources.list.d/*.sources 2>/dev/null | head -1 | awk '{print $2}')
+    if [ -z "$uri" ]; then
+        uri=$(grep -hoE '^deb +[^ ]+/debian/? ' /etc/apt/sources.list 2>/dev/null | head -1 | awk '{print $2}')
+    fi
+    [ -n "$uri" ] || { say "cannot find a Debian mirror in /etc/apt"; exit 1; }
+    echo "${uri%/}"
+}
+
+# apt-get (or apt-cache, with TOOL=apt-cache) with a private state folder
+# and one source list: SUITE on the mirror.
+private_apt() {
+    local suite=$1; shift
+    local tool=${TOOL:-apt-get}
+    local dir="$WORK/apt-$suite"
+    mkdir -p "$dir/lists/partial" "$dir/cache/archives/partial" "$dir/parts"
+    if [ ! -f "$dir/sources.list" ]; then
+        echo "deb $(mirror) $suite main" > "$dir/sources.list"
+    fi
+    local opts=(-o "Dir::Etc::SourceList=$dir/sources.list" -o "Dir::Etc::SourceParts=$dir/parts"
+        -o "Dir::State::Lists=$dir/lists" -o "Dir::Cache=$dir/cache" -o "APT::Get::List-Cleanup=0")
+    if [ ! -f "$dir/updated" ]; then
+        say "apt update ($suite, private lists)"
+        apt-get "${opts[@]}" update -qq >&2
+        touch "$dir/updated"
+    fi
+    "$tool" "${opts[@]}" "$@"
+}
+
+download_unpack() { # SUITE DEST PACKAGE...
+    local suite=$1 dest=$2; shift 2
+    local debs="$WORK/debs-$suite"
+    mkdir -p "$debs" "$dest"
+    # apt's sandbox user cannot write into our folder; quiet its warning.
+    (cd "$debs" && private_apt "$suite" -o APT::Sandbox::User=root download -qq "$@" >&2)
+    for pkg in "$@"; do
+        for deb in "$debs"/"${pkg%%=*}"_*.deb; do
+            dpkg -x "$deb" "$dest"
+        done
+    done
+}
+
+# QEMU and busybox from bookworm (the host's release: QEMU 7.2).
+if [ ! -x "$WORK/root/usr/bin/qemu-system-x86_64" ] || [ ! -x "$WORK/root/bin/busybox" ]; then
+    say "fetching QEMU and busybox packages"
+    pkgs=$(private_apt bookworm install -s --no-install-recommends qemu-system-x86 busybox-static 2>/dev/null \
+        | awk '/^Inst /{print $2}')
+    download_unpack bookworm "$WORK/root" $pkgs
+fi
+qemu_libs=$(find "$WORK/root" -name '*.so*' -printf '%h\n' | sort -u | tr '\n' ':')
+say "$(LD_LIBRARY_PATH=$qemu_libs "$WORK/root/usr/bin/qemu-system-x86_64" --version | head -1)"
+
+# fetch_kernel NAME SUITE PATTERN: newest linux-image-*-amd64-unsigned matching PATTERN.
+fetch_kernel() {
+    local name=$1 suite=$2 pattern=$3
+    local out="$WORK/kernel-$name"
+    if [ -f "$out/vmlinux" ] && [ -d "$out/modules" ]; then
+        say "kernel $name: cached ($(cat "$out/version"))"
+        return
+    fi
+    local pkg
+    pkg=$(TOOL=apt-cache private_apt "$suite" search --names-only "^linux-image-${pattern}-amd64-unsigned\$" \
+        | awk '{print $1}' | sort -V | tail -1)
+    [ -n "$pkg" ] || { say "no kernel package matching $pattern in $suite"; exit 1; }
+    say "kernel $name: $pkg from $suite"
+    rm -rf "$out" && mkdir -p "$out"
+    download_unpack "$suite" "$out/pkg" "$pkg"
+    local vmlinuz version
+    vmlinuz=$(ls "$out"/pkg/boot/vmlinuz-* | head -1)
+    version=${vmlinuz##*/vmlinuz-}
+    echo "$version" > "$out/version"
+    # Boot the uncompressed ELF (PVH entry): seconds faster than the bzImage.
+    if ! "$(dirname "$0")/extract-vmlinux.sh" "$vmlinuz" > "$out/vmlinux" 2>/dev/null; then
+        say "no ELF inside $vmlinuz; booting the bzImage"
+        cp "$vmlinuz" "$out/vmlinux"
+    fi
+    mkdir -p "$out/modules"
+    for m in vsock vmw_vsock_virtio_transport_common vsock_loopback; do
+        local ko
+        ko=$(find "$out/pkg" -name "$m.ko*" -path "*/modules/*" | head -1)
+        [ -n "$ko" ] || { say "module $m not found in $pkg"; exit 1; }
+        case "$ko" in
+            *.xz) xz -dc "$ko" > "$out/modules/$m.ko" ;;
+            *.zst) zstd -qdc "$ko" > "$out/modules/$m.ko" ;;
+            *) cp "$ko" "$out/modules/$m.ko" ;;
+        esac
+    done
+    rm -rf "$out/pkg"
+}
+
+fetch_kernel 6.1 bookworm '6\.1\.0-[0-9]+'
+fetch_kernel 6.12 trixie '6\.12\.[0-9.+~a-z]*-?[0-9]*'
