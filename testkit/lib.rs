@@ -2,9 +2,12 @@
 //! with its SHA-256, servers that check what they receive, the relay
 //! binaries, and the AWS-design baseline relay the benches compare against.
 //!
-//! Everything here speaks TCP and Unix sockets only: no AF_VSOCK on the host.
+//! Everything here speaks TCP and Unix sockets, and AF_VSOCK only inside the
+//! QEMU guest of tests/vm (see [`guest`]).
 
 pub mod baseline;
+pub mod exact;
+pub mod guest;
 pub mod seccomp;
 pub mod servers;
 pub mod traffic;
@@ -14,8 +17,12 @@ use std::process::Command;
 use std::sync::OnceLock;
 
 /// Path of one of the workspace's binaries (`vsock-relay`, `vsock-proxy`),
-/// built on first use with the profile of the running test or bench.
+/// built on first use with the profile of the running test or bench, or
+/// taken from `VSOCK_RELAY_BIN_DIR` when set (the vsock guest has no cargo).
 pub fn binary(name: &str) -> PathBuf {
+    if let Some(dir) = std::env::var_os("VSOCK_RELAY_BIN_DIR") {
+        return PathBuf::from(dir).join(name);
+    }
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
     let dir = BUILT.get_or_init(|| {
         let exe = std::env::current_exe().expect("current exe");

@@ -14,10 +14,11 @@ use vsock_relay_engine::Endpoint;
 
 use crate::traffic;
 
-/// A connected stream of either family.
+/// A connected stream of any family (AF_VSOCK only inside the vsock guest).
 pub enum Stream {
     Tcp(TcpStream),
     Unix(UnixStream),
+    Vsock(socket2::Socket),
 }
 
 impl Stream {
@@ -28,7 +29,12 @@ impl Stream {
                 TcpStream::connect(addr).map(Stream::Tcp)
             }
             Endpoint::Unix { path } => UnixStream::connect(path).map(Stream::Unix),
-            Endpoint::Vsock { .. } => panic!("tests never open AF_VSOCK on the host"),
+            Endpoint::Vsock { cid, port } => {
+                crate::guest::require_vsock_guest();
+                let socket = socket2::Socket::new(socket2::Domain::VSOCK, socket2::Type::STREAM, None)?;
+                socket.connect(&socket2::SockAddr::vsock(*cid, *port))?;
+                Ok(Stream::Vsock(socket))
+            }
         }
     }
 
@@ -36,6 +42,7 @@ impl Stream {
         match self {
             Stream::Tcp(s) => s.try_clone().map(Stream::Tcp),
             Stream::Unix(s) => s.try_clone().map(Stream::Unix),
+            Stream::Vsock(s) => s.try_clone().map(Stream::Vsock),
         }
     }
 
@@ -43,6 +50,7 @@ impl Stream {
         match self {
             Stream::Tcp(s) => s.shutdown(how),
             Stream::Unix(s) => s.shutdown(how),
+            Stream::Vsock(s) => s.shutdown(how),
         }
     }
 
@@ -50,13 +58,16 @@ impl Stream {
         match self {
             Stream::Tcp(s) => s.set_read_timeout(timeout),
             Stream::Unix(s) => s.set_read_timeout(timeout),
+            Stream::Vsock(s) => s.set_read_timeout(timeout),
         }
     }
 
     /// Closes with a reset (TCP `SO_LINGER {1, 0}`).
     pub fn reset(self) {
-        if let Stream::Tcp(s) = &self {
-            socket2::SockRef::from(s).set_linger(Some(Duration::ZERO)).expect("set linger");
+        match &self {
+            Stream::Tcp(s) => socket2::SockRef::from(s).set_linger(Some(Duration::ZERO)).expect("set linger"),
+            Stream::Vsock(s) => s.set_linger(Some(Duration::ZERO)).expect("set linger"),
+            Stream::Unix(_) => {}
         }
     }
 }
@@ -66,6 +77,7 @@ impl Read for Stream {
         match self {
             Stream::Tcp(s) => s.read(buf),
             Stream::Unix(s) => s.read(buf),
+            Stream::Vsock(s) => (&*s).read(buf),
         }
     }
 }
@@ -75,6 +87,7 @@ impl Write for Stream {
         match self {
             Stream::Tcp(s) => s.write(buf),
             Stream::Unix(s) => s.write(buf),
+            Stream::Vsock(s) => (&*s).write(buf),
         }
     }
 
@@ -86,6 +99,7 @@ impl Write for Stream {
 enum Listener {
     Tcp(TcpListener),
     Unix(UnixListener, PathBuf),
+    Vsock(socket2::Socket, u32),
 }
 
 /// A server running `handler` for every connection on its own thread.
@@ -109,10 +123,22 @@ impl Server {
         Server::start(Listener::Unix(listener, path.to_path_buf()), handler)
     }
 
+    /// Listens on AF_VSOCK `port` (any CID); clients reach it at CID 1.
+    /// Only inside the vsock guest.
+    pub fn vsock(port: u32, handler: impl Fn(Stream) + Send + Sync + 'static) -> Server {
+        crate::guest::require_vsock_guest();
+        let socket =
+            socket2::Socket::new(socket2::Domain::VSOCK, socket2::Type::STREAM, None).expect("vsock socket");
+        socket.bind(&socket2::SockAddr::vsock(libc::VMADDR_CID_ANY, port)).expect("bind vsock");
+        socket.listen(1024).expect("listen vsock");
+        Server::start(Listener::Vsock(socket, port), handler)
+    }
+
     fn start(listener: Listener, handler: impl Fn(Stream) + Send + Sync + 'static) -> Server {
         let endpoint = match &listener {
             Listener::Tcp(l) => Endpoint::tcp(l.local_addr().unwrap()),
             Listener::Unix(_, path) => Endpoint::Unix { path: path.clone() },
+            Listener::Vsock(_, port) => Endpoint::Vsock { cid: 1, port: *port },
         };
         let stop = Arc::new(AtomicBool::new(false));
         let handler = Arc::new(handler);
@@ -124,6 +150,7 @@ impl Server {
                     Stream::Tcp(s)
                 }),
                 Listener::Unix(l, _) => l.accept().map(|(s, _)| Stream::Unix(s)),
+                Listener::Vsock(l, _) => l.accept().map(|(s, _)| Stream::Vsock(s)),
             };
             if stopping.load(Ordering::SeqCst) {
                 if let Listener::Unix(_, path) = &listener {

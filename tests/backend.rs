@@ -5,10 +5,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use vsock_relay_testkit::exact::{cases, check_byte_exact};
 use vsock_relay_testkit::seccomp::deny_io_uring;
 use vsock_relay_testkit::servers::{twin, Ledger, Server};
 
-use crate::relay::{cases, check_byte_exact};
 use crate::util::{run_to_exit_with, wait_for_unix, Proc, TempDir};
 
 #[test]
