@@ -79,6 +79,7 @@ fn tcp_to_vsock_and_vsock_to_vsock_byte_exact() {
         let from_tcp =
             relay("tcp:127.0.0.1:0".parse().unwrap(), server.endpoint(), backend, DataPath::Splice);
         check_byte_exact(from_tcp.local_endpoint(), &ledger, cases(4 * MIB, 2));
+        ledger.lock().unwrap().clear(); // the same connection ids again
         let from_vsock = relay(vsock_any(port + 1), server.endpoint(), backend, DataPath::Splice);
         check_byte_exact(&vsock(port + 1), &ledger, cases(4 * MIB, 3));
         drop((from_tcp, from_vsock));
@@ -132,9 +133,12 @@ fn refused_vsock_upstream_resets_only_that_client() {
         let mut client = Stream::connect(&vsock(port)).unwrap();
         client.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
         let mut buf = [0u8; 8];
+        // vsock has no reset a peer can tell from EOF (an RST packet ends the
+        // stream like a shutdown), so the client sees the end of an empty stream.
         match client.read(&mut buf) {
+            Ok(0) => {}
             Err(e) if e.kind() == ErrorKind::ConnectionReset => {}
-            other => panic!("{backend:?}: expected a reset from a refused vsock upstream, got {other:?}"),
+            other => panic!("{backend:?}: expected an empty stream or a reset, got {other:?}"),
         }
         assert!(started.elapsed() < Duration::from_secs(5), "{backend:?}: took {:?}", started.elapsed());
         assert_eq!(relay.stats().snapshot().failed, 1);

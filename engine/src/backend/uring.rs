@@ -191,7 +191,18 @@ impl Worker {
                     Tag::Connect if completion.result == -libc::ECANCELED => {
                         Event::ConnectTimedOut(self.core.config.connect_timeout)
                     }
-                    Tag::Connect => Event::Connected(socket::finish_connect(&slot.conn.upstream)),
+                    Tag::Connect => match socket::finish_connect(&slot.conn.upstream) {
+                        // Woken before the connection is up (seen on vsock):
+                        // wait again, within the connect timeout.
+                        Err(e) if e.kind() == io::ErrorKind::NotConnected => {
+                            if slot.conn.opened.elapsed() >= self.core.config.connect_timeout {
+                                Event::ConnectTimedOut(self.core.config.connect_timeout)
+                            } else {
+                                return self.arm_connect(index);
+                            }
+                        }
+                        result => Event::Connected(result),
+                    },
                     Tag::PollToUpstream => Event::Ready(Direction::ToUpstream),
                     _ => Event::Ready(Direction::ToClient),
                 };
@@ -228,20 +239,23 @@ impl Worker {
         let Some((conn, started)) = self.core.open(client) else { return Ok(()) };
         let index = self.conns.insert(Slot { conn, in_flight: 0 });
         match started {
-            Ok(false) => {
-                let slot = &mut self.conns[index];
-                slot.in_flight |= Tag::Connect.bit();
-                self.ring.poll_with_timeout(
-                    slot.conn.upstream.as_fd(),
-                    libc::POLLOUT as u32,
-                    Tag::Connect.user_data(index),
-                    Timer::Connect,
-                    Tag::ConnectTimeout.user_data(index),
-                )
-            }
+            Ok(false) => self.arm_connect(index),
             Ok(true) => self.dispatch(index, Event::Connected(Ok(()))),
             Err(e) => self.dispatch(index, Event::Connected(Err(e))),
         }
+    }
+
+    /// Waits for the upstream connect to finish, bounded by the connect timeout.
+    fn arm_connect(&mut self, index: usize) -> io::Result<()> {
+        let slot = &mut self.conns[index];
+        slot.in_flight |= Tag::Connect.bit();
+        self.ring.poll_with_timeout(
+            slot.conn.upstream.as_fd(),
+            libc::POLLOUT as u32,
+            Tag::Connect.user_data(index),
+            Timer::Connect,
+            Tag::ConnectTimeout.user_data(index),
+        )
     }
 
     /// Runs a connection's state machine on `event` and carries out its answer.
