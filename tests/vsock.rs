@@ -62,7 +62,7 @@ fn vsock_to_tcp_byte_exact_64_connections() {
             let server = Server::tcp(twin(Arc::clone(&ledger)));
             let port = 10_000 + (i * 2 + j) as u32;
             let relay = relay(vsock_any(port), server.endpoint(), backend, path);
-            check_byte_exact(&vsock(port), &ledger, cases(4 * MIB, 1));
+            check_byte_exact(&vsock(port), &ledger, cases(2 * MIB, 1));
             assert_eq!(relay.stats().snapshot().failed, 0, "{backend:?} {path:?}");
         }
     }
@@ -78,10 +78,10 @@ fn tcp_to_vsock_and_vsock_to_vsock_byte_exact() {
         let server = Server::vsock(port, twin(Arc::clone(&ledger)));
         let from_tcp =
             relay("tcp:127.0.0.1:0".parse().unwrap(), server.endpoint(), backend, DataPath::Splice);
-        check_byte_exact(from_tcp.local_endpoint(), &ledger, cases(4 * MIB, 2));
+        check_byte_exact(from_tcp.local_endpoint(), &ledger, cases(2 * MIB, 2));
         ledger.lock().unwrap().clear(); // the same connection ids again
         let from_vsock = relay(vsock_any(port + 1), server.endpoint(), backend, DataPath::Splice);
-        check_byte_exact(&vsock(port + 1), &ledger, cases(4 * MIB, 3));
+        check_byte_exact(&vsock(port + 1), &ledger, cases(2 * MIB, 3));
         drop((from_tcp, from_vsock));
     }
 }
@@ -216,7 +216,7 @@ fn vsock_proxy_binary_as_the_workshop_runs_it() {
 #[ignore = "needs the vsock guest: tests/vm/run.sh"]
 fn throughput_ratio_through_the_relay() {
     require_vsock_guest();
-    let bytes = 64 * MIB;
+    let bytes = 32 * MIB;
     let sink = |mut stream: Stream| {
         let (n, _) = traffic::receive(&mut stream).unwrap();
         let _ = stream.write_all(&n.to_le_bytes());
