@@ -5,6 +5,7 @@
 mod backend;
 mod cli;
 mod dns;
+mod forward;
 mod relay;
 mod scale;
 mod util;

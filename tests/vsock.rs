@@ -246,3 +246,44 @@ fn throughput_ratio_through_the_relay() {
         relay.backend()
     );
 }
+
+/// `vsock-relay forward` in the workshop's positional form: TCP in the
+/// "enclave" forwarded to a vsock port (CID 1 here, the parent's 3 there).
+#[test]
+#[ignore = "needs the vsock guest: tests/vm/run.sh"]
+fn forward_binary_in_the_workshop_form() {
+    require_vsock_guest();
+    let server = Server::vsock(16_000, |mut stream| {
+        let (bytes, _) = traffic::receive(&mut stream).unwrap();
+        let _ = stream.write_all(&bytes.to_le_bytes());
+    });
+    let mut forwarder = Command::new(vsock_relay_testkit::binary("vsock-relay"))
+        .args(["forward", "127.0.0.1", "4443", "1", "16000"])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let tcp: Endpoint = "tcp:127.0.0.1:4443".parse().unwrap();
+    let mut client = loop {
+        match Stream::connect(&tcp) {
+            Ok(client) => break client,
+            Err(e) => {
+                assert!(forwarder.try_wait().unwrap().is_none(), "the forwarder exited");
+                assert!(Instant::now() < deadline, "the forwarder never listened: {e}");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    };
+    traffic::send(&mut client, 3 * MIB, 4).unwrap();
+    client.shutdown(Shutdown::Write).unwrap();
+    let mut count = [0u8; 8];
+    client.read_exact(&mut count).unwrap();
+    assert_eq!(
+        u64::from_le_bytes(count),
+        3 * MIB,
+        "the vsock server got every byte, then answered after EOF"
+    );
+    drop(server);
+    let _ = forwarder.kill();
+    let _ = forwarder.wait();
+}

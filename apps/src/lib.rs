@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 pub mod allowlist;
+pub mod forward;
 pub mod options;
 pub mod proxy;
 pub mod run;

@@ -21,32 +21,64 @@ pub fn init_logging() {
 
 /// Runs `relay` until SIGINT or SIGTERM, then lets open connections drain.
 pub fn until_signal(relay: Relay) -> anyhow::Result<()> {
+    until_signal_all(vec![relay])
+}
+
+/// Runs several relays (one per mapping) until SIGINT or SIGTERM; a relay
+/// that fails stops the others too.
+pub fn until_signal_all(relays: Vec<Relay>) -> anyhow::Result<()> {
     let mut signals = Signals::new([SIGINT, SIGTERM])?;
-    let stop = relay.stop_handle();
-    let stats = relay.stats();
+    let stops: Vec<_> = relays.iter().map(|r| r.stop_handle()).collect();
+    let watched_stops = stops.clone();
     let handle = signals.handle();
     let watcher = std::thread::spawn(move || {
         if let Some(signal) = signals.forever().next() {
             tracing::info!(signal, "stopping: finishing open connections");
-            stop.stop();
+            watched_stops.iter().for_each(|s| s.stop());
         }
     });
-    let result = relay.wait();
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    for relay in relays {
+        let done = done_tx.clone();
+        std::thread::spawn(move || {
+            let (listen, stats) = (relay.local_endpoint().clone(), relay.stats());
+            let result = relay.wait();
+            let totals = stats.snapshot();
+            tracing::info!(
+                accepted = totals.accepted,
+                failed = totals.failed,
+                bytes_to_upstream = totals.bytes_to_upstream,
+                bytes_to_client = totals.bytes_to_client,
+                %listen,
+                "relay stopped"
+            );
+            let _ = done.send(result);
+        });
+    }
+    drop(done_tx);
+    let mut first_error = None;
+    for result in done_rx {
+        if let Err(e) = result {
+            stops.iter().for_each(|s| s.stop());
+            first_error.get_or_insert(e);
+        }
+    }
     handle.close();
     let _ = watcher.join();
-    let totals = stats.snapshot();
-    tracing::info!(
-        accepted = totals.accepted,
-        failed = totals.failed,
-        bytes_to_upstream = totals.bytes_to_upstream,
-        bytes_to_client = totals.bytes_to_client,
-        "relay stopped"
-    );
-    Ok(result?)
+    first_error.map_or(Ok(()), |e| Err(e.into()))
 }
 
-/// Prints a failure as one line and returns exit code 1.
+/// Prints a failure as one line (its causes after colons, each once) and
+/// returns exit code 1.
 pub fn fail(program: &str, error: anyhow::Error) -> ExitCode {
-    eprintln!("{program}: error: {error:#}");
+    let mut line = error.to_string();
+    for cause in error.chain().skip(1) {
+        let text = cause.to_string();
+        if !line.contains(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+    }
+    eprintln!("{program}: error: {line}");
     ExitCode::from(1)
 }

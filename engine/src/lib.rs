@@ -41,3 +41,9 @@ pub use target::Target;
 pub fn raise_open_files_limit() -> std::io::Result<u64> {
     sys::raise_open_files_limit()
 }
+
+/// Brings the loopback interface up if it is down (the enclave boots with
+/// it down); returns whether it changed anything.
+pub fn bring_up_loopback() -> std::io::Result<bool> {
+    sys::interface_up("lo")
+}

@@ -110,19 +110,26 @@ pub fn local_endpoint(listener: &Socket, requested: &Endpoint) -> io::Result<End
 }
 
 /// A Unix socket file left behind by a process that died cannot be bound
-/// again; remove it, but only when nobody is listening on it.
+/// again; remove it, but only when nobody is listening on it. A process
+/// killed a moment ago may still listen for a few milliseconds (the kernel
+/// tears its io_uring down asynchronously), so a live listener is asked
+/// again for up to a second before bind is left to report it.
 fn remove_stale_unix_socket(path: &Path) -> io::Result<()> {
     use std::os::unix::fs::FileTypeExt;
-    let Ok(meta) = std::fs::symlink_metadata(path) else {
-        return Ok(());
-    };
-    if !meta.file_type().is_socket() {
-        return Ok(()); // bind will report "address in use"; never delete a regular file
+    for _ in 0..20 {
+        let Ok(meta) = std::fs::symlink_metadata(path) else {
+            return Ok(());
+        };
+        if !meta.file_type().is_socket() {
+            return Ok(()); // bind will report "address in use"; never delete a regular file
+        }
+        match std::os::unix::net::UnixStream::connect(path) {
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => return std::fs::remove_file(path),
+            Err(_) => return Ok(()),
+            Ok(_) => std::thread::sleep(std::time::Duration::from_millis(50)),
+        }
     }
-    match std::os::unix::net::UnixStream::connect(path) {
-        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => std::fs::remove_file(path),
-        _ => Ok(()),
-    }
+    Ok(())
 }
 
 /// A new non-blocking socket of `addr`'s family, tuned for relaying.

@@ -1,5 +1,6 @@
 //! Raw system calls that neither `std` nor `socket2` wrap: pipes, splice,
-//! eventfd, the vsock buffer option and the open-files limit. With `ring.rs`
+//! eventfd, the vsock buffer option, the open-files limit and bringing a
+//! network interface up. With `ring.rs`
 //! this is the engine's unsafe fence: every function here is safe to call and
 //! each `unsafe` block says which invariant holds.
 
@@ -99,4 +100,30 @@ pub fn raise_open_files_limit() -> io::Result<u64> {
         check(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) })?;
     }
     Ok(limit.rlim_cur)
+}
+
+/// Brings a network interface up (`ip link set NAME up`); returns whether it
+/// was down. The enclave starts with its loopback interface down.
+pub fn interface_up(name: &str) -> io::Result<bool> {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None)?;
+    // SAFETY: ifreq is plain old data; all zeroes is a valid value.
+    let mut request: libc::ifreq = unsafe { std::mem::zeroed() };
+    if name.is_empty() || name.len() >= request.ifr_name.len() {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("bad interface name `{name}`")));
+    }
+    for (slot, byte) in request.ifr_name.iter_mut().zip(name.bytes()) {
+        *slot = byte as libc::c_char;
+    }
+    // SAFETY: SIOCGIFFLAGS reads the name from and writes the flags into the
+    // ifreq we own for the call.
+    check(unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCGIFFLAGS, &mut request) })?;
+    // SAFETY: SIOCGIFFLAGS just filled the flags member of the union.
+    let flags = unsafe { request.ifr_ifru.ifru_flags };
+    if flags & libc::IFF_UP as libc::c_short != 0 {
+        return Ok(false);
+    }
+    request.ifr_ifru.ifru_flags = flags | libc::IFF_UP as libc::c_short;
+    // SAFETY: SIOCSIFFLAGS reads the name and flags from the ifreq we own.
+    check(unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCSIFFLAGS, &request) })?;
+    Ok(true)
 }
