@@ -116,7 +116,7 @@ pub fn interface_up(name: &str) -> io::Result<bool> {
     }
     // SAFETY: SIOCGIFFLAGS reads the name from and writes the flags into the
     // ifreq we own for the call.
-    check(unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCGIFFLAGS, &mut request) })?;
+    check(unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCGIFFLAGS as _, &mut request) })?;
     // SAFETY: SIOCGIFFLAGS just filled the flags member of the union.
     let flags = unsafe { request.ifr_ifru.ifru_flags };
     if flags & libc::IFF_UP as libc::c_short != 0 {
@@ -124,6 +124,6 @@ pub fn interface_up(name: &str) -> io::Result<bool> {
     }
     request.ifr_ifru.ifru_flags = flags | libc::IFF_UP as libc::c_short;
     // SAFETY: SIOCSIFFLAGS reads the name and flags from the ifreq we own.
-    check(unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCSIFFLAGS, &request) })?;
+    check(unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCSIFFLAGS as _, &request) })?;
     Ok(true)
 }
