@@ -35,11 +35,6 @@ impl Pipe {
     pub fn write_end(&self) -> BorrowedFd<'_> {
         self.write.as_fd()
     }
-
-    /// The capacity the kernel gave this pipe.
-    pub fn capacity(&self) -> usize {
-        sys::pipe_size(self.write.as_fd()).unwrap_or(0)
-    }
 }
 
 /// A buffer for the copy path, where splice is refused.

@@ -31,12 +31,6 @@ pub fn set_pipe_size(pipe: BorrowedFd<'_>, bytes: usize) -> io::Result<usize> {
     check(unsafe { libc::fcntl(pipe.as_raw_fd(), libc::F_SETPIPE_SZ, bytes) }).map(|n| n as usize)
 }
 
-/// The pipe's current capacity in bytes.
-pub fn pipe_size(pipe: BorrowedFd<'_>) -> io::Result<usize> {
-    // SAFETY: F_GETPIPE_SZ takes no argument and touches no memory of ours.
-    check(unsafe { libc::fcntl(pipe.as_raw_fd(), libc::F_GETPIPE_SZ) }).map(|n| n as usize)
-}
-
 /// One non-blocking `splice(2)` of at most `len` bytes from `from` to `to`.
 pub fn splice(from: BorrowedFd<'_>, to: BorrowedFd<'_>, len: usize) -> io::Result<usize> {
     // SAFETY: null offsets mean "use the file position"; the fds are borrowed
