@@ -44,6 +44,21 @@ fn relay(listen: Endpoint, to: &Endpoint, backend: BackendChoice, path: DataPath
     relay
 }
 
+/// Connects to `to` once the child process listens there (30 s at most).
+fn connect_when_listening(child: &mut std::process::Child, to: &Endpoint) -> Stream {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match Stream::connect(to) {
+            Ok(client) => return client,
+            Err(e) => {
+                assert!(child.try_wait().unwrap().is_none(), "the process for {to} exited");
+                assert!(Instant::now() < deadline, "nothing listened on {to}: {e}");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+}
+
 fn vsock(port: u32) -> Endpoint {
     Endpoint::Vsock { cid: 1, port }
 }
@@ -191,17 +206,7 @@ fn vsock_proxy_binary_as_the_workshop_runs_it() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut client = loop {
-        match Stream::connect(&vsock(8001)) {
-            Ok(client) => break client,
-            Err(e) => {
-                assert!(proxy.try_wait().unwrap().is_none(), "vsock-proxy exited");
-                assert!(Instant::now() < deadline, "vsock-proxy never listened: {e}");
-                std::thread::sleep(Duration::from_millis(100));
-            }
-        }
-    };
+    let mut client = connect_when_listening(&mut proxy, &vsock(8001));
     let sent = traffic::send(&mut client, 8 * MIB, 11).unwrap();
     client.shutdown(Shutdown::Write).unwrap();
     let (bytes, hash) = traffic::receive(&mut client).unwrap();
@@ -262,18 +267,7 @@ fn forward_binary_in_the_workshop_form() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let tcp: Endpoint = "tcp:127.0.0.1:4443".parse().unwrap();
-    let mut client = loop {
-        match Stream::connect(&tcp) {
-            Ok(client) => break client,
-            Err(e) => {
-                assert!(forwarder.try_wait().unwrap().is_none(), "the forwarder exited");
-                assert!(Instant::now() < deadline, "the forwarder never listened: {e}");
-                std::thread::sleep(Duration::from_millis(100));
-            }
-        }
-    };
+    let mut client = connect_when_listening(&mut forwarder, &"tcp:127.0.0.1:4443".parse().unwrap());
     traffic::send(&mut client, 3 * MIB, 4).unwrap();
     client.shutdown(Shutdown::Write).unwrap();
     let mut count = [0u8; 8];
