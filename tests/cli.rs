@@ -165,6 +165,18 @@ fn bad_ports_exit_2() {
 }
 
 #[test]
+fn ipv4_only_refuses_an_ipv6_target_with_exit_1() {
+    let dir = TempDir::new("cli");
+    let cfg = config(&dir, "allowlist:\n- {address: \"::1\", port: 443}\n");
+    assert_exit(
+        "vsock-proxy",
+        &["-4", "8001", "::1", "443", "--config", &cfg],
+        1,
+        "vsock-proxy: error: cannot resolve REMOTE_ADDR `::1`: ::1 is not of the address family asked for",
+    );
+}
+
+#[test]
 fn ipv4_with_ipv6_exits_2() {
     assert_exit("vsock-proxy", &["-4", "-6", "8001", "localhost", "443"], 2, "cannot be used with");
 }
