@@ -104,3 +104,22 @@ fn hosts_file_not_writable_is_a_clear_error() {
     assert_eq!(code, 1, "{stderr}");
     assert!(stderr.contains("vsock-relay: error: cannot add a.example to /proc/version"), "{stderr}");
 }
+
+/// In the enclave `lo` starts down; `--hosts` brings it up (tested in a
+/// network namespace of our own, whose `lo` is down likewise).
+#[test]
+fn hosts_brings_a_down_loopback_up() {
+    let dir = TempDir::new("forward-netns");
+    let hosts = dir.path("hosts");
+    let map = format!("unix:{}=tcp:127.0.0.1:9", dir.path("f.sock").display());
+    let hosts_arg = hosts.display().to_string();
+    let args = ["forward", "--map", &map, "--hosts", "ip-ranges.amazonaws.com", "--hosts-file", &hosts_arg];
+    let Some(mut forwarder) = Proc::spawn_in_new_netns("vsock-relay", &args) else {
+        eprintln!("skipped: cannot create a network namespace here (unshare -n needs root)");
+        return;
+    };
+    forwarder.wait_for_log("relay listening", Duration::from_secs(20));
+    let log = forwarder.stderr();
+    assert!(log.contains("loopback interface brought up"), "{log}");
+    assert_eq!(std::fs::read_to_string(&hosts).unwrap(), "127.0.0.1 ip-ranges.amazonaws.com\n");
+}

@@ -83,8 +83,25 @@ impl Proc {
     pub fn spawn_with(binary: &str, args: &[&str], configure: impl FnOnce(&mut Command)) -> Proc {
         let mut command = Command::new(vsock_relay_testkit::binary(binary));
         configure(&mut command);
+        command.args(args);
+        Proc::launch(command)
+    }
+
+    /// Starts a binary in a network namespace of its own (`unshare -n`),
+    /// whose loopback interface is down; `None` when namespaces cannot be
+    /// made here (not root).
+    pub fn spawn_in_new_netns(binary: &str, args: &[&str]) -> Option<Proc> {
+        let probe = Command::new("unshare").args(["-n", "true"]).status();
+        if !probe.is_ok_and(|s| s.success()) {
+            return None;
+        }
+        let mut command = Command::new("unshare");
+        command.arg("-n").arg(vsock_relay_testkit::binary(binary)).args(args);
+        Some(Proc::launch(command))
+    }
+
+    fn launch(mut command: Command) -> Proc {
         let mut child = command
-            .args(args)
             .env("RUST_LOG", "info")
             .env(vsock_relay_engine::socket::NO_VSOCK_ENV, "1")
             .stdin(Stdio::null())
