@@ -158,11 +158,16 @@ pub fn start_connect(socket: &Socket, addr: &SockAddr) -> io::Result<bool> {
     }
 }
 
-/// After a pending connect became writable: did it succeed?
-pub fn finish_connect(socket: &Socket) -> io::Result<()> {
-    match socket.take_error()? {
-        Some(e) => Err(e),
-        None => socket.peer_addr().map(drop),
+/// After a pending connect became writable: did it succeed? `None` when it
+/// is still in progress: a connecting vsock socket can report writable
+/// before it is connected, so the caller waits again.
+pub fn finish_connect(socket: &Socket) -> Option<io::Result<()>> {
+    match socket.take_error() {
+        Err(e) | Ok(Some(e)) => Some(Err(e)),
+        Ok(None) => match socket.peer_addr() {
+            Err(e) if e.kind() == io::ErrorKind::NotConnected => None,
+            result => Some(result.map(drop)),
+        },
     }
 }
 

@@ -224,9 +224,9 @@ impl Worker {
         match slot.conn.state {
             ConnState::Connecting if side == Side::Upstream => {
                 match socket::finish_connect(&slot.conn.upstream) {
-                    // Not connected yet: a spurious wake-up; keep waiting.
-                    Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(()),
-                    result => self.dispatch(index, Event::Connected(result)),
+                    // Not connected yet: the next edge will say when.
+                    None => Ok(()),
+                    Some(result) => self.dispatch(index, Event::Connected(result)),
                 }
             }
             // Early client bytes wait: the pumps start after the connect.

@@ -192,16 +192,12 @@ impl Worker {
                         Event::ConnectTimedOut(self.core.config.connect_timeout)
                     }
                     Tag::Connect => match socket::finish_connect(&slot.conn.upstream) {
-                        // Woken before the connection is up (seen on vsock):
-                        // wait again, within the connect timeout.
-                        Err(e) if e.kind() == io::ErrorKind::NotConnected => {
-                            if slot.conn.opened.elapsed() >= self.core.config.connect_timeout {
-                                Event::ConnectTimedOut(self.core.config.connect_timeout)
-                            } else {
-                                return self.arm_connect(index);
-                            }
+                        Some(result) => Event::Connected(result),
+                        // Not connected yet: wait again, within the timeout.
+                        None if slot.conn.opened.elapsed() < self.core.config.connect_timeout => {
+                            return self.arm_connect(index);
                         }
-                        result => Event::Connected(result),
+                        None => Event::ConnectTimedOut(self.core.config.connect_timeout),
                     },
                     Tag::PollToUpstream => Event::Ready(Direction::ToUpstream),
                     _ => Event::Ready(Direction::ToClient),
@@ -264,9 +260,9 @@ impl Worker {
         match self.core.handle(&mut slot.conn, event) {
             Action::Wait(waits) => {
                 for (direction, wait) in Direction::BOTH.into_iter().zip(waits) {
-                    let events = match wait {
-                        Some(Wait::Readable) => libc::POLLIN,
-                        Some(Wait::Writable) => libc::POLLOUT,
+                    let (events, wait) = match wait {
+                        Some(wait @ Wait::Readable) => (libc::POLLIN, wait),
+                        Some(wait @ Wait::Writable) => (libc::POLLOUT, wait),
                         Some(Wait::Yield) => {
                             self.ready.push((index, slot.conn.id, direction));
                             continue;
@@ -274,7 +270,7 @@ impl Worker {
                         Some(Wait::Finished) | None => continue,
                     };
                     let tag = Tag::poll(direction);
-                    let fd = slot.conn.socket_for(direction, wait.unwrap_or(Wait::Readable)).as_fd();
+                    let fd = slot.conn.socket_for(direction, wait).as_fd();
                     self.ring.poll(fd, events as u32, tag.user_data(index))?;
                     slot.in_flight |= tag.bit();
                 }
