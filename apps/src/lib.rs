@@ -5,7 +5,11 @@
 #![forbid(unsafe_code)]
 
 pub mod allowlist;
+pub mod client;
+pub mod demo;
 pub mod forward;
+pub mod ipranges;
 pub mod options;
 pub mod proxy;
 pub mod run;
+pub mod serve;

@@ -37,7 +37,8 @@ pub struct EngineArgs {
     pub dns_servers: Vec<SocketAddr>,
 }
 
-fn parse_seconds(text: &str) -> Result<f64, String> {
+/// A positive number of seconds, at most an hour.
+pub fn parse_seconds(text: &str) -> Result<f64, String> {
     match text.parse::<f64>() {
         Ok(s) if s > 0.0 && s.is_finite() && s <= 3600.0 => Ok(s),
         _ => Err(format!("`{text}` is not a number of seconds between 0 and 3600")),

@@ -11,7 +11,12 @@ use vsock_relay_engine::Relay;
 
 /// Logs to stderr; `RUST_LOG` filters (default `info`).
 pub fn init_logging() {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    init_logging_at("info");
+}
+
+/// Logs to stderr; `RUST_LOG` filters (default `level`).
+pub fn init_logging_at(level: &str) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -22,6 +27,15 @@ pub fn init_logging() {
 /// Runs `relay` until SIGINT or SIGTERM, then lets open connections drain.
 pub fn until_signal(relay: Relay) -> anyhow::Result<()> {
     until_signal_all(vec![relay])
+}
+
+/// Blocks until SIGINT or SIGTERM (for apps that are not relays).
+pub fn wait_for_signal() -> anyhow::Result<()> {
+    let mut signals = Signals::new([SIGINT, SIGTERM])?;
+    if let Some(signal) = signals.forever().next() {
+        tracing::info!(signal, "stopping");
+    }
+    Ok(())
 }
 
 /// Runs several relays (one per mapping) until SIGINT or SIGTERM; a relay

@@ -2,15 +2,22 @@
 
 #![forbid(unsafe_code)]
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{CommandFactory, Parser, Subcommand};
+use std::time::Duration;
+
+use vsock_relay_apps::client::{self, Reply};
+use vsock_relay_apps::demo::{self, DemoArgs};
 use vsock_relay_apps::forward::{ensure_hosts, parse_listen, parse_mapping, parse_positional, Mapping};
-use vsock_relay_apps::options::EngineArgs;
+use vsock_relay_apps::ipranges::{self, Source, SourceSettings};
+use vsock_relay_apps::options::{parse_seconds, EngineArgs};
 use vsock_relay_apps::proxy::{self, ProxyArgs};
 use vsock_relay_apps::run;
+use vsock_relay_apps::serve::{self, Server};
 use vsock_relay_engine::{Endpoint, IpFamily, Relay, RelayConfig, Target};
 
 /// Fast relays between AF_VSOCK, TCP and Unix sockets for AWS Nitro Enclaves.
@@ -78,6 +85,64 @@ enum Command {
         #[command(flatten)]
         engine: EngineArgs,
     },
+    /// Enclave side: the workshop's sample server. A client sends a region
+    /// name; the answer is the S3 prefixes of that region in AWS's
+    /// ip-ranges.json, fetched over HTTPS (through the forwarder and the
+    /// parent's vsock-proxy), as a JSON list; a failure is one line starting
+    /// with `error:`.
+    ///
+    /// Workshop form: `vsock-relay serve 5005` (vsock, any CID).
+    Serve {
+        /// vsock port to listen on, any CID (default 5005); or use --listen.
+        #[arg(value_name = "PORT", conflicts_with = "listen")]
+        port: Option<u32>,
+
+        /// Where to listen: any endpoint.
+        #[arg(long, value_name = "ENDPOINT")]
+        listen: Option<Endpoint>,
+
+        /// The document to fetch (an https URL).
+        #[arg(long, default_value = ipranges::DEFAULT_URL, value_name = "URL")]
+        url: String,
+
+        /// Also trust the CA certificates in this PEM file (besides the
+        /// public roots built in).
+        #[arg(long, value_name = "PEM")]
+        ca_file: Option<PathBuf>,
+
+        /// Keep a fetched document this many seconds before fetching it
+        /// again; a failed refetch keeps serving the last good copy.
+        #[arg(long, default_value_t = 300.0, value_name = "SECONDS", value_parser = parse_seconds)]
+        cache_seconds: f64,
+
+        /// Give up on a fetch after this many seconds (the waiting clients
+        /// get an error line).
+        #[arg(long, default_value_t = 10.0, value_name = "SECONDS", value_parser = parse_seconds)]
+        fetch_timeout: f64,
+    },
+    /// Parent side: the workshop's sample client. Sends QUERY (a region
+    /// name) to the server, prints the reply, exits 1 on an error reply, a
+    /// refused connection or a timeout.
+    ///
+    /// Workshop form: `vsock-relay client ENCLAVE_CID 5005 us-east-1`.
+    Client {
+        /// CID PORT QUERY (the workshop's order), or only QUERY with --to.
+        #[arg(value_name = "CID PORT QUERY", num_args = 1..=3, required = true)]
+        args: Vec<String>,
+
+        /// Where the server listens, any endpoint (then give only QUERY).
+        #[arg(long, value_name = "ENDPOINT")]
+        to: Option<Endpoint>,
+
+        /// Give up when the whole reply has not come within this many seconds.
+        #[arg(long, default_value_t = 30.0, value_name = "SECONDS", value_parser = parse_seconds)]
+        timeout: f64,
+    },
+    /// The whole secure local channel on this machine, in one process: a
+    /// local HTTPS endpoint standing in for ip-ranges.amazonaws.com, the
+    /// proxy, the forwarder, the server and the client; then a throughput
+    /// line through forwarder + proxy. Ends by itself.
+    Demo(DemoArgs),
     /// A plain relay between any two endpoints, without an allowlist.
     Relay {
         /// Where to listen.
@@ -153,36 +218,110 @@ fn forward(
 #[error("{0}")]
 struct UsageError(String);
 
-fn start(command: Command) -> anyhow::Result<Vec<Relay>> {
-    match command {
-        Command::Proxy { listen, workers, proxy } => {
-            Ok(vec![proxy::start(&proxy.settings(listen, workers))?])
+/// The client's server endpoint and query from `CID PORT QUERY` or `--to`.
+fn client_target(args: &[String], to: Option<Endpoint>) -> Result<(Endpoint, String), UsageError> {
+    match (args, to) {
+        ([query], Some(to)) => Ok((to, query.clone())),
+        ([cid, port, query], None) => {
+            let cid = cid.parse().map_err(|_| UsageError(format!("`{cid}` is not a vsock CID")))?;
+            let port = port.parse().map_err(|_| UsageError(format!("`{port}` is not a vsock port")))?;
+            Ok((Endpoint::Vsock { cid, port }, query.clone()))
         }
+        (_, Some(_)) => Err(UsageError("with --to, give only QUERY".into())),
+        (_, None) => Err(UsageError("expected CID PORT QUERY, or --to ENDPOINT QUERY".into())),
+    }
+}
+
+fn run_client(args: &[String], to: Option<Endpoint>, timeout: f64) -> anyhow::Result<ExitCode> {
+    let (to, query) = client_target(args, to)?;
+    match client::ask(&to, &query, Duration::from_secs_f64(timeout))? {
+        Reply::Answer(answer) => {
+            // A closed stdout (`| head`) is not the client's failure.
+            let _ = writeln!(std::io::stdout(), "{answer}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Reply::ServerError(error) => {
+            eprintln!("vsock-relay client: error from the server: {error}");
+            Ok(ExitCode::from(1))
+        }
+    }
+}
+
+struct ServeArgs {
+    port: Option<u32>,
+    listen: Option<Endpoint>,
+    url: String,
+    ca_file: Option<PathBuf>,
+    cache_seconds: f64,
+    fetch_timeout: f64,
+}
+
+fn run_server(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    let listen = args.listen.unwrap_or(Endpoint::Vsock {
+        cid: vsock_relay_engine::endpoint::VSOCK_CID_ANY,
+        port: args.port.unwrap_or(serve::DEFAULT_PORT),
+    });
+    let source = Source::new(SourceSettings {
+        url: args.url,
+        ca_file: args.ca_file,
+        timeout: Duration::from_secs_f64(args.fetch_timeout),
+        cache_for: Duration::from_secs_f64(args.cache_seconds),
+    })?;
+    let server = Server::start(&listen, source)?;
+    run::wait_for_signal()?;
+    if let Endpoint::Unix { path } = server.local_endpoint() {
+        let _ = std::fs::remove_file(path);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run_command(command: Command) -> anyhow::Result<ExitCode> {
+    let relays = match command {
+        Command::Client { args, to, timeout } => return run_client(&args, to, timeout),
+        Command::Serve { port, listen, url, ca_file, cache_seconds, fetch_timeout } => {
+            return run_server(ServeArgs { port, listen, url, ca_file, cache_seconds, fetch_timeout })
+        }
+        Command::Demo(args) => {
+            return demo::run(&args, &mut std::io::stdout().lock()).map(|()| ExitCode::SUCCESS)
+        }
+        Command::Proxy { listen, workers, proxy } => vec![proxy::start(&proxy.settings(listen, workers))?],
         Command::Relay { listen, to, workers, engine } => {
             let target = Target::new(&to, &engine.dns(IpFamily::Any))
                 .with_context(|| format!("cannot use --to {to}"))?;
             let mut config = RelayConfig::new(listen, target);
             config.workers = workers;
             engine.apply(&mut config);
-            Ok(vec![Relay::start(config)?])
+            vec![Relay::start(config)?]
         }
         Command::Forward { positional, listen, to, maps, hosts, hosts_file, workers, engine } => {
             let mappings = forward_mappings(&positional, listen, to, maps).map_err(UsageError)?;
-            forward(mappings, &hosts, &hosts_file, workers, &engine)
+            forward(mappings, &hosts, &hosts_file, workers, &engine)?
         }
-    }
+    };
+    run::until_signal_all(relays)?;
+    Ok(ExitCode::SUCCESS)
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    run::init_logging();
-    match start(cli.command).and_then(run::until_signal_all) {
-        Ok(()) => ExitCode::SUCCESS,
+    match &cli.command {
+        // The demo's output is its story; the client's is its answer.
+        Command::Demo(_) | Command::Client { .. } => run::init_logging_at("warn"),
+        _ => run::init_logging(),
+    }
+    let program = match &cli.command {
+        Command::Client { .. } => "vsock-relay client",
+        Command::Demo(_) => "vsock-relay demo",
+        Command::Serve { .. } => "vsock-relay serve",
+        _ => "vsock-relay",
+    };
+    match run_command(cli.command) {
+        Ok(code) => code,
         Err(e) => match e.downcast::<UsageError>() {
             Ok(UsageError(usage)) => {
                 Cli::command().error(clap::error::ErrorKind::ValueValidation, usage).exit()
             }
-            Err(e) => run::fail("vsock-relay", e),
+            Err(e) => run::fail(program, e),
         },
     }
 }

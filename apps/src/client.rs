@@ -1,0 +1,90 @@
+//! The workshop's sample client, on the parent: sends a query to the
+//! enclave's server, reads the reply to its end (the workshop's client
+//! stopped at 1 KiB), and tells an answer from an error reply.
+
+use std::io::{self, Read, Write};
+use std::time::{Duration, Instant};
+
+use vsock_relay_engine::socket::{self, SocketOptions};
+use vsock_relay_engine::Endpoint;
+
+/// A reply larger than this is not from the sample server.
+const MAX_REPLY_BYTES: u64 = 16 << 20;
+
+/// What the server said.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Reply {
+    /// The answer (a JSON list of prefixes, `[]` when none).
+    Answer(String),
+    /// The server's one-line error, without its `error: ` tag.
+    ServerError(String),
+}
+
+/// Why there is no reply.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot connect to {to}: {source}")]
+    Connect { to: Endpoint, source: io::Error },
+    #[error("no complete reply from {to} within {} s", .timeout.as_secs_f64())]
+    Timeout { to: Endpoint, timeout: Duration },
+    #[error("connection to {to} failed: {source}")]
+    Io { to: Endpoint, source: io::Error },
+    #[error("{to} closed the connection without a reply")]
+    NoReply { to: Endpoint },
+    #[error("reply from {to} is larger than {MAX_REPLY_BYTES} bytes")]
+    TooLarge { to: Endpoint },
+}
+
+/// Sends `query` once, without closing the write side (as the workshop's
+/// client does), and reads the reply until the server closes.
+pub fn ask(to: &Endpoint, query: &str, timeout: Duration) -> Result<Reply, ClientError> {
+    let deadline = Instant::now() + timeout;
+    let connect_error = |source| ClientError::Connect { to: to.clone(), source };
+    let addr = socket::sockaddr(to).map_err(connect_error)?;
+    let stream = socket::socket_for(&addr, &SocketOptions::default()).map_err(connect_error)?;
+    stream.set_nonblocking(false).map_err(connect_error)?;
+    // A blocking connect waits at most the send timeout (TCP, Unix; vsock
+    // has its own connect timeout of 2 s).
+    stream.set_write_timeout(Some(timeout)).map_err(connect_error)?;
+    stream.connect(&addr).map_err(|e| match e.kind() {
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
+            ClientError::Timeout { to: to.clone(), timeout }
+        }
+        _ => connect_error(e),
+    })?;
+
+    let failed = |source: io::Error| match source.kind() {
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
+            ClientError::Timeout { to: to.clone(), timeout }
+        }
+        _ => ClientError::Io { to: to.clone(), source },
+    };
+    let mut stream = stream;
+    stream.write_all(query.as_bytes()).map_err(failed)?;
+    let mut reply = Vec::new();
+    let mut chunk = [0u8; 16 * 1024];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(ClientError::Timeout { to: to.clone(), timeout });
+        }
+        stream.set_read_timeout(Some(left)).map_err(failed)?;
+        match stream.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => reply.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(failed(e)),
+        }
+        if reply.len() as u64 > MAX_REPLY_BYTES {
+            return Err(ClientError::TooLarge { to: to.clone() });
+        }
+    }
+    if reply.is_empty() {
+        return Err(ClientError::NoReply { to: to.clone() });
+    }
+    let text = String::from_utf8_lossy(&reply).into_owned();
+    Ok(match text.strip_prefix("error:") {
+        Some(error) => Reply::ServerError(error.trim().to_string()),
+        None => Reply::Answer(text),
+    })
+}

@@ -1,0 +1,293 @@
+//! `vsock-relay demo`: the workshop's whole secure local channel in one
+//! process, so a newcomer sees the product work with one command. The parent
+//! side (a local HTTPS endpoint standing in for ip-ranges.amazonaws.com, the
+//! allowlisted proxy, the client) and the enclave side (the forwarder, the
+//! server) talk over AF_VSOCK loopback when the kernel has it, else over
+//! Unix sockets in a temporary directory.
+
+pub mod endpoint;
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::{Args, ValueEnum};
+use vsock_relay_engine::endpoint::VSOCK_CID_ANY;
+use vsock_relay_engine::{Endpoint, Host, IpFamily, Relay, RelayConfig, Target};
+
+use crate::client::{self, Reply};
+use crate::ipranges::{Source, SourceSettings};
+use crate::options::EngineArgs;
+use crate::proxy::{self, ProxySettings};
+use crate::serve::{self, Server};
+pub use endpoint::HttpsEndpoint;
+
+/// The bundled ip-ranges.json: the real schema, a handful of made-up-for-
+/// the-demo entries (S3 and other services, several regions).
+pub const SAMPLE_DOCUMENT: &[u8] = include_bytes!("ip-ranges.json");
+
+/// The workshop's vsock port for the proxy (the server's is 5005).
+const PROXY_PORT: u32 = 8000;
+/// A second proxy for the throughput line, to a byte sink.
+const BULK_PROXY_PORT: u32 = 8001;
+
+#[derive(Args, Clone, Debug)]
+pub struct DemoArgs {
+    /// Region the client asks for (repeatable).
+    #[arg(long = "region", value_name = "REGION", default_values = ["us-east-1", "eu-west-1"])]
+    pub regions: Vec<String>,
+
+    /// How the vsock hops are carried: `auto` uses AF_VSOCK loopback (CID 1)
+    /// when the kernel has it (module vsock_loopback) and Unix sockets
+    /// otherwise; `vsock` insists; `unix` never touches AF_VSOCK.
+    #[arg(long, default_value = "auto", value_name = "auto|vsock|unix")]
+    pub transport: Transport,
+
+    /// MiB pushed through forwarder + proxy for the throughput line (0: skip).
+    #[arg(long, default_value_t = 256, value_name = "MIB")]
+    pub throughput_mib: u64,
+
+    #[command(flatten)]
+    pub engine: EngineArgs,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Transport {
+    Auto,
+    Vsock,
+    Unix,
+}
+
+/// Whether AF_VSOCK loopback can be used, without opening a vsock socket.
+fn vsock_loopback() -> Result<(), String> {
+    let env = vsock_relay_engine::socket::NO_VSOCK_ENV;
+    if std::env::var_os(env).is_some() {
+        return Err(format!("AF_VSOCK is disabled here ({env} is set)"));
+    }
+    if !Path::new("/sys/module/vsock_loopback").exists() {
+        return Err("this kernel has no AF_VSOCK loopback: module vsock_loopback is not loaded".into());
+    }
+    Ok(())
+}
+
+/// Where the two sides meet: listen on one endpoint, connect to the other.
+struct Hop {
+    listen: Endpoint,
+    connect: Endpoint,
+}
+
+/// The hops of the channel, and the temporary directory of Unix sockets,
+/// the CA file and the allowlist (removed on drop).
+struct Layout {
+    dir: PathBuf,
+    vsock: bool,
+}
+
+impl Layout {
+    fn new(vsock: bool) -> anyhow::Result<Layout> {
+        let dir = std::env::temp_dir().join(format!("vsock-relay-demo-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        Ok(Layout { dir, vsock })
+    }
+
+    fn hop(&self, vsock_port: u32, unix_name: &str) -> Hop {
+        if self.vsock {
+            Hop {
+                listen: Endpoint::Vsock { cid: VSOCK_CID_ANY, port: vsock_port },
+                connect: Endpoint::Vsock { cid: 1, port: vsock_port },
+            }
+        } else {
+            let path = self.dir.join(unix_name);
+            Hop { listen: Endpoint::Unix { path: path.clone() }, connect: Endpoint::Unix { path } }
+        }
+    }
+}
+
+impl Drop for Layout {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Runs the demo, writing each hop and the answers to `out`; fails when a
+/// hop fails.
+pub fn run(args: &DemoArgs, out: &mut impl Write) -> anyhow::Result<()> {
+    let vsock = match (args.transport, vsock_loopback()) {
+        (Transport::Unix, _) => false,
+        (Transport::Vsock, Err(why)) => anyhow::bail!("--transport vsock: {why}"),
+        (_, Ok(())) => true,
+        (Transport::Auto, Err(why)) => {
+            writeln!(out, "vsock hops: Unix sockets ({why})")?;
+            false
+        }
+    };
+    if vsock {
+        writeln!(out, "vsock hops: AF_VSOCK loopback (CID 1)")?;
+    }
+    let layout = Layout::new(vsock)?;
+
+    let endpoint = HttpsEndpoint::start(SAMPLE_DOCUMENT.to_vec())?;
+    let ca_file = layout.dir.join("demo-ca.pem");
+    std::fs::write(&ca_file, endpoint.ca_pem())?;
+    let sink = Sink::start()?;
+    let allowlist = layout.dir.join("vsock-proxy.yaml");
+    std::fs::write(
+        &allowlist,
+        format!(
+            "allowlist:\n- {{address: localhost, port: {}}}\n- {{address: localhost, port: {}}}\n",
+            endpoint.port(),
+            sink.port()
+        ),
+    )?;
+
+    let (proxy_hop, bulk_hop) =
+        (layout.hop(PROXY_PORT, "proxy.sock"), layout.hop(BULK_PROXY_PORT, "bulk.sock"));
+    let proxy = start_proxy(args, &proxy_hop, endpoint.port(), &allowlist)?;
+    let bulk_proxy = start_proxy(args, &bulk_hop, sink.port(), &allowlist)?;
+    let forwarder = start_forwarder(args, &proxy_hop)?;
+    let bulk_forwarder = start_forwarder(args, &bulk_hop)?;
+    let forwarder_port = tcp_port(&forwarder);
+
+    let server_hop = layout.hop(serve::DEFAULT_PORT, "server.sock");
+    let url = format!("https://localhost:{forwarder_port}{}", endpoint::PATH);
+    let source = Source::new(SourceSettings {
+        url: url.clone(),
+        ca_file: Some(ca_file),
+        timeout: Duration::from_secs(10),
+        cache_for: Duration::from_secs(300),
+    })?;
+    let server = Server::start(&server_hop.listen, source)?;
+
+    writeln!(out)?;
+    writeln!(
+        out,
+        "  parent   HTTPS endpoint  tcp:127.0.0.1:{}, standing in for ip-ranges.amazonaws.com",
+        endpoint.port()
+    )?;
+    writeln!(out, "                           (bundled sample document, certificate made just now)")?;
+    writeln!(
+        out,
+        "  parent   vsock-proxy     {} -> localhost:{}, allowlisted in {}",
+        proxy.local_endpoint(),
+        endpoint.port(),
+        allowlist.display()
+    )?;
+    writeln!(out, "  enclave  forwarder       {} -> {}", forwarder.local_endpoint(), proxy_hop.connect)?;
+    writeln!(out, "  enclave  server          {}, fetching {url}", server.local_endpoint())?;
+    writeln!(out, "  parent   client          -> {}", server_hop.connect)?;
+    writeln!(out)?;
+
+    for region in &args.regions {
+        match client::ask(&server_hop.connect, region, Duration::from_secs(30))? {
+            Reply::Answer(answer) => writeln!(out, "client {region}: {answer}")?,
+            Reply::ServerError(error) => anyhow::bail!("the server answered {region} with an error: {error}"),
+        }
+    }
+    writeln!(
+        out,
+        "(the HTTPS endpoint was asked {} time(s): the server caches the document)",
+        endpoint.requests()
+    )?;
+
+    if args.throughput_mib > 0 {
+        let bytes = args.throughput_mib << 20;
+        let direct = sink.push(sink.port(), bytes)?;
+        let chain = sink.push(tcp_port(&bulk_forwarder), bytes)?;
+        writeln!(out)?;
+        writeln!(out,
+            "throughput: {} MiB through forwarder + proxy ({} hop): {:.2} GiB/s; direct TCP, same run: {:.2} GiB/s ({:.2}x)",
+            args.throughput_mib,
+            if vsock { "vsock" } else { "Unix" },
+            gib_per_s(bytes, chain),
+            gib_per_s(bytes, direct),
+            direct.as_secs_f64() / chain.as_secs_f64(),
+        )?;
+    }
+    for relay in [forwarder, bulk_forwarder, proxy, bulk_proxy] {
+        relay.shutdown()?;
+    }
+    Ok(())
+}
+
+fn start_proxy(args: &DemoArgs, hop: &Hop, port: u16, allowlist: &Path) -> anyhow::Result<Relay> {
+    proxy::start(&ProxySettings {
+        listen: hop.listen.clone(),
+        host: Host::Name("localhost".into()),
+        port,
+        config: allowlist.to_path_buf(),
+        family: IpFamily::Any,
+        workers: 1,
+        engine: args.engine.clone(),
+    })
+}
+
+fn start_forwarder(args: &DemoArgs, hop: &Hop) -> anyhow::Result<Relay> {
+    let listen = Endpoint::Tcp { host: Host::Ip([127, 0, 0, 1].into()), port: 0 };
+    let mut config = RelayConfig::new(listen, Target::fixed(&hop.connect)?);
+    args.engine.apply(&mut config);
+    config.workers = 1;
+    Ok(Relay::start(config)?)
+}
+
+/// The port of a relay listening on TCP (the forwarders, bound to port 0).
+fn tcp_port(relay: &Relay) -> u16 {
+    match relay.local_endpoint() {
+        Endpoint::Tcp { port, .. } => *port,
+        other => unreachable!("{other} is not a TCP listener"),
+    }
+}
+
+fn gib_per_s(bytes: u64, took: Duration) -> f64 {
+    bytes as f64 / (1u64 << 30) as f64 / took.as_secs_f64()
+}
+
+/// A TCP byte sink: reads a stream to its end and answers the count.
+struct Sink {
+    port: u16,
+}
+
+impl Sink {
+    fn start() -> anyhow::Result<Sink> {
+        let listener = TcpListener::bind(("127.0.0.1", 0)).context("cannot listen on 127.0.0.1")?;
+        let port = listener.local_addr()?.port();
+        std::thread::spawn(move || {
+            for mut stream in listener.incoming().map_while(Result::ok) {
+                let counted = std::io::copy(&mut stream, &mut std::io::sink());
+                let _ = stream.write_all(&counted.unwrap_or(0).to_le_bytes());
+            }
+        });
+        Ok(Sink { port })
+    }
+
+    fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Sends `bytes` to the sink through 127.0.0.1:`port` and returns how
+    /// long until the sink confirmed it had them all.
+    fn push(&self, port: u16, bytes: u64) -> anyhow::Result<Duration> {
+        let chunk = vec![0x5au8; 1 << 20];
+        let started = Instant::now();
+        let mut stream = TcpStream::connect(("127.0.0.1", port))
+            .with_context(|| format!("cannot connect to port {port}"))?;
+        let mut left = bytes;
+        while left > 0 {
+            let n = left.min(chunk.len() as u64) as usize;
+            stream.write_all(&chunk[..n])?;
+            left -= n as u64;
+        }
+        stream.shutdown(Shutdown::Write)?;
+        let mut count = [0u8; 8];
+        stream.read_exact(&mut count).context("the sink did not confirm")?;
+        let took = started.elapsed();
+        anyhow::ensure!(
+            u64::from_le_bytes(count) == bytes,
+            "the sink got {} of {bytes} bytes",
+            u64::from_le_bytes(count)
+        );
+        Ok(took)
+    }
+}

@@ -1,0 +1,132 @@
+//! The workshop's sample enclave server: a client sends a region name, the
+//! server answers with the S3 prefixes of that region from AWS's
+//! ip-ranges.json, fetched over HTTPS through the forwarder and the parent's
+//! vsock-proxy, then closes. One thread per client: a query is one small
+//! request and one small reply, so the relay engine is not needed here.
+
+use std::io::{self, Read, Write};
+use std::net::Shutdown;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use socket2::Socket;
+use vsock_relay_engine::socket::{self, SocketOptions};
+use vsock_relay_engine::Endpoint;
+
+use crate::ipranges::{self, Source};
+
+/// The workshop's server port.
+pub const DEFAULT_PORT: u32 = 5005;
+
+/// A query is the client's first message; region names are short.
+const MAX_QUERY_BYTES: usize = 1024;
+
+/// How long a client may take to send its query, and to read the reply.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Clients served at once; more get a "busy" reply instead of a thread.
+const MAX_CLIENTS: usize = 1024;
+
+/// A running server. It serves until the process exits.
+pub struct Server {
+    local: Endpoint,
+}
+
+impl Server {
+    /// Listens on `listen` and serves every client on a thread of its own.
+    pub fn start(listen: &Endpoint, source: Source) -> anyhow::Result<Server> {
+        let listener = socket::listen(listen, &SocketOptions::default(), false)
+            .with_context(|| format!("cannot listen on {listen}"))?;
+        listener.set_nonblocking(false)?;
+        let local = socket::local_endpoint(&listener, listen)?;
+        let source = Arc::new(source);
+        tracing::info!(listen = %local, url = %source.url(), "serving S3 prefixes by region");
+        std::thread::Builder::new()
+            .name("serve-accept".into())
+            .spawn(move || accept_loop(&listener, &source))
+            .context("cannot start the accept thread")?;
+        Ok(Server { local })
+    }
+
+    /// The endpoint the server listens on (the real port after port 0).
+    pub fn local_endpoint(&self) -> &Endpoint {
+        &self.local
+    }
+}
+
+fn accept_loop(listener: &Socket, source: &Arc<Source>) {
+    let active = Arc::new(AtomicUsize::new(0));
+    loop {
+        let (client, peer) = match listener.accept() {
+            Ok(accepted) => accepted,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                // Out of file descriptors or memory: wait instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+        };
+        let peer = socket::describe(&peer);
+        if active.fetch_add(1, Ordering::SeqCst) >= MAX_CLIENTS {
+            active.fetch_sub(1, Ordering::SeqCst);
+            tracing::warn!(%peer, "too many clients; refusing one");
+            // No wait for the client here: the accept loop must go on.
+            let _ = (&client).write_all(b"error: server busy, try again");
+            continue;
+        }
+        let (source, active_now) = (Arc::clone(source), Arc::clone(&active));
+        let spawned = std::thread::Builder::new().name("serve-client".into()).spawn(move || {
+            if let Err(e) = serve_one(client, &source, &peer) {
+                tracing::debug!(%peer, error = %e, "client went away");
+            }
+            active_now.fetch_sub(1, Ordering::SeqCst);
+        });
+        if let Err(e) = spawned {
+            active.fetch_sub(1, Ordering::SeqCst);
+            tracing::warn!(error = %e, "cannot start a client thread");
+        }
+    }
+}
+
+/// Reads one query, answers it, closes.
+fn serve_one(mut client: Socket, source: &Source, peer: &str) -> io::Result<()> {
+    client.set_read_timeout(Some(CLIENT_TIMEOUT))?;
+    client.set_write_timeout(Some(CLIENT_TIMEOUT))?;
+    let mut buf = [0u8; MAX_QUERY_BYTES];
+    // The workshop's client sends once and waits without closing its write
+    // side, so the query is what the first read returns.
+    let n = client.read(&mut buf)?;
+    let query = String::from_utf8_lossy(&buf[..n]);
+    let region = query.trim();
+    let answer = if region.is_empty() {
+        "error: empty query: send a region name such as us-east-1".to_string()
+    } else {
+        match source.get() {
+            Ok(prefixes) => {
+                let found = prefixes.region(region);
+                tracing::info!(%peer, region = %region.escape_debug(), prefixes = found.len(), "answered");
+                ipranges::reply(found)
+            }
+            Err(error) => {
+                tracing::warn!(%peer, region = %region.escape_debug(), %error, "cannot answer");
+                format!("error: {error}")
+            }
+        }
+    };
+    finish(client, &answer)
+}
+
+/// Sends the reply, signals its end, and waits for the client to close, so
+/// that unread query bytes cannot turn the close into a reset that would
+/// destroy the reply in flight.
+fn finish(mut client: Socket, answer: &str) -> io::Result<()> {
+    client.write_all(answer.as_bytes())?;
+    client.shutdown(Shutdown::Write)?;
+    client.set_read_timeout(Some(Duration::from_secs(2)))?;
+    let mut sink = [0u8; 4096];
+    while client.read(&mut sink)? > 0 {}
+    Ok(())
+}
