@@ -180,3 +180,66 @@ pub fn wait_for_unix(path: &Path, within: Duration) {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// What a finished process printed.
+pub struct Output {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs a binary to completion within `limit` (killed and failed after it),
+/// capturing both output streams.
+pub fn run_capturing(binary: &str, args: &[&str], limit: Duration) -> Output {
+    let mut child = Command::new(vsock_relay_testkit::binary(binary))
+        .args(args)
+        .env(vsock_relay_engine::socket::NO_VSOCK_ENV, "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let read_all = |mut pipe: Box<dyn std::io::Read + Send>| {
+        std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = pipe.read_to_string(&mut text);
+            text
+        })
+    };
+    let stdout = read_all(Box::new(child.stdout.take().unwrap()));
+    let stderr = read_all(Box::new(child.stderr.take().unwrap()));
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{binary} {args:?} still running after {limit:?}:\n{}", stderr.join().unwrap());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Output {
+        code: status.code().unwrap_or(-1),
+        stdout: stdout.join().unwrap(),
+        stderr: stderr.join().unwrap(),
+    }
+}
+
+impl Proc {
+    /// The TCP port a relay logged it listens on (it was asked for port 0).
+    pub fn logged_tcp_port(&mut self) -> u16 {
+        const MARK: &str = "listen=tcp:127.0.0.1:";
+        self.wait_for_log(MARK, Duration::from_secs(20));
+        let log = self.stderr();
+        let digits: String =
+            log[log.find(MARK).unwrap() + MARK.len()..].chars().take_while(char::is_ascii_digit).collect();
+        digits.parse().unwrap()
+    }
+
+    /// Whether the process is still running.
+    pub fn running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+}

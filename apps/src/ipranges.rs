@@ -157,11 +157,36 @@ impl Source {
             .and_then(|mut response| {
                 response.body_mut().with_config().limit(MAX_DOCUMENT_BYTES).read_to_vec()
             })
-            .map_err(|e| format!("cannot fetch {url}: {e}"))?;
+            .map_err(|e| format!("cannot fetch {url}: {e}{}", hint(&e)))?;
         let prefixes =
             S3Prefixes::parse(&body).map_err(|e| format!("{url} is not an ip-ranges.json document: {e}"))?;
         tracing::info!(%url, bytes = body.len(), ms = started.elapsed().as_millis() as u64, "fetched ip-ranges");
         Ok(prefixes)
+    }
+}
+
+/// What a fetch error usually means in the workshop's channel, where the
+/// URL's name points at the forwarder (the hops' own logs say which failed).
+fn hint(error: &ureq::Error) -> &'static str {
+    use std::io::ErrorKind;
+    match error {
+        ureq::Error::Io(e) if e.get_ref().is_some_and(|inner| inner.is::<rustls::Error>()) => {
+            " (the certificate is not trusted: add its CA with --ca-file)"
+        }
+        ureq::Error::Io(e) => match e.kind() {
+            ErrorKind::ConnectionRefused => {
+                " (nothing listens there: is the forwarder running, and the name mapped to it?)"
+            }
+            ErrorKind::ConnectionReset | ErrorKind::UnexpectedEof | ErrorKind::BrokenPipe => {
+                " (the channel closed the connection: check the forwarder and the parent's vsock-proxy)"
+            }
+            _ => "",
+        },
+        ureq::Error::HostNotFound => {
+            " (map the name in /etc/hosts, as `vsock-relay forward --hosts NAME` does)"
+        }
+        ureq::Error::Timeout(_) => " (see --fetch-timeout)",
+        _ => "",
     }
 }
 

@@ -14,7 +14,7 @@ use std::time::Duration;
 use socket2::Socket;
 
 use crate::conn::{Action, Connection, Ending, Event};
-use crate::error::Error;
+use crate::error::{ConnError, Error, Op, Side};
 use crate::pool::Pools;
 use crate::relay::{Control, RelayConfig, WorkerSetup};
 use crate::socket;
@@ -180,9 +180,16 @@ impl WorkerCore {
         action
     }
 
-    /// Counts a closed connection and logs its one line.
+    /// Counts a closed connection and logs its one line: a warning when the
+    /// upstream could not be reached (the operator's first question when a
+    /// chain of relays fails), else at debug level.
     fn closed(&self, conn: &Connection, ending: &Ending) {
         self.stats.closed(matches!(ending, Ending::Failed(_)));
+        if let Ending::Failed(ConnError { side: Side::Upstream, op: Op::Connect, source }) = ending {
+            tracing::warn!(worker = self.index, client = %conn.client_name,
+                upstream = %self.config.target.endpoint(), error = %source, "cannot reach the upstream; client reset");
+            return;
+        }
         if tracing::enabled!(tracing::Level::DEBUG) {
             let (to_upstream, to_client) = conn.bytes();
             let outcome = match ending {
