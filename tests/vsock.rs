@@ -201,12 +201,12 @@ fn vsock_proxy_binary_as_the_workshop_runs_it() {
     let config = std::env::temp_dir().join("vsock-proxy-guest.yaml");
     std::fs::write(&config, format!("allowlist:\n- {{address: localhost, port: {port}}}\n")).unwrap();
     let mut proxy = Command::new(vsock_relay_testkit::binary("vsock-proxy"))
-        .args(["8001", "localhost", &port, "--config", config.to_str().unwrap()])
+        .args(["18001", "localhost", &port, "--config", config.to_str().unwrap()])
         .env("RUST_LOG", "info")
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let mut client = connect_when_listening(&mut proxy, &vsock(8001));
+    let mut client = connect_when_listening(&mut proxy, &vsock(18001));
     let sent = traffic::send(&mut client, 8 * MIB, 11).unwrap();
     client.shutdown(Shutdown::Write).unwrap();
     let (bytes, hash) = traffic::receive(&mut client).unwrap();
@@ -280,4 +280,99 @@ fn forward_binary_in_the_workshop_form() {
     drop(server);
     let _ = forwarder.kill();
     let _ = forwarder.wait();
+}
+
+/// Runs `vsock-relay client` in the workshop's form until the server
+/// listens (30 s at most); returns its answer.
+fn client_answer(port: u32, region: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = Command::new(vsock_relay_testkit::binary("vsock-relay"))
+            .args(["client", "1", &port.to_string(), region])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        if out.status.success() {
+            return String::from_utf8(out.stdout).unwrap();
+        }
+        assert!(stderr.contains("cannot connect") && Instant::now() < deadline, "client failed: {stderr}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The workshop's secure local channel with real vsock hops: client ->
+/// (vsock) server -> forwarder -> (vsock) vsock-proxy -> HTTPS endpoint.
+#[test]
+#[ignore = "needs the vsock guest: tests/vm/run.sh"]
+fn whole_channel_over_vsock() {
+    use vsock_relay_apps::demo::{HttpsEndpoint, SAMPLE_DOCUMENT};
+    require_vsock_guest();
+    let endpoint = HttpsEndpoint::start(SAMPLE_DOCUMENT.to_vec()).unwrap();
+    let dir = std::env::temp_dir().join("whole-channel");
+    std::fs::create_dir_all(&dir).unwrap();
+    let (ca_file, allowlist) = (dir.join("ca.pem"), dir.join("vsock-proxy.yaml"));
+    std::fs::write(&ca_file, endpoint.ca_pem()).unwrap();
+    let port = endpoint.port().to_string();
+    std::fs::write(&allowlist, format!("allowlist:\n- {{address: localhost, port: {port}}}\n")).unwrap();
+    let spawn = |binary: &str, args: &[&str]| {
+        Command::new(vsock_relay_testkit::binary(binary)).args(args).stderr(Stdio::null()).spawn().unwrap()
+    };
+    let mut children = KillOnDrop(vec![
+        spawn("vsock-proxy", &["17000", "localhost", &port, "--config", allowlist.to_str().unwrap()]),
+        spawn("vsock-relay", &["forward", "127.0.0.1", "4444", "1", "17000"]),
+        spawn(
+            "vsock-relay",
+            &[
+                "serve",
+                "17005",
+                "--url",
+                "https://localhost:4444/ip-ranges.json",
+                "--ca-file",
+                ca_file.to_str().unwrap(),
+            ],
+        ),
+    ]);
+    assert_eq!(
+        client_answer(17_005, "us-east-1"),
+        "[\"3.5.0.0/19\", \"16.182.0.0/16\", \"52.216.0.0/15\"]\n"
+    );
+    assert_eq!(client_answer(17_005, "eu-west-1"), "[\"3.5.64.0/21\", \"52.218.0.0/17\"]\n");
+    assert_eq!(client_answer(17_005, "mars-north-1"), "[]\n");
+    assert_eq!(endpoint.requests(), 1, "the server fetched once, through forwarder and proxy");
+    for child in &mut children.0 {
+        assert!(child.try_wait().unwrap().is_none(), "an app of the channel exited");
+    }
+}
+
+/// Child processes killed when the test ends, even by a panic (so a second
+/// pass finds the ports free).
+struct KillOnDrop(Vec<std::process::Child>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// `vsock-relay demo` takes the AF_VSOCK loopback where the kernel has it.
+#[test]
+#[ignore = "needs the vsock guest: tests/vm/run.sh"]
+fn demo_over_vsock_loopback() {
+    require_vsock_guest();
+    let out = Command::new(vsock_relay_testkit::binary("vsock-relay"))
+        .args(["demo", "--transport", "vsock", "--throughput-mib", "32"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    for line in [
+        "vsock hops: AF_VSOCK loopback (CID 1)",
+        "client us-east-1: [\"3.5.0.0/19\", \"16.182.0.0/16\", \"52.216.0.0/15\"]",
+    ] {
+        assert!(stdout.lines().any(|l| l == line), "no `{line}` in:\n{stdout}");
+    }
+    println!("{}", stdout.lines().find(|l| l.starts_with("throughput:")).unwrap_or("no throughput line"));
 }

@@ -29,9 +29,9 @@ pub use endpoint::HttpsEndpoint;
 pub const SAMPLE_DOCUMENT: &[u8] = include_bytes!("ip-ranges.json");
 
 /// The workshop's vsock port for the proxy (the server's is 5005).
-const PROXY_PORT: u32 = 8000;
+const PROXY_PORT: u32 = 8001;
 /// A second proxy for the throughput line, to a byte sink.
-const BULK_PROXY_PORT: u32 = 8001;
+const BULK_PROXY_PORT: u32 = 8002;
 
 #[derive(Args, Clone, Debug)]
 pub struct DemoArgs {
