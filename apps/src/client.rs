@@ -5,6 +5,7 @@
 use std::io::{self, Read, Write};
 use std::time::{Duration, Instant};
 
+use socket2::Socket;
 use vsock_relay_engine::socket::{self, SocketOptions};
 use vsock_relay_engine::Endpoint;
 
@@ -35,22 +36,30 @@ pub enum ClientError {
     TooLarge { to: Endpoint },
 }
 
+/// A blocking connection to `to`, tuned like the relay's sockets (TCP_NODELAY,
+/// the vsock buffer size). The connect waits at most `timeout` (TCP, Unix;
+/// vsock has its own connect timeout of 2 s).
+pub fn connect(to: &Endpoint, timeout: Duration) -> io::Result<Socket> {
+    let addr = socket::sockaddr(to)?;
+    let options = SocketOptions::default();
+    let stream = socket::socket_for(&addr, &options)?;
+    stream.set_nonblocking(false)?;
+    stream.set_write_timeout(Some(timeout))?;
+    stream.connect(&addr)?;
+    stream.set_write_timeout(None)?;
+    socket::tune(&stream, &options)?;
+    Ok(stream)
+}
+
 /// Sends `query` once, without closing the write side (as the workshop's
 /// client does), and reads the reply until the server closes.
 pub fn ask(to: &Endpoint, query: &str, timeout: Duration) -> Result<Reply, ClientError> {
     let deadline = Instant::now() + timeout;
-    let connect_error = |source| ClientError::Connect { to: to.clone(), source };
-    let addr = socket::sockaddr(to).map_err(connect_error)?;
-    let stream = socket::socket_for(&addr, &SocketOptions::default()).map_err(connect_error)?;
-    stream.set_nonblocking(false).map_err(connect_error)?;
-    // A blocking connect waits at most the send timeout (TCP, Unix; vsock
-    // has its own connect timeout of 2 s).
-    stream.set_write_timeout(Some(timeout)).map_err(connect_error)?;
-    stream.connect(&addr).map_err(|e| match e.kind() {
+    let stream = connect(to, timeout).map_err(|e| match e.kind() {
         io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
             ClientError::Timeout { to: to.clone(), timeout }
         }
-        _ => connect_error(e),
+        _ => ClientError::Connect { to: to.clone(), source: e },
     })?;
 
     let failed = |source: io::Error| match source.kind() {

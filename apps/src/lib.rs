@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 pub mod allowlist;
+pub mod bench;
 pub mod client;
 pub mod demo;
 pub mod forward;

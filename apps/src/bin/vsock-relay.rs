@@ -10,6 +10,7 @@ use anyhow::Context;
 use clap::{CommandFactory, Parser, Subcommand};
 use std::time::Duration;
 
+use vsock_relay_apps::bench::{self, Bench};
 use vsock_relay_apps::client::{self, Reply};
 use vsock_relay_apps::demo::{self, DemoArgs};
 use vsock_relay_apps::forward::{ensure_hosts, parse_listen, parse_mapping, parse_positional, Mapping};
@@ -143,6 +144,10 @@ enum Command {
     /// proxy, the forwarder, the server and the client; then a throughput
     /// line through forwarder + proxy. Ends by itself.
     Demo(DemoArgs),
+    /// Load generator and sink, over any endpoint family: `bench sink`,
+    /// then `bench bulk|rpc|churn|idle --to` the sink or a relay before it.
+    #[command(subcommand)]
+    Bench(Bench),
     /// A plain relay between any two endpoints, without an allowlist.
     Relay {
         /// Where to listen.
@@ -281,6 +286,7 @@ fn run_command(command: Command) -> anyhow::Result<ExitCode> {
         Command::Serve { port, listen, url, ca_file, cache_seconds, fetch_timeout } => {
             return run_server(ServeArgs { port, listen, url, ca_file, cache_seconds, fetch_timeout })
         }
+        Command::Bench(bench) => return bench::run(bench).map(|()| ExitCode::SUCCESS),
         Command::Demo(args) => {
             return demo::run(&args, &mut std::io::stdout().lock()).map(|()| ExitCode::SUCCESS)
         }
@@ -306,13 +312,14 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match &cli.command {
         // The demo's output is its story; the client's is its answer.
-        Command::Demo(_) | Command::Client { .. } => run::init_logging_at("warn"),
+        Command::Demo(_) | Command::Client { .. } | Command::Bench(_) => run::init_logging_at("warn"),
         _ => run::init_logging(),
     }
     let program = match &cli.command {
         Command::Client { .. } => "vsock-relay client",
         Command::Demo(_) => "vsock-relay demo",
         Command::Serve { .. } => "vsock-relay serve",
+        Command::Bench(_) => "vsock-relay bench",
         _ => "vsock-relay",
     };
     match run_command(cli.command) {

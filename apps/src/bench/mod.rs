@@ -1,0 +1,204 @@
+//! `vsock-relay bench`: a load generator and sink over any endpoint family,
+//! in the spirit of iperf-vsock. Start a `sink`, point a workload at it
+//! (directly, or through a relay), read the numbers; `--json` for scripts
+//! (perf/compare runs every relay between the same two ends with it).
+
+mod load;
+pub mod sink;
+
+use std::time::Duration;
+
+use clap::{Args, Subcommand};
+use vsock_relay_engine::Endpoint;
+
+pub use load::{BulkResult, ChurnResult, IdleResult, Latency, RpcResult};
+
+#[derive(Subcommand, Debug, Clone)]
+pub enum Bench {
+    /// The far end: counts (bulk) or echoes (rpc, churn, idle) what each
+    /// connection sends; the workloads say which with a first byte.
+    Sink {
+        /// Where to listen.
+        #[arg(long, value_name = "ENDPOINT")]
+        listen: Endpoint,
+    },
+    /// STREAMS connections sending BYTES each; throughput per stream and in
+    /// total, counting only what the sink confirmed.
+    Bulk {
+        #[command(flatten)]
+        common: Common,
+        /// Parallel streams.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=1024))]
+        streams: u16,
+        /// Bytes per stream (suffixes KiB, MiB, GiB).
+        #[arg(long, default_value = "1GiB", value_parser = parse_size)]
+        bytes: u64,
+    },
+    /// CONNECTIONS connections doing REQUESTS round trips of SIZE bytes
+    /// each: requests/s, and p50, p99 and max latency.
+    Rpc {
+        #[command(flatten)]
+        common: Common,
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=4096))]
+        connections: u16,
+        /// Round trips per connection.
+        #[arg(long, default_value_t = 1000)]
+        requests: u32,
+        /// Request (and echo) size (suffixes KiB, MiB).
+        #[arg(long, default_value = "64", value_parser = parse_size)]
+        size: u64,
+    },
+    /// CONNECTIONS times: open, exchange 64 bytes, close; PARALLEL at a
+    /// time: connections/s and latency.
+    Churn {
+        #[command(flatten)]
+        common: Common,
+        #[arg(long, default_value_t = 2000)]
+        connections: u32,
+        #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=1024))]
+        parallel: u16,
+    },
+    /// Opens CONNECTIONS connections (each confirmed with a 1-byte echo),
+    /// holds them HOLD seconds and meanwhile checks that new connections are
+    /// served. Prints "idle: holding ..." on stderr once all are open.
+    Idle {
+        #[command(flatten)]
+        common: Common,
+        #[arg(long, default_value_t = 1000)]
+        connections: u32,
+        /// Seconds to hold them.
+        #[arg(long, default_value_t = 5.0, value_parser = crate::options::parse_seconds)]
+        hold: f64,
+        /// Seconds allowed for every connection to answer its echo.
+        #[arg(long, default_value_t = 10.0, value_parser = crate::options::parse_seconds)]
+        limit: f64,
+    },
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct Common {
+    /// The sink, or a relay in front of it.
+    #[arg(long, value_name = "ENDPOINT")]
+    to: Endpoint,
+    /// One JSON object on stdout instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+/// A byte count: a number with an optional KiB, MiB or GiB suffix.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let (digits, unit) = match text.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => text.split_at(i),
+        None => (text, ""),
+    };
+    let shift = match unit {
+        "" | "B" => 0,
+        "KiB" | "K" => 10,
+        "MiB" | "M" => 20,
+        "GiB" | "G" => 30,
+        _ => return Err(format!("`{text}`: expected a number of bytes with an optional KiB, MiB or GiB")),
+    };
+    let n: u64 = digits.parse().map_err(|_| format!("`{text}` is not a number of bytes"))?;
+    n.checked_shl(shift)
+        .filter(|v| v >> shift == n && *v > 0)
+        .ok_or_else(|| format!("`{text}`: out of range"))
+}
+
+/// Runs a bench command; the sink runs until the process is stopped.
+pub fn run(bench: Bench) -> anyhow::Result<()> {
+    let print = |common: &Common, value: serde_json::Value, text: String| {
+        if common.json {
+            println!("{value}");
+        } else {
+            println!("{text}");
+        }
+    };
+    match bench {
+        Bench::Sink { listen } => {
+            let local = sink::start(&listen)?;
+            tracing::info!(listen = %local, "sink listening");
+            crate::run::wait_for_signal()?;
+            if let Endpoint::Unix { path } = &local {
+                let _ = std::fs::remove_file(path);
+            }
+        }
+        Bench::Bulk { common, streams, bytes } => {
+            let r = load::bulk(&common.to, streams.into(), bytes)?;
+            let per_stream: Vec<String> = r.per_stream_gib_per_s.iter().map(|g| format!("{g:.2}")).collect();
+            let text = format!(
+                "bulk: {streams} stream(s) x {} to {}: {:.3} GiB/s in total ({:.2} s); per stream GiB/s: {}",
+                human_bytes(bytes),
+                common.to,
+                r.total_gib_per_s,
+                r.seconds,
+                per_stream.join(" ")
+            );
+            print(&common, serde_json::json!({"bulk": r}), text);
+        }
+        Bench::Rpc { common, connections, requests, size } => {
+            let r = load::rpc(&common.to, connections.into(), requests as usize, size as usize)?;
+            let text = format!(
+                "rpc: {connections} connection(s) x {requests} round trips of {} to {}: {:.0} requests/s; latency {}",
+                human_bytes(size),
+                common.to,
+                r.requests_per_s,
+                latency_text(&r.latency)
+            );
+            print(&common, serde_json::json!({"rpc": r}), text);
+        }
+        Bench::Churn { common, connections, parallel } => {
+            let r = load::churn(&common.to, connections as usize, parallel.into())?;
+            let text = format!(
+                "churn: {connections} connections, {parallel} at a time, to {}: {:.0} connections/s; latency {}",
+                common.to,
+                r.connections_per_s,
+                latency_text(&r.latency)
+            );
+            print(&common, serde_json::json!({"churn": r}), text);
+        }
+        Bench::Idle { common, connections, hold, limit } => {
+            let r = load::idle(
+                &common.to,
+                connections as usize,
+                Duration::from_secs_f64(hold),
+                Duration::from_secs_f64(limit),
+            )?;
+            let text = format!(
+                "idle: {} connections to {} ({} answered within {limit} s, {:.2} s to open); new connections served while held: {} of {}",
+                r.connections, common.to, r.confirmed, r.open_seconds, r.new_served, r.new_tried
+            );
+            print(&common, serde_json::json!({"idle": r}), text);
+        }
+    }
+    Ok(())
+}
+
+fn latency_text(l: &Latency) -> String {
+    format!("p50 {:.1} us, p99 {:.1} us, max {:.1} us", l.p50_us, l.p99_us, l.max_us)
+}
+
+fn human_bytes(bytes: u64) -> String {
+    match bytes {
+        b if b >= 1 << 30 && b % (1 << 30) == 0 => format!("{} GiB", b >> 30),
+        b if b >= 1 << 20 && b % (1 << 20) == 0 => format!("{} MiB", b >> 20),
+        b if b >= 1 << 10 && b % (1 << 10) == 0 => format!("{} KiB", b >> 10),
+        b => format!("{b} B"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("64"), Ok(64));
+        assert_eq!(parse_size("4KiB"), Ok(4096));
+        assert_eq!(parse_size("256MiB"), Ok(256 << 20));
+        assert_eq!(parse_size("1GiB"), Ok(1 << 30));
+        assert!(parse_size("0").is_err());
+        assert!(parse_size("1TB").is_err());
+        assert!(parse_size("x").is_err());
+        assert!(parse_size("99999999999GiB").is_err());
+    }
+}

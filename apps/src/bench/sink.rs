@@ -1,0 +1,82 @@
+//! The bench's far end. Each connection starts with one mode byte:
+//! [`COUNT`] reads to EOF and answers the byte count (8 bytes, little
+//! endian), so a bulk sender knows every byte arrived; [`ECHO`] sends back
+//! what it reads until EOF. A thread per connection with a small stack: the
+//! sink must hold thousands of idle connections and never be the bottleneck
+//! of one fast stream.
+
+use std::io::{self, Read, Write};
+use std::net::Shutdown;
+use std::time::Duration;
+
+use anyhow::Context;
+use socket2::Socket;
+use vsock_relay_engine::socket::{self, SocketOptions};
+use vsock_relay_engine::Endpoint;
+
+/// Mode byte: count to EOF, answer the count.
+pub const COUNT: u8 = b'C';
+/// Mode byte: echo until EOF.
+pub const ECHO: u8 = b'E';
+
+const READ_BYTES: usize = 256 * 1024;
+
+/// Listens on `listen` and serves until the process ends; returns the bound
+/// endpoint once listening (port 0 gets a real port).
+pub fn start(listen: &Endpoint) -> anyhow::Result<Endpoint> {
+    let _ = vsock_relay_engine::raise_open_files_limit();
+    let options = SocketOptions { backlog: 4096, ..SocketOptions::default() };
+    let listener =
+        socket::listen(listen, &options, false).with_context(|| format!("cannot listen on {listen}"))?;
+    listener.set_nonblocking(false)?;
+    let local = socket::local_endpoint(&listener, listen)?;
+    std::thread::Builder::new().name("sink-accept".into()).spawn(move || loop {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                let _ = socket::tune(&stream, &options);
+                let spawned = std::thread::Builder::new().stack_size(64 * 1024).spawn(move || serve(stream));
+                if let Err(e) = spawned {
+                    tracing::warn!(error = %e, "sink: cannot start a connection thread");
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "sink: accept failed");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    })?;
+    Ok(local)
+}
+
+fn serve(mut stream: Socket) -> io::Result<()> {
+    let mut mode = [0u8; 1];
+    if stream.read(&mut mode)? == 0 {
+        return Ok(());
+    }
+    let mut buf = vec![0u8; READ_BYTES];
+    match mode[0] {
+        COUNT => {
+            let mut count = 0u64;
+            loop {
+                match stream.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => count += n as u64,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            stream.write_all(&count.to_le_bytes())?;
+        }
+        ECHO => loop {
+            match stream.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => stream.write_all(&buf[..n])?,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        },
+        _ => return Ok(()),
+    }
+    stream.shutdown(Shutdown::Write)
+}
