@@ -21,7 +21,12 @@ impl Baseline {
     /// Listens on a free loopback port, forwarding to `target` with `workers`
     /// threads (AWS's default is 4).
     pub fn start(target: SocketAddr, workers: usize) -> Baseline {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind baseline");
+        Baseline::start_on("127.0.0.1:0".parse().unwrap(), target, workers).expect("bind baseline")
+    }
+
+    /// Like [`Baseline::start`], listening on `listen`.
+    pub fn start_on(listen: SocketAddr, target: SocketAddr, workers: usize) -> std::io::Result<Baseline> {
+        let listener = TcpListener::bind(listen)?;
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = mpsc::channel::<TcpStream>();
         let rx = Arc::new(Mutex::new(rx));
@@ -42,7 +47,7 @@ impl Baseline {
                 }
             }
         });
-        Baseline { addr }
+        Ok(Baseline { addr })
     }
 }
 

@@ -3,6 +3,7 @@
 //! vsock suite runs in the QEMU guest of tests/vm.
 
 mod backend;
+mod bench;
 mod channel;
 mod cli;
 mod dns;

@@ -4,7 +4,6 @@
 //! sockets: the load generator must be simple enough to trust.
 
 use std::io::{self, Read, Write};
-use std::net::Shutdown;
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
@@ -80,13 +79,14 @@ pub struct BulkResult {
     pub per_stream_gib_per_s: Vec<f64>,
 }
 
-/// `streams` connections, each sending `bytes` and waiting for the sink's
-/// count: throughput counts only bytes the far end confirmed.
+/// `streams` connections, each announcing and sending `bytes` and waiting
+/// for the sink's count: throughput counts only bytes the far end confirmed.
 pub fn bulk(to: &Endpoint, streams: usize, bytes: u64) -> anyhow::Result<BulkResult> {
     let to = to.clone();
     let (per_stream, took) = in_parallel(streams, move |_| {
         let started = Instant::now();
         let mut stream = open(&to, COUNT).with_context(|| format!("cannot connect to {to}"))?;
+        stream.write_all(&bytes.to_le_bytes())?;
         let chunk = vec![0xa5u8; WRITE_BYTES];
         let mut left = bytes;
         while left > 0 {
@@ -94,7 +94,6 @@ pub fn bulk(to: &Endpoint, streams: usize, bytes: u64) -> anyhow::Result<BulkRes
             stream.write_all(&chunk[..n]).context("send failed")?;
             left -= n as u64;
         }
-        stream.shutdown(Shutdown::Write)?;
         let mut count = [0u8; 8];
         stream.read_exact(&mut count).context("the sink did not confirm")?;
         anyhow::ensure!(

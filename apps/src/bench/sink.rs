@@ -1,7 +1,9 @@
 //! The bench's far end. Each connection starts with one mode byte:
-//! [`COUNT`] reads to EOF and answers the byte count (8 bytes, little
-//! endian), so a bulk sender knows every byte arrived; [`ECHO`] sends back
-//! what it reads until EOF. A thread per connection with a small stack: the
+//! [`COUNT`], followed by a byte count N (8 bytes, little endian), reads N
+//! bytes (or to EOF) and answers how many it got (8 bytes), so a bulk sender
+//! knows every byte arrived without needing half-close from the relay in
+//! between (AWS's design has none); [`ECHO`] sends back what it reads until
+//! EOF. A thread per connection with a small stack: the
 //! sink must hold thousands of idle connections and never be the bottleneck
 //! of one fast stream.
 
@@ -14,7 +16,7 @@ use socket2::Socket;
 use vsock_relay_engine::socket::{self, SocketOptions};
 use vsock_relay_engine::Endpoint;
 
-/// Mode byte: count to EOF, answer the count.
+/// Mode byte: count N bytes (N follows), answer the count.
 pub const COUNT: u8 = b'C';
 /// Mode byte: echo until EOF.
 pub const ECHO: u8 = b'E';
@@ -57,9 +59,13 @@ fn serve(mut stream: Socket) -> io::Result<()> {
     let mut buf = vec![0u8; READ_BYTES];
     match mode[0] {
         COUNT => {
+            let mut expected = [0u8; 8];
+            stream.read_exact(&mut expected)?;
+            let expected = u64::from_le_bytes(expected);
             let mut count = 0u64;
-            loop {
-                match stream.read(&mut buf) {
+            while count < expected {
+                let want = (expected - count).min(buf.len() as u64) as usize;
+                match stream.read(&mut buf[..want]) {
                     Ok(0) => break,
                     Ok(n) => count += n as u64,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
