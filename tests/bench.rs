@@ -28,13 +28,19 @@ fn assert_latency(latency: &Value) {
     assert!(0.0 < p50 && p50 <= p99 && p99 <= max, "{latency}");
 }
 
+/// A `bench sink` on a Unix socket in `dir`, and its endpoint.
+fn sink(dir: &TempDir) -> (Proc, String) {
+    let path = dir.path("sink.sock");
+    let endpoint = format!("unix:{}", path.display());
+    let sink = Proc::spawn("vsock-relay", &["bench", "sink", "--listen", &endpoint]);
+    wait_for_unix(&path, Duration::from_secs(20));
+    (sink, endpoint)
+}
+
 #[test]
 fn every_workload_directly_and_through_a_relay() {
     let dir = TempDir::new("bench");
-    let sink_path = dir.path("sink.sock");
-    let sink_endpoint = format!("unix:{}", sink_path.display());
-    let _sink = Proc::spawn("vsock-relay", &["bench", "sink", "--listen", &sink_endpoint]);
-    wait_for_unix(&sink_path, Duration::from_secs(20));
+    let (_sink, sink_endpoint) = sink(&dir);
     let mut relay =
         Proc::spawn("vsock-relay", &["relay", "--listen", "tcp:127.0.0.1:0", "--to", &sink_endpoint]);
     let relayed = format!("tcp:127.0.0.1:{}", relay.logged_tcp_port());
@@ -64,10 +70,7 @@ fn every_workload_directly_and_through_a_relay() {
 #[test]
 fn text_output_names_the_workload() {
     let dir = TempDir::new("bench-text");
-    let sink_path = dir.path("sink.sock");
-    let to = format!("unix:{}", sink_path.display());
-    let _sink = Proc::spawn("vsock-relay", &["bench", "sink", "--listen", &to]);
-    wait_for_unix(&sink_path, Duration::from_secs(20));
+    let (_sink, to) = sink(&dir);
     let out = run_capturing(
         "vsock-relay",
         &["bench", "rpc", "--to", &to, "--requests", "10"],
