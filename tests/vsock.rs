@@ -376,3 +376,34 @@ fn demo_over_vsock_loopback() {
     }
     println!("{}", stdout.lines().find(|l| l.starts_with("throughput:")).unwrap_or("no throughput line"));
 }
+
+/// `vsock-relay bench` over AF_VSOCK: its sink on vsock, bulk and rpc to it.
+#[test]
+#[ignore = "needs the vsock guest: tests/vm/run.sh"]
+fn bench_over_vsock() {
+    require_vsock_guest();
+    let sink = KillOnDrop(vec![Command::new(vsock_relay_testkit::binary("vsock-relay"))
+        .args(["bench", "sink", "--listen", "vsock:any:19000"])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()]);
+    let bench = |args: &[&str]| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let out = Command::new(vsock_relay_testkit::binary("vsock-relay")).args(args).output().unwrap();
+            if out.status.success() {
+                return String::from_utf8(out.stdout).unwrap();
+            }
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(stderr.contains("cannot connect") && Instant::now() < deadline, "{args:?}: {stderr}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    let bulk =
+        bench(&["bench", "bulk", "--to", "vsock:1:19000", "--streams", "2", "--bytes", "8MiB", "--json"]);
+    assert!(bulk.starts_with("{\"bulk\":{") && bulk.contains("\"bytes_per_stream\":8388608"), "{bulk}");
+    let rpc = bench(&["bench", "rpc", "--to", "vsock:1:19000", "--requests", "200"]);
+    assert!(rpc.starts_with("rpc: 1 connection(s) x 200 round trips of 64 B to vsock:1:19000: "), "{rpc}");
+    println!("{}{}", bulk.trim_end(), rpc.trim_end());
+    drop(sink);
+}
