@@ -60,6 +60,22 @@ fn byte_exact_tcp_to_unix_splice() {
     }
 }
 
+/// Spinning before sleep (`--spin-us`) changes how workers wait, not what
+/// they move: byte-exact, and the relay stops as usual.
+#[test]
+fn byte_exact_while_spinning_before_sleep() {
+    for backend in BACKENDS {
+        let ledger = Ledger::default();
+        let server = Server::tcp(twin(Arc::clone(&ledger)));
+        let relay = relay("tcp:127.0.0.1:0", server.endpoint(), (backend, DataPath::Splice), |config| {
+            config.spin = Duration::from_micros(50);
+        });
+        check_byte_exact(relay.local_endpoint(), &ledger, cases(16 * MIB, 4));
+        assert_eq!(relay.stats().snapshot().failed, 0, "{backend:?}");
+        relay.shutdown().unwrap();
+    }
+}
+
 /// The server reads to EOF, then replies: the client's half-close must not
 /// cut the reply.
 #[test]

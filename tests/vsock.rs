@@ -332,6 +332,9 @@ fn whole_channel_over_vsock() {
             ],
         ),
     ]);
+    // The server must not fetch before the hops behind it listen.
+    drop(connect_when_listening(&mut children.0[0], &vsock(17_000)));
+    drop(connect_when_listening(&mut children.0[1], &"tcp:127.0.0.1:4444".parse().unwrap()));
     assert_eq!(
         client_answer(17_005, "us-east-1"),
         "[\"3.5.0.0/19\", \"16.182.0.0/16\", \"52.216.0.0/15\"]\n"

@@ -32,6 +32,14 @@ pub struct EngineArgs {
     #[arg(long, default_value_t = 1024, value_name = "KIB", value_parser = clap::value_parser!(u32).range(4..=1048576))]
     pub pipe_kib: u32,
 
+    /// Before sleeping, each worker polls for new events this many
+    /// microseconds: cuts the latency a relay adds to request/response
+    /// traffic on VMs (where a thread's sleep and wake-up costs 10-20 us) for
+    /// CPU. perf/compare, 2 vCPUs, 20 us: 64-byte round trip p50 -35 us, bulk
+    /// unchanged, CPU per GB +20%, churn -15%. 0 never spins.
+    #[arg(long, default_value_t = 0, value_name = "US", value_parser = clap::value_parser!(u32).range(0..=1000))]
+    pub spin_us: u32,
+
     /// Ask this DNS server (IP:PORT, repeatable) instead of /etc/resolv.conf.
     #[arg(long = "dns-server", value_name = "IP:PORT")]
     pub dns_servers: Vec<SocketAddr>,
@@ -56,6 +64,7 @@ impl EngineArgs {
         config.connect_timeout = Duration::from_secs_f64(self.connect_timeout);
         config.data_path = if self.copy { DataPath::Copy } else { DataPath::Splice };
         config.pipe_bytes = self.pipe_kib as usize * 1024;
+        config.spin = Duration::from_micros(self.spin_us.into());
     }
 }
 

@@ -26,6 +26,9 @@ const MAX_QUERY_BYTES: usize = 1024;
 /// How long a client may take to send its query, and to read the reply.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// What the server reads and discards after its reply, at most.
+const MAX_DRAIN_BYTES: usize = 64 * 1024;
+
 /// Clients served at once; more get a "busy" reply instead of a thread.
 const MAX_CLIENTS: usize = 1024;
 
@@ -125,8 +128,16 @@ fn serve_one(mut client: Socket, source: &Source, peer: &str) -> io::Result<()> 
 fn finish(mut client: Socket, answer: &str) -> io::Result<()> {
     client.write_all(answer.as_bytes())?;
     client.shutdown(Shutdown::Write)?;
+    // Bounded in time and bytes: a client that keeps sending cannot keep
+    // the thread.
     client.set_read_timeout(Some(Duration::from_secs(2)))?;
     let mut sink = [0u8; 4096];
-    while client.read(&mut sink)? > 0 {}
+    let mut drained = 0;
+    while drained < MAX_DRAIN_BYTES {
+        match client.read(&mut sink)? {
+            0 => break,
+            n => drained += n,
+        }
+    }
     Ok(())
 }

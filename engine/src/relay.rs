@@ -42,6 +42,10 @@ pub struct RelayConfig {
     pub connect_timeout: Duration,
     pub drain_timeout: Duration,
     pub socket: SocketOptions,
+    /// Before sleeping, a worker polls for new events this long. On a VM a
+    /// sleep and wake-up of the relay costs more than a request/response
+    /// hop; spinning saves it for CPU. Zero (the default) never spins.
+    pub spin: Duration,
 }
 
 impl RelayConfig {
@@ -56,6 +60,7 @@ impl RelayConfig {
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
             socket: SocketOptions::default(),
+            spin: Duration::ZERO,
         }
     }
 }

@@ -43,6 +43,9 @@ const REQUIRED_OPCODES: [(u8, &str); 6] = [
     (opcode::Nop::CODE, "NOP"),
 ];
 
+/// `io_uring_enter` flag: collect completions (linux/io_uring.h).
+const IORING_ENTER_GETEVENTS: u32 = 1;
+
 pub struct Ring {
     ring: IoUring,
     /// Read by the kernel when a timeout is submitted; boxed so the address
@@ -161,6 +164,21 @@ impl Ring {
             Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::EBUSY)) => Ok(()),
             Err(e) => Err(e),
         }
+    }
+
+    /// Submits what is queued and lets the kernel post finished work (with
+    /// DEFER_TASKRUN it does so only when asked), without sleeping; whether
+    /// any completion is waiting.
+    pub fn poll_completions(&mut self) -> io::Result<bool> {
+        self.submit_and_wait(0)?;
+        // SAFETY: an enter with GETEVENTS, nothing to submit, no minimum and
+        // no argument passes no memory to the kernel.
+        match unsafe { self.ring.submitter().enter::<libc::sigset_t>(0, 0, IORING_ENTER_GETEVENTS, None) } {
+            Ok(_) => {}
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::EBUSY)) => {}
+            Err(e) => return Err(e),
+        }
+        Ok(!self.ring.completion().is_empty())
     }
 
     /// Moves every available completion into `out`.

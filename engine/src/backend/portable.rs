@@ -105,7 +105,7 @@ impl Worker {
                 self.core.abandon(open.filter(|conn| conn.state != ConnState::Closed));
                 return Ok(());
             }
-            match self.poll.poll(&mut events, self.next_timeout(now)) {
+            match self.wait(&mut events, now) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
@@ -134,6 +134,24 @@ impl Worker {
                 }
             }
         }
+    }
+
+    /// Waits for events until the next timer; first polls for them during
+    /// the configured spin time.
+    fn wait(&mut self, events: &mut Events, now: Instant) -> io::Result<()> {
+        let timeout = self.next_timeout(now);
+        let spin = self.core.config.spin;
+        if !spin.is_zero() && timeout != Some(Duration::ZERO) {
+            let until = now + spin;
+            while Instant::now() < until {
+                self.poll.poll(events, Some(Duration::ZERO))?;
+                if !events.is_empty() {
+                    return Ok(());
+                }
+                std::hint::spin_loop();
+            }
+        }
+        self.poll.poll(events, timeout)
     }
 
     /// How long epoll may sleep: until the nearest timer, or not at all

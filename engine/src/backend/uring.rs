@@ -9,6 +9,7 @@
 use std::fs::File;
 use std::io::{self, Read};
 use std::os::fd::AsFd;
+use std::time::Instant;
 
 use slab::Slab;
 use socket2::Socket;
@@ -128,7 +129,7 @@ impl Worker {
                 self.core.abandon(open.filter(|conn| conn.state != ConnState::Closed));
                 return Ok(());
             }
-            self.ring.submit_and_wait(if self.ready.is_empty() { 1 } else { 0 })?;
+            self.wait()?;
             self.ring.reap(&mut completions);
             for completion in completions.drain(..) {
                 self.complete(completion)?;
@@ -143,6 +144,25 @@ impl Worker {
                 }
             }
         }
+    }
+
+    /// Submits, then waits for completions unless work is ready; first
+    /// polls for them during the configured spin time.
+    fn wait(&mut self) -> io::Result<()> {
+        if !self.ready.is_empty() {
+            return self.ring.submit_and_wait(0);
+        }
+        let spin = self.core.config.spin;
+        if !spin.is_zero() {
+            let until = Instant::now() + spin;
+            while Instant::now() < until {
+                if self.ring.poll_completions()? {
+                    return Ok(());
+                }
+                std::hint::spin_loop();
+            }
+        }
+        self.ring.submit_and_wait(1)
     }
 
     fn arm_accept(&mut self) -> io::Result<()> {
