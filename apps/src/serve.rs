@@ -10,12 +10,16 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::path::PathBuf;
+
 use anyhow::Context;
+use clap::Args;
 use socket2::Socket;
 use vsock_relay_engine::socket::{self, SocketOptions};
 use vsock_relay_engine::Endpoint;
 
-use crate::ipranges::{self, Source};
+use crate::ipranges::{self, Source, SourceSettings};
+use crate::options::parse_seconds;
 
 /// The workshop's server port.
 pub const DEFAULT_PORT: u32 = 5005;
@@ -31,6 +35,56 @@ const MAX_DRAIN_BYTES: usize = 64 * 1024;
 
 /// Clients served at once; more get a "busy" reply instead of a thread.
 const MAX_CLIENTS: usize = 1024;
+
+/// `vsock-relay serve`'s options.
+#[derive(Args, Clone, Debug)]
+pub struct ServeArgs {
+    /// vsock port to listen on, any CID (default 5005); or use --listen.
+    #[arg(value_name = "PORT", conflicts_with = "listen")]
+    pub port: Option<u32>,
+
+    /// Where to listen: any endpoint.
+    #[arg(long, value_name = "ENDPOINT")]
+    pub listen: Option<Endpoint>,
+
+    /// The document to fetch (an https URL).
+    #[arg(long, default_value = ipranges::DEFAULT_URL, value_name = "URL")]
+    pub url: String,
+
+    /// Also trust the CA certificates in this PEM file (besides the public
+    /// roots built in).
+    #[arg(long, value_name = "PEM")]
+    pub ca_file: Option<PathBuf>,
+
+    /// Keep a fetched document this many seconds before fetching it again;
+    /// a failed refetch keeps serving the last good copy.
+    #[arg(long, default_value_t = 300.0, value_name = "SECONDS", value_parser = parse_seconds)]
+    pub cache_seconds: f64,
+
+    /// Give up on a fetch after this many seconds (the waiting clients get
+    /// an error line).
+    #[arg(long, default_value_t = 10.0, value_name = "SECONDS", value_parser = parse_seconds)]
+    pub fetch_timeout: f64,
+}
+
+impl ServeArgs {
+    /// `--listen`, else vsock `PORT` (default 5005) on any CID.
+    pub fn listen(&self) -> Endpoint {
+        self.listen.clone().unwrap_or(Endpoint::Vsock {
+            cid: vsock_relay_engine::endpoint::VSOCK_CID_ANY,
+            port: self.port.unwrap_or(DEFAULT_PORT),
+        })
+    }
+
+    pub fn source_settings(self) -> SourceSettings {
+        SourceSettings {
+            url: self.url,
+            ca_file: self.ca_file,
+            timeout: Duration::from_secs_f64(self.fetch_timeout),
+            cache_for: Duration::from_secs_f64(self.cache_seconds),
+        }
+    }
+}
 
 /// A running server. It serves until the process exits.
 pub struct Server {

@@ -14,11 +14,11 @@ use vsock_relay_apps::bench::{self, Bench};
 use vsock_relay_apps::client::{self, Reply};
 use vsock_relay_apps::demo::{self, DemoArgs};
 use vsock_relay_apps::forward::{ensure_hosts, parse_listen, parse_mapping, parse_positional, Mapping};
-use vsock_relay_apps::ipranges::{self, Source, SourceSettings};
+use vsock_relay_apps::ipranges::Source;
 use vsock_relay_apps::options::{parse_seconds, EngineArgs};
 use vsock_relay_apps::proxy::{self, ProxyArgs};
 use vsock_relay_apps::run;
-use vsock_relay_apps::serve::{self, Server};
+use vsock_relay_apps::serve::{ServeArgs, Server};
 use vsock_relay_engine::{Endpoint, IpFamily, Relay, RelayConfig, Target};
 
 /// Fast relays between AF_VSOCK, TCP and Unix sockets for AWS Nitro Enclaves.
@@ -93,34 +93,7 @@ enum Command {
     /// with `error:`.
     ///
     /// Workshop form: `vsock-relay serve 5005` (vsock, any CID).
-    Serve {
-        /// vsock port to listen on, any CID (default 5005); or use --listen.
-        #[arg(value_name = "PORT", conflicts_with = "listen")]
-        port: Option<u32>,
-
-        /// Where to listen: any endpoint.
-        #[arg(long, value_name = "ENDPOINT")]
-        listen: Option<Endpoint>,
-
-        /// The document to fetch (an https URL).
-        #[arg(long, default_value = ipranges::DEFAULT_URL, value_name = "URL")]
-        url: String,
-
-        /// Also trust the CA certificates in this PEM file (besides the
-        /// public roots built in).
-        #[arg(long, value_name = "PEM")]
-        ca_file: Option<PathBuf>,
-
-        /// Keep a fetched document this many seconds before fetching it
-        /// again; a failed refetch keeps serving the last good copy.
-        #[arg(long, default_value_t = 300.0, value_name = "SECONDS", value_parser = parse_seconds)]
-        cache_seconds: f64,
-
-        /// Give up on a fetch after this many seconds (the waiting clients
-        /// get an error line).
-        #[arg(long, default_value_t = 10.0, value_name = "SECONDS", value_parser = parse_seconds)]
-        fetch_timeout: f64,
-    },
+    Serve(ServeArgs),
     /// Parent side: the workshop's sample client. Sends QUERY (a region
     /// name) to the server, prints the reply, exits 1 on an error reply, a
     /// refused connection or a timeout.
@@ -252,26 +225,9 @@ fn run_client(args: &[String], to: Option<Endpoint>, timeout: f64) -> anyhow::Re
     }
 }
 
-struct ServeArgs {
-    port: Option<u32>,
-    listen: Option<Endpoint>,
-    url: String,
-    ca_file: Option<PathBuf>,
-    cache_seconds: f64,
-    fetch_timeout: f64,
-}
-
 fn run_server(args: ServeArgs) -> anyhow::Result<ExitCode> {
-    let listen = args.listen.unwrap_or(Endpoint::Vsock {
-        cid: vsock_relay_engine::endpoint::VSOCK_CID_ANY,
-        port: args.port.unwrap_or(serve::DEFAULT_PORT),
-    });
-    let source = Source::new(SourceSettings {
-        url: args.url,
-        ca_file: args.ca_file,
-        timeout: Duration::from_secs_f64(args.fetch_timeout),
-        cache_for: Duration::from_secs_f64(args.cache_seconds),
-    })?;
+    let listen = args.listen();
+    let source = Source::new(args.source_settings())?;
     let server = Server::start(&listen, source)?;
     run::wait_for_signal()?;
     if let Endpoint::Unix { path } = server.local_endpoint() {
@@ -283,9 +239,7 @@ fn run_server(args: ServeArgs) -> anyhow::Result<ExitCode> {
 fn run_command(command: Command) -> anyhow::Result<ExitCode> {
     let relays = match command {
         Command::Client { args, to, timeout } => return run_client(&args, to, timeout),
-        Command::Serve { port, listen, url, ca_file, cache_seconds, fetch_timeout } => {
-            return run_server(ServeArgs { port, listen, url, ca_file, cache_seconds, fetch_timeout })
-        }
+        Command::Serve(args) => return run_server(args),
         Command::Bench(bench) => return bench::run(bench).map(|()| ExitCode::SUCCESS),
         Command::Demo(args) => {
             return demo::run(&args, &mut std::io::stdout().lock()).map(|()| ExitCode::SUCCESS)
@@ -318,7 +272,7 @@ fn main() -> ExitCode {
     let program = match &cli.command {
         Command::Client { .. } => "vsock-relay client",
         Command::Demo(_) => "vsock-relay demo",
-        Command::Serve { .. } => "vsock-relay serve",
+        Command::Serve(_) => "vsock-relay serve",
         Command::Bench(_) => "vsock-relay bench",
         _ => "vsock-relay",
     };
