@@ -3,7 +3,7 @@
 //! (directly, or through a relay), read the numbers; `--json` for scripts
 //! (perf/compare runs every relay between the same two ends with it).
 
-mod load;
+pub mod load;
 pub mod sink;
 
 use std::time::Duration;
@@ -11,7 +11,7 @@ use std::time::Duration;
 use clap::{Args, Subcommand};
 use vsock_relay_engine::Endpoint;
 
-pub use load::{BulkResult, ChurnResult, IdleResult, Latency, RpcResult};
+use load::Latency;
 
 #[derive(Subcommand, Debug, Clone)]
 pub enum Bench {

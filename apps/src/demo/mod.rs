@@ -7,16 +7,16 @@
 
 pub mod endpoint;
 
-use std::io::{Read, Write};
-use std::net::{Shutdown, TcpListener, TcpStream};
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, ValueEnum};
 use vsock_relay_engine::endpoint::VSOCK_CID_ANY;
 use vsock_relay_engine::{Endpoint, Host, IpFamily, Relay, RelayConfig, Target};
 
+use crate::bench;
 use crate::client::{self, Reply};
 use crate::ipranges::{Source, SourceSettings};
 use crate::options::EngineArgs;
@@ -132,24 +132,25 @@ pub fn run(args: &DemoArgs, out: &mut impl Write) -> anyhow::Result<()> {
     let endpoint = HttpsEndpoint::start(SAMPLE_DOCUMENT.to_vec())?;
     let ca_file = layout.dir.join("demo-ca.pem");
     std::fs::write(&ca_file, endpoint.ca_pem())?;
-    let sink = Sink::start()?;
+    // The bench's sink counts what the throughput line sends.
+    let sink_port = tcp_port(&bench::sink::start(&loopback(0))?);
     let allowlist = layout.dir.join("vsock-proxy.yaml");
     std::fs::write(
         &allowlist,
         format!(
             "allowlist:\n- {{address: localhost, port: {}}}\n- {{address: localhost, port: {}}}\n",
             endpoint.port(),
-            sink.port()
+            sink_port
         ),
     )?;
 
     let (proxy_hop, bulk_hop) =
         (layout.hop(PROXY_PORT, "proxy.sock"), layout.hop(BULK_PROXY_PORT, "bulk.sock"));
     let proxy = start_proxy(args, &proxy_hop, endpoint.port(), &allowlist)?;
-    let bulk_proxy = start_proxy(args, &bulk_hop, sink.port(), &allowlist)?;
+    let bulk_proxy = start_proxy(args, &bulk_hop, sink_port, &allowlist)?;
     let forwarder = start_forwarder(args, &proxy_hop)?;
     let bulk_forwarder = start_forwarder(args, &bulk_hop)?;
-    let forwarder_port = tcp_port(&forwarder);
+    let forwarder_port = tcp_port(forwarder.local_endpoint());
 
     let server_hop = layout.hop(serve::DEFAULT_PORT, "server.sock");
     let url = format!("https://localhost:{forwarder_port}{}", endpoint::PATH);
@@ -194,16 +195,16 @@ pub fn run(args: &DemoArgs, out: &mut impl Write) -> anyhow::Result<()> {
 
     if args.throughput_mib > 0 {
         let bytes = args.throughput_mib << 20;
-        let direct = sink.push(sink.port(), bytes)?;
-        let chain = sink.push(tcp_port(&bulk_forwarder), bytes)?;
+        let direct = bench::load::bulk(&loopback(sink_port), 1, bytes)?;
+        let chain = bench::load::bulk(bulk_forwarder.local_endpoint(), 1, bytes)?;
         writeln!(out)?;
         writeln!(out,
             "throughput: {} MiB through forwarder + proxy ({} hop): {:.2} GiB/s, {:.2}x direct TCP in the same run ({:.2} GiB/s)",
             args.throughput_mib,
             if vsock { "vsock" } else { "Unix" },
-            gib_per_s(bytes, chain),
-            direct.as_secs_f64() / chain.as_secs_f64(),
-            gib_per_s(bytes, direct),
+            chain.total_gib_per_s,
+            chain.total_gib_per_s / direct.total_gib_per_s,
+            direct.total_gib_per_s,
         )?;
     }
     for relay in [forwarder, bulk_forwarder, proxy, bulk_proxy] {
@@ -225,69 +226,21 @@ fn start_proxy(args: &DemoArgs, hop: &Hop, port: u16, allowlist: &Path) -> anyho
 }
 
 fn start_forwarder(args: &DemoArgs, hop: &Hop) -> anyhow::Result<Relay> {
-    let listen = Endpoint::Tcp { host: Host::Ip([127, 0, 0, 1].into()), port: 0 };
-    let mut config = RelayConfig::new(listen, Target::fixed(&hop.connect)?);
+    let mut config = RelayConfig::new(loopback(0), Target::fixed(&hop.connect)?);
     args.engine.apply(&mut config);
     config.workers = 1;
     Ok(Relay::start(config)?)
 }
 
-/// The port of a relay listening on TCP (the forwarders, bound to port 0).
-fn tcp_port(relay: &Relay) -> u16 {
-    match relay.local_endpoint() {
+/// The port of an endpoint the demo bound on TCP port 0 (forwarders, sink).
+fn tcp_port(endpoint: &Endpoint) -> u16 {
+    match endpoint {
         Endpoint::Tcp { port, .. } => *port,
         other => unreachable!("{other} is not a TCP listener"),
     }
 }
 
-fn gib_per_s(bytes: u64, took: Duration) -> f64 {
-    bytes as f64 / (1u64 << 30) as f64 / took.as_secs_f64()
-}
-
-/// A TCP byte sink: reads a stream to its end and answers the count.
-struct Sink {
-    port: u16,
-}
-
-impl Sink {
-    fn start() -> anyhow::Result<Sink> {
-        let listener = TcpListener::bind(("127.0.0.1", 0)).context("cannot listen on 127.0.0.1")?;
-        let port = listener.local_addr()?.port();
-        std::thread::spawn(move || {
-            for mut stream in listener.incoming().map_while(Result::ok) {
-                let counted = std::io::copy(&mut stream, &mut std::io::sink());
-                let _ = stream.write_all(&counted.unwrap_or(0).to_le_bytes());
-            }
-        });
-        Ok(Sink { port })
-    }
-
-    fn port(&self) -> u16 {
-        self.port
-    }
-
-    /// Sends `bytes` to the sink through 127.0.0.1:`port` and returns how
-    /// long until the sink confirmed it had them all.
-    fn push(&self, port: u16, bytes: u64) -> anyhow::Result<Duration> {
-        let chunk = vec![0x5au8; 1 << 20];
-        let started = Instant::now();
-        let mut stream = TcpStream::connect(("127.0.0.1", port))
-            .with_context(|| format!("cannot connect to port {port}"))?;
-        let mut left = bytes;
-        while left > 0 {
-            let n = left.min(chunk.len() as u64) as usize;
-            stream.write_all(&chunk[..n])?;
-            left -= n as u64;
-        }
-        stream.shutdown(Shutdown::Write)?;
-        let mut count = [0u8; 8];
-        stream.read_exact(&mut count).context("the sink did not confirm")?;
-        let took = started.elapsed();
-        anyhow::ensure!(
-            u64::from_le_bytes(count) == bytes,
-            "the sink got {} of {bytes} bytes",
-            u64::from_le_bytes(count)
-        );
-        Ok(took)
-    }
+/// 127.0.0.1:`port` as an endpoint.
+fn loopback(port: u16) -> Endpoint {
+    Endpoint::Tcp { host: Host::Ip([127, 0, 0, 1].into()), port }
 }
