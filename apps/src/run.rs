@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 use tracing_subscriber::EnvFilter;
-use vsock_relay_engine::Relay;
+use vsock_relay_engine::{Endpoint, Relay};
 
 /// Logs to stderr; `RUST_LOG` filters (default `info`).
 pub fn init_logging() {
@@ -29,11 +29,15 @@ pub fn until_signal(relay: Relay) -> anyhow::Result<()> {
     until_signal_all(vec![relay])
 }
 
-/// Blocks until SIGINT or SIGTERM (for apps that are not relays).
-pub fn wait_for_signal() -> anyhow::Result<()> {
+/// Blocks until SIGINT or SIGTERM, for a server that is not a relay and
+/// listens on `listen`; then removes its Unix socket file, if it has one.
+pub fn serve_until_signal(listen: &Endpoint) -> anyhow::Result<()> {
     let mut signals = Signals::new([SIGINT, SIGTERM])?;
     if let Some(signal) = signals.forever().next() {
         tracing::info!(signal, "stopping");
+    }
+    if let Endpoint::Unix { path } = listen {
+        let _ = std::fs::remove_file(path);
     }
     Ok(())
 }

@@ -117,10 +117,7 @@ pub fn run(bench: Bench) -> anyhow::Result<()> {
         Bench::Sink { listen } => {
             let local = sink::start(&listen)?;
             tracing::info!(listen = %local, "sink listening");
-            crate::run::wait_for_signal()?;
-            if let Endpoint::Unix { path } = &local {
-                let _ = std::fs::remove_file(path);
-            }
+            crate::run::serve_until_signal(&local)?;
         }
         Bench::Bulk { common, streams, bytes } => {
             let r = load::bulk(&common.to, streams.into(), bytes)?;

@@ -229,10 +229,7 @@ fn run_server(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let listen = args.listen();
     let source = Source::new(args.source_settings())?;
     let server = Server::start(&listen, source)?;
-    run::wait_for_signal()?;
-    if let Endpoint::Unix { path } = server.local_endpoint() {
-        let _ = std::fs::remove_file(path);
-    }
+    run::serve_until_signal(server.local_endpoint())?;
     Ok(ExitCode::SUCCESS)
 }
 
