@@ -282,22 +282,24 @@ fn forward_binary_in_the_workshop_form() {
     let _ = forwarder.wait();
 }
 
-/// Runs `vsock-relay client` in the workshop's form until the server
-/// listens (30 s at most); returns its answer.
-fn client_answer(port: u32, region: &str) -> String {
+/// Runs `vsock-relay ARGS` until it succeeds, retrying while its server
+/// is not listening yet (30 s at most); returns its stdout.
+fn run_when_listening(args: &[&str]) -> String {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let out = Command::new(vsock_relay_testkit::binary("vsock-relay"))
-            .args(["client", "1", &port.to_string(), region])
-            .output()
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr);
+        let out = Command::new(vsock_relay_testkit::binary("vsock-relay")).args(args).output().unwrap();
         if out.status.success() {
             return String::from_utf8(out.stdout).unwrap();
         }
-        assert!(stderr.contains("cannot connect") && Instant::now() < deadline, "client failed: {stderr}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("cannot connect") && Instant::now() < deadline, "{args:?}: {stderr}");
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// `vsock-relay client` in the workshop's form: its answer.
+fn client_answer(port: u32, region: &str) -> String {
+    run_when_listening(&["client", "1", &port.to_string(), region])
 }
 
 /// The workshop's secure local channel with real vsock hops: client ->
@@ -390,22 +392,19 @@ fn bench_over_vsock() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap()]);
-    let bench = |args: &[&str]| {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let out = Command::new(vsock_relay_testkit::binary("vsock-relay")).args(args).output().unwrap();
-            if out.status.success() {
-                return String::from_utf8(out.stdout).unwrap();
-            }
-            let stderr = String::from_utf8_lossy(&out.stderr);
-            assert!(stderr.contains("cannot connect") && Instant::now() < deadline, "{args:?}: {stderr}");
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    };
-    let bulk =
-        bench(&["bench", "bulk", "--to", "vsock:1:19000", "--streams", "2", "--bytes", "8MiB", "--json"]);
+    let bulk = run_when_listening(&[
+        "bench",
+        "bulk",
+        "--to",
+        "vsock:1:19000",
+        "--streams",
+        "2",
+        "--bytes",
+        "8MiB",
+        "--json",
+    ]);
     assert!(bulk.starts_with("{\"bulk\":{") && bulk.contains("\"bytes_per_stream\":8388608"), "{bulk}");
-    let rpc = bench(&["bench", "rpc", "--to", "vsock:1:19000", "--requests", "200"]);
+    let rpc = run_when_listening(&["bench", "rpc", "--to", "vsock:1:19000", "--requests", "200"]);
     assert!(rpc.starts_with("rpc: 1 connection(s) x 200 round trips of 64 B to vsock:1:19000: "), "{rpc}");
     println!("{}{}", bulk.trim_end(), rpc.trim_end());
     drop(sink);
