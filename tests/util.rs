@@ -68,6 +68,12 @@ pub fn relay(
     Relay::start(config).unwrap()
 }
 
+/// What every binary started on the host gets: AF_VSOCK refused (this
+/// machine's vsock leads to infrastructure that is not ours), no stdin.
+fn host_safe(command: &mut Command) -> &mut Command {
+    command.env(vsock_relay_engine::socket::NO_VSOCK_ENV, "1").stdin(Stdio::null())
+}
+
 /// A child process killed when dropped; its stderr is collected.
 pub struct Proc {
     pub child: Child,
@@ -101,10 +107,8 @@ impl Proc {
     }
 
     fn launch(mut command: Command) -> Proc {
-        let mut child = command
+        let mut child = host_safe(&mut command)
             .env("RUST_LOG", "info")
-            .env(vsock_relay_engine::socket::NO_VSOCK_ENV, "1")
-            .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -191,10 +195,7 @@ pub struct Output {
 /// Runs a binary to completion within `limit` (killed and failed after it),
 /// capturing both output streams.
 pub fn run_capturing(binary: &str, args: &[&str], limit: Duration) -> Output {
-    let mut child = Command::new(vsock_relay_testkit::binary(binary))
-        .args(args)
-        .env(vsock_relay_engine::socket::NO_VSOCK_ENV, "1")
-        .stdin(Stdio::null())
+    let mut child = host_safe(Command::new(vsock_relay_testkit::binary(binary)).args(args))
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
