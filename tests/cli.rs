@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use vsock_relay_testkit::servers::{echo, Server, Stream};
 
-use crate::util::{backend_arg, run_to_exit, wait_for_unix, Proc, TempDir, BACKENDS};
+use crate::util::{backend_arg, run_capturing, run_to_exit, wait_for_unix, Proc, TempDir, BACKENDS};
 
 fn config(dir: &TempDir, yaml: &str) -> String {
     let path = dir.path("vsock-proxy.yaml");
@@ -198,13 +198,9 @@ fn bare_number_remote_addr_exits_2() {
 
 #[test]
 fn help_explains_the_contract() {
-    let (code, _) = run_to_exit("vsock-proxy", &["--help"]);
-    assert_eq!(code, 0);
-    let out = std::process::Command::new(vsock_relay_testkit::binary("vsock-proxy"))
-        .arg("--help")
-        .output()
-        .unwrap();
-    let help = String::from_utf8(out.stdout).unwrap();
+    let out = run_capturing("vsock-proxy", &["--help"], Duration::from_secs(30));
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let help = out.stdout;
     for needle in [
         "<LOCAL_PORT>",
         "<REMOTE_ADDR>",
