@@ -4,23 +4,28 @@
 //! - A connection is a client socket (accepted) and an upstream socket (ours,
 //!   connected on the client's behalf), with two pumps: client -> upstream
 //!   and upstream -> client.
+//! - The upstream connect is non-blocking and bounded by a deadline. The
+//!   driver reports "upstream writable"; this module decides whether that
+//!   means connected, failed, or not yet (a connecting vsock socket can
+//!   report writable early): then it waits again, until the deadline.
 //! - EOF read on one side becomes `shutdown(SHUT_WR)` on the other; the
 //!   connection ends cleanly once both directions passed their EOF on.
 //! - Any error ends the whole connection with a reset on both sides
-//!   (`SO_LINGER {1, 0}` then close), so that a peer never mistakes a failure
-//!   for a clean end of stream.
+//!   ([`Connection::reset`]), so that a peer never mistakes a failure for a
+//!   clean end of stream.
 //! - The connection owns its sockets; the pumps own their pipes or buffers
-//!   only while bytes are in flight. The backend decides when the sockets
-//!   may close (after the kernel let go of every operation on them).
+//!   only while bytes are in flight. The worker decides when the sockets may
+//!   close (after the driver let go of every operation on them).
 
 use std::io;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use socket2::Socket;
+use socket2::{SockAddr, Socket};
 
 use crate::error::{ConnError, Op, Side};
 use crate::pool::Pools;
 use crate::pump::{DataPath, Pump, Wait};
+use crate::socket;
 
 /// The two directions of a connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -52,23 +57,23 @@ impl Direction {
 }
 
 /// Where a connection is in its life.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ConnState {
-    /// Accepted; the upstream connect is in flight.
-    Connecting,
+    /// Accepted; the upstream connect is in flight until `deadline`.
+    Connecting { deadline: Instant },
     /// Both sockets connected; the pumps run until each passed on its EOF.
     Relaying,
-    /// Ended; the backend closes the sockets once nothing refers to them.
+    /// Ended; the worker closes the sockets once nothing refers to them.
     Closed,
 }
 
-/// What happened to a connection, as the backend saw it.
+/// What happened to a connection, as the driver saw it.
 #[derive(Debug)]
 pub enum Event {
-    /// The upstream connect finished (successfully or not).
-    Connected(io::Result<()>),
-    /// The upstream connect did not finish within the timeout.
-    ConnectTimedOut(Duration),
+    /// The upstream socket reported writable while connecting.
+    UpstreamWritable,
+    /// The connect deadline passed.
+    DeadlinePassed,
     /// A direction's awaited readiness arrived (or it yielded and may go on).
     Ready(Direction),
 }
@@ -82,9 +87,11 @@ pub enum Ending {
     Failed(ConnError),
 }
 
-/// What the backend must do next for a connection.
+/// What the worker must do next for a connection.
 #[derive(Debug)]
 pub enum Action {
+    /// Wait for the upstream socket to be writable (the connect deadline stands).
+    AwaitConnect,
     /// Wait as told for each direction that has a `Some` (the others keep
     /// whatever they were waiting for).
     Wait([Option<Wait>; 2]),
@@ -108,10 +115,11 @@ pub struct Connection {
 }
 
 impl Connection {
-    /// A connection whose upstream connect was started.
-    pub fn new(id: u64, client: Socket, upstream: Socket, path: DataPath) -> Self {
+    /// A connection whose upstream connect may take until `deadline`; call
+    /// [`Connection::start`] next.
+    pub fn new(id: u64, client: Socket, upstream: Socket, path: DataPath, deadline: Instant) -> Self {
         let client_name = match tracing::enabled!(tracing::Level::DEBUG) {
-            true => client.peer_addr().map(|a| crate::socket::describe(&a)).unwrap_or_default(),
+            true => client.peer_addr().map(|a| socket::describe(&a)).unwrap_or_default(),
             false => String::new(),
         };
         Connection {
@@ -119,17 +127,10 @@ impl Connection {
             id,
             client,
             upstream,
-            state: ConnState::Connecting,
+            state: ConnState::Connecting { deadline },
             opened: Instant::now(),
             to_upstream: Pump::new(Side::Client, Side::Upstream, path),
             to_client: Pump::new(Side::Upstream, Side::Client, path),
-        }
-    }
-
-    pub fn pump(&self, direction: Direction) -> &Pump {
-        match direction {
-            Direction::ToUpstream => &self.to_upstream,
-            Direction::ToClient => &self.to_client,
         }
     }
 
@@ -138,16 +139,18 @@ impl Connection {
         (self.to_upstream.bytes, self.to_client.bytes)
     }
 
-    /// The socket a direction waits on for `wait`.
-    pub fn socket_for(&self, direction: Direction, wait: Wait) -> &Socket {
-        let side = match wait {
-            Wait::Writable => direction.destination(),
-            _ => direction.source(),
-        };
+    pub fn socket(&self, side: Side) -> &Socket {
         match side {
             Side::Client => &self.client,
             Side::Upstream => &self.upstream,
         }
+    }
+
+    /// Arms a reset on both sockets (`SO_LINGER {1, 0}`): closing them then
+    /// sends RST, so neither peer takes the end for a clean end of stream.
+    pub fn reset(&self) {
+        socket::reset(&self.client);
+        socket::reset(&self.upstream);
     }
 
     fn run(&mut self, direction: Direction, pools: &mut Pools) -> Result<(Wait, u64), ConnError> {
@@ -157,78 +160,341 @@ impl Connection {
         }
     }
 
-    /// Every transition of a connection. `moved` receives the bytes each
+    /// Starts the upstream connect to `addr`. `moved` receives the bytes each
+    /// direction delivered, as in [`Connection::handle`].
+    pub fn start(&mut self, addr: &SockAddr, pools: &mut Pools, moved: &mut [u64; 2]) -> Action {
+        match socket::start_connect(&self.upstream, addr) {
+            Ok(true) => self.connected(pools, moved),
+            Ok(false) => Action::AwaitConnect,
+            Err(e) => self.fail(ConnError::new(Side::Upstream, Op::Connect, e), pools),
+        }
+    }
+
+    /// Every transition after the start. `moved` receives the bytes each
     /// direction delivered, for the counters.
     pub fn handle(&mut self, event: Event, pools: &mut Pools, moved: &mut [u64; 2]) -> Action {
-        let action = match (&self.state, event) {
-            // The upstream accepted: start both pumps (either side may already
-            // have sent bytes or even EOF).
-            (ConnState::Connecting, Event::Connected(Ok(()))) => {
-                self.state = ConnState::Relaying;
-                let mut waits = [None, None];
-                for (i, direction) in Direction::BOTH.into_iter().enumerate() {
-                    match self.run(direction, pools) {
-                        Ok((wait, n)) => {
-                            moved[i] += n;
-                            waits[i] = Some(wait);
-                        }
-                        Err(e) => return self.close(Ending::Failed(e), pools),
-                    }
+        match (self.state, event) {
+            // Writable: connected, refused, or (vsock) not yet: then wait
+            // again while the deadline allows.
+            (ConnState::Connecting { deadline }, Event::UpstreamWritable) => {
+                match socket::finish_connect(&self.upstream) {
+                    Some(Ok(())) => self.connected(pools, moved),
+                    Some(Err(e)) => self.fail(ConnError::new(Side::Upstream, Op::Connect, e), pools),
+                    None if Instant::now() < deadline => Action::AwaitConnect,
+                    None => self.timed_out(deadline, pools),
                 }
-                self.after_runs(waits)
             }
-            // Refused, unreachable, or timed out: this connection only ends.
-            (ConnState::Connecting, Event::Connected(Err(e))) => {
-                Action::Close(Ending::Failed(ConnError::new(Side::Upstream, Op::Connect, e)))
-            }
-            (ConnState::Connecting, Event::ConnectTimedOut(after)) => {
-                let e = io::Error::new(io::ErrorKind::TimedOut, format!("no answer within {after:?}"));
-                Action::Close(Ending::Failed(ConnError::new(Side::Upstream, Op::Connect, e)))
-            }
+            (ConnState::Connecting { deadline }, Event::DeadlinePassed) => self.timed_out(deadline, pools),
             // A direction may move again.
-            (ConnState::Relaying, Event::Ready(direction)) if !self.pump(direction).is_finished() => {
+            (ConnState::Relaying, Event::Ready(direction)) => {
+                let pump = match direction {
+                    Direction::ToUpstream => &self.to_upstream,
+                    Direction::ToClient => &self.to_client,
+                };
+                if pump.is_finished() {
+                    return Action::Wait([None, None]);
+                }
                 match self.run(direction, pools) {
                     Ok((wait, n)) => {
                         moved[direction as usize] += n;
                         let mut waits = [None, None];
                         waits[direction as usize] = Some(wait);
-                        self.after_runs(waits)
+                        self.after_runs(waits, pools)
                     }
-                    Err(e) => Action::Close(Ending::Failed(e)),
+                    Err(e) => self.fail(e, pools),
                 }
             }
-            // Late or duplicate readiness (a finished direction, a closed
-            // connection, a connect result after the timeout): nothing to do.
+            // Late or stray events (readiness while connecting, a deadline
+            // after the connect, anything after the end): nothing to do.
             (state, event) => {
                 tracing::trace!(id = self.id, ?state, ?event, "event ignored");
                 Action::Wait([None, None])
             }
-        };
-        match action {
-            Action::Close(ending) => self.close(ending, pools),
-            wait => wait,
         }
     }
 
-    fn after_runs(&self, waits: [Option<Wait>; 2]) -> Action {
+    /// The upstream accepted: start both pumps (either side may already
+    /// have sent bytes or even EOF).
+    fn connected(&mut self, pools: &mut Pools, moved: &mut [u64; 2]) -> Action {
+        self.state = ConnState::Relaying;
+        let mut waits = [None, None];
+        for (i, direction) in Direction::BOTH.into_iter().enumerate() {
+            match self.run(direction, pools) {
+                Ok((wait, n)) => {
+                    moved[i] += n;
+                    waits[i] = Some(wait);
+                }
+                Err(e) => return self.fail(e, pools),
+            }
+        }
+        self.after_runs(waits, pools)
+    }
+
+    fn timed_out(&mut self, deadline: Instant, pools: &mut Pools) -> Action {
+        let after = deadline.saturating_duration_since(self.opened);
+        let e = io::Error::new(io::ErrorKind::TimedOut, format!("no answer within {after:?}"));
+        self.fail(ConnError::new(Side::Upstream, Op::Connect, e), pools)
+    }
+
+    fn after_runs(&mut self, waits: [Option<Wait>; 2], pools: &mut Pools) -> Action {
         if self.to_upstream.is_finished() && self.to_client.is_finished() {
-            Action::Close(Ending::Finished)
+            self.close(Ending::Finished, pools)
         } else {
             Action::Wait(waits)
         }
     }
 
+    fn fail(&mut self, error: ConnError, pools: &mut Pools) -> Action {
+        self.close(Ending::Failed(error), pools)
+    }
+
     /// Marks the connection closed, gives back pooled resources, and arms a
-    /// reset on both sockets when it failed. The sockets close when dropped.
+    /// reset when it failed. The sockets close when dropped.
     fn close(&mut self, ending: Ending, pools: &mut Pools) -> Action {
         self.state = ConnState::Closed;
         self.to_upstream.release(pools);
         self.to_client.release(pools);
         if let Ending::Failed(_) = ending {
-            // Errors here only mean the socket is already gone.
-            let _ = self.client.set_linger(Some(Duration::ZERO));
-            let _ = self.upstream.set_linger(Some(Duration::ZERO));
+            self.reset();
         }
         Action::Close(ending)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Every transition, on real sockets put in each state: Unix pairs for
+    //! relaying, a loopback listener that never accepts for a connect in
+    //! progress, a closed port for a refused connect.
+
+    use super::*;
+    use socket2::{Domain, Type};
+    use std::io::{Read, Write};
+    use std::net::{Shutdown, TcpListener};
+    use std::os::unix::net::UnixStream;
+    use std::time::Duration;
+
+    const FAR: Duration = Duration::from_secs(60);
+
+    fn pair() -> (Socket, UnixStream) {
+        let (ours, theirs) = Socket::pair(Domain::UNIX, Type::STREAM, None).unwrap();
+        ours.set_nonblocking(true).unwrap();
+        (ours, UnixStream::from(std::os::fd::OwnedFd::from(theirs)))
+    }
+
+    fn tcp_socket() -> Socket {
+        Socket::new(Domain::IPV4, Type::STREAM.nonblocking(), None).unwrap()
+    }
+
+    /// A connection in the given state of its connect, with the client's peer.
+    fn connecting(upstream: Socket, deadline: Instant) -> (Connection, UnixStream) {
+        let (client, client_peer) = pair();
+        (Connection::new(1, client, upstream, DataPath::Splice, deadline), client_peer)
+    }
+
+    /// A listener whose accept queue is full, so a new connect stays in progress.
+    fn unanswering_listener() -> (TcpListener, Vec<Socket>, SockAddr) {
+        let listener = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        listener.bind(&"127.0.0.1:0".parse::<std::net::SocketAddr>().unwrap().into()).unwrap();
+        listener.listen(0).unwrap();
+        let addr = listener.local_addr().unwrap();
+        // Fill the queue; further SYNs are dropped and their connects wait.
+        let fillers: Vec<Socket> = (0..2)
+            .map(|_| {
+                let s = tcp_socket();
+                let _ = s.connect(&addr);
+                s
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(50));
+        (listener.into(), fillers, addr)
+    }
+
+    /// A connection relaying between two Unix pairs, and both peers.
+    fn relaying(pools: &mut Pools) -> (Connection, UnixStream, UnixStream) {
+        let (client, client_peer) = pair();
+        let (upstream, upstream_peer) = pair();
+        let mut conn = Connection::new(7, client, upstream, DataPath::Copy, Instant::now() + FAR);
+        let mut moved = [0; 2];
+        match conn.handle(Event::UpstreamWritable, pools, &mut moved) {
+            Action::Wait([Some(Wait::Readable), Some(Wait::Readable)]) => {}
+            other => panic!("expected both directions waiting to read, got {other:?}"),
+        }
+        assert_eq!(conn.state, ConnState::Relaying);
+        (conn, client_peer, upstream_peer)
+    }
+
+    fn failed(action: Action) -> ConnError {
+        match action {
+            Action::Close(Ending::Failed(e)) => e,
+            other => panic!("expected a failure, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn start_with_an_immediate_connect_starts_relaying() {
+        let dir = std::env::temp_dir().join(format!("conn-test-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(&dir);
+        let path = dir.join("upstream.sock");
+        let _ = std::fs::remove_file(&path);
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let upstream = Socket::new(Domain::UNIX, Type::STREAM.nonblocking(), None).unwrap();
+        let (mut conn, _peer) = connecting(upstream, Instant::now() + FAR);
+        let mut pools = Pools::new(0, 4);
+        let action = conn.start(&SockAddr::unix(&path).unwrap(), &mut pools, &mut [0; 2]);
+        assert!(matches!(action, Action::Wait([Some(Wait::Readable), Some(Wait::Readable)])), "{action:?}");
+        assert_eq!(conn.state, ConnState::Relaying);
+        drop(listener);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn start_in_progress_awaits_then_writable_but_unconnected_waits_again() {
+        let (_listener, _fillers, addr) = unanswering_listener();
+        let (mut conn, _peer) = connecting(tcp_socket(), Instant::now() + FAR);
+        let mut pools = Pools::new(0, 4);
+        assert!(matches!(conn.start(&addr, &mut pools, &mut [0; 2]), Action::AwaitConnect));
+        // A (spurious) writable report while the connect is still in flight.
+        let action = conn.handle(Event::UpstreamWritable, &mut pools, &mut [0; 2]);
+        assert!(matches!(action, Action::AwaitConnect), "{action:?}");
+        assert!(matches!(conn.state, ConnState::Connecting { .. }));
+    }
+
+    #[test]
+    fn writable_but_unconnected_after_the_deadline_times_out() {
+        let (_listener, _fillers, addr) = unanswering_listener();
+        let (mut conn, _peer) = connecting(tcp_socket(), Instant::now());
+        let mut pools = Pools::new(0, 4);
+        assert!(matches!(conn.start(&addr, &mut pools, &mut [0; 2]), Action::AwaitConnect));
+        let e = failed(conn.handle(Event::UpstreamWritable, &mut pools, &mut [0; 2]));
+        assert_eq!((e.side, e.op, e.source.kind()), (Side::Upstream, Op::Connect, io::ErrorKind::TimedOut));
+        assert_eq!(conn.state, ConnState::Closed);
+    }
+
+    #[test]
+    fn deadline_passed_while_connecting_times_out_with_the_timeout_in_the_message() {
+        let (_listener, _fillers, addr) = unanswering_listener();
+        let opened = Instant::now();
+        let (mut conn, _peer) = connecting(tcp_socket(), opened + Duration::from_secs(3));
+        conn.opened = opened;
+        let mut pools = Pools::new(0, 4);
+        assert!(matches!(conn.start(&addr, &mut pools, &mut [0; 2]), Action::AwaitConnect));
+        let e = failed(conn.handle(Event::DeadlinePassed, &mut pools, &mut [0; 2]));
+        assert_eq!(e.to_string(), "upstream connect failed: no answer within 3s");
+        assert_eq!(conn.state, ConnState::Closed);
+    }
+
+    #[test]
+    fn refused_connect_fails_on_the_upstream_side() {
+        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        let (mut conn, _peer) = connecting(tcp_socket(), Instant::now() + FAR);
+        let mut pools = Pools::new(0, 4);
+        let action = match conn.start(&port.into(), &mut pools, &mut [0; 2]) {
+            Action::AwaitConnect => {
+                std::thread::sleep(Duration::from_millis(50));
+                conn.handle(Event::UpstreamWritable, &mut pools, &mut [0; 2])
+            }
+            action => action,
+        };
+        let e = failed(action);
+        assert_eq!(
+            (e.side, e.op, e.source.kind()),
+            (Side::Upstream, Op::Connect, io::ErrorKind::ConnectionRefused)
+        );
+        assert_eq!(conn.state, ConnState::Closed);
+    }
+
+    #[test]
+    fn connect_result_after_the_end_is_ignored() {
+        let mut pools = Pools::new(0, 4);
+        let (mut conn, client_peer, upstream_peer) = relaying(&mut pools);
+        drop((client_peer, upstream_peer));
+        let mut moved = [0; 2];
+        assert!(matches!(
+            conn.handle(Event::Ready(Direction::ToUpstream), &mut pools, &mut moved),
+            Action::Wait(_)
+        ));
+        assert!(matches!(
+            conn.handle(Event::Ready(Direction::ToClient), &mut pools, &mut moved),
+            Action::Close(Ending::Finished)
+        ));
+        for event in [Event::UpstreamWritable, Event::DeadlinePassed, Event::Ready(Direction::ToClient)] {
+            assert!(matches!(conn.handle(event, &mut pools, &mut moved), Action::Wait([None, None])));
+        }
+        assert_eq!(conn.state, ConnState::Closed);
+    }
+
+    #[test]
+    fn readiness_while_connecting_is_ignored() {
+        let (_listener, _fillers, addr) = unanswering_listener();
+        let (mut conn, _peer) = connecting(tcp_socket(), Instant::now() + FAR);
+        let mut pools = Pools::new(0, 4);
+        assert!(matches!(conn.start(&addr, &mut pools, &mut [0; 2]), Action::AwaitConnect));
+        let action = conn.handle(Event::Ready(Direction::ToUpstream), &mut pools, &mut [0; 2]);
+        assert!(matches!(action, Action::Wait([None, None])));
+        assert!(matches!(conn.state, ConnState::Connecting { .. }));
+    }
+
+    #[test]
+    fn relaying_moves_bytes_counts_them_and_ends_after_both_eofs() {
+        let mut pools = Pools::new(0, 4);
+        let (mut conn, mut client_peer, mut upstream_peer) = relaying(&mut pools);
+        let mut moved = [0; 2];
+        client_peer.write_all(b"ping").unwrap();
+        let action = conn.handle(Event::Ready(Direction::ToUpstream), &mut pools, &mut moved);
+        assert!(matches!(action, Action::Wait([Some(Wait::Readable), None])), "{action:?}");
+        let mut got = [0u8; 4];
+        upstream_peer.read_exact(&mut got).unwrap();
+        assert_eq!((&got, moved), (b"ping", [4, 0]));
+
+        // Half-close from the client: passed on, the other direction still runs.
+        client_peer.shutdown(Shutdown::Write).unwrap();
+        let action = conn.handle(Event::Ready(Direction::ToUpstream), &mut pools, &mut moved);
+        assert!(matches!(action, Action::Wait([Some(Wait::Finished), None])), "{action:?}");
+        assert_eq!(upstream_peer.read(&mut got).unwrap(), 0, "EOF passed upstream");
+        upstream_peer.write_all(b"pong").unwrap();
+        upstream_peer.shutdown(Shutdown::Write).unwrap();
+        let action = conn.handle(Event::Ready(Direction::ToClient), &mut pools, &mut moved);
+        assert!(matches!(action, Action::Close(Ending::Finished)), "{action:?}");
+        let mut reply = Vec::new();
+        client_peer.read_to_end(&mut reply).unwrap();
+        assert_eq!((reply.as_slice(), moved, conn.bytes()), (&b"pong"[..], [4, 4], (4, 4)));
+        assert_eq!(conn.state, ConnState::Closed);
+    }
+
+    #[test]
+    fn a_failing_side_resets_both() {
+        let mut pools = Pools::new(0, 4);
+        let (client, mut client_peer) = pair();
+        let (upstream, upstream_peer) = pair();
+        let mut conn = Connection::new(9, client, upstream, DataPath::Copy, Instant::now() + FAR);
+        conn.handle(Event::UpstreamWritable, &mut pools, &mut [0; 2]);
+        drop(upstream_peer);
+        client_peer.write_all(&[0u8; 64 << 10]).unwrap();
+        // The upstream is gone: writing to it fails and the whole connection ends.
+        let mut action = conn.handle(Event::Ready(Direction::ToUpstream), &mut pools, &mut [0; 2]);
+        for _ in 0..3 {
+            if matches!(action, Action::Close(_)) {
+                break;
+            }
+            action = conn.handle(Event::Ready(Direction::ToUpstream), &mut pools, &mut [0; 2]);
+        }
+        let e = failed(action);
+        assert_eq!((e.side, e.op), (Side::Upstream, Op::Write));
+        assert_eq!(conn.client.linger().unwrap(), Some(Duration::ZERO), "the client is reset");
+        assert_eq!(conn.upstream.linger().unwrap(), Some(Duration::ZERO), "the upstream is reset");
+    }
+
+    #[test]
+    fn a_finished_direction_ignores_readiness() {
+        let mut pools = Pools::new(0, 4);
+        let (mut conn, client_peer, _upstream_peer) = relaying(&mut pools);
+        client_peer.shutdown(Shutdown::Write).unwrap();
+        let mut moved = [0; 2];
+        let action = conn.handle(Event::Ready(Direction::ToUpstream), &mut pools, &mut moved);
+        assert!(matches!(action, Action::Wait([Some(Wait::Finished), None])));
+        let action = conn.handle(Event::Ready(Direction::ToUpstream), &mut pools, &mut moved);
+        assert!(matches!(action, Action::Wait([None, None])));
+        assert_eq!(conn.state, ConnState::Relaying);
     }
 }

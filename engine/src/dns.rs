@@ -4,12 +4,40 @@
 //! start-up code and from a target's refresh thread: never on the accept or
 //! data path.
 
+use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use hickory_resolver::config::{LookupIpStrategy, NameServerConfig, ResolverConfig, ResolverOpts};
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
+use hickory_resolver::net::NetError;
 use hickory_resolver::TokioResolver;
+
+/// Why a name could not be resolved, or a resolver not set up.
+#[derive(Debug, thiserror::Error)]
+pub enum DnsError {
+    /// The resolver's private runtime could not start.
+    #[error("cannot start the resolver runtime: {0}")]
+    Runtime(#[source] io::Error),
+    /// `/etc/resolv.conf` could not be read or understood.
+    #[error("cannot read the system DNS configuration: {0}")]
+    SystemConfig(#[source] NetError),
+    /// The resolver refused its configuration.
+    #[error("cannot build the resolver: {0}")]
+    Build(#[source] NetError),
+    /// The lookup failed (no such name, no answer, server failure).
+    #[error(transparent)]
+    Lookup(NetError),
+    /// The system resolver (used for fixed targets) failed.
+    #[error(transparent)]
+    System(io::Error),
+    /// An IP literal of the other family than `-4`/`-6` asked for.
+    #[error("{0} is not of the address family asked for")]
+    WrongFamily(IpAddr),
+    /// The name has addresses, but none of the family asked for.
+    #[error("no address of the family asked for")]
+    NoAddress,
+}
 
 /// Which address families a lookup may return.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -60,15 +88,12 @@ pub struct Resolver {
 }
 
 impl Resolver {
-    pub fn new(options: &DnsOptions) -> Result<Resolver, String> {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| format!("cannot start the resolver runtime: {e}"))?;
+    pub fn new(options: &DnsOptions) -> Result<Resolver, DnsError> {
+        let runtime =
+            tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(DnsError::Runtime)?;
         let provider = TokioRuntimeProvider::default();
         let mut builder = if options.servers.is_empty() {
-            TokioResolver::builder(provider)
-                .map_err(|e| format!("cannot read the system DNS configuration: {e}"))?
+            TokioResolver::builder(provider).map_err(DnsError::SystemConfig)?
         } else {
             let servers = options
                 .servers
@@ -93,26 +118,26 @@ impl Resolver {
         opts.attempts = 2;
         let resolver = {
             let _guard = runtime.enter();
-            builder.build().map_err(|e| format!("cannot build the resolver: {e}"))?
+            builder.build().map_err(DnsError::Build)?
         };
         Ok(Resolver { runtime, resolver, family: options.family })
     }
 
     /// Resolves `name` (an IP literal resolves to itself).
-    pub fn resolve(&self, name: &str) -> Result<Resolution, String> {
+    pub fn resolve(&self, name: &str) -> Result<Resolution, DnsError> {
         if let Ok(ip) = name.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>() {
             if !self.family.admits(ip) {
-                return Err(format!("{ip} is not of the address family asked for"));
+                return Err(DnsError::WrongFamily(ip));
             }
             return Ok(Resolution {
                 addresses: vec![ip],
                 valid_until: Instant::now() + Duration::from_secs(86_400),
             });
         }
-        let lookup = self.runtime.block_on(self.resolver.lookup_ip(name)).map_err(|e| e.to_string())?;
+        let lookup = self.runtime.block_on(self.resolver.lookup_ip(name)).map_err(DnsError::Lookup)?;
         let addresses: Vec<IpAddr> = lookup.iter().filter(|ip| self.family.admits(*ip)).collect();
         if addresses.is_empty() {
-            return Err("no address of the family asked for".into());
+            return Err(DnsError::NoAddress);
         }
         Ok(Resolution { addresses, valid_until: lookup.valid_until() })
     }

@@ -5,7 +5,9 @@
 use std::fmt;
 use std::io;
 
+use crate::dns::DnsError;
 use crate::endpoint::Endpoint;
+use crate::ring::Unavailable;
 
 /// The two sides of a relayed connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -72,11 +74,15 @@ pub enum Error {
         source: io::Error,
     },
     /// A name could not be resolved (at start; later failures only warn).
-    #[error("cannot resolve `{name}`: {reason}")]
-    Resolve { name: String, reason: String },
+    #[error("cannot resolve `{name}`: {source}")]
+    Resolve {
+        name: String,
+        #[source]
+        source: DnsError,
+    },
     /// The io_uring backend was asked for but cannot run here.
     #[error("the io_uring backend is unavailable: {0}")]
-    UringUnavailable(String),
+    UringUnavailable(Unavailable),
     /// A worker's event loop failed.
     #[error("worker {worker} failed: {source}")]
     Worker {
@@ -87,9 +93,9 @@ pub enum Error {
     /// A resource the relay needs at start (thread, eventfd) was refused.
     #[error("cannot start the relay: {0}")]
     Start(#[source] io::Error),
-    /// The configuration is inconsistent.
-    #[error("invalid relay configuration: {0}")]
-    Config(String),
+    /// The connect timeout is zero: every connect would fail at once.
+    #[error("invalid relay configuration: the connect timeout must be more than zero")]
+    ZeroConnectTimeout,
 }
 
 #[cfg(test)]

@@ -1,38 +1,47 @@
 //! The vsock-relay engine: moves bytes between AF_VSOCK, TCP and Unix stream
 //! sockets at nearly the speed of a direct connection.
 //!
-//! Layout, in the order data flows:
+//! Layout, in the order data flows (docs/ARCHITECTURE.md has the picture):
 //! - [`endpoint`]: the one text form for every socket (`vsock:`, `tcp:`, `unix:`).
 //! - [`socket`]: listen and connect with the options a relay wants.
 //! - [`target`] and [`dns`]: where upstream connections go; names follow DNS TTLs.
-//! - [`relay`]: a listener, a target and worker threads; what apps start.
-//! - `backend`: how workers wait (io_uring); [`conn`] and [`pump`]: what they
-//!   do with a connection, shared by every backend.
-//! - [`pool`]: pipes and buffers lent to pumps only while bytes are in flight.
+//! - `config` and `relay`: what apps describe ([`RelayConfig`]) and start
+//!   ([`Relay`]): a listener, a target, worker threads.
+//! - `worker`: the one event loop each worker thread runs, over a driver
+//!   (`driver/`: io_uring or epoll) that only waits and reports events.
+//! - `conn` and `pump`: what a worker does with a connection (its states,
+//!   and each direction's splice or copy), the same for every driver.
+//! - `pool`: pipes and buffers lent to pumps only while bytes are in flight.
 //! - [`stats`] and [`error`]: counters, and errors that say which side failed.
 //!
-//! `unsafe` lives in `ring` (io_uring submission) and `sys` (raw syscalls).
+//! `unsafe` lives in `ring` (io_uring submission) and `sys` (raw syscalls);
+//! the io_uring driver calls the ring's `unsafe fn`s under the contract of
+//! the driver trait.
 
-pub mod backend;
-pub mod conn;
+mod config;
+mod conn;
 pub mod dns;
+mod driver;
 pub mod endpoint;
 pub mod error;
-pub mod pool;
-pub mod pump;
-pub mod relay;
+mod pool;
+mod pump;
+mod relay;
 mod ring;
 pub mod socket;
 pub mod stats;
 mod sys;
 pub mod target;
+mod worker;
 
-pub use backend::{Backend, BackendChoice};
+pub use config::{RelayConfig, DEFAULT_CONNECT_TIMEOUT, DEFAULT_DRAIN_TIMEOUT, DEFAULT_PIPE_BYTES};
 pub use dns::{DnsOptions, IpFamily};
+pub use driver::{Backend, BackendChoice};
 pub use endpoint::{Endpoint, Host};
 pub use error::{ConnError, Error, Side};
 pub use pump::DataPath;
-pub use relay::{Relay, RelayConfig, StopHandle};
+pub use relay::{Relay, StopHandle};
+pub use ring::Unavailable as UringUnavailable;
 pub use stats::{Stats, StatsSnapshot};
 pub use target::Target;
 

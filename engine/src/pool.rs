@@ -84,6 +84,7 @@ impl Pools {
     }
 
     /// Pipes and buffers currently idle in the pool.
+    #[cfg(test)]
     pub fn idle(&self) -> (usize, usize) {
         (self.pipes.len(), self.buffers.len())
     }

@@ -112,6 +112,7 @@ impl Pump {
         self.finished
     }
 
+    #[cfg(test)]
     pub fn path(&self) -> DataPath {
         self.path
     }
@@ -140,6 +141,9 @@ impl Pump {
             }
             match self.fill(src, pools) {
                 Ok(0) => self.eof = true,
+                // A vsock socket whose peer closed can answer ENOTCONN
+                // instead of 0: the same end of stream.
+                Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => self.eof = true,
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     self.release(pools);
@@ -232,6 +236,7 @@ impl Pump {
     }
 
     /// Bytes read from the source and not yet written.
+    #[cfg(test)]
     pub fn pending(&self) -> usize {
         match &self.held {
             Held::Nothing => 0,

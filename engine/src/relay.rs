@@ -3,85 +3,17 @@
 //! [`RelayConfig`] and hand it here; they hold no socket loops of their own.
 
 use std::fs::File;
-use std::io::Write;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
 
-use socket2::Socket;
-
-use crate::backend::{self, Backend, BackendChoice};
+use crate::config::RelayConfig;
+use crate::driver::{self, Backend};
 use crate::endpoint::Endpoint;
 use crate::error::Error;
-use crate::pump::DataPath;
-use crate::socket::{self, SocketOptions};
+use crate::socket;
 use crate::stats::Stats;
 use crate::sys;
-use crate::target::Target;
-
-/// Default capacity asked for each pooled pipe.
-pub const DEFAULT_PIPE_BYTES: usize = 1 << 20;
-/// Default bound on an upstream connect.
-pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// Default time a stopping relay lets open connections finish.
-pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Everything a relay needs to run.
-#[derive(Clone, Debug)]
-pub struct RelayConfig {
-    pub listen: Endpoint,
-    pub target: Target,
-    /// Worker threads, each with its own ring; 0 means one per core.
-    pub workers: usize,
-    pub backend: BackendChoice,
-    /// `Splice` (each direction falls back to copying where refused) or
-    /// `Copy` everywhere.
-    pub data_path: DataPath,
-    pub pipe_bytes: usize,
-    pub connect_timeout: Duration,
-    pub drain_timeout: Duration,
-    pub socket: SocketOptions,
-    /// Before sleeping, a worker polls for new events this long. On a VM a
-    /// sleep and wake-up of the relay costs more than a request/response
-    /// hop; spinning saves it for CPU. Zero (the default) never spins.
-    pub spin: Duration,
-}
-
-impl RelayConfig {
-    pub fn new(listen: Endpoint, target: Target) -> Self {
-        RelayConfig {
-            listen,
-            target,
-            workers: 0,
-            backend: BackendChoice::Auto,
-            data_path: DataPath::Splice,
-            pipe_bytes: DEFAULT_PIPE_BYTES,
-            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
-            drain_timeout: DEFAULT_DRAIN_TIMEOUT,
-            socket: SocketOptions::default(),
-            spin: Duration::ZERO,
-        }
-    }
-}
-
-/// What workers share: the stop flag and a way to wake each one.
-#[derive(Debug)]
-pub(crate) struct Control {
-    pub stopping: AtomicBool,
-    wakers: Vec<File>,
-}
-
-impl Control {
-    pub fn stop(&self) {
-        self.stopping.store(true, Ordering::SeqCst);
-        for mut waker in &self.wakers {
-            // An eventfd write fails only when the counter would overflow,
-            // which means a wake-up is pending anyway.
-            let _ = waker.write(&1u64.to_ne_bytes());
-        }
-    }
-}
+use crate::worker::{self, Control, WorkerSetup};
 
 /// Stops a running relay from anywhere (a signal handler thread, a test).
 #[derive(Clone, Debug)]
@@ -103,23 +35,13 @@ pub struct Relay {
     workers: Vec<JoinHandle<Result<(), Error>>>,
 }
 
-/// What one worker gets.
-pub(crate) struct WorkerSetup {
-    pub index: usize,
-    pub listener: Socket,
-    pub wake: File,
-    pub config: Arc<RelayConfig>,
-    pub stats: Arc<Stats>,
-    pub control: Arc<Control>,
-}
-
 impl Relay {
     /// Binds the listener(s), picks the backend and starts the workers.
     pub fn start(config: RelayConfig) -> Result<Relay, Error> {
         if config.connect_timeout.is_zero() {
-            return Err(Error::Config("the connect timeout must be more than zero".into()));
+            return Err(Error::ZeroConnectTimeout);
         }
-        let backend = backend::choose(config.backend)?;
+        let backend = driver::choose(config.backend)?;
         if let Err(e) = sys::raise_open_files_limit() {
             tracing::warn!(error = %e, "cannot raise the open-files limit");
         }
@@ -148,7 +70,7 @@ impl Relay {
             .map_err(Error::Start)?;
         let worker_wakes =
             wakers.iter().map(|w| w.try_clone()).collect::<Result<Vec<_>, _>>().map_err(Error::Start)?;
-        let control = Arc::new(Control { stopping: AtomicBool::new(false), wakers });
+        let control = Arc::new(Control::new(wakers));
         let stats = Arc::new(Stats::default());
         let config = Arc::new(config);
         tracing::info!(listen = %local, target = %config.target.endpoint(), workers, backend = %backend,
@@ -165,7 +87,7 @@ impl Relay {
             };
             let handle = std::thread::Builder::new()
                 .name(format!("relay-worker-{index}"))
-                .spawn(move || backend.run_worker(setup))
+                .spawn(move || worker::run(backend, setup))
                 .map_err(|e| {
                     control.stop();
                     Error::Start(e)

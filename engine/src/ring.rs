@@ -1,11 +1,14 @@
-//! The io_uring ring of one worker: a safe face over submission.
+//! The io_uring ring of one worker: a thin face over submission, and with
+//! `sys` the engine's unsafe fence.
 //!
-//! Only operations that reference no user memory are submitted (polls,
-//! multishot accept, cancels), except timeouts, whose `timespec` lives in
-//! this struct for the ring's whole life. So no buffer is ever lent to the
-//! kernel, and an operation still in flight when its connection is gone can
-//! do no harm: its completion is matched by `user_data` and ignored.
+//! Only operations that reference no user memory are submitted: polls,
+//! multishot accepts and cancels. What the kernel does keep after a
+//! submission is a descriptor number, so the functions that submit one are
+//! `unsafe fn`: the caller promises the descriptor stays open until the
+//! operation's last completion has been reaped (the io_uring driver keeps
+//! that promise; see `driver::Driver`).
 
+use std::fmt;
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::time::Duration;
@@ -22,35 +25,55 @@ pub struct Completion {
     pub more: bool,
 }
 
-/// The timers a worker uses; each has one `timespec` slot in the ring.
-#[derive(Clone, Copy, Debug)]
-pub enum Timer {
-    /// Bounds an upstream connect (linked to its poll).
-    Connect = 0,
-    /// Delay before accepting again after the process ran out of descriptors.
-    AcceptRetry = 1,
-    /// How long a stopping worker waits for connections to finish.
-    Drain = 2,
-}
-
-/// The opcodes the backend needs, probed at start.
-const REQUIRED_OPCODES: [(u8, &str); 6] = [
+/// The opcodes the driver needs, probed at start.
+const REQUIRED_OPCODES: [(u8, &str); 3] = [
     (opcode::PollAdd::CODE, "POLL_ADD"),
     (opcode::AcceptMulti::CODE, "ACCEPT"),
     (opcode::AsyncCancel::CODE, "ASYNC_CANCEL"),
-    (opcode::Timeout::CODE, "TIMEOUT"),
-    (opcode::LinkTimeout::CODE, "LINK_TIMEOUT"),
-    (opcode::Nop::CODE, "NOP"),
 ];
+
+/// The oldest kernel with everything the driver uses (multishot accept).
+const MIN_KERNEL: (u32, u32) = (5, 19);
 
 /// `io_uring_enter` flag: collect completions (linux/io_uring.h).
 const IORING_ENTER_GETEVENTS: u32 = 1;
 
+/// Why io_uring cannot run here.
+#[derive(Debug)]
+pub enum Unavailable {
+    /// The kernel refused to set up a ring (missing, seccomp, sysctl).
+    Setup(io::Error),
+    /// The kernel would not say which opcodes it has.
+    Probe(io::Error),
+    /// An opcode the driver needs is missing.
+    Opcode(&'static str),
+    /// The kernel cannot wait with a timeout (IORING_FEAT_EXT_ARG, 5.11).
+    NoTimedWait,
+    /// The kernel is older than the driver needs.
+    Kernel { major: u32, minor: u32 },
+    /// The probe thread could not run.
+    ProbeThread(String),
+}
+
+impl fmt::Display for Unavailable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Unavailable::Setup(e) => write!(f, "io_uring_setup failed: {e}"),
+            Unavailable::Probe(e) => write!(f, "cannot probe io_uring opcodes: {e}"),
+            Unavailable::Opcode(name) => write!(f, "the kernel lacks io_uring opcode {name}"),
+            Unavailable::NoTimedWait => f.write_str("the kernel cannot wait on io_uring with a timeout"),
+            Unavailable::Kernel { major, minor } => write!(
+                f,
+                "Linux {major}.{minor} has no multishot accept ({}.{} or newer needed)",
+                MIN_KERNEL.0, MIN_KERNEL.1
+            ),
+            Unavailable::ProbeThread(why) => write!(f, "the io_uring probe failed: {why}"),
+        }
+    }
+}
+
 pub struct Ring {
     ring: IoUring,
-    /// Read by the kernel when a timeout is submitted; boxed so the address
-    /// is stable while the `Ring` moves.
-    timers: Box<[types::Timespec; 3]>,
 }
 
 impl Ring {
@@ -65,43 +88,37 @@ impl Ring {
             .setup_coop_taskrun()
             .build(entries)
             .or_else(|_| IoUring::builder().setup_cqsize(cq_entries).build(entries))?;
-        Ok(Ring { ring, timers: Box::new([types::Timespec::new(); 3]) })
+        Ok(Ring { ring })
     }
 
-    /// Checks that this kernel lets us set up a ring with every opcode the
-    /// backend uses, and is recent enough for multishot accept (5.19).
-    pub fn probe() -> Result<(), String> {
+    /// Checks that this kernel lets us set up a ring with every opcode and
+    /// feature the driver uses, and is recent enough for multishot accept.
+    pub fn probe() -> Result<(), Unavailable> {
         let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
         let mut numbers =
             release.trim().split(|c: char| !c.is_ascii_digit()).filter_map(|n| n.parse::<u32>().ok());
-        let version = (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0));
-        let ring = IoUring::new(8).map_err(|e| format!("io_uring_setup failed: {e}"))?;
+        let (major, minor) = (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0));
+        let ring = IoUring::new(8).map_err(Unavailable::Setup)?;
         let mut probe = Probe::new();
-        ring.submitter()
-            .register_probe(&mut probe)
-            .map_err(|e| format!("cannot probe io_uring opcodes: {e}"))?;
+        ring.submitter().register_probe(&mut probe).map_err(Unavailable::Probe)?;
         if let Some((_, name)) = REQUIRED_OPCODES.iter().find(|(code, _)| !probe.is_supported(*code)) {
-            return Err(format!("the kernel lacks io_uring opcode {name}"));
+            return Err(Unavailable::Opcode(name));
         }
-        if version < (5, 19) {
-            return Err(format!(
-                "Linux {}.{} has no multishot accept (5.19 or newer needed)",
-                version.0, version.1
-            ));
+        if !ring.params().is_feature_ext_arg() {
+            return Err(Unavailable::NoTimedWait);
+        }
+        if (major, minor) < MIN_KERNEL {
+            return Err(Unavailable::Kernel { major, minor });
         }
         Ok(())
     }
 
-    pub fn set_timer(&mut self, timer: Timer, after: Duration) {
-        self.timers[timer as usize] = types::Timespec::from(after);
-    }
-
-    fn push(&mut self, entries: &[squeue::Entry]) -> io::Result<()> {
+    fn push(&mut self, entry: &squeue::Entry) -> io::Result<()> {
         loop {
-            // SAFETY: the entries reference no user memory except a timer's
-            // timespec, which lives in `self.timers` as long as the ring.
-            let pushed = unsafe { self.ring.submission().push_multiple(entries) };
-            if pushed.is_ok() {
+            // SAFETY: every entry built in this module references no user
+            // memory; the descriptors it names are kept open by the callers
+            // of the `unsafe fn`s below, as their contracts say.
+            if unsafe { self.ring.submission().push(entry) }.is_ok() {
                 return Ok(());
             }
             // The queue is full: hand what is queued to the kernel, retry.
@@ -110,75 +127,60 @@ impl Ring {
     }
 
     /// A one-shot poll for `events` (POLLIN, POLLOUT) on `fd`.
-    pub fn poll(&mut self, fd: BorrowedFd<'_>, events: u32, user_data: u64) -> io::Result<()> {
-        let entry = opcode::PollAdd::new(types::Fd(fd.as_raw_fd()), events).build().user_data(user_data);
-        self.push(&[entry])
-    }
-
-    /// A one-shot poll that is cancelled (completes with ECANCELED) if it has
-    /// not fired within `timer`'s duration.
-    pub fn poll_with_timeout(
-        &mut self,
-        fd: BorrowedFd<'_>,
-        events: u32,
-        user_data: u64,
-        timer: Timer,
-        timeout_user_data: u64,
-    ) -> io::Result<()> {
-        let poll = opcode::PollAdd::new(types::Fd(fd.as_raw_fd()), events)
-            .build()
-            .user_data(user_data)
-            .flags(squeue::Flags::IO_LINK);
-        let timeout =
-            opcode::LinkTimeout::new(&self.timers[timer as usize]).build().user_data(timeout_user_data);
-        self.push(&[poll, timeout])
-    }
-
-    /// A standalone timeout that completes (with ETIME) after `timer`'s duration.
-    pub fn timeout(&mut self, timer: Timer, user_data: u64) -> io::Result<()> {
-        let entry = opcode::Timeout::new(&self.timers[timer as usize]).build().user_data(user_data);
-        self.push(&[entry])
+    ///
+    /// # Safety
+    ///
+    /// `fd` must stay open until this poll's completion has been reaped
+    /// (after a cancel, too: the cancelled poll still completes).
+    pub unsafe fn poll(&mut self, fd: BorrowedFd<'_>, events: u32, user_data: u64) -> io::Result<()> {
+        self.push(&opcode::PollAdd::new(types::Fd(fd.as_raw_fd()), events).build().user_data(user_data))
     }
 
     /// A multishot accept: one completion per accepted connection, each a new
     /// non-blocking, close-on-exec socket.
-    pub fn accept_multishot(&mut self, listener: BorrowedFd<'_>, user_data: u64) -> io::Result<()> {
+    ///
+    /// # Safety
+    ///
+    /// `listener` must stay open until a completion of this accept without
+    /// the `more` flag has been reaped.
+    pub unsafe fn accept_multishot(&mut self, listener: BorrowedFd<'_>, user_data: u64) -> io::Result<()> {
         let entry = opcode::AcceptMulti::new(types::Fd(listener.as_raw_fd()))
             .flags(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)
             .build()
             .user_data(user_data);
-        self.push(&[entry])
+        self.push(&entry)
     }
 
     /// Asks the kernel to cancel the operation submitted with `target`.
     pub fn cancel(&mut self, target: u64, user_data: u64) -> io::Result<()> {
-        self.push(&[opcode::AsyncCancel::new(target).build().user_data(user_data)])
+        self.push(&opcode::AsyncCancel::new(target).build().user_data(user_data))
     }
 
-    /// Submits what is queued and waits for at least `want` completions.
-    pub fn submit_and_wait(&mut self, want: usize) -> io::Result<()> {
-        match self.ring.submit_and_wait(want) {
-            Ok(_) => Ok(()),
-            // Interrupted by a signal, or the completion queue is full: either
-            // way the caller reaps completions and comes back.
-            Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::EBUSY)) => Ok(()),
-            Err(e) => Err(e),
+    /// Submits what is queued and waits for a completion: at most `timeout`
+    /// (`None`: as long as it takes). With `Some(ZERO)` it only lets the
+    /// kernel post finished work (with DEFER_TASKRUN it does so only when
+    /// asked) and never sleeps.
+    pub fn wait(&mut self, timeout: Option<Duration>) -> io::Result<()> {
+        let result = match timeout {
+            None => self.ring.submit_and_wait(1).map(drop),
+            Some(Duration::ZERO) => self.ring.submit().and_then(|_| {
+                // SAFETY: an enter with GETEVENTS, nothing to submit, no
+                // minimum and no argument passes no memory to the kernel.
+                unsafe { self.ring.submitter().enter::<libc::sigset_t>(0, 0, IORING_ENTER_GETEVENTS, None) }
+                    .map(drop)
+            }),
+            Some(timeout) => {
+                let timespec = types::Timespec::from(timeout);
+                let args = types::SubmitArgs::new().timespec(&timespec);
+                self.ring.submitter().submit_with_args(1, &args).map(drop)
+            }
+        };
+        match result {
+            // Timed out, interrupted by a signal, or the completion queue is
+            // full: either way the caller reaps completions and comes back.
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ETIME | libc::EINTR | libc::EBUSY)) => Ok(()),
+            other => other,
         }
-    }
-
-    /// Submits what is queued and lets the kernel post finished work (with
-    /// DEFER_TASKRUN it does so only when asked), without sleeping; whether
-    /// any completion is waiting.
-    pub fn poll_completions(&mut self) -> io::Result<bool> {
-        self.submit_and_wait(0)?;
-        // SAFETY: an enter with GETEVENTS, nothing to submit, no minimum and
-        // no argument passes no memory to the kernel.
-        match unsafe { self.ring.submitter().enter::<libc::sigset_t>(0, 0, IORING_ENTER_GETEVENTS, None) } {
-            Ok(_) => {}
-            Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::EBUSY)) => {}
-            Err(e) => return Err(e),
-        }
-        Ok(!self.ring.completion().is_empty())
     }
 
     /// Moves every available completion into `out`.

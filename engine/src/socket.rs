@@ -171,6 +171,12 @@ pub fn finish_connect(socket: &Socket) -> Option<io::Result<()>> {
     }
 }
 
+/// Arms a reset: with `SO_LINGER {1, 0}`, closing the socket sends RST
+/// instead of FIN. An error only means the socket is already gone.
+pub fn reset(socket: &Socket) {
+    let _ = socket.set_linger(Some(std::time::Duration::ZERO));
+}
+
 /// A socket address as text, in the endpoint form where it has one.
 pub fn describe(addr: &SockAddr) -> String {
     if let Some(sa) = addr.as_socket() {

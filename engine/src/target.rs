@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use socket2::SockAddr;
 
-use crate::dns::{DnsOptions, Resolution, Resolver};
+use crate::dns::{DnsError, DnsOptions, Resolution, Resolver};
 use crate::endpoint::{Endpoint, Host};
 use crate::error::Error;
 use crate::socket;
@@ -49,7 +49,7 @@ impl Target {
     /// name resolved once by the system resolver).
     pub fn fixed(endpoint: &Endpoint) -> Result<Target, Error> {
         let addr = socket::sockaddr(endpoint)
-            .map_err(|e| Error::Resolve { name: endpoint.to_string(), reason: e.to_string() })?;
+            .map_err(|e| Error::Resolve { name: endpoint.to_string(), source: DnsError::System(e) })?;
         Ok(Target::with(endpoint.clone(), addr, None))
     }
 
@@ -59,7 +59,7 @@ impl Target {
         let Endpoint::Tcp { host: Host::Name(name), port } = endpoint else {
             return Target::fixed(endpoint);
         };
-        let resolve_error = |reason: String| Error::Resolve { name: name.clone(), reason };
+        let resolve_error = |source| Error::Resolve { name: name.clone(), source };
         let resolver = Resolver::new(dns).map_err(resolve_error)?;
         let first = resolver.resolve(name).map_err(resolve_error)?;
         Ok(Target::follow(endpoint.clone(), *port, resolver, first))

@@ -1,0 +1,165 @@
+//! Drivers: how a worker learns that something happened. The worker loop
+//! (`worker.rs`) exists once; a driver only arms interest, waits and hands
+//! back [`DriverEvent`]s. `uring` is the fast path (io_uring polls and
+//! multishot accepts); `epoll` runs where io_uring is missing or refused:
+//! the Linux 4.14 enclave kernel, Docker's default seccomp profile,
+//! `kernel.io_uring_disabled`.
+//!
+//! A completion-based data path (an io_uring buffer ring) would be one more
+//! pair of driver calls and events here, handled by the same loop.
+
+use std::fmt;
+use std::io;
+use std::str::FromStr;
+use std::time::Duration;
+
+use socket2::Socket;
+
+use crate::conn::Connection;
+use crate::error::{Error, Side};
+use crate::ring::{Ring, Unavailable};
+
+mod epoll;
+mod uring;
+
+pub(crate) use epoll::EpollDriver;
+pub(crate) use uring::UringDriver;
+
+/// The backend a user asks for.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum BackendChoice {
+    /// io_uring when the kernel allows it, else portable.
+    #[default]
+    Auto,
+    /// io_uring, or an error if the kernel refuses it.
+    Uring,
+    /// epoll, even where io_uring would work.
+    Portable,
+}
+
+/// The backend a relay runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Uring,
+    Portable,
+}
+
+impl fmt::Display for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Backend::Uring => "io_uring",
+            Backend::Portable => "portable",
+        })
+    }
+}
+
+impl FromStr for BackendChoice {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(BackendChoice::Auto),
+            "uring" | "io_uring" => Ok(BackendChoice::Uring),
+            "portable" | "epoll" => Ok(BackendChoice::Portable),
+            other => Err(format!("unknown backend `{other}`; expected auto, uring or portable")),
+        }
+    }
+}
+
+/// Probes the kernel and picks the backend; says in one log line which and why.
+pub fn choose(choice: BackendChoice) -> Result<Backend, Error> {
+    if choice == BackendChoice::Portable {
+        tracing::info!(backend = "portable", "backend chosen: portable (asked for)");
+        return Ok(Backend::Portable);
+    }
+    // Probe on a thread of its own: the kernel ties a ring to the thread that
+    // set it up, and tearing the probe ring down later would interrupt that
+    // thread's blocking system calls (EINTR) when it is the caller's.
+    let probe = std::thread::Builder::new()
+        .name("io_uring-probe".into())
+        .spawn(Ring::probe)
+        .map_err(Error::Start)?
+        .join()
+        .unwrap_or_else(|_| Err(Unavailable::ProbeThread("it panicked".into())));
+    match (probe, choice) {
+        (Ok(()), _) => {
+            tracing::info!(backend = "io_uring", "backend chosen: io_uring (setup and opcode probe passed)");
+            Ok(Backend::Uring)
+        }
+        (Err(why), BackendChoice::Uring) => Err(Error::UringUnavailable(why)),
+        (Err(why), _) => {
+            tracing::info!(backend = "portable", reason = %why, "backend chosen: portable, io_uring unavailable: {why}");
+            Ok(Backend::Portable)
+        }
+    }
+}
+
+/// Names a connection in a driver's bookkeeping: its slot in the worker
+/// and the low bits of its id, so an event for a connection that is gone
+/// (its slot reused since) is recognised and dropped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Key {
+    pub index: u32,
+    pub generation: u32,
+}
+
+/// Readiness reported for one socket of a connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Readiness {
+    pub readable: bool,
+    pub writable: bool,
+}
+
+impl Readiness {
+    pub const READABLE: Readiness = Readiness { readable: true, writable: false };
+    pub const WRITABLE: Readiness = Readiness { readable: false, writable: true };
+    pub const BOTH: Readiness = Readiness { readable: true, writable: true };
+}
+
+/// What a driver hands back from a wait.
+#[derive(Debug)]
+pub(crate) enum DriverEvent {
+    /// The listener produced a client (or an accept error).
+    Accepted(io::Result<Socket>),
+    /// The worker's eventfd was written: look at the stop flag.
+    Woken,
+    /// A socket of a connection is ready as described.
+    Ready { key: Key, side: Side, readiness: Readiness },
+    /// Every operation on a released connection has ended: its sockets may close.
+    Released(Key),
+}
+
+/// How a worker waits. The contract between the loop and a driver:
+///
+/// - The loop calls [`Driver::register`] for a new connection and
+///   [`Driver::watch`] whenever one of its directions waits for a socket;
+///   a watch reports [`DriverEvent::Ready`] once (a driver may also report
+///   readiness that was not asked for; the loop ignores what no direction
+///   waits for).
+/// - The loop keeps a connection's sockets open from `register` until
+///   [`Driver::release`] returned `true` or the driver reported
+///   [`DriverEvent::Released`] for it. The io_uring driver's safety rests on
+///   this: the kernel may use a socket until its operation completes.
+pub(crate) trait Driver {
+    /// Starts watching a new connection's sockets.
+    fn register(&mut self, key: Key, conn: &Connection) -> io::Result<()>;
+
+    /// Reports when `socket` (the connection's `side`) is ready as `wanted`.
+    fn watch(&mut self, key: Key, socket: &Socket, side: Side, wanted: Readiness) -> io::Result<()>;
+
+    /// The connection ended. `true`: its sockets may close now; `false`:
+    /// wait for [`DriverEvent::Released`].
+    fn release(&mut self, key: Key) -> io::Result<bool>;
+
+    /// Stops accepting for good (the relay is stopping).
+    fn stop_accepting(&mut self) -> io::Result<()>;
+
+    /// Stops accepting until [`Driver::resume_accepting`] (out of descriptors).
+    fn pause_accepting(&mut self);
+
+    fn resume_accepting(&mut self);
+
+    /// Submits what is pending and waits at most `timeout` (`None`: until
+    /// something happens; zero: not at all) for events, appended to `events`.
+    fn wait(&mut self, timeout: Option<Duration>, events: &mut Vec<DriverEvent>) -> io::Result<()>;
+}

@@ -1,0 +1,401 @@
+//! One worker thread: the event loop every backend runs, over a driver.
+//!
+//! The loop owns what does not depend on how events arrive: the connection
+//! slots, opening a connection for each client, the connect deadlines, the
+//! queue of directions that yielded with work left, spinning before a
+//! sleep, pausing accepts when descriptors run out, and the stop: no new
+//! clients, a drain time for the open ones, then a reset for the rest.
+//! A driver (`driver/`) only arms interest, waits, and reports events.
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io::{self, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use slab::Slab;
+use socket2::Socket;
+
+use crate::config::RelayConfig;
+use crate::conn::{Action, ConnState, Connection, Direction, Ending, Event};
+use crate::driver::{Backend, Driver, DriverEvent, EpollDriver, Key, Readiness, UringDriver};
+use crate::error::{ConnError, Error, Op, Side};
+use crate::pool::Pools;
+use crate::pump::Wait;
+use crate::socket;
+use crate::stats::Stats;
+
+/// Pause before accepting again after running out of descriptors.
+const ACCEPT_RETRY: Duration = Duration::from_millis(100);
+/// Idle pipes and buffers a worker keeps for reuse.
+const POOL_MAX_IDLE: usize = 16;
+
+/// What workers share: the stop flag and a way to wake each one.
+#[derive(Debug)]
+pub(crate) struct Control {
+    stopping: AtomicBool,
+    wakers: Vec<File>,
+}
+
+impl Control {
+    pub fn new(wakers: Vec<File>) -> Self {
+        Control { stopping: AtomicBool::new(false), wakers }
+    }
+
+    pub fn stop(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        for mut waker in &self.wakers {
+            // An eventfd write fails only when the counter would overflow,
+            // which means a wake-up is pending anyway.
+            let _ = waker.write(&1u64.to_ne_bytes());
+        }
+    }
+
+    fn stopping(&self) -> bool {
+        self.stopping.load(Ordering::SeqCst)
+    }
+}
+
+/// What one worker gets.
+pub(crate) struct WorkerSetup {
+    pub index: usize,
+    pub listener: Socket,
+    /// The read side of this worker's waker in [`Control`].
+    pub wake: File,
+    pub config: Arc<RelayConfig>,
+    pub stats: Arc<Stats>,
+    pub control: Arc<Control>,
+}
+
+/// Runs a worker until the relay stops; a failure stops the other workers too.
+pub(crate) fn run(backend: Backend, setup: WorkerSetup) -> Result<(), Error> {
+    let (index, control) = (setup.index, Arc::clone(&setup.control));
+    let result = match backend {
+        Backend::Uring => UringDriver::new(setup.listener, setup.wake).and_then(|driver| {
+            Worker::new(driver, setup.index, setup.config, setup.stats, setup.control).run()
+        }),
+        Backend::Portable => EpollDriver::new(setup.listener, setup.wake).and_then(|driver| {
+            Worker::new(driver, setup.index, setup.config, setup.stats, setup.control).run()
+        }),
+    };
+    result.map_err(|source| {
+        tracing::error!(worker = index, error = %source, "worker failed; stopping the relay");
+        control.stop();
+        Error::Worker { worker: index, source }
+    })
+}
+
+/// Is this accept error about resources (retry later) rather than one client?
+fn out_of_resources(error: &io::Error) -> bool {
+    matches!(error.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM))
+}
+
+struct Slot {
+    conn: Connection,
+    /// What each direction waits for (`None`: not started).
+    waits: [Option<Wait>; 2],
+}
+
+struct Worker<D> {
+    /// Declared first, so dropped first: the kernel lets go of every
+    /// operation before the connections' sockets close.
+    driver: D,
+    conns: Slab<Slot>,
+    /// Directions that yielded with work left, run after the events.
+    ready: Vec<(Key, Direction)>,
+    /// Connects in progress, in deadline order (one timeout for all).
+    connect_deadlines: VecDeque<(Instant, Key)>,
+    accept_paused_until: Option<Instant>,
+    /// Set once stopping: when the open connections are reset.
+    drain_deadline: Option<Instant>,
+    index: usize,
+    config: Arc<RelayConfig>,
+    stats: Arc<Stats>,
+    control: Arc<Control>,
+    pools: Pools,
+    next_id: u64,
+}
+
+impl<D: Driver> Worker<D> {
+    fn new(
+        driver: D,
+        index: usize,
+        config: Arc<RelayConfig>,
+        stats: Arc<Stats>,
+        control: Arc<Control>,
+    ) -> Self {
+        Worker {
+            driver,
+            conns: Slab::new(),
+            ready: Vec::new(),
+            connect_deadlines: VecDeque::new(),
+            accept_paused_until: None,
+            drain_deadline: None,
+            index,
+            pools: Pools::new(config.pipe_bytes, POOL_MAX_IDLE),
+            config,
+            stats,
+            control,
+            next_id: (index as u64) << 48,
+        }
+    }
+
+    fn run(&mut self) -> io::Result<()> {
+        if self.control.stopping() {
+            self.begin_stop()?;
+        }
+        let mut events = Vec::new();
+        let mut ready = Vec::new();
+        loop {
+            let now = Instant::now();
+            if let Some(drain_deadline) = self.drain_deadline {
+                if self.conns.is_empty() || drain_deadline <= now {
+                    self.abandon();
+                    return Ok(());
+                }
+            }
+            self.wait(&mut events, now)?;
+            for event in events.drain(..) {
+                self.on_event(event)?;
+            }
+            self.expire(Instant::now())?;
+            std::mem::swap(&mut ready, &mut self.ready);
+            for (key, direction) in ready.drain(..) {
+                if self.slot(key).is_some_and(|slot| slot.waits[direction as usize] == Some(Wait::Yield)) {
+                    self.dispatch(key, Event::Ready(direction))?;
+                }
+            }
+        }
+    }
+
+    /// Waits for events until the next deadline (not at all when directions
+    /// are queued); first polls for them during the configured spin time.
+    fn wait(&mut self, events: &mut Vec<DriverEvent>, now: Instant) -> io::Result<()> {
+        let timeout = if self.ready.is_empty() {
+            let deadlines =
+                [self.connect_deadlines.front().map(|d| d.0), self.accept_paused_until, self.drain_deadline];
+            deadlines.into_iter().flatten().min().map(|d| d.saturating_duration_since(now))
+        } else {
+            Some(Duration::ZERO)
+        };
+        let spin = self.config.spin;
+        if !spin.is_zero() && timeout != Some(Duration::ZERO) {
+            let until = now + spin;
+            while Instant::now() < until {
+                self.driver.wait(Some(Duration::ZERO), events)?;
+                if !events.is_empty() {
+                    return Ok(());
+                }
+                std::hint::spin_loop();
+            }
+        }
+        self.driver.wait(timeout, events)
+    }
+
+    fn on_event(&mut self, event: DriverEvent) -> io::Result<()> {
+        match event {
+            // A client accepted while stopping is closed (dropped).
+            DriverEvent::Accepted(Ok(client)) if self.drain_deadline.is_none() => self.open(client),
+            DriverEvent::Accepted(Ok(_)) => Ok(()),
+            DriverEvent::Accepted(Err(error)) if out_of_resources(&error) => {
+                tracing::warn!(worker = self.index, %error, "cannot accept: out of resources; retrying shortly");
+                self.accept_paused_until = Some(Instant::now() + ACCEPT_RETRY);
+                self.driver.pause_accepting();
+                Ok(())
+            }
+            // The client gave up before we accepted it, or similar.
+            DriverEvent::Accepted(Err(error)) => {
+                tracing::debug!(worker = self.index, %error, "accept failed");
+                Ok(())
+            }
+            DriverEvent::Woken if self.control.stopping() => self.begin_stop(),
+            DriverEvent::Woken => Ok(()),
+            DriverEvent::Ready { key, side, readiness } => self.on_ready(key, side, readiness),
+            DriverEvent::Released(key) => {
+                if self.slot(key).is_some() {
+                    self.conns.remove(key.index as usize);
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn slot(&self, key: Key) -> Option<&Slot> {
+        self.conns.get(key.index as usize).filter(|slot| generation(slot.conn.id) == key.generation)
+    }
+
+    /// A socket is ready: the connect goes on, or the directions waiting on
+    /// that socket for that readiness run.
+    fn on_ready(&mut self, key: Key, side: Side, readiness: Readiness) -> io::Result<()> {
+        let Some(slot) = self.slot(key) else { return Ok(()) };
+        if let ConnState::Connecting { .. } = slot.conn.state {
+            if side == Side::Upstream && readiness.writable {
+                return self.dispatch(key, Event::UpstreamWritable);
+            }
+            // Early client bytes wait: the pumps start after the connect.
+            return Ok(());
+        }
+        for direction in Direction::BOTH {
+            let Some(slot) = self.slot(key).filter(|slot| slot.conn.state == ConnState::Relaying) else {
+                return Ok(());
+            };
+            let waits_here = match slot.waits[direction as usize] {
+                Some(Wait::Readable) => direction.source() == side && readiness.readable,
+                Some(Wait::Writable) => direction.destination() == side && readiness.writable,
+                _ => false,
+            };
+            if waits_here {
+                self.dispatch(key, Event::Ready(direction))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Fires the deadlines that are due.
+    fn expire(&mut self, now: Instant) -> io::Result<()> {
+        while let Some(&(deadline, key)) = self.connect_deadlines.front() {
+            if deadline > now {
+                break;
+            }
+            self.connect_deadlines.pop_front();
+            if self.slot(key).is_some_and(|slot| matches!(slot.conn.state, ConnState::Connecting { .. })) {
+                self.dispatch(key, Event::DeadlinePassed)?;
+            }
+        }
+        if self.accept_paused_until.is_some_and(|at| at <= now) {
+            self.accept_paused_until = None;
+            self.driver.resume_accepting();
+        }
+        Ok(())
+    }
+
+    /// A new client: open the upstream socket and start the connect.
+    fn open(&mut self, client: Socket) -> io::Result<()> {
+        if let Err(e) = socket::tune(&client, &self.config.socket) {
+            tracing::debug!(error = %e, "cannot tune an accepted socket");
+        }
+        self.stats.opened();
+        let target = self.config.target.current();
+        let upstream = match socket::socket_for(&target, &self.config.socket) {
+            Ok(upstream) => upstream,
+            Err(e) => {
+                // Out of descriptors, most likely: reset this client, serve the others.
+                tracing::warn!(worker = self.index, error = %e, "cannot open an upstream socket; client reset");
+                socket::reset(&client);
+                self.stats.closed(true);
+                return Ok(());
+            }
+        };
+        self.next_id += 1;
+        let deadline = Instant::now() + self.config.connect_timeout;
+        let conn = Connection::new(self.next_id, client, upstream, self.config.data_path, deadline);
+        let entry = self.conns.vacant_entry();
+        let key = Key {
+            index: u32::try_from(entry.key()).map_err(io::Error::other)?,
+            generation: generation(conn.id),
+        };
+        let slot = entry.insert(Slot { conn, waits: [None, None] });
+        let mut moved = [0u64; 2];
+        let action = match self.driver.register(key, &slot.conn) {
+            Ok(()) => slot.conn.start(&target, &mut self.pools, &mut moved),
+            Err(e) => {
+                slot.conn.reset();
+                Action::Close(Ending::Failed(ConnError::new(Side::Client, Op::Read, e)))
+            }
+        };
+        if let Action::AwaitConnect = action {
+            self.connect_deadlines.push_back((deadline, key));
+        }
+        self.carry_out(key, action, moved)
+    }
+
+    /// Runs a connection's state machine on `event` and carries out its answer.
+    fn dispatch(&mut self, key: Key, event: Event) -> io::Result<()> {
+        let mut moved = [0u64; 2];
+        let action = self.conns[key.index as usize].conn.handle(event, &mut self.pools, &mut moved);
+        self.carry_out(key, action, moved)
+    }
+
+    fn carry_out(&mut self, key: Key, action: Action, moved: [u64; 2]) -> io::Result<()> {
+        self.stats.moved(moved[0], moved[1]);
+        let slot = &mut self.conns[key.index as usize];
+        match action {
+            Action::AwaitConnect => {
+                self.driver.watch(key, &slot.conn.upstream, Side::Upstream, Readiness::WRITABLE)
+            }
+            Action::Wait(waits) => {
+                for (direction, wait) in Direction::BOTH.into_iter().zip(waits) {
+                    let Some(wait) = wait else { continue };
+                    slot.waits[direction as usize] = Some(wait);
+                    let (side, wanted) = match wait {
+                        Wait::Readable => (direction.source(), Readiness::READABLE),
+                        Wait::Writable => (direction.destination(), Readiness::WRITABLE),
+                        Wait::Yield => {
+                            self.ready.push((key, direction));
+                            continue;
+                        }
+                        Wait::Finished => continue,
+                    };
+                    self.driver.watch(key, slot.conn.socket(side), side, wanted)?;
+                }
+                Ok(())
+            }
+            Action::Close(ending) => {
+                self.log_closed(&self.conns[key.index as usize].conn, &ending);
+                if self.driver.release(key)? {
+                    self.conns.remove(key.index as usize);
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Counts a closed connection and logs its one line: a warning when the
+    /// upstream could not be reached (the operator's first question when a
+    /// chain of relays fails), else at debug level.
+    fn log_closed(&self, conn: &Connection, ending: &Ending) {
+        self.stats.closed(matches!(ending, Ending::Failed(_)));
+        if let Ending::Failed(ConnError { side: Side::Upstream, op: Op::Connect, source }) = ending {
+            tracing::warn!(worker = self.index, client = %conn.client_name,
+                upstream = %self.config.target.endpoint(), error = %source, "cannot reach the upstream; client reset");
+            return;
+        }
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            let (to_upstream, to_client) = conn.bytes();
+            let outcome = match ending {
+                Ending::Finished => "finished".to_string(),
+                Ending::Failed(e) => e.to_string(),
+            };
+            let ms = u64::try_from(conn.opened.elapsed().as_millis()).unwrap_or(u64::MAX);
+            tracing::debug!(worker = self.index, id = conn.id, client = %conn.client_name,
+                upstream = %self.config.target.endpoint(), to_upstream, to_client, ms, %outcome,
+                "connection closed");
+        }
+    }
+
+    /// Stop accepting; open connections get the drain time to finish.
+    fn begin_stop(&mut self) -> io::Result<()> {
+        if self.drain_deadline.is_some() {
+            return Ok(());
+        }
+        self.drain_deadline = Some(Instant::now() + self.config.drain_timeout);
+        tracing::debug!(worker = self.index, open = self.conns.len(), "stopping: no new connections");
+        self.driver.stop_accepting()
+    }
+
+    /// At the end of the drain time, connections still open are reset.
+    fn abandon(&self) {
+        let open = self.conns.iter().filter(|(_, slot)| slot.conn.state != ConnState::Closed);
+        let count = open.map(|(_, slot)| slot.conn.reset()).count();
+        if count > 0 {
+            tracing::info!(worker = self.index, open = count, "drain time over; resetting open connections");
+        }
+    }
+}
+
+/// The generation of a connection in its key: the low 24 bits of its id
+/// (all a driver's tag has room for; enough to tell reused slots apart).
+fn generation(id: u64) -> u32 {
+    u32::try_from(id & 0xff_ffff).unwrap_or_default()
+}
