@@ -73,7 +73,7 @@ fn bulk(c: &mut Criterion) {
     let (_splice, splice) = engine_relay(direct, BackendChoice::Uring, DataPath::Splice);
     let (_copy, copy) = engine_relay(direct, BackendChoice::Uring, DataPath::Copy);
     let (_portable, portable) = engine_relay(direct, BackendChoice::Portable, DataPath::Splice);
-    let baseline = Baseline::start(direct, 4).addr;
+    let baseline = Baseline::start(direct, 4);
     let mut payload = vec![0u8; CHUNK];
     Data::new(1).fill(&mut payload);
 

@@ -3,11 +3,64 @@
 //! stopped at 1 KiB), and tells an answer from an error reply.
 
 use std::io::{self, Read, Write};
+use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
+use clap::Args;
 use socket2::Socket;
 use vsock_relay_engine::socket::{self, SocketOptions};
 use vsock_relay_engine::Endpoint;
+
+use crate::options::{parse_seconds, UsageError};
+
+/// `vsock-relay client`'s options.
+#[derive(Args, Clone, Debug)]
+pub struct ClientArgs {
+    /// CID PORT QUERY (the workshop's order), or only QUERY with --to.
+    #[arg(value_name = "CID PORT QUERY", num_args = 1..=3, required = true)]
+    pub args: Vec<String>,
+
+    /// Where the server listens, any endpoint (then give only QUERY).
+    #[arg(long, value_name = "ENDPOINT")]
+    pub to: Option<Endpoint>,
+
+    /// Give up when the whole reply has not come within this many seconds.
+    #[arg(long, default_value_t = 30.0, value_name = "SECONDS", value_parser = parse_seconds)]
+    pub timeout: f64,
+}
+
+impl ClientArgs {
+    /// The server's endpoint and the query, from `CID PORT QUERY` or `--to`.
+    fn target(self) -> Result<(Endpoint, String), UsageError> {
+        match (self.args.as_slice(), self.to) {
+            ([query], Some(to)) => Ok((to, query.clone())),
+            ([cid, port, query], None) => {
+                let cid = cid.parse().map_err(|_| UsageError(format!("`{cid}` is not a vsock CID")))?;
+                let port = port.parse().map_err(|_| UsageError(format!("`{port}` is not a vsock port")))?;
+                Ok((Endpoint::Vsock { cid, port }, query.clone()))
+            }
+            (_, Some(_)) => Err(UsageError("with --to, give only QUERY".into())),
+            (_, None) => Err(UsageError("expected CID PORT QUERY, or --to ENDPOINT QUERY".into())),
+        }
+    }
+
+    /// Asks, prints the answer; exit 1 on an error reply.
+    pub fn run(self) -> anyhow::Result<ExitCode> {
+        let timeout = Duration::from_secs_f64(self.timeout);
+        let (to, query) = self.target()?;
+        match ask(&to, &query, timeout)? {
+            Reply::Answer(answer) => {
+                // A closed stdout (`| head`) is not the client's failure.
+                let _ = writeln!(std::io::stdout(), "{answer}");
+                Ok(ExitCode::SUCCESS)
+            }
+            Reply::ServerError(error) => {
+                eprintln!("vsock-relay client: error from the server: {error}");
+                Ok(ExitCode::from(1))
+            }
+        }
+    }
+}
 
 /// A reply larger than this is not from the sample server.
 const MAX_REPLY_BYTES: u64 = 16 << 20;
@@ -47,7 +100,6 @@ pub fn connect(to: &Endpoint, timeout: Duration) -> io::Result<Socket> {
     stream.set_write_timeout(Some(timeout))?;
     stream.connect(&addr)?;
     stream.set_write_timeout(None)?;
-    socket::tune(&stream, &options)?;
     Ok(stream)
 }
 

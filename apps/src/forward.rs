@@ -4,9 +4,95 @@
 //! the loopback interface up and map the remote name to it in /etc/hosts.
 
 use std::net::IpAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
+use anyhow::Context;
+use clap::Args;
 use vsock_relay_engine::endpoint::{Endpoint, Host};
+use vsock_relay_engine::{IpFamily, Relay, Target};
+
+use crate::options::{EngineArgs, UsageError, Workers};
+
+/// `vsock-relay forward`'s options.
+#[derive(Args, Clone, Debug)]
+pub struct ForwardArgs {
+    /// The workshop's form: LOCAL_IP LOCAL_PORT REMOTE_CID REMOTE_PORT.
+    #[arg(value_name = "LOCAL_IP LOCAL_PORT REMOTE_CID REMOTE_PORT", num_args = 0..)]
+    pub positional: Vec<String>,
+
+    /// Where to listen: an endpoint, or a bare port (TCP on 127.0.0.1).
+    #[arg(long, value_name = "ENDPOINT", value_parser = parse_listen, requires = "to")]
+    pub listen: Option<Endpoint>,
+
+    /// Where to forward the connections of --listen.
+    #[arg(long, value_name = "ENDPOINT", requires = "listen")]
+    pub to: Option<Endpoint>,
+
+    /// One more forwarding, LISTEN=TO (repeatable), e.g. 443=vsock:3:8001.
+    #[arg(long = "map", value_name = "LISTEN=TO", value_parser = parse_mapping)]
+    pub maps: Vec<Mapping>,
+
+    /// Map NAME to 127.0.0.1 in the hosts file and bring the loopback
+    /// interface up, as the workshop's run.sh does by hand (repeatable;
+    /// adds nothing that is already there).
+    #[arg(long = "hosts", value_name = "NAME")]
+    pub hosts: Vec<String>,
+
+    /// The hosts file --hosts edits.
+    #[arg(long, default_value = "/etc/hosts", value_name = "FILE")]
+    pub hosts_file: PathBuf,
+
+    /// Worker threads per forwarding.
+    #[command(flatten)]
+    pub workers: Workers,
+
+    #[command(flatten)]
+    pub engine: EngineArgs,
+}
+
+impl ForwardArgs {
+    /// The forwardings asked for; a usage error when none.
+    fn mappings(self) -> Result<(Vec<Mapping>, Self), UsageError> {
+        let mut mappings = Vec::new();
+        if !self.positional.is_empty() {
+            mappings.push(parse_positional(&self.positional).map_err(UsageError)?);
+        }
+        if let (Some(listen), Some(to)) = (self.listen.clone(), self.to.clone()) {
+            mappings.push(Mapping { listen, to });
+        }
+        mappings.extend(self.maps.iter().cloned());
+        if mappings.is_empty() {
+            return Err(UsageError(
+                "nothing to forward: give LOCAL_IP LOCAL_PORT REMOTE_CID REMOTE_PORT, --listen and --to, or --map LISTEN=TO".into(),
+            ));
+        }
+        Ok((mappings, self))
+    }
+
+    /// Does what --hosts asks, then starts one relay per forwarding.
+    pub fn start(self) -> anyhow::Result<Vec<Relay>> {
+        let (mappings, args) = self.mappings()?;
+        if !args.hosts.is_empty() {
+            if vsock_relay_engine::bring_up_loopback()
+                .context("cannot bring the loopback interface up (run as root)")?
+            {
+                tracing::info!("loopback interface brought up");
+            }
+            let added = ensure_hosts(&args.hosts_file, [127, 0, 0, 1].into(), &args.hosts)
+                .map_err(anyhow::Error::msg)?;
+            if !added.is_empty() {
+                tracing::info!(file = %args.hosts_file.display(), names = %added.join(" "), "hosts entries added");
+            }
+        }
+        let mut relays = Vec::with_capacity(mappings.len());
+        for Mapping { listen, to } in mappings {
+            let target = Target::new(&to, &args.engine.dns(IpFamily::Any))
+                .with_context(|| format!("cannot use {to}"))?;
+            relays.push(args.engine.start(listen, target, args.workers.workers)?);
+        }
+        Ok(relays)
+    }
+}
 
 /// One forwarding: where to listen, where to connect.
 #[derive(Clone, Debug, PartialEq, Eq)]

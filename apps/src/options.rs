@@ -6,7 +6,18 @@ use std::time::Duration;
 
 use clap::Args;
 use vsock_relay_engine::endpoint::{parse_host, Host};
-use vsock_relay_engine::{BackendChoice, DataPath, DnsOptions, IpFamily, RelayConfig};
+use vsock_relay_engine::{
+    BackendChoice, DataPath, DnsOptions, Endpoint, IpFamily, Relay, RelayConfig, Target,
+};
+
+/// `-w/--workers` of `vsock-relay`'s relaying commands.
+#[derive(Args, Clone, Copy, Debug)]
+pub struct Workers {
+    /// Worker threads, each an event loop serving any number of connections
+    /// (default: one per core).
+    #[arg(short = 'w', long = "workers", default_value_t = 0, hide_default_value = true)]
+    pub workers: usize,
+}
 
 /// Tuning options every relaying app accepts.
 #[derive(Args, Clone, Debug)]
@@ -22,10 +33,12 @@ pub struct EngineArgs {
     #[arg(long, default_value_t = 10.0, value_name = "SECONDS", value_parser = parse_seconds)]
     pub connect_timeout: f64,
 
-    /// Copy through user space instead of splicing (for comparison; splice
-    /// falls back to copying by itself where a socket family refuses it).
-    #[arg(long)]
-    pub copy: bool,
+    /// How each direction moves bytes: `auto` splices from TCP and Unix
+    /// sockets and copies from vsock (whose splice is a slow copying fallback
+    /// in the kernel); `splice` and `copy` force one path everywhere, for
+    /// comparison (splice still copies where a family refuses it).
+    #[arg(long, default_value = "auto", value_name = "auto|splice|copy")]
+    pub data_path: DataPath,
 
     /// Capacity of each pooled pipe, in KiB (the kernel caps it at
     /// /proc/sys/fs/pipe-max-size).
@@ -45,6 +58,37 @@ pub struct EngineArgs {
     pub dns_servers: Vec<SocketAddr>,
 }
 
+/// A usage error found after parsing (the binary exits 2, like clap's own).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(pub String);
+
+/// `vsock-relay relay`: a plain relay between any two endpoints.
+#[derive(Args, Clone, Debug)]
+pub struct RelayArgs {
+    /// Where to listen.
+    #[arg(long, value_name = "ENDPOINT")]
+    pub listen: Endpoint,
+
+    /// Where to connect for each client (a TCP host name follows DNS).
+    #[arg(long, value_name = "ENDPOINT")]
+    pub to: Endpoint,
+
+    #[command(flatten)]
+    pub workers: Workers,
+
+    #[command(flatten)]
+    pub engine: EngineArgs,
+}
+
+impl RelayArgs {
+    pub fn start(self) -> anyhow::Result<Relay> {
+        let target = Target::new(&self.to, &self.engine.dns(IpFamily::Any))
+            .map_err(|e| anyhow::Error::new(e).context(format!("cannot use --to {}", self.to)))?;
+        self.engine.start(self.listen, target, self.workers.workers)
+    }
+}
+
 /// A positive number of seconds, at most an hour.
 pub fn parse_seconds(text: &str) -> Result<f64, String> {
     match text.parse::<f64>() {
@@ -58,13 +102,18 @@ impl EngineArgs {
         DnsOptions { servers: self.dns_servers.clone(), family }
     }
 
-    /// Applies these options to a relay description.
-    pub fn apply(&self, config: &mut RelayConfig) {
+    /// The one way from command-line options to a running relay: listens
+    /// on `listen`, forwards to `target` with `workers` threads (0: one per
+    /// core), tuned by these options.
+    pub fn start(&self, listen: Endpoint, target: Target, workers: usize) -> anyhow::Result<Relay> {
+        let mut config = RelayConfig::new(listen, target);
+        config.workers = workers;
         config.backend = self.backend;
         config.connect_timeout = Duration::from_secs_f64(self.connect_timeout);
-        config.data_path = if self.copy { DataPath::Copy } else { DataPath::Splice };
+        config.data_path = self.data_path;
         config.pipe_bytes = self.pipe_kib as usize * 1024;
         config.spin = Duration::from_micros(self.spin_us.into());
+        Ok(Relay::start(config)?)
     }
 }
 

@@ -6,10 +6,30 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Args;
 use vsock_relay_engine::dns::Resolver;
-use vsock_relay_engine::{Endpoint, Host, IpFamily, Relay, RelayConfig, Target};
+use vsock_relay_engine::{Endpoint, Host, IpFamily, Relay, Target};
 
 use crate::allowlist;
-use crate::options::{parse_remote_host, EngineArgs};
+use crate::options::{parse_remote_host, EngineArgs, Workers};
+
+/// `vsock-relay proxy`: the allowlisted proxy of `vsock-proxy`, listening on any endpoint.
+#[derive(Args, Clone, Debug)]
+pub struct ProxyCommand {
+    /// Where to listen (vsock-proxy listens on vsock:any:LOCAL_PORT).
+    #[arg(long, value_name = "ENDPOINT")]
+    pub listen: Endpoint,
+
+    #[command(flatten)]
+    pub workers: Workers,
+
+    #[command(flatten)]
+    pub proxy: ProxyArgs,
+}
+
+impl ProxyCommand {
+    pub fn start(self) -> anyhow::Result<Relay> {
+        start(&self.proxy.settings(self.listen, self.workers.workers))
+    }
+}
 
 /// AWS's default config path.
 pub const DEFAULT_CONFIG: &str = "/etc/nitro_enclaves/vsock-proxy.yaml";
@@ -102,8 +122,5 @@ pub fn start(settings: &ProxySettings) -> anyhow::Result<Relay> {
         Host::Ip(_) => Target::fixed(&endpoint)?,
         Host::Name(_) => Target::follow(endpoint, settings.port, resolver, resolution),
     };
-    let mut config = RelayConfig::new(settings.listen.clone(), target);
-    config.workers = settings.workers;
-    settings.engine.apply(&mut config);
-    Ok(Relay::start(config)?)
+    settings.engine.start(settings.listen.clone(), target, settings.workers)
 }

@@ -68,6 +68,13 @@ pub struct ServeArgs {
 }
 
 impl ServeArgs {
+    /// Serves until SIGINT or SIGTERM.
+    pub fn run(self) -> anyhow::Result<()> {
+        let listen = self.listen();
+        let server = Server::start(&listen, Source::new(self.source_settings())?)?;
+        crate::run::serve_until_signal(server.local_endpoint())
+    }
+
     /// `--listen`, else vsock `PORT` (default 5005) on any CID.
     pub fn listen(&self) -> Endpoint {
         self.listen.clone().unwrap_or(Endpoint::Vsock {

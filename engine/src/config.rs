@@ -24,8 +24,8 @@ pub struct RelayConfig {
     /// Worker threads, each with its own ring; 0 means one per core.
     pub workers: usize,
     pub backend: BackendChoice,
-    /// `Splice` (each direction falls back to copying where refused) or
-    /// `Copy` everywhere.
+    /// How each direction moves bytes: `Auto` (by the source's family),
+    /// `Splice` or `Copy` everywhere.
     pub data_path: DataPath,
     pub pipe_bytes: usize,
     pub connect_timeout: Duration,
@@ -44,7 +44,7 @@ impl RelayConfig {
             target,
             workers: 0,
             backend: BackendChoice::Auto,
-            data_path: DataPath::Splice,
+            data_path: DataPath::Auto,
             pipe_bytes: DEFAULT_PIPE_BYTES,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,

@@ -115,9 +115,10 @@ pub struct Connection {
 }
 
 impl Connection {
-    /// A connection whose upstream connect may take until `deadline`; call
+    /// A connection whose upstream connect may take until `deadline`, moving
+    /// bytes by `paths` (to upstream, to the client); call
     /// [`Connection::start`] next.
-    pub fn new(id: u64, client: Socket, upstream: Socket, path: DataPath, deadline: Instant) -> Self {
+    pub fn new(id: u64, client: Socket, upstream: Socket, paths: [DataPath; 2], deadline: Instant) -> Self {
         let client_name = match tracing::enabled!(tracing::Level::DEBUG) {
             true => client.peer_addr().map(|a| socket::describe(&a)).unwrap_or_default(),
             false => String::new(),
@@ -129,8 +130,8 @@ impl Connection {
             upstream,
             state: ConnState::Connecting { deadline },
             opened: Instant::now(),
-            to_upstream: Pump::new(Side::Client, Side::Upstream, path),
-            to_client: Pump::new(Side::Upstream, Side::Client, path),
+            to_upstream: Pump::new(Side::Client, Side::Upstream, paths[0]),
+            to_client: Pump::new(Side::Upstream, Side::Client, paths[1]),
         }
     }
 
@@ -289,7 +290,7 @@ mod tests {
     /// A connection in the given state of its connect, with the client's peer.
     fn connecting(upstream: Socket, deadline: Instant) -> (Connection, UnixStream) {
         let (client, client_peer) = pair();
-        (Connection::new(1, client, upstream, DataPath::Splice, deadline), client_peer)
+        (Connection::new(1, client, upstream, [DataPath::Splice; 2], deadline), client_peer)
     }
 
     /// A listener whose accept queue is full, so a new connect stays in progress.
@@ -314,7 +315,7 @@ mod tests {
     fn relaying(pools: &mut Pools) -> (Connection, UnixStream, UnixStream) {
         let (client, client_peer) = pair();
         let (upstream, upstream_peer) = pair();
-        let mut conn = Connection::new(7, client, upstream, DataPath::Copy, Instant::now() + FAR);
+        let mut conn = Connection::new(7, client, upstream, [DataPath::Copy; 2], Instant::now() + FAR);
         let mut moved = [0; 2];
         match conn.handle(Event::UpstreamWritable, pools, &mut moved) {
             Action::Wait([Some(Wait::Readable), Some(Wait::Readable)]) => {}
@@ -467,7 +468,7 @@ mod tests {
         let mut pools = Pools::new(0, 4);
         let (client, mut client_peer) = pair();
         let (upstream, upstream_peer) = pair();
-        let mut conn = Connection::new(9, client, upstream, DataPath::Copy, Instant::now() + FAR);
+        let mut conn = Connection::new(9, client, upstream, [DataPath::Copy; 2], Instant::now() + FAR);
         conn.handle(Event::UpstreamWritable, &mut pools, &mut [0; 2]);
         drop(upstream_peer);
         client_peer.write_all(&[0u8; 64 << 10]).unwrap();

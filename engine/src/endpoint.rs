@@ -132,14 +132,14 @@ impl FromStr for Endpoint {
                     "any" => VSOCK_CID_ANY,
                     _ => cid.parse().map_err(|_| EndpointParseError::BadCid(text.into(), cid.into()))?,
                 };
-                let port = parse_port(text, port, u32::MAX.into())? as u32;
+                let port = u32::try_from(parse_port(text, port, u32::MAX.into())?).unwrap_or(u32::MAX);
                 Ok(Endpoint::Vsock { cid, port })
             }
             "tcp" => {
                 let (host, port) = rest.rsplit_once(':').ok_or_else(|| {
                     EndpointParseError::BadPort(text.into(), String::new(), u16::MAX.into())
                 })?;
-                let port = parse_port(text, port, u16::MAX.into())? as u16;
+                let port = u16::try_from(parse_port(text, port, u16::MAX.into())?).unwrap_or(u16::MAX);
                 let host =
                     parse_host(host).ok_or_else(|| EndpointParseError::BadHost(text.into(), host.into()))?;
                 Ok(Endpoint::Tcp { host, port })

@@ -18,6 +18,13 @@
 //! the io_uring driver calls the ring's `unsafe fn`s under the contract of
 //! the driver trait.
 
+#![deny(
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap,
+    clippy::cast_sign_loss,
+    clippy::cast_lossless
+)]
+
 mod config;
 mod conn;
 pub mod dns;

@@ -61,9 +61,33 @@ fn new_socket(addr: &SockAddr) -> io::Result<Socket> {
     Ok(socket)
 }
 
+/// The socket family of an endpoint.
+pub fn domain(endpoint: &Endpoint) -> Domain {
+    match endpoint {
+        Endpoint::Vsock { .. } => Domain::VSOCK,
+        Endpoint::Tcp { host: Host::Ip(ip), .. } if ip.is_ipv6() => Domain::IPV6,
+        Endpoint::Tcp { .. } => Domain::IPV4,
+        Endpoint::Unix { .. } => Domain::UNIX,
+    }
+}
+
+/// Applies [`SocketOptions`] to a socket its listener accepted, of the
+/// listener's `family`: vsock sockets inherit the listener's buffer size,
+/// so only TCP needs a call.
+pub fn tune_accepted(socket: &Socket, family: Domain, options: &SocketOptions) -> io::Result<()> {
+    match family {
+        Domain::IPV4 | Domain::IPV6 if options.tcp_nodelay => socket.set_tcp_nodelay(true),
+        _ => Ok(()),
+    }
+}
+
 /// Applies [`SocketOptions`] to a connected or accepted socket.
 pub fn tune(socket: &Socket, options: &SocketOptions) -> io::Result<()> {
-    match socket.domain()? {
+    tune_family(socket, socket.domain()?, options)
+}
+
+fn tune_family(socket: &Socket, family: Domain, options: &SocketOptions) -> io::Result<()> {
+    match family {
         Domain::IPV4 | Domain::IPV6 if options.tcp_nodelay => socket.set_tcp_nodelay(true),
         Domain::VSOCK => match options.vsock_buffer_size {
             Some(bytes) => sys::set_vsock_buffer_size(socket.as_fd(), bytes),
@@ -92,7 +116,7 @@ pub fn listen(endpoint: &Endpoint, options: &SocketOptions, reuse_port: bool) ->
     }
     if matches!(endpoint, Endpoint::Vsock { .. }) {
         // Accepted vsock sockets inherit the listener's buffer size.
-        tune(&socket, options)?;
+        tune_family(&socket, Domain::VSOCK, options)?;
     }
     socket.bind(&addr)?;
     socket.listen(options.backlog)?;
@@ -132,12 +156,11 @@ fn remove_stale_unix_socket(path: &Path) -> io::Result<()> {
     Ok(())
 }
 
-/// A new non-blocking socket of `addr`'s family, tuned for relaying.
+/// A new non-blocking socket of `addr`'s family, tuned for relaying
+/// (TCP_NODELAY and the vsock buffer size apply before the connect too).
 pub fn socket_for(addr: &SockAddr, options: &SocketOptions) -> io::Result<Socket> {
     let socket = new_socket(addr)?;
-    if addr.domain() == Domain::VSOCK {
-        tune(&socket, options)?;
-    }
+    tune_family(&socket, addr.domain(), options)?;
     Ok(socket)
 }
 

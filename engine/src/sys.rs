@@ -28,7 +28,8 @@ pub fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
 pub fn set_pipe_size(pipe: BorrowedFd<'_>, bytes: usize) -> io::Result<usize> {
     let bytes = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
     // SAFETY: F_SETPIPE_SZ takes an int argument and touches no memory of ours.
-    check(unsafe { libc::fcntl(pipe.as_raw_fd(), libc::F_SETPIPE_SZ, bytes) }).map(|n| n as usize)
+    let set = check(unsafe { libc::fcntl(pipe.as_raw_fd(), libc::F_SETPIPE_SZ, bytes) })?;
+    Ok(usize::try_from(set).unwrap_or_default())
 }
 
 /// One non-blocking `splice(2)` of at most `len` bytes from `from` to `to`.
@@ -45,11 +46,8 @@ pub fn splice(from: BorrowedFd<'_>, to: BorrowedFd<'_>, len: usize) -> io::Resul
             libc::SPLICE_F_NONBLOCK | libc::SPLICE_F_MOVE,
         )
     };
-    if n < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(n as usize)
-    }
+    // A negative count is the error return; the rest fits in usize.
+    usize::try_from(n).map_err(|_| io::Error::last_os_error())
 }
 
 /// A non-blocking, close-on-exec eventfd, used to wake a worker.
@@ -74,7 +72,7 @@ pub fn set_vsock_buffer_size(socket: BorrowedFd<'_>, bytes: u64) -> io::Result<(
                 libc::AF_VSOCK,
                 option,
                 (&bytes as *const u64).cast(),
-                std::mem::size_of::<u64>() as libc::socklen_t,
+                libc::socklen_t::try_from(std::mem::size_of::<u64>()).unwrap_or_default(),
             )
         })?;
     }
@@ -106,17 +104,19 @@ pub fn interface_up(name: &str) -> io::Result<bool> {
         return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("bad interface name `{name}`")));
     }
     for (slot, byte) in request.ifr_name.iter_mut().zip(name.bytes()) {
-        *slot = byte as libc::c_char;
+        *slot = libc::c_char::from_ne_bytes([byte]);
     }
     // SAFETY: SIOCGIFFLAGS reads the name from and writes the flags into the
     // ifreq we own for the call.
     check(unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCGIFFLAGS as _, &mut request) })?;
     // SAFETY: SIOCGIFFLAGS just filled the flags member of the union.
     let flags = unsafe { request.ifr_ifru.ifru_flags };
-    if flags & libc::IFF_UP as libc::c_short != 0 {
+    // IFF_UP is bit 0: it fits the short flags field.
+    let up = libc::c_short::try_from(libc::IFF_UP).unwrap_or(1);
+    if flags & up != 0 {
         return Ok(false);
     }
-    request.ifr_ifru.ifru_flags = flags | libc::IFF_UP as libc::c_short;
+    request.ifr_ifru.ifru_flags = flags | up;
     // SAFETY: SIOCSIFFLAGS reads the name and flags from the ifreq we own.
     check(unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCSIFFLAGS as _, &request) })?;
     Ok(true)

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use slab::Slab;
-use socket2::Socket;
+use socket2::{Domain, Socket};
 
 use crate::config::RelayConfig;
 use crate::conn::{Action, ConnState, Connection, Direction, Ending, Event};
@@ -110,6 +110,8 @@ struct Worker<D> {
     /// Set once stopping: when the open connections are reset.
     drain_deadline: Option<Instant>,
     index: usize,
+    /// The family of accepted sockets (the listener's).
+    client_domain: Domain,
     config: Arc<RelayConfig>,
     stats: Arc<Stats>,
     control: Arc<Control>,
@@ -133,6 +135,7 @@ impl<D: Driver> Worker<D> {
             accept_paused_until: None,
             drain_deadline: None,
             index,
+            client_domain: socket::domain(&config.listen),
             pools: Pools::new(config.pipe_bytes, POOL_MAX_IDLE),
             config,
             stats,
@@ -272,7 +275,7 @@ impl<D: Driver> Worker<D> {
 
     /// A new client: open the upstream socket and start the connect.
     fn open(&mut self, client: Socket) -> io::Result<()> {
-        if let Err(e) = socket::tune(&client, &self.config.socket) {
+        if let Err(e) = socket::tune_accepted(&client, self.client_domain, &self.config.socket) {
             tracing::debug!(error = %e, "cannot tune an accepted socket");
         }
         self.stats.opened();
@@ -289,7 +292,9 @@ impl<D: Driver> Worker<D> {
         };
         self.next_id += 1;
         let deadline = Instant::now() + self.config.connect_timeout;
-        let conn = Connection::new(self.next_id, client, upstream, self.config.data_path, deadline);
+        let path = self.config.data_path;
+        let paths = [path.for_source(self.client_domain), path.for_source(target.domain())];
+        let conn = Connection::new(self.next_id, client, upstream, paths, deadline);
         let entry = self.conns.vacant_entry();
         let key = Key {
             index: u32::try_from(entry.key()).map_err(io::Error::other)?,

@@ -120,31 +120,41 @@ pub struct RpcResult {
     pub size: usize,
     pub requests_per_s: f64,
     pub latency: Latency,
+    /// The slowest connection's wait for its first reply, from its connect
+    /// attempt: a relay that queues connections behind busy threads shows
+    /// here.
+    pub first_reply_max_us: f64,
 }
 
 /// `connections` connections each doing `requests` round trips of `size`
 /// bytes (write, then read the echo).
 pub fn rpc(to: &Endpoint, connections: usize, requests: usize, size: usize) -> anyhow::Result<RpcResult> {
     let to = to.clone();
-    let (samples, took) = in_parallel(connections, move |_| {
+    let (results, took) = in_parallel(connections, move |_| {
+        let opened = Instant::now();
         let mut stream = open(&to, ECHO).with_context(|| format!("cannot connect to {to}"))?;
         let (request, mut reply) = (vec![0x42u8; size], vec![0u8; size]);
         let mut samples = Vec::with_capacity(requests);
+        let mut first_reply = None;
         for _ in 0..requests {
             let sent = Instant::now();
             stream.write_all(&request)?;
             stream.read_exact(&mut reply).context("no echo")?;
             samples.push(sent.elapsed());
+            first_reply.get_or_insert_with(|| opened.elapsed());
         }
-        Ok(samples)
+        Ok((first_reply.unwrap_or_default(), samples))
     })?;
+    let first_reply_max = results.iter().map(|(first, _)| *first).max().unwrap_or_default();
+    let samples = results.into_iter().map(|(_, samples)| samples);
     let total = connections * requests;
     Ok(RpcResult {
         connections,
         requests_per_connection: requests,
         size,
         requests_per_s: total as f64 / took.as_secs_f64(),
-        latency: Latency::of(samples.into_iter().flatten().collect()),
+        latency: Latency::of(samples.flatten().collect()),
+        first_reply_max_us: first_reply_max.as_secs_f64() * 1e6,
     })
 }
 

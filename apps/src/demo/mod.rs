@@ -14,7 +14,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, ValueEnum};
 use vsock_relay_engine::endpoint::VSOCK_CID_ANY;
-use vsock_relay_engine::{Endpoint, Host, IpFamily, Relay, RelayConfig, Target};
+use vsock_relay_engine::{Endpoint, Host, IpFamily, Relay, Target};
 
 use crate::bench;
 use crate::client::{self, Reply};
@@ -226,10 +226,7 @@ fn start_proxy(args: &DemoArgs, hop: &Hop, port: u16, allowlist: &Path) -> anyho
 }
 
 fn start_forwarder(args: &DemoArgs, hop: &Hop) -> anyhow::Result<Relay> {
-    let mut config = RelayConfig::new(loopback(0), Target::fixed(&hop.connect)?);
-    args.engine.apply(&mut config);
-    config.workers = 1;
-    Ok(Relay::start(config)?)
+    args.engine.start(loopback(0), Target::fixed(&hop.connect)?, 1)
 }
 
 /// The port of an endpoint the demo bound on TCP port 0 (forwarders, sink).
