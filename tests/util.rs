@@ -35,10 +35,11 @@ impl Drop for TempDir {
 /// The backends every relaying test runs on.
 pub const BACKENDS: [BackendChoice; 2] = [BackendChoice::Uring, BackendChoice::Portable];
 
-/// Every backend with every data path.
-pub const VARIANTS: [(BackendChoice, DataPath); 4] = [
+/// Every backend with every data path (the ring path is io_uring's).
+pub const VARIANTS: [(BackendChoice, DataPath); 5] = [
     (BackendChoice::Uring, DataPath::Splice),
     (BackendChoice::Uring, DataPath::Copy),
+    (BackendChoice::Uring, DataPath::Ring),
     (BackendChoice::Portable, DataPath::Splice),
     (BackendChoice::Portable, DataPath::Copy),
 ];

@@ -22,9 +22,11 @@ use std::time::Instant;
 
 use socket2::{SockAddr, Socket};
 
+use crate::driver::{BufferIo, Key, RingOps};
 use crate::error::{ConnError, Op, Side};
 use crate::pool::Pools;
 use crate::pump::{DataPath, Pump, Wait};
+use crate::ringpump::{Completed, RingPump};
 use crate::socket;
 
 /// The two directions of a connection.
@@ -76,6 +78,57 @@ pub enum Event {
     DeadlinePassed,
     /// A direction's awaited readiness arrived (or it yielded and may go on).
     Ready(Direction),
+    /// A receive or send of a direction on the ring data path completed.
+    Completed(Direction, Completed),
+}
+
+/// What a transition may use besides the connection: the worker's pools,
+/// its driver's ring operations (if any), and where to count bytes moved.
+pub struct Io<'a> {
+    pub pools: &'a mut Pools,
+    pub ring: Option<&'a mut dyn RingOps>,
+    /// This connection's key in the driver (names its ring operations).
+    pub key: Key,
+    /// Bytes delivered by each direction (to upstream, to the client).
+    pub moved: [u64; 2],
+}
+
+impl<'a> Io<'a> {
+    pub fn new(pools: &'a mut Pools, ring: Option<&'a mut dyn RingOps>, key: Key) -> Self {
+        Io { pools, ring, key, moved: [0; 2] }
+    }
+}
+
+/// How one direction moves its bytes.
+#[derive(Debug)]
+enum Mover {
+    /// Readiness-driven splice or copy.
+    Pump(Pump),
+    /// Completion-driven, through the driver's buffer ring.
+    Ring(RingPump),
+}
+
+impl Mover {
+    fn new(from: Side, to: Side, path: DataPath) -> Mover {
+        match path {
+            DataPath::Ring => Mover::Ring(RingPump::new(from, to)),
+            path => Mover::Pump(Pump::new(from, to, path)),
+        }
+    }
+
+    fn is_finished(&self) -> bool {
+        match self {
+            Mover::Pump(pump) => pump.is_finished(),
+            Mover::Ring(ring) => ring.is_finished(),
+        }
+    }
+
+    fn bytes(&self) -> u64 {
+        match self {
+            Mover::Pump(pump) => pump.bytes,
+            Mover::Ring(ring) => ring.bytes,
+        }
+    }
 }
 
 /// How a connection ended.
@@ -110,8 +163,7 @@ pub struct Connection {
     /// The client's address as text, for the log line (empty unless debug
     /// logging is on: it costs a system call per connection).
     pub client_name: String,
-    to_upstream: Pump,
-    to_client: Pump,
+    movers: [Mover; 2],
 }
 
 impl Connection {
@@ -130,14 +182,16 @@ impl Connection {
             upstream,
             state: ConnState::Connecting { deadline },
             opened: Instant::now(),
-            to_upstream: Pump::new(Side::Client, Side::Upstream, paths[0]),
-            to_client: Pump::new(Side::Upstream, Side::Client, paths[1]),
+            movers: [
+                Mover::new(Side::Client, Side::Upstream, paths[0]),
+                Mover::new(Side::Upstream, Side::Client, paths[1]),
+            ],
         }
     }
 
     /// Bytes delivered (to upstream, to the client).
     pub fn bytes(&self) -> (u64, u64) {
-        (self.to_upstream.bytes, self.to_client.bytes)
+        (self.movers[0].bytes(), self.movers[1].bytes())
     }
 
     pub fn socket(&self, side: Side) -> &Socket {
@@ -154,56 +208,67 @@ impl Connection {
         socket::reset(&self.upstream);
     }
 
-    fn run(&mut self, direction: Direction, pools: &mut Pools) -> Result<(Wait, u64), ConnError> {
-        match direction {
-            Direction::ToUpstream => self.to_upstream.run(&self.client, &self.upstream, pools),
-            Direction::ToClient => self.to_client.run(&self.upstream, &self.client, pools),
-        }
+    /// Runs a direction: a readiness pump until it would block, a ring pump
+    /// on a completion (`completed`) or to submit what it can (`None`).
+    fn run(
+        &mut self,
+        direction: Direction,
+        completed: Option<Completed>,
+        io: &mut Io<'_>,
+    ) -> Result<Wait, ConnError> {
+        let (src, dst) = match direction {
+            Direction::ToUpstream => (&self.client, &self.upstream),
+            Direction::ToClient => (&self.upstream, &self.client),
+        };
+        let (wait, n) = match (&mut self.movers[direction as usize], io.ring.as_deref_mut()) {
+            (Mover::Pump(pump), _) => pump.run(src, dst, io.pools)?,
+            (Mover::Ring(ring), Some(ops)) => {
+                let mut buffers = BufferIo { ops, key: io.key, direction };
+                match completed {
+                    Some(completed) => ring.complete(completed, src, dst, &mut buffers)?,
+                    None => (ring.step(src, dst, &mut buffers)?, 0),
+                }
+            }
+            (Mover::Ring(_), None) => {
+                let e = io::Error::other("the ring data path without a buffer ring");
+                return Err(ConnError::new(direction.source(), Op::Read, e));
+            }
+        };
+        io.moved[direction as usize] += n;
+        Ok(wait)
     }
 
-    /// Starts the upstream connect to `addr`. `moved` receives the bytes each
-    /// direction delivered, as in [`Connection::handle`].
-    pub fn start(&mut self, addr: &SockAddr, pools: &mut Pools, moved: &mut [u64; 2]) -> Action {
+    /// Starts the upstream connect to `addr`.
+    pub fn start(&mut self, addr: &SockAddr, io: &mut Io<'_>) -> Action {
         match socket::start_connect(&self.upstream, addr) {
-            Ok(true) => self.connected(pools, moved),
+            Ok(true) => self.connected(io),
             Ok(false) => Action::AwaitConnect,
-            Err(e) => self.fail(ConnError::new(Side::Upstream, Op::Connect, e), pools),
+            Err(e) => self.fail(ConnError::new(Side::Upstream, Op::Connect, e), io),
         }
     }
 
-    /// Every transition after the start. `moved` receives the bytes each
-    /// direction delivered, for the counters.
-    pub fn handle(&mut self, event: Event, pools: &mut Pools, moved: &mut [u64; 2]) -> Action {
+    /// Every transition after the start.
+    pub fn handle(&mut self, event: Event, io: &mut Io<'_>) -> Action {
         match (self.state, event) {
             // Writable: connected, refused, or (vsock) not yet: then wait
             // again while the deadline allows.
             (ConnState::Connecting { deadline }, Event::UpstreamWritable) => {
                 match socket::finish_connect(&self.upstream) {
-                    Some(Ok(())) => self.connected(pools, moved),
-                    Some(Err(e)) => self.fail(ConnError::new(Side::Upstream, Op::Connect, e), pools),
+                    Some(Ok(())) => self.connected(io),
+                    Some(Err(e)) => self.fail(ConnError::new(Side::Upstream, Op::Connect, e), io),
                     None if Instant::now() < deadline => Action::AwaitConnect,
-                    None => self.timed_out(deadline, pools),
+                    None => self.timed_out(deadline, io),
                 }
             }
-            (ConnState::Connecting { deadline }, Event::DeadlinePassed) => self.timed_out(deadline, pools),
-            // A direction may move again.
-            (ConnState::Relaying, Event::Ready(direction)) => {
-                let pump = match direction {
-                    Direction::ToUpstream => &self.to_upstream,
-                    Direction::ToClient => &self.to_client,
-                };
-                if pump.is_finished() {
-                    return Action::Wait([None, None]);
-                }
-                match self.run(direction, pools) {
-                    Ok((wait, n)) => {
-                        moved[direction as usize] += n;
-                        let mut waits = [None, None];
-                        waits[direction as usize] = Some(wait);
-                        self.after_runs(waits, pools)
-                    }
-                    Err(e) => self.fail(e, pools),
-                }
+            (ConnState::Connecting { deadline }, Event::DeadlinePassed) => self.timed_out(deadline, io),
+            // A direction may move again, or one of its operations completed.
+            (ConnState::Relaying, Event::Ready(direction))
+                if !self.movers[direction as usize].is_finished() =>
+            {
+                self.run_one(direction, None, io)
+            }
+            (ConnState::Relaying, Event::Completed(direction, completed)) => {
+                self.run_one(direction, Some(completed), io)
             }
             // Late or stray events (readiness while connecting, a deadline
             // after the connect, anything after the end): nothing to do.
@@ -214,47 +279,61 @@ impl Connection {
         }
     }
 
+    fn run_one(&mut self, direction: Direction, completed: Option<Completed>, io: &mut Io<'_>) -> Action {
+        match self.run(direction, completed, io) {
+            Ok(wait) => {
+                let mut waits = [None, None];
+                waits[direction as usize] = Some(wait);
+                self.after_runs(waits, io)
+            }
+            Err(e) => self.fail(e, io),
+        }
+    }
+
     /// The upstream accepted: start both pumps (either side may already
     /// have sent bytes or even EOF).
-    fn connected(&mut self, pools: &mut Pools, moved: &mut [u64; 2]) -> Action {
+    fn connected(&mut self, io: &mut Io<'_>) -> Action {
         self.state = ConnState::Relaying;
         let mut waits = [None, None];
-        for (i, direction) in Direction::BOTH.into_iter().enumerate() {
-            match self.run(direction, pools) {
-                Ok((wait, n)) => {
-                    moved[i] += n;
-                    waits[i] = Some(wait);
-                }
-                Err(e) => return self.fail(e, pools),
+        for direction in Direction::BOTH {
+            match self.run(direction, None, io) {
+                Ok(wait) => waits[direction as usize] = Some(wait),
+                Err(e) => return self.fail(e, io),
             }
         }
-        self.after_runs(waits, pools)
+        self.after_runs(waits, io)
     }
 
-    fn timed_out(&mut self, deadline: Instant, pools: &mut Pools) -> Action {
+    fn timed_out(&mut self, deadline: Instant, io: &mut Io<'_>) -> Action {
         let after = deadline.saturating_duration_since(self.opened);
         let e = io::Error::new(io::ErrorKind::TimedOut, format!("no answer within {after:?}"));
-        self.fail(ConnError::new(Side::Upstream, Op::Connect, e), pools)
+        self.fail(ConnError::new(Side::Upstream, Op::Connect, e), io)
     }
 
-    fn after_runs(&mut self, waits: [Option<Wait>; 2], pools: &mut Pools) -> Action {
-        if self.to_upstream.is_finished() && self.to_client.is_finished() {
-            self.close(Ending::Finished, pools)
+    fn after_runs(&mut self, waits: [Option<Wait>; 2], io: &mut Io<'_>) -> Action {
+        if self.movers.iter().all(Mover::is_finished) {
+            self.close(Ending::Finished, io)
         } else {
             Action::Wait(waits)
         }
     }
 
-    fn fail(&mut self, error: ConnError, pools: &mut Pools) -> Action {
-        self.close(Ending::Failed(error), pools)
+    fn fail(&mut self, error: ConnError, io: &mut Io<'_>) -> Action {
+        self.close(Ending::Failed(error), io)
     }
 
-    /// Marks the connection closed, gives back pooled resources, and arms a
-    /// reset when it failed. The sockets close when dropped.
-    fn close(&mut self, ending: Ending, pools: &mut Pools) -> Action {
+    /// Marks the connection closed, gives back pooled pipes, buffers and
+    /// ring buffers, and arms a reset when it failed. The sockets close when
+    /// dropped.
+    fn close(&mut self, ending: Ending, io: &mut Io<'_>) -> Action {
         self.state = ConnState::Closed;
-        self.to_upstream.release(pools);
-        self.to_client.release(pools);
+        for (mover, direction) in self.movers.iter_mut().zip(Direction::BOTH) {
+            match (mover, io.ring.as_deref_mut()) {
+                (Mover::Pump(pump), _) => pump.release(io.pools),
+                (Mover::Ring(ring), Some(ops)) => ring.release(&mut BufferIo { ops, key: io.key, direction }),
+                (Mover::Ring(_), None) => {}
+            }
+        }
         if let Ending::Failed(_) = ending {
             self.reset();
         }
@@ -276,6 +355,10 @@ mod tests {
     use std::time::Duration;
 
     const FAR: Duration = Duration::from_secs(60);
+
+    fn io(pools: &mut Pools) -> Io<'_> {
+        Io::new(pools, None, Key { index: 0, generation: 0 })
+    }
 
     fn pair() -> (Socket, UnixStream) {
         let (ours, theirs) = Socket::pair(Domain::UNIX, Type::STREAM, None).unwrap();
@@ -316,8 +399,7 @@ mod tests {
         let (client, client_peer) = pair();
         let (upstream, upstream_peer) = pair();
         let mut conn = Connection::new(7, client, upstream, [DataPath::Copy; 2], Instant::now() + FAR);
-        let mut moved = [0; 2];
-        match conn.handle(Event::UpstreamWritable, pools, &mut moved) {
+        match conn.handle(Event::UpstreamWritable, &mut io(pools)) {
             Action::Wait([Some(Wait::Readable), Some(Wait::Readable)]) => {}
             other => panic!("expected both directions waiting to read, got {other:?}"),
         }
@@ -342,7 +424,7 @@ mod tests {
         let upstream = Socket::new(Domain::UNIX, Type::STREAM.nonblocking(), None).unwrap();
         let (mut conn, _peer) = connecting(upstream, Instant::now() + FAR);
         let mut pools = Pools::new(0, 4);
-        let action = conn.start(&SockAddr::unix(&path).unwrap(), &mut pools, &mut [0; 2]);
+        let action = conn.start(&SockAddr::unix(&path).unwrap(), &mut io(&mut pools));
         assert!(matches!(action, Action::Wait([Some(Wait::Readable), Some(Wait::Readable)])), "{action:?}");
         assert_eq!(conn.state, ConnState::Relaying);
         drop(listener);
@@ -354,9 +436,9 @@ mod tests {
         let (_listener, _fillers, addr) = unanswering_listener();
         let (mut conn, _peer) = connecting(tcp_socket(), Instant::now() + FAR);
         let mut pools = Pools::new(0, 4);
-        assert!(matches!(conn.start(&addr, &mut pools, &mut [0; 2]), Action::AwaitConnect));
+        assert!(matches!(conn.start(&addr, &mut io(&mut pools)), Action::AwaitConnect));
         // A (spurious) writable report while the connect is still in flight.
-        let action = conn.handle(Event::UpstreamWritable, &mut pools, &mut [0; 2]);
+        let action = conn.handle(Event::UpstreamWritable, &mut io(&mut pools));
         assert!(matches!(action, Action::AwaitConnect), "{action:?}");
         assert!(matches!(conn.state, ConnState::Connecting { .. }));
     }
@@ -366,8 +448,8 @@ mod tests {
         let (_listener, _fillers, addr) = unanswering_listener();
         let (mut conn, _peer) = connecting(tcp_socket(), Instant::now());
         let mut pools = Pools::new(0, 4);
-        assert!(matches!(conn.start(&addr, &mut pools, &mut [0; 2]), Action::AwaitConnect));
-        let e = failed(conn.handle(Event::UpstreamWritable, &mut pools, &mut [0; 2]));
+        assert!(matches!(conn.start(&addr, &mut io(&mut pools)), Action::AwaitConnect));
+        let e = failed(conn.handle(Event::UpstreamWritable, &mut io(&mut pools)));
         assert_eq!((e.side, e.op, e.source.kind()), (Side::Upstream, Op::Connect, io::ErrorKind::TimedOut));
         assert_eq!(conn.state, ConnState::Closed);
     }
@@ -379,8 +461,8 @@ mod tests {
         let (mut conn, _peer) = connecting(tcp_socket(), opened + Duration::from_secs(3));
         conn.opened = opened;
         let mut pools = Pools::new(0, 4);
-        assert!(matches!(conn.start(&addr, &mut pools, &mut [0; 2]), Action::AwaitConnect));
-        let e = failed(conn.handle(Event::DeadlinePassed, &mut pools, &mut [0; 2]));
+        assert!(matches!(conn.start(&addr, &mut io(&mut pools)), Action::AwaitConnect));
+        let e = failed(conn.handle(Event::DeadlinePassed, &mut io(&mut pools)));
         assert_eq!(e.to_string(), "upstream connect failed: no answer within 3s");
         assert_eq!(conn.state, ConnState::Closed);
     }
@@ -390,10 +472,10 @@ mod tests {
         let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
         let (mut conn, _peer) = connecting(tcp_socket(), Instant::now() + FAR);
         let mut pools = Pools::new(0, 4);
-        let action = match conn.start(&port.into(), &mut pools, &mut [0; 2]) {
+        let action = match conn.start(&port.into(), &mut io(&mut pools)) {
             Action::AwaitConnect => {
                 std::thread::sleep(Duration::from_millis(50));
-                conn.handle(Event::UpstreamWritable, &mut pools, &mut [0; 2])
+                conn.handle(Event::UpstreamWritable, &mut io(&mut pools))
             }
             action => action,
         };
@@ -410,17 +492,14 @@ mod tests {
         let mut pools = Pools::new(0, 4);
         let (mut conn, client_peer, upstream_peer) = relaying(&mut pools);
         drop((client_peer, upstream_peer));
-        let mut moved = [0; 2];
+        let mut io = io(&mut pools);
+        assert!(matches!(conn.handle(Event::Ready(Direction::ToUpstream), &mut io), Action::Wait(_)));
         assert!(matches!(
-            conn.handle(Event::Ready(Direction::ToUpstream), &mut pools, &mut moved),
-            Action::Wait(_)
-        ));
-        assert!(matches!(
-            conn.handle(Event::Ready(Direction::ToClient), &mut pools, &mut moved),
+            conn.handle(Event::Ready(Direction::ToClient), &mut io),
             Action::Close(Ending::Finished)
         ));
         for event in [Event::UpstreamWritable, Event::DeadlinePassed, Event::Ready(Direction::ToClient)] {
-            assert!(matches!(conn.handle(event, &mut pools, &mut moved), Action::Wait([None, None])));
+            assert!(matches!(conn.handle(event, &mut io), Action::Wait([None, None])));
         }
         assert_eq!(conn.state, ConnState::Closed);
     }
@@ -430,8 +509,8 @@ mod tests {
         let (_listener, _fillers, addr) = unanswering_listener();
         let (mut conn, _peer) = connecting(tcp_socket(), Instant::now() + FAR);
         let mut pools = Pools::new(0, 4);
-        assert!(matches!(conn.start(&addr, &mut pools, &mut [0; 2]), Action::AwaitConnect));
-        let action = conn.handle(Event::Ready(Direction::ToUpstream), &mut pools, &mut [0; 2]);
+        assert!(matches!(conn.start(&addr, &mut io(&mut pools)), Action::AwaitConnect));
+        let action = conn.handle(Event::Ready(Direction::ToUpstream), &mut io(&mut pools));
         assert!(matches!(action, Action::Wait([None, None])));
         assert!(matches!(conn.state, ConnState::Connecting { .. }));
     }
@@ -440,26 +519,26 @@ mod tests {
     fn relaying_moves_bytes_counts_them_and_ends_after_both_eofs() {
         let mut pools = Pools::new(0, 4);
         let (mut conn, mut client_peer, mut upstream_peer) = relaying(&mut pools);
-        let mut moved = [0; 2];
+        let mut io = io(&mut pools);
         client_peer.write_all(b"ping").unwrap();
-        let action = conn.handle(Event::Ready(Direction::ToUpstream), &mut pools, &mut moved);
+        let action = conn.handle(Event::Ready(Direction::ToUpstream), &mut io);
         assert!(matches!(action, Action::Wait([Some(Wait::Readable), None])), "{action:?}");
         let mut got = [0u8; 4];
         upstream_peer.read_exact(&mut got).unwrap();
-        assert_eq!((&got, moved), (b"ping", [4, 0]));
+        assert_eq!((&got, io.moved), (b"ping", [4, 0]));
 
         // Half-close from the client: passed on, the other direction still runs.
         client_peer.shutdown(Shutdown::Write).unwrap();
-        let action = conn.handle(Event::Ready(Direction::ToUpstream), &mut pools, &mut moved);
+        let action = conn.handle(Event::Ready(Direction::ToUpstream), &mut io);
         assert!(matches!(action, Action::Wait([Some(Wait::Finished), None])), "{action:?}");
         assert_eq!(upstream_peer.read(&mut got).unwrap(), 0, "EOF passed upstream");
         upstream_peer.write_all(b"pong").unwrap();
         upstream_peer.shutdown(Shutdown::Write).unwrap();
-        let action = conn.handle(Event::Ready(Direction::ToClient), &mut pools, &mut moved);
+        let action = conn.handle(Event::Ready(Direction::ToClient), &mut io);
         assert!(matches!(action, Action::Close(Ending::Finished)), "{action:?}");
         let mut reply = Vec::new();
         client_peer.read_to_end(&mut reply).unwrap();
-        assert_eq!((reply.as_slice(), moved, conn.bytes()), (&b"pong"[..], [4, 4], (4, 4)));
+        assert_eq!((reply.as_slice(), io.moved, conn.bytes()), (&b"pong"[..], [4, 4], (4, 4)));
         assert_eq!(conn.state, ConnState::Closed);
     }
 
@@ -469,16 +548,16 @@ mod tests {
         let (client, mut client_peer) = pair();
         let (upstream, upstream_peer) = pair();
         let mut conn = Connection::new(9, client, upstream, [DataPath::Copy; 2], Instant::now() + FAR);
-        conn.handle(Event::UpstreamWritable, &mut pools, &mut [0; 2]);
+        conn.handle(Event::UpstreamWritable, &mut io(&mut pools));
         drop(upstream_peer);
         client_peer.write_all(&[0u8; 64 << 10]).unwrap();
         // The upstream is gone: writing to it fails and the whole connection ends.
-        let mut action = conn.handle(Event::Ready(Direction::ToUpstream), &mut pools, &mut [0; 2]);
+        let mut action = conn.handle(Event::Ready(Direction::ToUpstream), &mut io(&mut pools));
         for _ in 0..3 {
             if matches!(action, Action::Close(_)) {
                 break;
             }
-            action = conn.handle(Event::Ready(Direction::ToUpstream), &mut pools, &mut [0; 2]);
+            action = conn.handle(Event::Ready(Direction::ToUpstream), &mut io(&mut pools));
         }
         let e = failed(action);
         assert_eq!((e.side, e.op), (Side::Upstream, Op::Write));
@@ -491,10 +570,10 @@ mod tests {
         let mut pools = Pools::new(0, 4);
         let (mut conn, client_peer, _upstream_peer) = relaying(&mut pools);
         client_peer.shutdown(Shutdown::Write).unwrap();
-        let mut moved = [0; 2];
-        let action = conn.handle(Event::Ready(Direction::ToUpstream), &mut pools, &mut moved);
+        let mut io = io(&mut pools);
+        let action = conn.handle(Event::Ready(Direction::ToUpstream), &mut io);
         assert!(matches!(action, Action::Wait([Some(Wait::Finished), None])));
-        let action = conn.handle(Event::Ready(Direction::ToUpstream), &mut pools, &mut moved);
+        let action = conn.handle(Event::Ready(Direction::ToUpstream), &mut io);
         assert!(matches!(action, Action::Wait([None, None])));
         assert_eq!(conn.state, ConnState::Relaying);
     }

@@ -14,7 +14,8 @@
 //! - `pool`: pipes and buffers lent to pumps only while bytes are in flight.
 //! - [`stats`] and [`error`]: counters, and errors that say which side failed.
 //!
-//! `unsafe` lives in `ring` (io_uring submission) and `sys` (raw syscalls);
+//! `unsafe` lives in `ring` (io_uring submission), `buffers` (the provided
+//! buffer ring) and `sys` (raw syscalls);
 //! the io_uring driver calls the ring's `unsafe fn`s under the contract of
 //! the driver trait.
 
@@ -25,6 +26,7 @@
     clippy::cast_lossless
 )]
 
+mod buffers;
 mod config;
 mod conn;
 pub mod dns;
@@ -35,6 +37,7 @@ mod pool;
 mod pump;
 mod relay;
 mod ring;
+mod ringpump;
 pub mod socket;
 pub mod stats;
 mod sys;

@@ -40,14 +40,21 @@ pub enum DataPath {
     Splice,
     /// `read(2)` into a pooled buffer, then `send(2)`.
     Copy,
+    /// io_uring receives into the worker's provided-buffer ring and sends
+    /// from it, completion-based (`ringpump.rs`); copies where the backend
+    /// has no buffer ring (epoll, or a kernel without DEFER_TASKRUN).
+    Ring,
 }
 
 impl DataPath {
-    /// The path of a direction that reads from a socket of `source`'s family.
-    pub(crate) fn for_source(self, source: Domain) -> DataPath {
+    /// The path of a direction that reads from a socket of `source`'s
+    /// family, where the driver does (`ring`) or does not have a buffer ring.
+    pub(crate) fn for_source(self, source: Domain, ring: bool) -> DataPath {
         match self {
+            DataPath::Auto if source == Domain::VSOCK && ring => DataPath::Ring,
             DataPath::Auto if source == Domain::VSOCK => DataPath::Copy,
             DataPath::Auto => DataPath::Splice,
+            DataPath::Ring if !ring => DataPath::Copy,
             chosen => chosen,
         }
     }
@@ -61,7 +68,8 @@ impl std::str::FromStr for DataPath {
             "auto" => Ok(DataPath::Auto),
             "splice" => Ok(DataPath::Splice),
             "copy" => Ok(DataPath::Copy),
-            other => Err(format!("unknown data path `{other}`; expected auto, splice or copy")),
+            "ring" => Ok(DataPath::Ring),
+            other => Err(format!("unknown data path `{other}`; expected auto, splice, copy or ring")),
         }
     }
 }
@@ -77,6 +85,9 @@ pub enum Wait {
     Yield,
     /// EOF was passed on; nothing more will move in this direction.
     Finished,
+    /// Operations of the ring data path are in flight: their completions
+    /// will come, nothing to watch.
+    Completion,
 }
 
 /// Bytes one run may move before it yields, so that one bulk stream cannot
@@ -183,7 +194,10 @@ impl Pump {
                     self.release(pools);
                     return Ok((Wait::Readable, moved));
                 }
-                Err(e) if self.path != DataPath::Copy && is_splice_unsupported(&e) => {
+                Err(e)
+                    if matches!(self.path, DataPath::Splice | DataPath::Auto)
+                        && is_splice_unsupported(&e) =>
+                {
                     tracing::debug!(from = %self.from, error = %e, "splice refused; this direction copies");
                     self.release(pools);
                     self.path = DataPath::Copy;
@@ -235,7 +249,7 @@ impl Pump {
                 self.held = Held::Pipe { pipe, pending };
                 result
             }
-            DataPath::Copy => {
+            DataPath::Copy | DataPath::Ring => {
                 let mut buffer = match std::mem::replace(&mut self.held, Held::Nothing) {
                     Held::Buffer { buffer, .. } => buffer,
                     _ => pools.take_buffer(),

@@ -1,12 +1,14 @@
 //! The io_uring ring of one worker: a thin face over submission, and with
 //! `sys` the engine's unsafe fence.
 //!
-//! Only operations that reference no user memory are submitted: polls,
-//! multishot accepts and cancels. What the kernel does keep after a
-//! submission is a descriptor number, so the functions that submit one are
-//! `unsafe fn`: the caller promises the descriptor stays open until the
-//! operation's last completion has been reaped (the io_uring driver keeps
-//! that promise; see `driver::Driver`).
+//! The operations submitted reference no user memory (polls, multishot
+//! accepts, cancels), or only the ring's own provided buffers (receives and
+//! sends of the ring data path), which live as long as the ring. What the
+//! kernel does keep after a submission is a descriptor number (and, for a
+//! send, which buffer), so the functions that submit one are `unsafe fn`:
+//! the caller promises the descriptor stays open (and the buffer stays
+//! unreturned) until the operation's last completion has been reaped (the
+//! io_uring driver keeps that promise; see `driver::Driver`).
 
 use std::fmt;
 use std::io;
@@ -16,6 +18,8 @@ use std::time::Duration;
 use io_uring::{cqueue, opcode, squeue, types, IoUring, Probe};
 use socket2::Socket;
 
+use crate::buffers::BufferRing;
+
 /// One completed operation.
 #[derive(Clone, Copy, Debug)]
 pub struct Completion {
@@ -23,6 +27,8 @@ pub struct Completion {
     pub result: i32,
     /// A multishot operation stays armed and will complete again.
     pub more: bool,
+    /// The provided buffer a receive filled.
+    pub buffer: Option<u16>,
 }
 
 /// The opcodes the driver needs, probed at start.
@@ -72,8 +78,15 @@ impl fmt::Display for Unavailable {
     }
 }
 
+/// The buffer group id of the worker's provided-buffer ring.
+const BUFFER_GROUP: u16 = 0;
+
 pub struct Ring {
+    /// Declared first, so closed before `buffers` is freed.
     ring: IoUring,
+    /// Set up with SINGLE_ISSUER and DEFER_TASKRUN: required by the buffers.
+    deferred: bool,
+    buffers: Option<BufferRing>,
 }
 
 impl Ring {
@@ -81,14 +94,94 @@ impl Ring {
     /// single-threaded event loop where the kernel accepts them.
     pub fn new(entries: u32) -> io::Result<Ring> {
         let cq_entries = entries.saturating_mul(8);
-        let ring = IoUring::builder()
+        let deferred = IoUring::builder()
             .setup_cqsize(cq_entries)
             .setup_single_issuer()
             .setup_defer_taskrun()
             .setup_coop_taskrun()
-            .build(entries)
-            .or_else(|_| IoUring::builder().setup_cqsize(cq_entries).build(entries))?;
-        Ok(Ring { ring })
+            .build(entries);
+        Ok(match deferred {
+            Ok(ring) => Ring { ring, deferred: true, buffers: None },
+            Err(_) => Ring {
+                ring: IoUring::builder().setup_cqsize(cq_entries).build(entries)?,
+                deferred: false,
+                buffers: None,
+            },
+        })
+    }
+
+    /// Registers a provided-buffer ring of `count` buffers of `bytes` each
+    /// for [`Ring::receive`]. Needs DEFER_TASKRUN (Linux 6.1) and buffer
+    /// rings (5.19).
+    pub fn register_buffers(&mut self, count: u16, bytes: u32) -> io::Result<()> {
+        if !self.deferred {
+            return Err(io::Error::new(io::ErrorKind::Unsupported, "the ring has no DEFER_TASKRUN"));
+        }
+        let buffers = BufferRing::new(count, bytes)?;
+        // SAFETY: the entries live in `buffers`, which this ring keeps until
+        // it is closed (field order), page-aligned as the kernel requires.
+        unsafe {
+            self.ring.submitter().register_buf_ring_with_flags(
+                buffers.ring_address(),
+                buffers.count(),
+                BUFFER_GROUP,
+                0,
+            )?
+        };
+        self.buffers = Some(buffers);
+        Ok(())
+    }
+
+    pub fn has_buffers(&self) -> bool {
+        self.buffers.is_some()
+    }
+
+    /// One receive from `fd` into a buffer the kernel picks from the ring;
+    /// its completion names the buffer.
+    ///
+    /// # Safety
+    ///
+    /// `fd` must stay open until this receive's completion has been reaped.
+    pub unsafe fn receive(&mut self, fd: BorrowedFd<'_>, user_data: u64) -> io::Result<()> {
+        let bytes = self.buffers.as_ref().map_or(0, BufferRing::buffer_bytes);
+        let entry = opcode::Recv::new(types::Fd(fd.as_raw_fd()), std::ptr::null_mut(), bytes)
+            .buf_group(BUFFER_GROUP)
+            .build()
+            .flags(squeue::Flags::BUFFER_SELECT)
+            .user_data(user_data);
+        self.push(&entry)
+    }
+
+    /// Sends `len` bytes of buffer `buffer`, from `offset`, to `fd`.
+    ///
+    /// # Safety
+    ///
+    /// `fd` must stay open, and `buffer` must not be given back, until this
+    /// send's completion has been reaped.
+    pub unsafe fn send(
+        &mut self,
+        fd: BorrowedFd<'_>,
+        buffer: u16,
+        offset: u32,
+        len: u32,
+        user_data: u64,
+    ) -> io::Result<()> {
+        let Some(buffers) = &self.buffers else {
+            return Err(io::Error::new(io::ErrorKind::Unsupported, "no buffer ring"));
+        };
+        let len = len.min(buffers.buffer_bytes().saturating_sub(offset));
+        let entry = opcode::Send::new(types::Fd(fd.as_raw_fd()), buffers.address(buffer, offset), len)
+            .flags(libc::MSG_NOSIGNAL)
+            .build()
+            .user_data(user_data);
+        self.push(&entry)
+    }
+
+    /// Puts a buffer back in the ring (its owner is done with it).
+    pub fn give_back(&mut self, buffer: u16) {
+        if let Some(buffers) = &mut self.buffers {
+            buffers.give_back(buffer);
+        }
     }
 
     /// Checks that this kernel lets us set up a ring with every opcode and
@@ -189,6 +282,7 @@ impl Ring {
             user_data: cqe.user_data(),
             result: cqe.result(),
             more: cqueue::more(cqe.flags()),
+            buffer: cqueue::buffer_select(cqe.flags()),
         }));
     }
 }

@@ -18,11 +18,11 @@ use slab::Slab;
 use socket2::{Domain, Socket};
 
 use crate::config::RelayConfig;
-use crate::conn::{Action, ConnState, Connection, Direction, Ending, Event};
+use crate::conn::{Action, ConnState, Connection, Direction, Ending, Event, Io};
 use crate::driver::{Backend, Driver, DriverEvent, EpollDriver, Key, Readiness, UringDriver};
 use crate::error::{ConnError, Error, Op, Side};
 use crate::pool::Pools;
-use crate::pump::Wait;
+use crate::pump::{DataPath, Wait};
 use crate::socket;
 use crate::stats::Stats;
 
@@ -72,9 +72,11 @@ pub(crate) struct WorkerSetup {
 pub(crate) fn run(backend: Backend, setup: WorkerSetup) -> Result<(), Error> {
     let (index, control) = (setup.index, Arc::clone(&setup.control));
     let result = match backend {
-        Backend::Uring => UringDriver::new(setup.listener, setup.wake).and_then(|driver| {
-            Worker::new(driver, setup.index, setup.config, setup.stats, setup.control).run()
-        }),
+        Backend::Uring => {
+            UringDriver::new(setup.listener, setup.wake, may_use_ring(&setup.config)).and_then(|driver| {
+                Worker::new(driver, setup.index, setup.config, setup.stats, setup.control).run()
+            })
+        }
         Backend::Portable => EpollDriver::new(setup.listener, setup.wake).and_then(|driver| {
             Worker::new(driver, setup.index, setup.config, setup.stats, setup.control).run()
         }),
@@ -84,6 +86,17 @@ pub(crate) fn run(backend: Backend, setup: WorkerSetup) -> Result<(), Error> {
         control.stop();
         Error::Worker { worker: index, source }
     })
+}
+
+/// Whether some direction of this relay may take the ring data path (the
+/// buffer ring is set up only then).
+fn may_use_ring(config: &RelayConfig) -> bool {
+    let families = [socket::domain(&config.listen), config.target.current().domain()];
+    match config.data_path {
+        DataPath::Ring => true,
+        DataPath::Auto => families.into_iter().any(|family| family == Domain::VSOCK),
+        DataPath::Splice | DataPath::Copy => false,
+    }
 }
 
 /// Is this accept error about resources (retry later) rather than one client?
@@ -215,6 +228,10 @@ impl<D: Driver> Worker<D> {
             DriverEvent::Woken if self.control.stopping() => self.begin_stop(),
             DriverEvent::Woken => Ok(()),
             DriverEvent::Ready { key, side, readiness } => self.on_ready(key, side, readiness),
+            DriverEvent::Completed { key, direction, completed } => match self.slot(key) {
+                Some(_) => self.dispatch(key, Event::Completed(direction, completed)),
+                None => Ok(()),
+            },
             DriverEvent::Released(key) => {
                 if self.slot(key).is_some() {
                     self.conns.remove(key.index as usize);
@@ -292,8 +309,8 @@ impl<D: Driver> Worker<D> {
         };
         self.next_id += 1;
         let deadline = Instant::now() + self.config.connect_timeout;
-        let path = self.config.data_path;
-        let paths = [path.for_source(self.client_domain), path.for_source(target.domain())];
+        let (path, ring) = (self.config.data_path, self.driver.ring_ops().is_some());
+        let paths = [path.for_source(self.client_domain, ring), path.for_source(target.domain(), ring)];
         let conn = Connection::new(self.next_id, client, upstream, paths, deadline);
         let entry = self.conns.vacant_entry();
         let key = Key {
@@ -301,12 +318,14 @@ impl<D: Driver> Worker<D> {
             generation: generation(conn.id),
         };
         let slot = entry.insert(Slot { conn, waits: [None, None] });
-        let mut moved = [0u64; 2];
-        let action = match self.driver.register(key, &slot.conn) {
-            Ok(()) => slot.conn.start(&target, &mut self.pools, &mut moved),
+        let (action, moved) = match self.driver.register(key, &slot.conn) {
+            Ok(()) => {
+                let mut io = Io::new(&mut self.pools, self.driver.ring_ops(), key);
+                (slot.conn.start(&target, &mut io), io.moved)
+            }
             Err(e) => {
                 slot.conn.reset();
-                Action::Close(Ending::Failed(ConnError::new(Side::Client, Op::Read, e)))
+                (Action::Close(Ending::Failed(ConnError::new(Side::Client, Op::Read, e))), [0; 2])
             }
         };
         if let Action::AwaitConnect = action {
@@ -317,8 +336,9 @@ impl<D: Driver> Worker<D> {
 
     /// Runs a connection's state machine on `event` and carries out its answer.
     fn dispatch(&mut self, key: Key, event: Event) -> io::Result<()> {
-        let mut moved = [0u64; 2];
-        let action = self.conns[key.index as usize].conn.handle(event, &mut self.pools, &mut moved);
+        let mut io = Io::new(&mut self.pools, self.driver.ring_ops(), key);
+        let action = self.conns[key.index as usize].conn.handle(event, &mut io);
+        let moved = io.moved;
         self.carry_out(key, action, moved)
     }
 
@@ -340,7 +360,7 @@ impl<D: Driver> Worker<D> {
                             self.ready.push((key, direction));
                             continue;
                         }
-                        Wait::Finished => continue,
+                        Wait::Finished | Wait::Completion => continue,
                     };
                     self.driver.watch(key, slot.conn.socket(side), side, wanted)?;
                 }

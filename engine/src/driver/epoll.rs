@@ -108,6 +108,10 @@ impl Driver for EpollDriver {
         Ok(true)
     }
 
+    fn ring_ops(&mut self) -> Option<&mut dyn super::RingOps> {
+        None
+    }
+
     fn stop_accepting(&mut self) -> io::Result<()> {
         if let Some(listener) = self.listener.take() {
             self.poll.registry().deregister(&mut SourceFd(&listener.as_raw_fd()))?;

@@ -15,9 +15,10 @@ use std::time::Duration;
 
 use socket2::Socket;
 
-use crate::conn::Connection;
+use crate::conn::{Connection, Direction};
 use crate::error::{Error, Side};
 use crate::ring::{Ring, Unavailable};
+pub(crate) use crate::ringpump::Completed;
 
 mod epoll;
 mod uring;
@@ -116,6 +117,51 @@ impl Readiness {
     pub const BOTH: Readiness = Readiness { readable: true, writable: true };
 }
 
+/// The ring data path's operations (io_uring with a provided-buffer ring).
+/// The same contract as [`Driver::watch`] holds for the sockets; a buffer
+/// named in a send must not be given back before the send completed.
+pub(crate) trait RingOps {
+    /// Receives from `src` into a buffer the kernel picks; reported as
+    /// [`DriverEvent::Completed`] with [`Completed::Received`].
+    fn receive(&mut self, key: Key, direction: Direction, src: &Socket) -> io::Result<()>;
+
+    /// Sends `len` bytes of `buffer` from `offset` to `dst`; reported as
+    /// [`Completed::Sent`].
+    fn send(
+        &mut self,
+        key: Key,
+        direction: Direction,
+        dst: &Socket,
+        buffer: u16,
+        offset: u32,
+        len: u32,
+    ) -> io::Result<()>;
+
+    /// Puts a buffer its owner is done with back in the ring.
+    fn give_back(&mut self, buffer: u16);
+}
+
+/// [`RingOps`] for one direction of one connection: what a ring pump uses.
+pub(crate) struct BufferIo<'a> {
+    pub ops: &'a mut dyn RingOps,
+    pub key: Key,
+    pub direction: Direction,
+}
+
+impl BufferIo<'_> {
+    pub fn receive(&mut self, src: &Socket) -> io::Result<()> {
+        self.ops.receive(self.key, self.direction, src)
+    }
+
+    pub fn send(&mut self, dst: &Socket, buffer: u16, offset: u32, len: u32) -> io::Result<()> {
+        self.ops.send(self.key, self.direction, dst, buffer, offset, len)
+    }
+
+    pub fn give_back(&mut self, buffer: u16) {
+        self.ops.give_back(buffer);
+    }
+}
+
 /// What a driver hands back from a wait.
 #[derive(Debug)]
 pub(crate) enum DriverEvent {
@@ -125,6 +171,8 @@ pub(crate) enum DriverEvent {
     Woken,
     /// A socket of a connection is ready as described.
     Ready { key: Key, side: Side, readiness: Readiness },
+    /// A receive or send of the ring data path completed.
+    Completed { key: Key, direction: Direction, completed: Completed },
     /// Every operation on a released connection has ended: its sockets may close.
     Released(Key),
 }
@@ -158,6 +206,9 @@ pub(crate) trait Driver {
     fn pause_accepting(&mut self);
 
     fn resume_accepting(&mut self);
+
+    /// The ring data path's operations, where this driver has them.
+    fn ring_ops(&mut self) -> Option<&mut dyn RingOps>;
 
     /// Submits what is pending and waits at most `timeout` (`None`: until
     /// something happens; zero: not at all) for events, appended to `events`.

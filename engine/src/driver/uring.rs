@@ -15,13 +15,17 @@ use std::time::Duration;
 
 use socket2::Socket;
 
-use super::{Driver, DriverEvent, Key, Readiness};
-use crate::conn::Connection;
+use super::{Completed, Driver, DriverEvent, Key, Readiness, RingOps};
+use crate::conn::{Connection, Direction};
 use crate::error::Side;
 use crate::ring::{self, Completion, Ring};
 
 /// Submission queue size; completions get eight times as many slots.
 const RING_ENTRIES: u32 = 512;
+/// Buffers in the worker's provided-buffer ring, and the size of each: at
+/// most 4 MiB of receive buffers per worker, touched only as bytes arrive.
+const RING_BUFFERS: u16 = 64;
+const RING_BUFFER_BYTES: u32 = 64 * 1024;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
@@ -33,11 +37,49 @@ enum Tag {
     ClientWritable,
     UpstreamReadable,
     UpstreamWritable,
+    ReceiveToUpstream,
+    ReceiveToClient,
+    SendToUpstream,
+    SendToClient,
 }
 
 impl Tag {
-    const POLLS: [Tag; 4] =
-        [Tag::ClientReadable, Tag::ClientWritable, Tag::UpstreamReadable, Tag::UpstreamWritable];
+    /// The operations that name a connection.
+    const OPS: [Tag; 8] = [
+        Tag::ClientReadable,
+        Tag::ClientWritable,
+        Tag::UpstreamReadable,
+        Tag::UpstreamWritable,
+        Tag::ReceiveToUpstream,
+        Tag::ReceiveToClient,
+        Tag::SendToUpstream,
+        Tag::SendToClient,
+    ];
+
+    fn receive(direction: Direction) -> Tag {
+        match direction {
+            Direction::ToUpstream => Tag::ReceiveToUpstream,
+            Direction::ToClient => Tag::ReceiveToClient,
+        }
+    }
+
+    fn send(direction: Direction) -> Tag {
+        match direction {
+            Direction::ToUpstream => Tag::SendToUpstream,
+            Direction::ToClient => Tag::SendToClient,
+        }
+    }
+
+    /// The direction of a ring-path operation, and whether it is a send.
+    fn transfer(self) -> Option<(Direction, bool)> {
+        match self {
+            Tag::ReceiveToUpstream => Some((Direction::ToUpstream, false)),
+            Tag::ReceiveToClient => Some((Direction::ToClient, false)),
+            Tag::SendToUpstream => Some((Direction::ToUpstream, true)),
+            Tag::SendToClient => Some((Direction::ToClient, true)),
+            _ => None,
+        }
+    }
 
     fn poll(side: Side, wanted: Readiness) -> Tag {
         match (side, wanted.writable) {
@@ -60,8 +102,8 @@ impl Tag {
         }
     }
 
-    /// This poll's bit in [`Ops::in_flight`].
-    fn bit(self) -> u8 {
+    /// This operation's bit in [`Ops::in_flight`].
+    fn bit(self) -> u16 {
         1 << (self as u8)
     }
 
@@ -72,7 +114,7 @@ impl Tag {
     fn decode(user_data: u64) -> Option<(Tag, Key)> {
         let tag = [Tag::Accept, Tag::Wake, Tag::Cancel]
             .into_iter()
-            .chain(Tag::POLLS)
+            .chain(Tag::OPS)
             .find(|t| *t as u64 == user_data & 0xff)?;
         // Truncation intended: the fields were packed from these widths.
         #[allow(clippy::cast_possible_truncation)]
@@ -88,8 +130,11 @@ const NO_CONNECTION: Key = Key { index: 0, generation: 0 };
 #[derive(Clone, Copy, Debug, Default)]
 struct Ops {
     generation: u32,
-    in_flight: u8,
+    in_flight: u16,
     released: bool,
+    /// The buffer each direction's send in flight sends from: given back
+    /// here if the connection is released before the send completes.
+    sending: [Option<u16>; 2],
 }
 
 /// The listener's multishot accept.
@@ -113,9 +158,17 @@ pub(crate) struct UringDriver {
 }
 
 impl UringDriver {
-    pub fn new(listener: Socket, wake: File) -> io::Result<Self> {
+    /// With `buffers`, sets up the provided-buffer ring of the ring data
+    /// path (without it where the kernel refuses: that path then copies).
+    pub fn new(listener: Socket, wake: File, buffers: bool) -> io::Result<Self> {
+        let mut ring = Ring::new(RING_ENTRIES)?;
+        if buffers {
+            if let Err(e) = ring.register_buffers(RING_BUFFERS, RING_BUFFER_BYTES) {
+                tracing::debug!(error = %e, "no provided-buffer ring; the ring data path copies");
+            }
+        }
         let mut driver = UringDriver {
-            ring: Ring::new(RING_ENTRIES)?,
+            ring,
             listener: Some(listener),
             stopping: false,
             accepting: Accepting::default(),
@@ -173,21 +226,43 @@ impl UringDriver {
             }
             // Its outcome shows on the operation it targets.
             Tag::Cancel => Ok(()),
-            poll => {
-                let Some((side, _, readiness)) = poll.poll_target() else { return Ok(()) };
+            op => {
                 let Some(ops) =
                     self.ops.get_mut(key.index as usize).filter(|o| o.generation == key.generation)
                 else {
                     tracing::warn!(?tag, ?key, "completion for an unknown connection ignored");
                     return Ok(());
                 };
-                ops.in_flight &= !poll.bit();
+                ops.in_flight &= !op.bit();
+                let sent_from = match op.transfer() {
+                    Some((direction, true)) => ops.sending[direction as usize].take(),
+                    _ => None,
+                };
                 if ops.released {
+                    // Nobody owns these buffers any more: back to the ring.
+                    let received_into = op.transfer().and(completion.buffer);
+                    for buffer in sent_from.into_iter().chain(received_into) {
+                        self.ring.give_back(buffer);
+                    }
                     if ops.in_flight == 0 {
                         events.push(DriverEvent::Released(key));
                     }
-                } else if completion.result != -libc::ECANCELED {
-                    events.push(DriverEvent::Ready { key, side, readiness });
+                    return Ok(());
+                }
+                let result = completion.result;
+                match (op.transfer(), op.poll_target()) {
+                    (Some((direction, false)), _) => {
+                        let completed = Completed::Received { result, buffer: completion.buffer };
+                        events.push(DriverEvent::Completed { key, direction, completed });
+                    }
+                    (Some((direction, true)), _) => {
+                        let completed = Completed::Sent { result };
+                        events.push(DriverEvent::Completed { key, direction, completed });
+                    }
+                    (None, Some((side, _, readiness))) if result != -libc::ECANCELED => {
+                        events.push(DriverEvent::Ready { key, side, readiness });
+                    }
+                    _ => {}
                 }
                 Ok(())
             }
@@ -201,7 +276,7 @@ impl Driver for UringDriver {
         if self.ops.len() <= index {
             self.ops.resize(index + 1, Ops::default());
         }
-        self.ops[index] = Ops { generation: key.generation, in_flight: 0, released: false };
+        self.ops[index] = Ops { generation: key.generation, ..Ops::default() };
         Ok(())
     }
 
@@ -220,7 +295,7 @@ impl Driver for UringDriver {
         let ops = &mut self.ops[key.index as usize];
         ops.released = true;
         let in_flight = ops.in_flight;
-        for tag in Tag::POLLS.into_iter().filter(|tag| in_flight & tag.bit() != 0) {
+        for tag in Tag::OPS.into_iter().filter(|tag| in_flight & tag.bit() != 0) {
             self.ring.cancel(tag.user_data(key), Tag::Cancel.user_data(key))?;
         }
         Ok(in_flight == 0)
@@ -233,6 +308,14 @@ impl Driver for UringDriver {
         } else {
             self.listener = None;
             Ok(())
+        }
+    }
+
+    fn ring_ops(&mut self) -> Option<&mut dyn RingOps> {
+        if self.ring.has_buffers() {
+            Some(self)
+        } else {
+            None
         }
     }
 
@@ -254,5 +337,40 @@ impl Driver for UringDriver {
         }
         self.completions = completions;
         Ok(())
+    }
+}
+
+impl RingOps for UringDriver {
+    fn receive(&mut self, key: Key, direction: Direction, src: &Socket) -> io::Result<()> {
+        let tag = Tag::receive(direction);
+        // SAFETY: the worker keeps the connection's sockets open until this
+        // driver reports it released (the `Driver` contract).
+        unsafe { self.ring.receive(src.as_fd(), tag.user_data(key))? };
+        self.ops[key.index as usize].in_flight |= tag.bit();
+        Ok(())
+    }
+
+    fn send(
+        &mut self,
+        key: Key,
+        direction: Direction,
+        dst: &Socket,
+        buffer: u16,
+        offset: u32,
+        len: u32,
+    ) -> io::Result<()> {
+        let tag = Tag::send(direction);
+        // SAFETY: the socket as for `receive`; the buffer is owned by the
+        // sending ring pump, which gives it back only after this send's
+        // completion, or by this driver after a release (`Ops::sending`).
+        unsafe { self.ring.send(dst.as_fd(), buffer, offset, len, tag.user_data(key))? };
+        let ops = &mut self.ops[key.index as usize];
+        ops.in_flight |= tag.bit();
+        ops.sending[direction as usize] = Some(buffer);
+        Ok(())
+    }
+
+    fn give_back(&mut self, buffer: u16) {
+        self.ring.give_back(buffer);
     }
 }
