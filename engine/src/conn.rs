@@ -348,6 +348,7 @@ mod tests {
     //! progress, a closed port for a refused connect.
 
     use super::*;
+    use crate::driver::BufferSlice;
     use socket2::{Domain, Type};
     use std::io::{Read, Write};
     use std::net::{Shutdown, TcpListener};
@@ -563,6 +564,108 @@ mod tests {
         assert_eq!((e.side, e.op), (Side::Upstream, Op::Write));
         assert_eq!(conn.client.linger().unwrap(), Some(Duration::ZERO), "the client is reset");
         assert_eq!(conn.upstream.linger().unwrap(), Some(Duration::ZERO), "the upstream is reset");
+    }
+
+    /// The driver side of the ring path, faked: records what the pumps
+    /// submit; the test plays the kernel and feeds completions back.
+    #[derive(Default)]
+    struct FakeRing {
+        received: Vec<Direction>,
+        sent: Vec<(Direction, u16, u32, u32)>,
+        given_back: Vec<u16>,
+    }
+
+    impl RingOps for FakeRing {
+        fn receive(&mut self, _key: Key, direction: Direction, _src: &Socket) -> io::Result<()> {
+            self.received.push(direction);
+            Ok(())
+        }
+
+        fn send(
+            &mut self,
+            _key: Key,
+            direction: Direction,
+            _dst: &Socket,
+            slice: BufferSlice,
+        ) -> io::Result<()> {
+            self.sent.push((direction, slice.buffer, slice.offset, slice.len));
+            Ok(())
+        }
+
+        fn give_back(&mut self, buffer: u16) {
+            self.given_back.push(buffer);
+        }
+    }
+
+    fn ring_io<'a>(pools: &'a mut Pools, ring: &'a mut FakeRing) -> Io<'a> {
+        Io::new(pools, Some(ring), Key { index: 0, generation: 0 })
+    }
+
+    #[test]
+    fn ring_path_receives_sends_in_order_gives_buffers_back_and_half_closes() {
+        let (mut pools, mut ring) = (Pools::new(0, 4), FakeRing::default());
+        let (client, _client_peer) = pair();
+        let (upstream, mut upstream_peer) = pair();
+        let mut conn = Connection::new(3, client, upstream, [DataPath::Ring; 2], Instant::now() + FAR);
+        let action = conn.handle(Event::UpstreamWritable, &mut ring_io(&mut pools, &mut ring));
+        assert!(
+            matches!(action, Action::Wait([Some(Wait::Completion), Some(Wait::Completion)])),
+            "{action:?}"
+        );
+        assert_eq!(ring.received, [Direction::ToUpstream, Direction::ToClient], "both directions receive");
+
+        let up = Direction::ToUpstream;
+        let received = |result, buffer| Event::Completed(up, Completed::Received { result, buffer });
+        // Two buffers arrive: one send in flight at a time, oldest first;
+        // with two held, no further receive.
+        conn.handle(received(100, Some(7)), &mut ring_io(&mut pools, &mut ring));
+        conn.handle(received(50, Some(9)), &mut ring_io(&mut pools, &mut ring));
+        assert_eq!(ring.sent, [(up, 7, 0, 100)]);
+        assert_eq!(ring.received.len(), 3, "a receive after the first buffer, none with two held");
+        // A short send: the rest of the same buffer goes next.
+        let mut io = ring_io(&mut pools, &mut ring);
+        conn.handle(Event::Completed(up, Completed::Sent { result: 60 }), &mut io);
+        assert_eq!(io.moved, [60, 0]);
+        assert_eq!(ring.sent.last(), Some(&(up, 7, 60, 40)));
+        assert!(ring.given_back.is_empty());
+        conn.handle(
+            Event::Completed(up, Completed::Sent { result: 40 }),
+            &mut ring_io(&mut pools, &mut ring),
+        );
+        assert_eq!((ring.given_back.as_slice(), ring.sent.last()), (&[7][..], Some(&(up, 9, 0, 50))));
+        assert_eq!(ring.received.len(), 4, "one buffer held again: receive");
+        // EOF while a send is in flight: the half-close waits for it.
+        conn.handle(received(0, None), &mut ring_io(&mut pools, &mut ring));
+        let mut got = [0u8; 1];
+        upstream_peer.set_nonblocking(true).unwrap();
+        assert!(upstream_peer.read(&mut got).is_err(), "no EOF before the last send completed");
+        let action = conn.handle(
+            Event::Completed(up, Completed::Sent { result: 50 }),
+            &mut ring_io(&mut pools, &mut ring),
+        );
+        assert!(matches!(action, Action::Wait([Some(Wait::Finished), None])), "{action:?}");
+        assert_eq!(upstream_peer.read(&mut got).unwrap(), 0, "EOF passed upstream");
+        assert_eq!((ring.given_back.as_slice(), conn.bytes()), (&[7, 9][..], (150, 0)));
+    }
+
+    #[test]
+    fn ring_path_failure_resets_and_gives_back_what_no_send_uses() {
+        let (mut pools, mut ring) = (Pools::new(0, 4), FakeRing::default());
+        let (client, _client_peer) = pair();
+        let (upstream, _upstream_peer) = pair();
+        let mut conn = Connection::new(4, client, upstream, [DataPath::Ring; 2], Instant::now() + FAR);
+        conn.handle(Event::UpstreamWritable, &mut ring_io(&mut pools, &mut ring));
+        let down = Direction::ToClient;
+        let received = |result, buffer| Event::Completed(down, Completed::Received { result, buffer });
+        conn.handle(received(10, Some(1)), &mut ring_io(&mut pools, &mut ring));
+        conn.handle(received(10, Some(2)), &mut ring_io(&mut pools, &mut ring));
+        // The client side fails a send: the whole connection ends with a reset.
+        let sent = Event::Completed(down, Completed::Sent { result: -libc::EPIPE });
+        let e = failed(conn.handle(sent, &mut ring_io(&mut pools, &mut ring)));
+        assert_eq!((e.side, e.op), (Side::Client, Op::Write));
+        assert_eq!(ring.given_back, [1, 2], "both buffers back (the failed send is over)");
+        assert_eq!(conn.client.linger().unwrap(), Some(Duration::ZERO));
+        assert_eq!(conn.state, ConnState::Closed);
     }
 
     #[test]

@@ -14,6 +14,9 @@
 //!   "source empty", never "pipe full" (which would make a read poll spin).
 //! - Splice refused on the source's family (EINVAL: vsock before Linux 5.0)
 //!   switches this direction to copying, once, without losing a byte.
+//! - On the adaptive path (`Auto` from vsock) a direction copies while
+//!   messages are small and splices while the source streams, switching on
+//!   the size of each read.
 
 use std::io::{self, Read};
 use std::net::Shutdown;
@@ -29,10 +32,12 @@ use crate::sys;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum DataPath {
     /// Chosen per direction by the source socket's family: splice from TCP
-    /// and Unix sockets, copy from vsock. vsock has no splice of its own:
-    /// the kernel's copying fallback prepares pages for the pipe's whole
-    /// free space on every call, which makes small messages several times
-    /// slower than a plain copy (measured in the vsock guest).
+    /// and Unix sockets; from vsock, copy while messages are small and
+    /// splice while the source streams. vsock has no splice of its own: the
+    /// kernel's copying fallback prepares pages for the pipe's whole free
+    /// space on every call, which makes small messages several times slower
+    /// than a plain copy, while bulk still moves fastest by splice (both
+    /// measured in the vsock guest, `perf/results-vsock.md`).
     #[default]
     Auto,
     /// socket -> pipe -> socket with `splice(2)`: no copy through user space
@@ -51,8 +56,7 @@ impl DataPath {
     /// family, where the driver does (`ring`) or does not have a buffer ring.
     pub(crate) fn for_source(self, source: Domain, ring: bool) -> DataPath {
         match self {
-            DataPath::Auto if source == Domain::VSOCK && ring => DataPath::Ring,
-            DataPath::Auto if source == Domain::VSOCK => DataPath::Copy,
+            DataPath::Auto if source == Domain::VSOCK => DataPath::Auto,
             DataPath::Auto => DataPath::Splice,
             DataPath::Ring if !ring => DataPath::Copy,
             chosen => chosen,
@@ -90,6 +94,11 @@ pub enum Wait {
     Completion,
 }
 
+/// On the adaptive path (`Auto` from vsock): a read of at least this many
+/// bytes means the source streams (splice from then on); a splice of fewer
+/// means small messages again (copy from then on).
+const STREAMING_BYTES: usize = 32 * 1024;
+
 /// Bytes one run may move before it yields, so that one bulk stream cannot
 /// starve the other connections of its worker.
 const RUN_BUDGET_BYTES: u64 = 8 << 20;
@@ -122,6 +131,9 @@ pub struct Pump {
     to: Side,
     path: DataPath,
     held: Held,
+    /// Splice, rather than copy: always on `Splice`, never on `Copy`, and on
+    /// `Auto` while the source streams.
+    streaming: bool,
     eof: bool,
     finished: bool,
     /// Bytes delivered to the destination so far.
@@ -138,13 +150,15 @@ fn is_splice_unsupported(e: &io::Error) -> bool {
 
 impl Pump {
     /// A pump moving bytes `from` one side `to` the other by `path`
-    /// (resolved with [`DataPath::for_source`]; `Auto` splices).
+    /// (resolved with [`DataPath::for_source`]; `Auto` adapts: it copies
+    /// small messages and splices streams; `Ring` copies here).
     pub fn new(from: Side, to: Side, path: DataPath) -> Self {
         Pump {
             from,
             to,
             path,
             held: Held::Nothing,
+            streaming: path == DataPath::Splice,
             eof: false,
             finished: false,
             bytes: 0,
@@ -194,13 +208,11 @@ impl Pump {
                     self.release(pools);
                     return Ok((Wait::Readable, moved));
                 }
-                Err(e)
-                    if matches!(self.path, DataPath::Splice | DataPath::Auto)
-                        && is_splice_unsupported(&e) =>
-                {
+                Err(e) if self.streaming && is_splice_unsupported(&e) => {
                     tracing::debug!(from = %self.from, error = %e, "splice refused; this direction copies");
                     self.release(pools);
                     self.path = DataPath::Copy;
+                    self.streaming = false;
                 }
                 Err(e) => {
                     self.release(pools);
@@ -235,7 +247,7 @@ impl Pump {
     /// Reads from the source into an empty pipe or buffer.
     fn fill(&mut self, src: &Socket, pools: &mut Pools) -> io::Result<usize> {
         match self.path {
-            DataPath::Splice | DataPath::Auto => {
+            DataPath::Splice | DataPath::Auto if self.streaming => {
                 #[cfg(test)]
                 if self.refuse_splice {
                     return Err(io::Error::from_raw_os_error(libc::EINVAL));
@@ -247,9 +259,12 @@ impl Pump {
                 let result = sys::splice(src.as_fd(), pipe.write_end(), SPLICE_REQUEST_BYTES);
                 let pending = *result.as_ref().unwrap_or(&0);
                 self.held = Held::Pipe { pipe, pending };
+                if self.path == DataPath::Auto && pending > 0 && pending < STREAMING_BYTES {
+                    self.streaming = false;
+                }
                 result
             }
-            DataPath::Copy | DataPath::Ring => {
+            _ => {
                 let mut buffer = match std::mem::replace(&mut self.held, Held::Nothing) {
                     Held::Buffer { buffer, .. } => buffer,
                     _ => pools.take_buffer(),
@@ -257,6 +272,9 @@ impl Pump {
                 let result = (&*src).read(&mut buffer);
                 let end = *result.as_ref().unwrap_or(&0);
                 self.held = Held::Buffer { buffer, start: 0, end };
+                if self.path == DataPath::Auto && end >= STREAMING_BYTES {
+                    self.streaming = true;
+                }
                 result
             }
         }
@@ -336,6 +354,32 @@ mod tests {
     #[test]
     fn copy_path_relays_and_half_closes() {
         relays_and_half_closes(DataPath::Copy);
+    }
+
+    #[test]
+    fn adaptive_path_copies_small_messages_and_splices_streams() {
+        let (src, mut src_peer) = pair();
+        let (dst, mut dst_peer) = pair();
+        let mut pools = Pools::new(64 * 1024, 4);
+        let mut pump = Pump::new(Side::Client, Side::Upstream, DataPath::Auto);
+        src_peer.write_all(b"small").unwrap();
+        assert_eq!(pump.run(&src, &dst, &mut pools).unwrap(), (Wait::Readable, 5));
+        assert_eq!((pump.streaming, pools.idle()), (false, (0, 1)), "a small message is copied");
+        src_peer.write_all(&[7u8; 100 * 1024]).unwrap();
+        assert_eq!(pump.run(&src, &dst, &mut pools).unwrap(), (Wait::Readable, 100 * 1024));
+        assert!(pump.streaming, "a large read means the source streams");
+        src_peer.write_all(b"tiny").unwrap();
+        assert_eq!(pump.run(&src, &dst, &mut pools).unwrap(), (Wait::Readable, 4));
+        assert_eq!((pump.streaming, pools.idle()), (false, (1, 1)), "a small splice goes back to copying");
+        src_peer.write_all(b"again").unwrap();
+        src_peer.shutdown(std::net::Shutdown::Write).unwrap();
+        assert_eq!(pump.run(&src, &dst, &mut pools).unwrap(), (Wait::Finished, 5));
+        let mut got = Vec::new();
+        dst_peer.read_to_end(&mut got).unwrap();
+        let mut expected = b"small".to_vec();
+        expected.extend_from_slice(&[7u8; 100 * 1024]);
+        expected.extend_from_slice(b"tinyagain");
+        assert_eq!(got, expected);
     }
 
     #[test]

@@ -21,7 +21,7 @@ use std::net::Shutdown;
 
 use socket2::Socket;
 
-use crate::driver::BufferIo;
+use crate::driver::{BufferIo, BufferSlice};
 use crate::error::{ConnError, Op, Side};
 use crate::pump::Wait;
 
@@ -83,8 +83,8 @@ impl RingPump {
             return Ok(Wait::Finished);
         }
         if let (false, Some(&(buffer, len))) = (self.sending, self.held.front()) {
-            io.send(dst, buffer, self.sent, len - self.sent)
-                .map_err(|e| ConnError::new(self.to, Op::Write, e))?;
+            let slice = BufferSlice { buffer, offset: self.sent, len: len - self.sent };
+            io.send(dst, slice).map_err(|e| ConnError::new(self.to, Op::Write, e))?;
             self.sending = true;
         }
         if !self.receiving && !self.eof && self.held.len() < MAX_HELD {
@@ -173,10 +173,8 @@ impl RingPump {
     /// At close: gives back every buffer no send in flight uses.
     pub fn release(&mut self, io: &mut BufferIo<'_>) {
         let keep = usize::from(self.sending);
-        while self.held.len() > keep {
-            if let Some((buffer, _)) = self.held.pop_back() {
-                io.give_back(buffer);
-            }
+        for (buffer, _) in self.held.drain(keep..) {
+            io.give_back(buffer);
         }
     }
 }

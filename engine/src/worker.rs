@@ -73,9 +73,9 @@ pub(crate) fn run(backend: Backend, setup: WorkerSetup) -> Result<(), Error> {
     let (index, control) = (setup.index, Arc::clone(&setup.control));
     let result = match backend {
         Backend::Uring => {
-            UringDriver::new(setup.listener, setup.wake, may_use_ring(&setup.config)).and_then(|driver| {
-                Worker::new(driver, setup.index, setup.config, setup.stats, setup.control).run()
-            })
+            UringDriver::new(setup.listener, setup.wake, setup.config.data_path == DataPath::Ring).and_then(
+                |driver| Worker::new(driver, setup.index, setup.config, setup.stats, setup.control).run(),
+            )
         }
         Backend::Portable => EpollDriver::new(setup.listener, setup.wake).and_then(|driver| {
             Worker::new(driver, setup.index, setup.config, setup.stats, setup.control).run()
@@ -86,17 +86,6 @@ pub(crate) fn run(backend: Backend, setup: WorkerSetup) -> Result<(), Error> {
         control.stop();
         Error::Worker { worker: index, source }
     })
-}
-
-/// Whether some direction of this relay may take the ring data path (the
-/// buffer ring is set up only then).
-fn may_use_ring(config: &RelayConfig) -> bool {
-    let families = [socket::domain(&config.listen), config.target.current().domain()];
-    match config.data_path {
-        DataPath::Ring => true,
-        DataPath::Auto => families.into_iter().any(|family| family == Domain::VSOCK),
-        DataPath::Splice | DataPath::Copy => false,
-    }
 }
 
 /// Is this accept error about resources (retry later) rather than one client?

@@ -125,20 +125,19 @@ pub(crate) trait RingOps {
     /// [`DriverEvent::Completed`] with [`Completed::Received`].
     fn receive(&mut self, key: Key, direction: Direction, src: &Socket) -> io::Result<()>;
 
-    /// Sends `len` bytes of `buffer` from `offset` to `dst`; reported as
-    /// [`Completed::Sent`].
-    fn send(
-        &mut self,
-        key: Key,
-        direction: Direction,
-        dst: &Socket,
-        buffer: u16,
-        offset: u32,
-        len: u32,
-    ) -> io::Result<()>;
+    /// Sends the bytes of `slice` to `dst`; reported as [`Completed::Sent`].
+    fn send(&mut self, key: Key, direction: Direction, dst: &Socket, slice: BufferSlice) -> io::Result<()>;
 
     /// Puts a buffer its owner is done with back in the ring.
     fn give_back(&mut self, buffer: u16);
+}
+
+/// Bytes in one buffer of the ring: `len` of them from `offset`.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct BufferSlice {
+    pub buffer: u16,
+    pub offset: u32,
+    pub len: u32,
 }
 
 /// [`RingOps`] for one direction of one connection: what a ring pump uses.
@@ -153,8 +152,8 @@ impl BufferIo<'_> {
         self.ops.receive(self.key, self.direction, src)
     }
 
-    pub fn send(&mut self, dst: &Socket, buffer: u16, offset: u32, len: u32) -> io::Result<()> {
-        self.ops.send(self.key, self.direction, dst, buffer, offset, len)
+    pub fn send(&mut self, dst: &Socket, slice: BufferSlice) -> io::Result<()> {
+        self.ops.send(self.key, self.direction, dst, slice)
     }
 
     pub fn give_back(&mut self, buffer: u16) {

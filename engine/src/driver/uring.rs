@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use socket2::Socket;
 
-use super::{Completed, Driver, DriverEvent, Key, Readiness, RingOps};
+use super::{BufferSlice, Completed, Driver, DriverEvent, Key, Readiness, RingOps};
 use crate::conn::{Connection, Direction};
 use crate::error::Side;
 use crate::ring::{self, Completion, Ring};
@@ -350,23 +350,15 @@ impl RingOps for UringDriver {
         Ok(())
     }
 
-    fn send(
-        &mut self,
-        key: Key,
-        direction: Direction,
-        dst: &Socket,
-        buffer: u16,
-        offset: u32,
-        len: u32,
-    ) -> io::Result<()> {
+    fn send(&mut self, key: Key, direction: Direction, dst: &Socket, slice: BufferSlice) -> io::Result<()> {
         let tag = Tag::send(direction);
         // SAFETY: the socket as for `receive`; the buffer is owned by the
         // sending ring pump, which gives it back only after this send's
         // completion, or by this driver after a release (`Ops::sending`).
-        unsafe { self.ring.send(dst.as_fd(), buffer, offset, len, tag.user_data(key))? };
+        unsafe { self.ring.send(dst.as_fd(), slice.buffer, slice.offset, slice.len, tag.user_data(key))? };
         let ops = &mut self.ops[key.index as usize];
         ops.in_flight |= tag.bit();
-        ops.sending[direction as usize] = Some(buffer);
+        ops.sending[direction as usize] = Some(slice.buffer);
         Ok(())
     }
 
