@@ -31,8 +31,8 @@ use crate::sys;
 /// How a direction moves its bytes.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum DataPath {
-    /// Chosen per direction by the source socket's family: splice from TCP
-    /// and Unix sockets; from vsock, copy while messages are small and
+    /// Chosen per direction by the sockets' families: splice between TCP
+    /// and Unix sockets; from or to vsock, copy while messages are small and
     /// splice while the source streams. vsock has no splice of its own: the
     /// kernel's copying fallback prepares pages for the pipe's whole free
     /// space on every call, which makes small messages several times slower
@@ -52,11 +52,14 @@ pub enum DataPath {
 }
 
 impl DataPath {
-    /// The path of a direction that reads from a socket of `source`'s
-    /// family, where the driver does (`ring`) or does not have a buffer ring.
-    pub(crate) fn for_source(self, source: Domain, ring: bool) -> DataPath {
+    /// The path of a direction from a `source` socket to a `destination`
+    /// socket of these families, where the driver does (`ring`) or does not
+    /// have a buffer ring. `Auto` adapts where vsock is involved: from vsock
+    /// for the splice fallback's cost, to vsock because a pipe -> vsock
+    /// splice copies anyway, so small messages gain nothing from the pipe.
+    pub(crate) fn for_direction(self, source: Domain, destination: Domain, ring: bool) -> DataPath {
         match self {
-            DataPath::Auto if source == Domain::VSOCK => DataPath::Auto,
+            DataPath::Auto if source == Domain::VSOCK || destination == Domain::VSOCK => DataPath::Auto,
             DataPath::Auto => DataPath::Splice,
             DataPath::Ring if !ring => DataPath::Copy,
             chosen => chosen,
@@ -134,6 +137,13 @@ pub struct Pump {
     /// Splice, rather than copy: always on `Splice`, never on `Copy`, and on
     /// `Auto` while the source streams.
     streaming: bool,
+    /// The last read returned less than the buffer holds: the socket had
+    /// nothing more then. (Not known for splice: a pipe may fill its slots
+    /// with small packets before its bytes.)
+    drained: bool,
+    /// Readiness is reported while it lasts (io_uring polls), not once per
+    /// change (epoll's edges): then a short read needs no confirming read.
+    pub level_triggered: bool,
     eof: bool,
     finished: bool,
     /// Bytes delivered to the destination so far.
@@ -150,7 +160,7 @@ fn is_splice_unsupported(e: &io::Error) -> bool {
 
 impl Pump {
     /// A pump moving bytes `from` one side `to` the other by `path`
-    /// (resolved with [`DataPath::for_source`]; `Auto` adapts: it copies
+    /// (resolved with [`DataPath::for_direction`]; `Auto` adapts: it copies
     /// small messages and splices streams; `Ring` copies here).
     pub fn new(from: Side, to: Side, path: DataPath) -> Self {
         Pump {
@@ -159,6 +169,8 @@ impl Pump {
             path,
             held: Held::Nothing,
             streaming: path == DataPath::Splice,
+            drained: false,
+            level_triggered: true,
             eof: false,
             finished: false,
             bytes: 0,
@@ -197,6 +209,14 @@ impl Pump {
             }
             if moved >= RUN_BUDGET_BYTES {
                 return Ok((Wait::Yield, moved));
+            }
+            // A read that did not fill the buffer emptied the socket of
+            // bytes: with level-triggered readiness (io_uring polls), wait
+            // rather than ask again; an EOF queued behind the bytes shows as
+            // readable at once. Edge-triggered epoll would not report that
+            // EOF again, so there the pump reads until the socket says so.
+            if std::mem::take(&mut self.drained) && self.level_triggered {
+                return Ok((Wait::Readable, moved));
             }
             match self.fill(src, pools) {
                 Ok(0) => self.eof = true,
@@ -271,6 +291,7 @@ impl Pump {
                 };
                 let result = (&*src).read(&mut buffer);
                 let end = *result.as_ref().unwrap_or(&0);
+                self.drained = end > 0 && end < buffer.len();
                 self.held = Held::Buffer { buffer, start: 0, end };
                 if self.path == DataPath::Auto && end >= STREAMING_BYTES {
                     self.streaming = true;
@@ -364,6 +385,7 @@ mod tests {
         let mut pump = Pump::new(Side::Client, Side::Upstream, DataPath::Auto);
         src_peer.write_all(b"small").unwrap();
         assert_eq!(pump.run(&src, &dst, &mut pools).unwrap(), (Wait::Readable, 5));
+        assert!(!pump.drained, "waits after a short read without reading again");
         assert_eq!((pump.streaming, pools.idle()), (false, (0, 1)), "a small message is copied");
         src_peer.write_all(&[7u8; 100 * 1024]).unwrap();
         assert_eq!(pump.run(&src, &dst, &mut pools).unwrap(), (Wait::Readable, 100 * 1024));
@@ -373,13 +395,30 @@ mod tests {
         assert_eq!((pump.streaming, pools.idle()), (false, (1, 1)), "a small splice goes back to copying");
         src_peer.write_all(b"again").unwrap();
         src_peer.shutdown(std::net::Shutdown::Write).unwrap();
-        assert_eq!(pump.run(&src, &dst, &mut pools).unwrap(), (Wait::Finished, 5));
+        assert_eq!(pump.run(&src, &dst, &mut pools).unwrap(), (Wait::Readable, 5));
+        assert_eq!(pump.run(&src, &dst, &mut pools).unwrap(), (Wait::Finished, 0));
         let mut got = Vec::new();
         dst_peer.read_to_end(&mut got).unwrap();
         let mut expected = b"small".to_vec();
         expected.extend_from_slice(&[7u8; 100 * 1024]);
         expected.extend_from_slice(b"tinyagain");
         assert_eq!(got, expected);
+    }
+
+    #[test]
+    fn edge_triggered_pump_reads_the_eof_behind_a_short_read() {
+        let (src, mut src_peer) = pair();
+        let (dst, mut dst_peer) = pair();
+        let mut pools = Pools::new(0, 4);
+        let mut pump = Pump::new(Side::Client, Side::Upstream, DataPath::Copy);
+        pump.level_triggered = false;
+        src_peer.write_all(b"last words").unwrap();
+        src_peer.shutdown(std::net::Shutdown::Write).unwrap();
+        // No edge will report that EOF again: it must be read in this run.
+        assert_eq!(pump.run(&src, &dst, &mut pools).unwrap(), (Wait::Finished, 10));
+        let mut got = Vec::new();
+        dst_peer.read_to_end(&mut got).unwrap();
+        assert_eq!(got, b"last words");
     }
 
     #[test]
@@ -394,6 +433,8 @@ mod tests {
         assert_eq!(pump.path(), DataPath::Copy);
         src_peer.write_all(b", then more").unwrap();
         src_peer.shutdown(std::net::Shutdown::Write).unwrap();
+        // The short read emptied the socket; the EOF comes with the next run.
+        assert_eq!(pump.run(&src, &dst, &mut pools).unwrap(), (Wait::Readable, 11));
         assert_eq!(pump.run(&src, &dst, &mut pools).unwrap().0, Wait::Finished);
         let mut got = String::new();
         dst_peer.read_to_string(&mut got).unwrap();

@@ -299,8 +299,15 @@ impl<D: Driver> Worker<D> {
         self.next_id += 1;
         let deadline = Instant::now() + self.config.connect_timeout;
         let (path, ring) = (self.config.data_path, self.driver.ring_ops().is_some());
-        let paths = [path.for_source(self.client_domain, ring), path.for_source(target.domain(), ring)];
-        let conn = Connection::new(self.next_id, client, upstream, paths, deadline);
+        let (from_client, from_upstream) = (self.client_domain, target.domain());
+        let paths = [
+            path.for_direction(from_client, from_upstream, ring),
+            path.for_direction(from_upstream, from_client, ring),
+        ];
+        let mut conn = Connection::new(self.next_id, client, upstream, paths, deadline);
+        if self.driver.edge_triggered() {
+            conn.set_edge_triggered();
+        }
         let entry = self.conns.vacant_entry();
         let key = Key {
             index: u32::try_from(entry.key()).map_err(io::Error::other)?,

@@ -91,6 +91,10 @@ impl EpollDriver {
 }
 
 impl Driver for EpollDriver {
+    fn edge_triggered(&self) -> bool {
+        true
+    }
+
     fn register(&mut self, key: Key, conn: &Connection) -> io::Result<()> {
         let both = Interest::READABLE | Interest::WRITABLE;
         for side in [Side::Client, Side::Upstream] {

@@ -188,6 +188,10 @@ pub(crate) enum DriverEvent {
 ///   [`DriverEvent::Released`] for it. The io_uring driver's safety rests on
 ///   this: the kernel may use a socket until its operation completes.
 pub(crate) trait Driver {
+    /// Whether readiness is reported once per change (epoll's edges) rather
+    /// than while it lasts (io_uring polls).
+    fn edge_triggered(&self) -> bool;
+
     /// Starts watching a new connection's sockets.
     fn register(&mut self, key: Key, conn: &Connection) -> io::Result<()>;
 

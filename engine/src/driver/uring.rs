@@ -271,6 +271,10 @@ impl UringDriver {
 }
 
 impl Driver for UringDriver {
+    fn edge_triggered(&self) -> bool {
+        false
+    }
+
     fn register(&mut self, key: Key, _conn: &Connection) -> io::Result<()> {
         let index = key.index as usize;
         if self.ops.len() <= index {
