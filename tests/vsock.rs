@@ -72,10 +72,11 @@ fn vsock_any(port: u32) -> Endpoint {
 fn vsock_to_tcp_byte_exact_64_connections() {
     require_vsock_guest();
     for (i, backend) in backends().into_iter().enumerate() {
-        for (j, path) in [DataPath::Splice, DataPath::Copy].into_iter().enumerate() {
+        let paths = [DataPath::Splice, DataPath::Copy, DataPath::Auto, DataPath::Ring];
+        for (j, path) in paths.into_iter().enumerate() {
             let ledger = Ledger::default();
             let server = Server::tcp(twin(Arc::clone(&ledger)));
-            let port = 10_000 + (i * 2 + j) as u32;
+            let port = 10_000 + (i * paths.len() + j) as u32;
             let relay = relay(vsock_any(port), server.endpoint(), backend, path);
             check_byte_exact(&vsock(port), &ledger, cases(2 * MIB, 1));
             assert_eq!(relay.stats().snapshot().failed, 0, "{backend:?} {path:?}");
@@ -165,6 +166,106 @@ fn refused_vsock_upstream_resets_only_that_client() {
         client.read_exact(&mut reply).unwrap();
         assert_eq!(&reply, b"again");
     }
+}
+
+/// The ring data path on vsock (on the portable backend it copies): the
+/// client's half-close still gets the whole reply, and a destination that
+/// stops reading holds the client back (at most two buffers per direction
+/// in the relay) without losing a byte.
+#[test]
+#[ignore = "needs the vsock guest: tests/vm/run.sh"]
+fn ring_path_over_vsock_half_close_and_slow_reader() {
+    require_vsock_guest();
+    for (i, backend) in backends().into_iter().enumerate() {
+        let port = 15_000 + i as u32 * 10;
+        let replier = Server::vsock(port, |mut stream| {
+            let (bytes, _) = traffic::receive(&mut stream).unwrap();
+            traffic::send(&mut stream, MIB + bytes, 42).unwrap();
+        });
+        let relay_a = relay(vsock_any(port + 1), replier.endpoint(), backend, DataPath::Ring);
+        let mut client = Stream::connect(&vsock(port + 1)).unwrap();
+        traffic::send(&mut client, 1000, 7).unwrap();
+        client.shutdown(Shutdown::Write).unwrap();
+        let (bytes, hash) = traffic::receive(&mut client).unwrap();
+        assert_eq!((bytes, hash), (MIB + 1000, traffic::expected_hash(MIB + 1000, 42)), "{backend:?}");
+
+        let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let (go_rx, done_tx) = (std::sync::Mutex::new(go_rx), std::sync::Mutex::new(done_tx));
+        let stalled = Server::vsock(port + 2, move |mut stream| {
+            let _ = go_rx.lock().unwrap().recv_timeout(Duration::from_secs(60));
+            done_tx.lock().unwrap().send(traffic::receive(&mut stream).unwrap()).unwrap();
+        });
+        let relay_b = relay(vsock_any(port + 3), stalled.endpoint(), backend, DataPath::Ring);
+        let mut client = Stream::connect(&vsock(port + 3)).unwrap();
+        let writer = std::thread::spawn(move || {
+            let sent = traffic::send(&mut client, 32 * MIB, 9).unwrap();
+            client.shutdown(Shutdown::Write).unwrap();
+            sent
+        });
+        std::thread::sleep(Duration::from_secs(2));
+        assert!(!writer.is_finished(), "{backend:?}: the client pushed 32 MiB into a stalled destination");
+        go_tx.send(()).unwrap();
+        let sent = writer.join().unwrap();
+        let received = done_rx.recv_timeout(Duration::from_secs(120)).unwrap();
+        assert_eq!(received, (32 * MIB, sent), "{backend:?}");
+        assert_eq!(relay_b.stats().snapshot().failed, 0, "{backend:?}");
+        drop((relay_a, relay_b));
+    }
+}
+
+/// A short smoke of the bench's request/response and churn workloads through
+/// a relay over vsock, on both backends (the speed figures come from
+/// `perf/compare --vsock`): every connection served, none counted as failed
+/// (a vsock peer's close can read as ENOTCONN: that is an end of stream).
+#[test]
+#[ignore = "needs the vsock guest: tests/vm/run.sh"]
+fn rpc_and_churn_through_the_relay_over_vsock() {
+    require_vsock_guest();
+    let sink = KillOnDrop(vec![Command::new(vsock_relay_testkit::binary("vsock-relay"))
+        .args(["bench", "sink", "--listen", "vsock:any:19010"])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()]);
+    // The sink listens before any relay connects to it (a refused vsock
+    // upstream reads as an empty stream, not as "cannot connect").
+    run_when_listening(&["bench", "rpc", "--to", "vsock:1:19010", "--requests", "1"]);
+    for (i, backend) in backends().into_iter().enumerate() {
+        let port = 19_020 + i as u32;
+        let relay = relay(vsock_any(port), &vsock(19010), backend, DataPath::Auto);
+        let to = format!("vsock:1:{port}");
+        let rpc = run_when_listening(&[
+            "bench",
+            "rpc",
+            "--to",
+            &to,
+            "--connections",
+            "4",
+            "--requests",
+            "100",
+            "--json",
+        ]);
+        assert!(
+            rpc.contains("\"connections\":4") && rpc.contains("\"requests_per_s\":"),
+            "{backend:?}: {rpc}"
+        );
+        let churn = run_when_listening(&[
+            "bench",
+            "churn",
+            "--to",
+            &to,
+            "--connections",
+            "100",
+            "--parallel",
+            "4",
+            "--json",
+        ]);
+        assert!(churn.contains("\"connections\":100"), "{backend:?}: {churn}");
+        let stats = relay.stats().snapshot();
+        assert_eq!((stats.accepted, stats.failed), (104, 0), "{backend:?}");
+        println!("{backend:?}: {}{}", rpc.trim_end(), churn.trim_end());
+    }
+    drop(sink);
 }
 
 /// io_uring CONNECT on vsock sometimes completes with EALREADY although the
