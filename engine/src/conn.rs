@@ -583,6 +583,8 @@ mod tests {
     /// submit; the test plays the kernel and feeds completions back.
     #[derive(Default)]
     struct FakeRing {
+        /// Whether a send's completion is still the kernel's.
+        in_kernel: bool,
         received: Vec<Direction>,
         sent: Vec<(Direction, u16, u32, u32)>,
         given_back: Vec<u16>,
@@ -607,6 +609,10 @@ mod tests {
 
         fn give_back(&mut self, buffer: u16) {
             self.given_back.push(buffer);
+        }
+
+        fn sending(&self, _key: Key, _direction: Direction) -> bool {
+            self.in_kernel
         }
     }
 
@@ -672,6 +678,21 @@ mod tests {
         let received = |result, buffer| Event::Completed(down, Completed::Received { result, buffer });
         conn.handle(received(10, Some(1)), &mut ring_io(&mut pools, &mut ring));
         conn.handle(received(10, Some(2)), &mut ring_io(&mut pools, &mut ring));
+        // A send whose completion is still in the kernel keeps its buffer at
+        // close; one already reaped gives it back (the driver's part is the first).
+        let (client, _peer_a) = pair();
+        let (upstream, _peer_b) = pair();
+        let mut other = Connection::new(5, client, upstream, [DataPath::Ring; 2], Instant::now() + FAR);
+        let mut other_ring = FakeRing { in_kernel: true, ..FakeRing::default() };
+        other.handle(Event::UpstreamWritable, &mut ring_io(&mut pools, &mut other_ring));
+        other.handle(received(10, Some(4)), &mut ring_io(&mut pools, &mut other_ring));
+        other.handle(received(10, Some(6)), &mut ring_io(&mut pools, &mut other_ring));
+        let e = Event::Completed(
+            Direction::ToUpstream,
+            Completed::Received { result: -libc::ECONNRESET, buffer: None },
+        );
+        failed(other.handle(e, &mut ring_io(&mut pools, &mut other_ring)));
+        assert_eq!(other_ring.given_back, [6], "buffer 4 is still being sent");
         // The client side fails a send: the whole connection ends with a reset.
         let sent = Event::Completed(down, Completed::Sent { result: -libc::EPIPE });
         let e = failed(conn.handle(sent, &mut ring_io(&mut pools, &mut ring)));

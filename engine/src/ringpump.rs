@@ -12,8 +12,10 @@
 //! - One send in flight per direction, from the oldest buffer: bytes leave
 //!   in the order they came.
 //! - A buffer goes back to the ring once its last byte was sent; at close,
-//!   every buffer not used by a send in flight goes back (the driver returns
-//!   that one when the send completes).
+//!   every buffer not used by a send still in the kernel goes back (the
+//!   driver returns that one when the send completes). A receive completion
+//!   that reaches a connection after its close brings a buffer nobody else
+//!   owns: the worker gives it back.
 
 use std::collections::VecDeque;
 use std::io;
@@ -170,9 +172,11 @@ impl RingPump {
         self.step(src, dst, io).map(|wait| (wait, delivered))
     }
 
-    /// At close: gives back every buffer no send in flight uses.
+    /// At close: gives back every buffer no send in flight uses. A send
+    /// whose completion the driver reaped but this pump has not seen yet is
+    /// over: its buffer goes back too.
     pub fn release(&mut self, io: &mut BufferIo<'_>) {
-        let keep = usize::from(self.sending);
+        let keep = usize::from(self.sending && io.sending());
         for (buffer, _) in self.held.drain(keep..) {
             io.give_back(buffer);
         }

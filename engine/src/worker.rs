@@ -19,7 +19,7 @@ use socket2::{Domain, Socket};
 
 use crate::config::RelayConfig;
 use crate::conn::{Action, ConnState, Connection, Direction, Ending, Event, Io};
-use crate::driver::{Backend, Driver, DriverEvent, EpollDriver, Key, Readiness, UringDriver};
+use crate::driver::{Backend, Completed, Driver, DriverEvent, EpollDriver, Key, Readiness, UringDriver};
 use crate::error::{ConnError, Error, Op, Side};
 use crate::pool::Pools;
 use crate::pump::{DataPath, Wait};
@@ -217,10 +217,19 @@ impl<D: Driver> Worker<D> {
             DriverEvent::Woken if self.control.stopping() => self.begin_stop(),
             DriverEvent::Woken => Ok(()),
             DriverEvent::Ready { key, side, readiness } => self.on_ready(key, side, readiness),
-            DriverEvent::Completed { key, direction, completed } => match self.slot(key) {
-                Some(_) => self.dispatch(key, Event::Completed(direction, completed)),
-                None => Ok(()),
-            },
+            DriverEvent::Completed { key, direction, completed } => {
+                if self.slot(key).is_some_and(|slot| slot.conn.state == ConnState::Relaying) {
+                    return self.dispatch(key, Event::Completed(direction, completed));
+                }
+                // Reaped before its connection closed, seen after: what it
+                // received belongs to nobody now.
+                if let (Completed::Received { buffer: Some(buffer), .. }, Some(ring)) =
+                    (completed, self.driver.ring_ops())
+                {
+                    ring.give_back(buffer);
+                }
+                Ok(())
+            }
             DriverEvent::Released(key) => {
                 if self.slot(key).is_some() {
                     self.conns.remove(key.index as usize);

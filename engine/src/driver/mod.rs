@@ -130,6 +130,10 @@ pub(crate) trait RingOps {
 
     /// Puts a buffer its owner is done with back in the ring.
     fn give_back(&mut self, buffer: u16);
+
+    /// Whether this direction's send is still the kernel's (its completion
+    /// not reaped yet): the driver then gives its buffer back when it is.
+    fn sending(&self, key: Key, direction: Direction) -> bool;
 }
 
 /// Bytes in one buffer of the ring: `len` of them from `offset`.
@@ -158,6 +162,10 @@ impl BufferIo<'_> {
 
     pub fn give_back(&mut self, buffer: u16) {
         self.ops.give_back(buffer);
+    }
+
+    pub fn sending(&self) -> bool {
+        self.ops.sending(self.key, self.direction)
     }
 }
 

@@ -369,4 +369,10 @@ impl RingOps for UringDriver {
     fn give_back(&mut self, buffer: u16) {
         self.ring.give_back(buffer);
     }
+
+    fn sending(&self, key: Key, direction: Direction) -> bool {
+        self.ops
+            .get(key.index as usize)
+            .is_some_and(|ops| ops.generation == key.generation && ops.sending[direction as usize].is_some())
+    }
 }
