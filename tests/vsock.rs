@@ -102,23 +102,30 @@ fn tcp_to_vsock_and_vsock_to_vsock_byte_exact() {
     }
 }
 
+/// An upstream on vsock `port` that reads to EOF and then replies; a relay on
+/// `port + 1` in front of it; a client that half-closes after its request
+/// must still get the whole reply. Returns the relay.
+fn client_half_close_gets_the_whole_reply(port: u32, backend: BackendChoice, path: DataPath) -> Relay {
+    let replier = Server::vsock(port, |mut stream| {
+        let (bytes, _) = traffic::receive(&mut stream).unwrap();
+        traffic::send(&mut stream, MIB + bytes, 42).unwrap();
+    });
+    let relay = relay(vsock_any(port + 1), replier.endpoint(), backend, path);
+    let mut client = Stream::connect(&vsock(port + 1)).unwrap();
+    traffic::send(&mut client, 1000, 7).unwrap();
+    client.shutdown(Shutdown::Write).unwrap();
+    let (bytes, hash) = traffic::receive(&mut client).unwrap();
+    assert_eq!((bytes, hash), (MIB + 1000, traffic::expected_hash(MIB + 1000, 42)), "{backend:?} {path:?}");
+    relay
+}
+
 #[test]
 #[ignore = "needs the vsock guest: tests/vm/run.sh"]
 fn half_close_both_ways_over_vsock() {
     require_vsock_guest();
     for (i, backend) in backends().into_iter().enumerate() {
         let port = 12_000 + i as u32 * 10;
-        // The upstream reads to EOF, then replies.
-        let replier = Server::vsock(port, |mut stream| {
-            let (bytes, _) = traffic::receive(&mut stream).unwrap();
-            traffic::send(&mut stream, MIB + bytes, 42).unwrap();
-        });
-        let relay_a = relay(vsock_any(port + 1), replier.endpoint(), backend, DataPath::Splice);
-        let mut client = Stream::connect(&vsock(port + 1)).unwrap();
-        traffic::send(&mut client, 1000, 7).unwrap();
-        client.shutdown(Shutdown::Write).unwrap();
-        let (bytes, hash) = traffic::receive(&mut client).unwrap();
-        assert_eq!((bytes, hash), (MIB + 1000, traffic::expected_hash(MIB + 1000, 42)), "{backend:?}");
+        let relay_a = client_half_close_gets_the_whole_reply(port, backend, DataPath::Splice);
 
         // The upstream sends and half-closes first, then reads everything.
         let (tx, rx) = std::sync::mpsc::channel();
@@ -178,16 +185,7 @@ fn ring_path_over_vsock_half_close_and_slow_reader() {
     require_vsock_guest();
     for (i, backend) in backends().into_iter().enumerate() {
         let port = 15_000 + i as u32 * 10;
-        let replier = Server::vsock(port, |mut stream| {
-            let (bytes, _) = traffic::receive(&mut stream).unwrap();
-            traffic::send(&mut stream, MIB + bytes, 42).unwrap();
-        });
-        let relay_a = relay(vsock_any(port + 1), replier.endpoint(), backend, DataPath::Ring);
-        let mut client = Stream::connect(&vsock(port + 1)).unwrap();
-        traffic::send(&mut client, 1000, 7).unwrap();
-        client.shutdown(Shutdown::Write).unwrap();
-        let (bytes, hash) = traffic::receive(&mut client).unwrap();
-        assert_eq!((bytes, hash), (MIB + 1000, traffic::expected_hash(MIB + 1000, 42)), "{backend:?}");
+        let relay_a = client_half_close_gets_the_whole_reply(port, backend, DataPath::Ring);
 
         let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
         let (done_tx, done_rx) = std::sync::mpsc::channel();
@@ -222,11 +220,7 @@ fn ring_path_over_vsock_half_close_and_slow_reader() {
 #[ignore = "needs the vsock guest: tests/vm/run.sh"]
 fn rpc_and_churn_through_the_relay_over_vsock() {
     require_vsock_guest();
-    let sink = KillOnDrop(vec![Command::new(vsock_relay_testkit::binary("vsock-relay"))
-        .args(["bench", "sink", "--listen", "vsock:any:19010"])
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap()]);
+    let sink = bench_sink(19010);
     // The sink listens before any relay connects to it (a refused vsock
     // upstream reads as an empty stream, not as "cannot connect").
     run_when_listening(&["bench", "rpc", "--to", "vsock:1:19010", "--requests", "1"]);
@@ -454,6 +448,15 @@ fn whole_channel_over_vsock() {
 /// pass finds the ports free).
 struct KillOnDrop(Vec<std::process::Child>);
 
+/// `vsock-relay bench sink` on vsock `port`, killed when dropped.
+fn bench_sink(port: u32) -> KillOnDrop {
+    KillOnDrop(vec![Command::new(vsock_relay_testkit::binary("vsock-relay"))
+        .args(["bench", "sink", "--listen", &format!("vsock:any:{port}")])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()])
+}
+
 impl Drop for KillOnDrop {
     fn drop(&mut self) {
         for child in &mut self.0 {
@@ -488,11 +491,7 @@ fn demo_over_vsock_loopback() {
 #[ignore = "needs the vsock guest: tests/vm/run.sh"]
 fn bench_over_vsock() {
     require_vsock_guest();
-    let sink = KillOnDrop(vec![Command::new(vsock_relay_testkit::binary("vsock-relay"))
-        .args(["bench", "sink", "--listen", "vsock:any:19000"])
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap()]);
+    let sink = bench_sink(19000);
     let bulk = run_when_listening(&[
         "bench",
         "bulk",
