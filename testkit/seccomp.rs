@@ -1,6 +1,7 @@
 //! Runs a child process the way Docker's default seccomp profile would:
 //! `io_uring_setup` fails with EPERM, everything else is allowed. Used to
-//! prove the automatic fallback to the portable backend.
+//! prove the automatic fallback to the portable backend. Also bounds a
+//! child's address space, for tests of what a refusal may cost.
 
 use std::io;
 use std::os::unix::process::CommandExt;
@@ -55,5 +56,21 @@ pub fn deny_io_uring(command: &mut Command) {
     // which is async-signal-safe, and allocates nothing.
     unsafe {
         command.pre_exec(install);
+    }
+}
+
+/// Makes `command`'s process start with at most `bytes` of address space
+/// (`RLIMIT_AS`): a test's bound on the memory a refusal may take.
+pub fn limit_address_space(command: &mut Command, bytes: u64) {
+    // SAFETY: the closure runs between fork and exec; it only calls
+    // setrlimit, which is async-signal-safe, with a local it points to.
+    unsafe {
+        command.pre_exec(move || {
+            let limit = libc::rlimit { rlim_cur: bytes, rlim_max: bytes };
+            match libc::setrlimit(libc::RLIMIT_AS, &limit) {
+                0 => Ok(()),
+                _ => Err(io::Error::last_os_error()),
+            }
+        });
     }
 }

@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use vsock_relay_testkit::servers::{echo, Server, Stream};
 
-use crate::util::{backend_arg, run_capturing, run_to_exit, wait_for_unix, Proc, TempDir, BACKENDS};
+use crate::util::{
+    backend_arg, run_capturing, run_to_exit, run_to_exit_with, wait_for_unix, Proc, TempDir, BACKENDS,
+};
 
 fn config(dir: &TempDir, yaml: &str) -> String {
     let path = dir.path("vsock-proxy.yaml");
@@ -32,10 +34,15 @@ fn proxy_allows(remote: &str, allow: &str) {
 }
 
 fn proxy_allows_on(backend: &str, remote: &str, allow: &str) {
+    proxy_relays_with(backend, remote, |port| format!("allowlist:\n- {{address: {allow}, port: {port}}}\n"));
+}
+
+/// Starts `vsock-relay proxy` with the config `yaml(port)` and checks it relays.
+fn proxy_relays_with(backend: &str, remote: &str, yaml: impl Fn(u16) -> String) -> Proc {
     let server = Server::tcp(echo);
     let port = server.tcp_addr().port().to_string();
     let dir = TempDir::new("cli");
-    let cfg = config(&dir, &format!("allowlist:\n- {{address: {allow}, port: {port}}}\n"));
+    let cfg = config(&dir, &yaml(server.tcp_addr().port()));
     let listen = dir.path("proxy.sock");
     let listen_arg = format!("unix:{}", listen.display());
     let mut proxy = Proc::spawn(
@@ -48,9 +55,54 @@ fn proxy_allows_on(backend: &str, remote: &str, allow: &str) {
     client.write_all(b"ping").unwrap();
     let mut reply = [0u8; 4];
     client.read_exact(&mut reply).unwrap();
-    assert_eq!(&reply, b"ping", "{backend}: {remote} allowed by {allow}");
+    assert_eq!(&reply, b"ping", "{backend}: {remote}");
     assert!(proxy.stderr().contains(&format!("backend chosen: {}", backend.replace("uring", "io_uring"))));
     assert!(proxy.stderr().contains("allowed:"), "{}", proxy.stderr());
+    proxy
+}
+
+/// What AWS's proxy reads, ours reads: a byte-order mark, fields it does
+/// not know (named in a warning), a second YAML document (ignored).
+#[test]
+fn an_aws_valid_config_with_unknown_fields_is_accepted() {
+    let proxy = proxy_relays_with("uring", "127.0.0.1", |port| {
+        format!("\u{feff}# AWS's proxy reads this\nallowlist:\n- {{address: 127.0.0.1, port: {port}, comment: echo}}\nowner: ops\n---\nsecond: document\n")
+    });
+    let log = proxy.stderr();
+    assert!(log.contains("ignoring unknown fields of the config") && log.contains("fields=owner"), "{log}");
+    assert!(
+        log.contains("ignoring unknown fields of an allowlist entry") && log.contains("fields=comment"),
+        "{log}"
+    );
+    assert!(log.contains("more than one YAML document; reading the first only"), "{log}");
+}
+
+/// A hostile or broken config costs under a second and little memory: deep
+/// nesting, an oversized file and an endless one are refused with exit 1.
+#[test]
+fn config_bounds_refuse_nested_oversized_and_endless_files_quickly() {
+    let dir = TempDir::new("cli");
+    let nested = config(&dir, &format!("allowlist: {}1{}\n", "{a: ".repeat(50_000), "}".repeat(50_000)));
+    let big = dir.path("big.yaml");
+    let entry = "- {address: 127.0.0.1, port: 443}\n";
+    std::fs::write(&big, format!("allowlist:\n{}", entry.repeat((2 << 20) / entry.len()))).unwrap();
+    let big = big.display().to_string();
+    let cases = [
+        (nested.as_str(), "nested deeper than 32 levels at line 1".to_string()),
+        (big.as_str(), format!("the config file {big} is larger than 1048576 bytes")),
+        ("/dev/zero", "the config file /dev/zero is larger than 1048576 bytes".to_string()),
+    ];
+    for (cfg, message) in cases {
+        let started = std::time::Instant::now();
+        let (code, stderr) =
+            run_to_exit_with("vsock-proxy", &["8001", "127.0.0.1", "443", "--config", cfg], |c| {
+                vsock_relay_testkit::seccomp::limit_address_space(c, 512 << 20);
+            });
+        let took = started.elapsed();
+        assert_eq!(code, 1, "{cfg}: {stderr}");
+        assert!(stderr.contains(&message), "{cfg}: stderr lacks `{message}`:\n{stderr}");
+        assert!(took < Duration::from_secs(1), "{cfg}: refused after {took:?}");
+    }
 }
 
 #[test]

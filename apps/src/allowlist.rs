@@ -5,31 +5,49 @@
 //! - {address: kms.us-east-1.amazonaws.com, port: 443}
 //! ```
 //!
-//! A target is allowed when an entry has its port and either its host name
-//! or an address equal to one of the target's addresses. Unlike AWS's proxy,
-//! an entry written as an IP address matches a target given by name and the
-//! other way round.
+//! The rule, applied to the address the proxy connects to, at start and
+//! again whenever DNS moves REMOTE_ADDR: connecting to address A for
+//! REMOTE_ADDR:PORT is allowed when an entry has PORT and
+//! - names REMOTE_ADDR itself (case and a trailing dot aside): then the
+//!   name is trusted, whatever it resolves to, as AWS's proxy does; or
+//! - is an IP address equal to A (an IPv4-mapped IPv6 address equals its
+//!   IPv4 form); or
+//! - is a host name that resolves to A now.
+//!
+//! Reading is bounded (size, nesting) and as lenient as AWS's proxy: unknown
+//! fields and documents after the first are accepted with a warning.
 
+use std::io::Read;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
+use serde_norway::Value;
 use vsock_relay_engine::dns::Resolver;
 use vsock_relay_engine::Host;
 
+/// Largest config file read (AWS's is a few lines; this bounds memory).
+pub const MAX_CONFIG_BYTES: usize = 1 << 20;
+/// Deepest `[`/`{` nesting accepted (the allowlist needs 2): deeper flow
+/// nesting makes the YAML parser's work grow with the square of the size.
+pub const MAX_NESTING: usize = 32;
+
 /// One allowed service.
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
 pub struct Entry {
     pub address: String,
     pub port: u16,
 }
 
-/// Why the allowlist refused to start the proxy.
+/// Why the config could not be read, or a target is not allowed.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum AllowlistError {
     #[error("cannot read the config file {path}: {reason}")]
     Read { path: PathBuf, reason: String },
+    #[error("the config file {path} is larger than {limit} bytes")]
+    TooLarge { path: PathBuf, limit: usize },
+    #[error("bad YAML in {path}: nested deeper than {limit} levels at line {line}")]
+    TooDeep { path: PathBuf, limit: usize, line: usize },
     #[error("bad YAML in {path}: {reason}")]
     BadYaml { path: PathBuf, reason: String },
     #[error(
@@ -38,58 +56,198 @@ pub enum AllowlistError {
     NoAllowlist { path: PathBuf },
     #[error("bad allowlist entry in {path}: {reason}")]
     BadEntry { path: PathBuf, reason: String },
-    #[error("the given address and port are not allowed: {host}:{port} matches no entry of {path}")]
-    NotAllowed { host: String, port: u16, path: PathBuf },
+    #[error("the given address and port are not allowed: {target}:{port} matches no entry of {path}")]
+    NotAllowed { target: String, port: u16, path: PathBuf },
 }
 
-/// Reads the allowlist from a config file.
-pub fn load(path: &Path) -> Result<Vec<Entry>, AllowlistError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| AllowlistError::Read { path: path.into(), reason: e.to_string() })?;
-    parse(&text, path)
+/// Which kind of entry allowed a target.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Allowed {
+    /// An entry names REMOTE_ADDR: every address it resolves to is trusted.
+    ByName(Entry),
+    /// An entry is, or resolves to, the address used: a new address must be
+    /// checked again.
+    ByAddress(Entry),
 }
 
-/// Parses allowlist YAML; `path` only names the file in errors.
-pub fn parse(text: &str, path: &Path) -> Result<Vec<Entry>, AllowlistError> {
-    let doc: serde_norway::Value = serde_norway::from_str(text)
-        .map_err(|e| AllowlistError::BadYaml { path: path.into(), reason: e.to_string() })?;
-    let list = doc.get("allowlist").ok_or_else(|| AllowlistError::NoAllowlist { path: path.into() })?;
-    serde_norway::from_value(list.clone())
-        .map_err(|e| AllowlistError::BadEntry { path: path.into(), reason: e.to_string() })
+/// The allowlist of one config file.
+#[derive(Clone, Debug)]
+pub struct Allowlist {
+    pub entries: Vec<Entry>,
+    path: PathBuf,
 }
 
-/// Checks `host:port` against `entries`, resolving names with `resolver`.
-/// `target_addresses` are the target's own resolved addresses.
-pub fn check(
-    entries: &[Entry],
-    host: &Host,
-    port: u16,
-    target_addresses: &[IpAddr],
-    resolver: &Resolver,
-    path: &Path,
-) -> Result<(), AllowlistError> {
-    let host_text = match host {
-        Host::Ip(ip) => ip.to_string(),
-        Host::Name(name) => name.clone(),
-    };
-    for entry in entries.iter().filter(|e| e.port == port) {
-        let wanted = entry.address.trim_start_matches('[').trim_end_matches(']');
-        if wanted.eq_ignore_ascii_case(host_text.trim_end_matches('.')) {
-            tracing::info!(address = %entry.address, port, "allowed: host name matches");
-            return Ok(());
+impl Allowlist {
+    /// Reads the allowlist from a config file, at most [`MAX_CONFIG_BYTES`].
+    pub fn load(path: &Path) -> Result<Allowlist, AllowlistError> {
+        let read_error = |reason: String| AllowlistError::Read { path: path.into(), reason };
+        let file = std::fs::File::open(path).map_err(|e| read_error(e.to_string()))?;
+        let mut bytes = Vec::new();
+        let limit = u64::try_from(MAX_CONFIG_BYTES).unwrap_or(u64::MAX);
+        file.take(limit + 1).read_to_end(&mut bytes).map_err(|e| read_error(e.to_string()))?;
+        if bytes.len() > MAX_CONFIG_BYTES {
+            return Err(AllowlistError::TooLarge { path: path.into(), limit: MAX_CONFIG_BYTES });
         }
-        match resolver.resolve(wanted) {
-            Ok(resolution) if resolution.addresses.iter().any(|a| target_addresses.contains(a)) => {
-                tracing::info!(address = %entry.address, port, "allowed: address matches");
-                return Ok(());
-            }
-            Ok(_) => {}
-            Err(reason) => {
-                tracing::warn!(address = %entry.address, %reason, "cannot resolve an allowlist entry")
-            }
-        }
+        let text = String::from_utf8(bytes).map_err(|e| read_error(format!("not UTF-8 text: {e}")))?;
+        Allowlist::parse(&text, path)
     }
-    Err(AllowlistError::NotAllowed { host: host_text, port, path: path.into() })
+
+    /// Parses allowlist YAML; `path` only names the file in messages.
+    pub fn parse(text: &str, path: &Path) -> Result<Allowlist, AllowlistError> {
+        let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+        if let Some(line) = nested_deeper_than(text, MAX_NESTING) {
+            return Err(AllowlistError::TooDeep { path: path.into(), limit: MAX_NESTING, line });
+        }
+        let bad_yaml =
+            |e: serde_norway::Error| AllowlistError::BadYaml { path: path.into(), reason: e.to_string() };
+        let mut documents = serde_norway::Deserializer::from_str(text);
+        let Some(first) = documents.next() else {
+            return Err(AllowlistError::NoAllowlist { path: path.into() });
+        };
+        let doc = Value::deserialize(first).map_err(bad_yaml)?;
+        if documents.next().is_some() {
+            tracing::warn!(config = %path.display(), "the config has more than one YAML document; reading the first only");
+        }
+        let Some(fields) = doc.as_mapping() else {
+            return Err(AllowlistError::NoAllowlist { path: path.into() });
+        };
+        let unknown: Vec<String> =
+            fields.keys().filter(|k| k.as_str() != Some("allowlist")).map(key_name).collect();
+        if !unknown.is_empty() {
+            tracing::warn!(config = %path.display(), fields = %unknown.join(", "), "ignoring unknown fields of the config");
+        }
+        let list =
+            fields.get("allowlist").ok_or_else(|| AllowlistError::NoAllowlist { path: path.into() })?;
+        let bad_entry = |reason: String| AllowlistError::BadEntry { path: path.into(), reason };
+        let Some(items) = list.as_sequence() else {
+            return Err(bad_entry("`allowlist` must be a list of {address, port}".into()));
+        };
+        let mut entries = Vec::with_capacity(items.len());
+        for (index, item) in items.iter().enumerate() {
+            if let Some(fields) = item.as_mapping() {
+                let unknown: Vec<String> = fields
+                    .keys()
+                    .filter(|k| !matches!(k.as_str(), Some("address" | "port")))
+                    .map(key_name)
+                    .collect();
+                if !unknown.is_empty() {
+                    tracing::warn!(config = %path.display(), entry = index + 1, fields = %unknown.join(", "),
+                        "ignoring unknown fields of an allowlist entry");
+                }
+            }
+            let entry: Entry = serde_norway::from_value(item.clone())
+                .map_err(|e| bad_entry(format!("entry {}: {e}", index + 1)))?;
+            entries.push(entry);
+        }
+        Ok(Allowlist { entries, path: path.into() })
+    }
+
+    /// The config file this allowlist was read from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Is connecting to `address` for `host:port` allowed (see the module
+    /// docs)? Entries given by name are resolved with `resolver`.
+    pub fn admits(
+        &self,
+        host: &Host,
+        port: u16,
+        address: IpAddr,
+        resolver: &Resolver,
+    ) -> Result<Allowed, AllowlistError> {
+        let candidates = || self.entries.iter().filter(move |e| e.port == port);
+        if let Host::Name(name) = host {
+            if let Some(entry) = candidates().find(|e| same_name(&e.address, name)) {
+                return Ok(Allowed::ByName(entry.clone()));
+            }
+        }
+        let address = address.to_canonical();
+        if let Some(entry) = candidates().find(|e| entry_ip(e).is_some_and(|ip| ip == address)) {
+            return Ok(Allowed::ByAddress(entry.clone()));
+        }
+        for entry in candidates().filter(|e| entry_ip(e).is_none()) {
+            match resolver.resolve(unbracketed(&entry.address)) {
+                Ok(resolution) if resolution.addresses.iter().any(|a| a.to_canonical() == address) => {
+                    return Ok(Allowed::ByAddress(entry.clone()));
+                }
+                Ok(_) => {}
+                Err(reason) => tracing::warn!(address = %entry.address, port, %reason,
+                    "cannot resolve an allowlist entry; it allows nothing for now"),
+            }
+        }
+        let target = match host {
+            Host::Ip(ip) => ip.to_string(),
+            Host::Name(name) => format!("{name} (resolved to {address})"),
+        };
+        Err(AllowlistError::NotAllowed { target, port, path: self.path.clone() })
+    }
+}
+
+/// Compares host names as DNS does: ASCII case and one trailing dot aside.
+fn same_name(entry: &str, name: &str) -> bool {
+    let trim = |s: &str| s.strip_suffix('.').unwrap_or(s).to_string();
+    let entry = unbracketed(entry);
+    !entry.is_empty() && trim(entry).eq_ignore_ascii_case(&trim(name))
+}
+
+fn unbracketed(address: &str) -> &str {
+    address.strip_prefix('[').and_then(|a| a.strip_suffix(']')).unwrap_or(address)
+}
+
+/// The entry's address when it is an IP literal, in canonical form.
+fn entry_ip(entry: &Entry) -> Option<IpAddr> {
+    unbracketed(&entry.address).parse::<IpAddr>().ok().map(|ip| ip.to_canonical())
+}
+
+fn key_name(key: &Value) -> String {
+    match key {
+        Value::String(s) => s.clone(),
+        other => serde_norway::to_string(other).map_or_else(|_| "?".into(), |s| s.trim().to_string()),
+    }
+}
+
+/// The line where `[`/`{` nesting first goes deeper than `limit`, if it
+/// does. Quoted strings and comments are skipped; a quote starts a string
+/// only where YAML lets one start (line start, after space or `[{,`).
+fn nested_deeper_than(text: &str, limit: usize) -> Option<usize> {
+    let (mut depth, mut line) = (0usize, 1usize);
+    let mut chars = text.chars().peekable();
+    let mut previous = '\n';
+    while let Some(c) = chars.next() {
+        match c {
+            '\n' => line += 1,
+            '#' if previous.is_whitespace() => while chars.next_if(|&c| c != '\n').is_some() {},
+            '\'' | '"' if previous.is_whitespace() || "[{,".contains(previous) => {
+                while let Some(q) = chars.next() {
+                    match q {
+                        '\n' => line += 1,
+                        '\\' if c == '"' => {
+                            chars.next();
+                        }
+                        q if q == c => {
+                            // '' inside a single-quoted string is an escaped quote.
+                            if c == '\'' && chars.next_if_eq(&'\'').is_some() {
+                                continue;
+                            }
+                            break;
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            '[' | '{' => {
+                depth += 1;
+                if depth > limit {
+                    return Some(line);
+                }
+            }
+            ']' | '}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+        previous = c;
+    }
+    None
 }
 
 #[cfg(test)]
@@ -100,23 +258,58 @@ mod tests {
         Path::new("test.yaml")
     }
 
+    fn parse(text: &str) -> Result<Vec<Entry>, AllowlistError> {
+        Allowlist::parse(text, p()).map(|a| a.entries)
+    }
+
     #[test]
     fn parses_the_aws_format() {
-        let entries = parse("allowlist:\n- {address: kms.us-east-1.amazonaws.com, port: 443}\n- {address: 10.0.0.1, port: 80}\n", p()).unwrap();
+        let entries = parse(
+            "allowlist:\n- {address: kms.us-east-1.amazonaws.com, port: 443}\n- {address: 10.0.0.1, port: 80}\n",
+        )
+        .unwrap();
         assert_eq!(entries[0], Entry { address: "kms.us-east-1.amazonaws.com".into(), port: 443 });
         assert_eq!(entries[1].port, 80);
     }
 
     #[test]
     fn errors_say_what_is_wrong() {
-        assert!(matches!(parse("allowlist: [", p()), Err(AllowlistError::BadYaml { .. })));
+        assert!(matches!(parse("allowlist: ["), Err(AllowlistError::BadYaml { .. })));
         assert_eq!(
-            parse("services: []", p()).unwrap_err().to_string(),
+            parse("services: []").unwrap_err().to_string(),
             "test.yaml has no `allowlist` field (expected `allowlist:` followed by a list of {address, port})"
         );
-        let err = parse("allowlist:\n- {address: a.example}\n", p()).unwrap_err().to_string();
-        assert!(err.contains("missing field `port`"), "{err}");
-        let err = parse("allowlist:\n- {address: a.example, port: 70000}\n", p()).unwrap_err().to_string();
+        let err = parse("allowlist:\n- {address: a.example}\n").unwrap_err().to_string();
+        assert!(err.contains("entry 1: missing field `port`"), "{err}");
+        let err = parse("allowlist:\n- {address: a.example, port: 70000}\n").unwrap_err().to_string();
         assert!(err.starts_with("bad allowlist entry in test.yaml"), "{err}");
+        let err = parse("allowlist: {address: a.example, port: 1}\n").unwrap_err().to_string();
+        assert!(err.contains("must be a list"), "{err}");
+        assert!(matches!(parse(""), Err(AllowlistError::NoAllowlist { .. })));
+        assert!(matches!(parse("# only a comment\n"), Err(AllowlistError::NoAllowlist { .. })));
+    }
+
+    #[test]
+    fn accepts_what_aws_accepts() {
+        let want = vec![Entry { address: "a.example".into(), port: 1 }];
+        // A byte-order mark, unknown fields, a second document.
+        assert_eq!(parse("\u{feff}allowlist:\n- {address: a.example, port: 1}\n").unwrap(), want);
+        assert_eq!(parse("allowlist:\n- {address: a.example, port: 1, note: x}\nowner: me\n").unwrap(), want);
+        assert_eq!(parse("allowlist:\n- {address: a.example, port: 1}\n---\nother: [\n").unwrap(), want);
+    }
+
+    #[test]
+    fn deep_nesting_is_refused_before_parsing() {
+        let deep = format!("allowlist: {}1{}\n", "{a: ".repeat(40_000), "}".repeat(40_000));
+        let started = std::time::Instant::now();
+        let err = parse(&deep).unwrap_err();
+        assert!(started.elapsed() < std::time::Duration::from_secs(1));
+        assert_eq!(err, AllowlistError::TooDeep { path: p().into(), limit: MAX_NESTING, line: 1 });
+        // Brackets in quotes and comments do not count.
+        let quoted =
+            format!("allowlist:\n- {{address: '{}', port: 1}} # {}\n", "[".repeat(50), "{".repeat(50));
+        assert_eq!(parse(&quoted).unwrap()[0].address, "[".repeat(50));
+        assert_eq!(nested_deeper_than("a: \"x\\\"[[[\"\nb: [[[\n", 2), Some(2));
+        assert_eq!(nested_deeper_than("a: 'it''s [[['\n", 2), None);
     }
 }

@@ -6,9 +6,10 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Args;
 use vsock_relay_engine::dns::Resolver;
+use vsock_relay_engine::target::Vet;
 use vsock_relay_engine::{Endpoint, Host, IpFamily, Relay, Target};
 
-use crate::allowlist;
+use crate::allowlist::{Allowed, Allowlist};
 use crate::options::{parse_remote_host, EngineArgs, Workers};
 
 /// `vsock-relay proxy`: the allowlisted proxy of `vsock-proxy`, listening on any endpoint.
@@ -95,32 +96,37 @@ pub struct ProxySettings {
     pub engine: EngineArgs,
 }
 
-/// Checks the allowlist, resolves the target and starts the relay.
+/// Resolves the target, checks the address it will use against the
+/// allowlist and starts the relay; a later DNS move is checked again.
 pub fn start(settings: &ProxySettings) -> anyhow::Result<Relay> {
-    let entries = allowlist::load(&settings.config)?;
+    let allowlist = Allowlist::load(&settings.config)?;
     let dns = settings.engine.dns(settings.family);
-    let resolver = Resolver::new(&dns).map_err(anyhow::Error::msg).context("cannot set up DNS resolution")?;
+    let resolver = Resolver::new(&dns).context("cannot set up DNS resolution")?;
     let host_text = match &settings.host {
         Host::Ip(ip) => ip.to_string(),
         Host::Name(name) => name.clone(),
     };
-    let resolution = resolver
-        .resolve(&host_text)
-        .map_err(anyhow::Error::msg)
-        .with_context(|| format!("cannot resolve REMOTE_ADDR `{host_text}`"))?;
-    allowlist::check(
-        &entries,
-        &settings.host,
-        settings.port,
-        &resolution.addresses,
-        &resolver,
-        &settings.config,
-    )?;
+    let resolution =
+        resolver.resolve(&host_text).with_context(|| format!("cannot resolve REMOTE_ADDR `{host_text}`"))?;
+    let (host, port) = (settings.host.clone(), settings.port);
+    let allowed = allowlist.admits(&host, port, resolution.addresses[0], &resolver)?;
+    let vet: Option<Vet> = match allowed {
+        Allowed::ByName(entry) => {
+            tracing::info!(address = %entry.address, port, "allowed: host name matches");
+            None
+        }
+        Allowed::ByAddress(entry) => {
+            tracing::info!(address = %entry.address, port, used = %resolution.addresses[0], "allowed: address matches");
+            Some(Box::new(move |resolver: &Resolver, address| {
+                allowlist.admits(&host, port, address, resolver).map(drop).map_err(|e| e.to_string())
+            }))
+        }
+    };
 
     let endpoint = Endpoint::Tcp { host: settings.host.clone(), port: settings.port };
     let target = match &settings.host {
         Host::Ip(_) => Target::fixed(&endpoint)?,
-        Host::Name(_) => Target::follow(endpoint, settings.port, resolver, resolution),
+        Host::Name(_) => Target::follow(endpoint, settings.port, resolver, resolution, vet),
     };
     settings.engine.start(settings.listen.clone(), target, settings.workers)
 }

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use hickory_resolver::config::{LookupIpStrategy, NameServerConfig, ResolverConfig, ResolverOpts};
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use hickory_resolver::net::NetError;
+use hickory_resolver::proto::op::ResponseCode;
 use hickory_resolver::TokioResolver;
 
 /// Why a name could not be resolved, or a resolver not set up.
@@ -25,9 +26,11 @@ pub enum DnsError {
     /// The resolver refused its configuration.
     #[error("cannot build the resolver: {0}")]
     Build(#[source] NetError),
-    /// The lookup failed (no such name, no answer, server failure).
-    #[error(transparent)]
-    Lookup(NetError),
+    /// The lookup failed (no such name, no address record, no answer):
+    /// what the name servers said, in words (both the A and the AAAA
+    /// query were asked where the family allows).
+    #[error("{0}")]
+    Lookup(String),
     /// The system resolver (used for fixed targets) failed.
     #[error(transparent)]
     System(io::Error),
@@ -134,11 +137,29 @@ impl Resolver {
                 valid_until: Instant::now() + Duration::from_secs(86_400),
             });
         }
-        let lookup = self.runtime.block_on(self.resolver.lookup_ip(name)).map_err(DnsError::Lookup)?;
+        let lookup = self
+            .runtime
+            .block_on(self.resolver.lookup_ip(name))
+            .map_err(|e| DnsError::Lookup(describe_lookup_failure(&e)))?;
         let addresses: Vec<IpAddr> = lookup.iter().filter(|ip| self.family.admits(*ip)).collect();
         if addresses.is_empty() {
             return Err(DnsError::NoAddress);
         }
         Ok(Resolution { addresses, valid_until: lookup.valid_until() })
+    }
+}
+
+/// A failed lookup in the operator's words, instead of the resolver's debug
+/// dump of the last query it made.
+fn describe_lookup_failure(error: &NetError) -> String {
+    use hickory_resolver::net::DnsError as Answer;
+    match error {
+        NetError::Dns(Answer::NoRecordsFound(none)) if none.response_code == ResponseCode::NXDomain => {
+            "no such name (NXDOMAIN)".to_string()
+        }
+        NetError::Dns(Answer::NoRecordsFound(_)) => "the name has no address record (A/AAAA)".to_string(),
+        NetError::Dns(Answer::ResponseCode(code)) => format!("the name server answered {code}"),
+        NetError::Timeout => "no answer from the name servers (timed out)".to_string(),
+        other => other.to_string(),
     }
 }

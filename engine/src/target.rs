@@ -4,7 +4,8 @@
 //! Workers read the current address with one uncontended lock per
 //! connection; resolution never happens on the accept or data path. A failed
 //! refresh keeps the last good address and logs a warning (AWS's proxy dies
-//! there), then retries with a growing delay.
+//! there), then retries with a growing delay. A [`Vet`] (the proxy's
+//! allowlist) may refuse a new address: the last vetted one stays in use.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::mpsc::{self, RecvTimeoutError};
@@ -24,6 +25,11 @@ pub const MIN_REFRESH: Duration = Duration::from_secs(1);
 pub const MAX_REFRESH: Duration = Duration::from_secs(3600);
 /// Longest pause between retries of a failing lookup.
 pub const MAX_RETRY: Duration = Duration::from_secs(30);
+
+/// Decides whether a refresh may switch to a new address; `Err` says why
+/// not. Runs on the refresh thread, with the target's resolver at hand (an
+/// allowlist entry given by name is resolved again each time).
+pub type Vet = Box<dyn Fn(&Resolver, IpAddr) -> Result<(), String> + Send>;
 
 /// Where upstream connections go. Cheap to clone; clones share the address.
 #[derive(Clone)]
@@ -62,11 +68,19 @@ impl Target {
         let resolve_error = |source| Error::Resolve { name: name.clone(), source };
         let resolver = Resolver::new(dns).map_err(resolve_error)?;
         let first = resolver.resolve(name).map_err(resolve_error)?;
-        Ok(Target::follow(endpoint.clone(), *port, resolver, first))
+        Ok(Target::follow(endpoint.clone(), *port, resolver, first, None))
     }
 
-    /// A target for a name already resolved to `first` by `resolver`.
-    pub fn follow(endpoint: Endpoint, port: u16, resolver: Resolver, first: Resolution) -> Target {
+    /// A target for a name already resolved to `first` by `resolver` (whose
+    /// first address the caller vetted, if it vets): connections go to the
+    /// first address of each resolution that `vet` lets through.
+    pub fn follow(
+        endpoint: Endpoint,
+        port: u16,
+        resolver: Resolver,
+        first: Resolution,
+        vet: Option<Vet>,
+    ) -> Target {
         let name = match &endpoint {
             Endpoint::Tcp { host, .. } => host.to_string(),
             other => other.to_string(),
@@ -78,6 +92,8 @@ impl Target {
         let spawned = std::thread::Builder::new().name("dns-refresh".into()).spawn(move || {
             let mut wait = first.ttl().clamp(MIN_REFRESH, MAX_REFRESH);
             let mut retry = MIN_REFRESH;
+            // Logged once while DNS keeps answering it.
+            let mut last_refused = None;
             loop {
                 match stop_rx.recv_timeout(wait) {
                     Err(RecvTimeoutError::Timeout) => {}
@@ -86,18 +102,31 @@ impl Target {
                 let Some(shared) = weak.upgrade() else { return };
                 match resolver.resolve(&name) {
                     Ok(resolution) => {
-                        let next = sockaddr(resolution.addresses[0], port);
-                        let mut current = shared.current.write().unwrap_or_else(|e| e.into_inner());
-                        if current.as_socket() != next.as_socket() {
-                            tracing::info!(%name, address = %resolution.addresses[0], "upstream address changed");
+                        let address = resolution.addresses[0];
+                        let next = sockaddr(address, port);
+                        let kept = shared.current.read().unwrap_or_else(|e| e.into_inner()).clone();
+                        if kept.as_socket() != next.as_socket() {
+                            match vet.as_ref().map_or(Ok(()), |vet| vet(&resolver, address)) {
+                                Ok(()) => {
+                                    tracing::info!(%name, %address, "upstream address changed");
+                                    *shared.current.write().unwrap_or_else(|e| e.into_inner()) = next;
+                                    last_refused = None;
+                                }
+                                Err(reason) if last_refused != Some(address) => {
+                                    tracing::error!(%name, %address, %reason, kept = %socket::describe(&kept),
+                                        "refusing the upstream's new address; keeping the last allowed one");
+                                    last_refused = Some(address);
+                                }
+                                Err(_) => {}
+                            }
                         }
-                        *current = next;
                         wait = resolution.ttl().clamp(MIN_REFRESH, MAX_REFRESH);
                         retry = MIN_REFRESH;
                     }
                     Err(reason) => {
-                        let kept = shared.current.read().unwrap_or_else(|e| e.into_inner()).as_socket();
-                        tracing::warn!(%name, %reason, kept = ?kept, retry_s = retry.as_secs(),
+                        let kept =
+                            socket::describe(&shared.current.read().unwrap_or_else(|e| e.into_inner()));
+                        tracing::warn!(%name, %reason, %kept, retry_s = retry.as_secs(),
                             "re-resolving the upstream failed; keeping the last good address");
                         wait = retry;
                         retry = (retry * 2).min(MAX_RETRY);
