@@ -36,7 +36,7 @@ impl Baseline {
     pub fn serve(listen: &Endpoint, target: &Endpoint, workers: usize) -> std::io::Result<Baseline> {
         let options =
             SocketOptions { tcp_nodelay: false, vsock_buffer_size: None, ..SocketOptions::default() };
-        let listener = socket::listen(listen, &options, false)?;
+        let listener = socket::listen(listen, &options)?;
         listener.set_nonblocking(false)?;
         let endpoint = socket::local_endpoint(&listener, listen)?;
         let target = socket::sockaddr(target)?;

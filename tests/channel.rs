@@ -368,3 +368,56 @@ fn demo_exits_0_with_the_expected_prefixes() {
     );
     assert_eq!(out.stderr, "", "the demo's story is on stdout");
 }
+
+/// While a refetch fails, every client gets the last good copy, and the
+/// failure is remembered: one fetch per retry interval, not one per client
+/// (clients used to get the error, and every wave refetched).
+#[test]
+fn serve_keeps_answering_from_the_last_good_copy_while_refetches_fail() {
+    use std::sync::Arc;
+    use vsock_relay_apps::ipranges::{Source, SourceSettings, RETRY_AFTER_FAILURE};
+
+    let endpoint = HttpsEndpoint::start(document()).unwrap();
+    let dir = TempDir::new("serve-cache");
+    let ca = dir.path("ca.pem");
+    std::fs::write(&ca, endpoint.ca_pem()).unwrap();
+    let cache_for = Duration::from_millis(300);
+    let source = Arc::new(
+        Source::new(SourceSettings {
+            url: format!("https://localhost:{}/ip-ranges.json", endpoint.port()),
+            ca_file: Some(ca),
+            timeout: Duration::from_secs(5),
+            cache_for,
+        })
+        .unwrap(),
+    );
+    let wave = |clients: usize| {
+        let handles: Vec<_> = (0..clients)
+            .map(|_| {
+                let source = Arc::clone(&source);
+                std::thread::spawn(move || source.get().map(|p| p.region("us-east-1").to_vec()))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect::<Vec<_>>()
+    };
+    let good = vec!["3.5.0.0/19".to_string(), "52.216.0.0/15".to_string()];
+    assert!(wave(8).iter().all(|r| r.as_ref() == Ok(&good)));
+    assert_eq!(endpoint.requests(), 1, "a burst costs one fetch");
+
+    endpoint.set_failing(true);
+    std::thread::sleep(cache_for + Duration::from_millis(100));
+    let started = Instant::now();
+    for _ in 0..3 {
+        let replies = wave(8);
+        assert!(replies.iter().all(|r| r.as_ref() == Ok(&good)), "{replies:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(started.elapsed() < RETRY_AFTER_FAILURE);
+    assert_eq!(endpoint.requests(), 2, "one failed refetch within the retry interval");
+
+    // After the interval, one more try; when it succeeds, the copy is fresh again.
+    endpoint.set_failing(false);
+    std::thread::sleep(RETRY_AFTER_FAILURE.saturating_sub(started.elapsed()) + Duration::from_millis(200));
+    assert!(wave(8).iter().all(|r| r.as_ref() == Ok(&good)));
+    assert_eq!(endpoint.requests(), 3);
+}

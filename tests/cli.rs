@@ -147,7 +147,7 @@ fn sigterm_stops_the_proxy_with_exit_0_and_a_summary() {
     assert_eq!(status.code(), Some(0), "{}", proxy.stderr());
     let log = proxy.stderr();
     assert!(log.contains("stopping: finishing open connections"), "{log}");
-    assert!(log.contains("relay stopped accepted=1 failed=0 bytes_to_upstream=4 bytes_to_client=4"), "{log}");
+    assert!(log.contains("relay stopped accepted=1 failed=0 refused=0 cut_by_drain=0 bytes_to_upstream=4 bytes_to_client=4"), "{log}");
     assert!(!dir.path("proxy.sock").exists(), "the unix socket file is removed on exit");
 }
 
@@ -282,4 +282,46 @@ fn relay_rejects_bad_endpoints_with_exit_2() {
         2,
         "unknown family `udp`",
     );
+}
+
+/// One owner per listening address: a second relay on the same TCP port or
+/// Unix path exits 1 with "address in use" (every TCP listener used
+/// SO_REUSEPORT, so a second instance silently took part of the clients),
+/// while the first, with several workers sharing the port, keeps serving.
+#[test]
+fn a_second_instance_on_the_same_address_exits_1_address_in_use() {
+    let server = Server::tcp(echo);
+    let to = format!("tcp:{}", server.tcp_addr());
+    let dir = TempDir::new("cli");
+    let unix = format!("unix:{}", dir.path("relay.sock").display());
+    for backend in BACKENDS {
+        let backend = backend_arg(backend);
+        let mut first = Proc::spawn(
+            "vsock-relay",
+            &["relay", "--backend", backend, "-w", "2", "--listen", "tcp:127.0.0.1:0", "--to", &to],
+        );
+        let tcp = format!("tcp:127.0.0.1:{}", first.logged_tcp_port());
+        let mut first_unix =
+            Proc::spawn("vsock-relay", &["relay", "--backend", backend, "--listen", &unix, "--to", &to]);
+        first_unix.wait_for_log("relay listening", Duration::from_secs(20));
+        for listen in [&tcp, &unix] {
+            let (code, stderr) =
+                run_to_exit("vsock-relay", &["relay", "--backend", backend, "--listen", listen, "--to", &to]);
+            assert_eq!(code, 1, "{backend} {listen}: {stderr}");
+            assert!(
+                stderr.contains(&format!("error: cannot listen on {listen}: address in use")),
+                "{backend} {listen}: {stderr}"
+            );
+        }
+        for listen in [&tcp, &unix] {
+            for _ in 0..8 {
+                let mut client = Stream::connect(&listen.parse().unwrap()).unwrap();
+                client.write_all(b"ping").unwrap();
+                let mut reply = [0u8; 4];
+                client.read_exact(&mut reply).unwrap();
+                assert_eq!(&reply, b"ping");
+            }
+        }
+        assert!(first.running() && first_unix.running());
+    }
 }

@@ -145,7 +145,7 @@ fn a_name_whose_used_address_is_not_allowed_is_refused_at_start() {
     assert_eq!(code, Some(1), "{stderr}");
     assert!(
         stderr.contains(&format!(
-            "error: the given address and port are not allowed: {NAME} (resolved to 127.0.0.2):9 matches no entry of"
+            "error: the given address and port are not allowed: {NAME}:9 (resolved to 127.0.0.2) matches no entry of"
         )),
         "{stderr}"
     );

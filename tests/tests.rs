@@ -8,6 +8,7 @@ mod channel;
 mod cli;
 mod dns;
 mod forward;
+mod limits;
 mod relay;
 mod scale;
 mod util;

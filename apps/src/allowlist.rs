@@ -56,8 +56,11 @@ pub enum AllowlistError {
     NoAllowlist { path: PathBuf },
     #[error("bad allowlist entry in {path}: {reason}")]
     BadEntry { path: PathBuf, reason: String },
-    #[error("the given address and port are not allowed: {target}:{port} matches no entry of {path}")]
-    NotAllowed { target: String, port: u16, path: PathBuf },
+    #[error(
+        "the given address and port are not allowed: {target}:{port}{} matches no entry of {path}",
+        resolved_to.map(|ip| format!(" (resolved to {ip})")).unwrap_or_default()
+    )]
+    NotAllowed { target: String, port: u16, resolved_to: Option<IpAddr>, path: PathBuf },
 }
 
 /// Which kind of entry allowed a target.
@@ -176,11 +179,11 @@ impl Allowlist {
                     "cannot resolve an allowlist entry; it allows nothing for now"),
             }
         }
-        let target = match host {
-            Host::Ip(ip) => ip.to_string(),
-            Host::Name(name) => format!("{name} (resolved to {address})"),
+        let (target, resolved_to) = match host {
+            Host::Ip(ip) => (ip.to_string(), None),
+            Host::Name(name) => (name.clone(), Some(address)),
         };
-        Err(AllowlistError::NotAllowed { target, port, path: self.path.clone() })
+        Err(AllowlistError::NotAllowed { target, port, resolved_to, path: self.path.clone() })
     }
 }
 

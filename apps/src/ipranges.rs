@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -72,19 +72,48 @@ pub struct SourceSettings {
     pub cache_for: Duration,
 }
 
-/// The document behind a cache. Clients that arrive while a fetch runs wait
-/// for it and share its result, so a burst of clients costs one fetch; a
-/// failed refetch keeps serving the last good copy (with a warning).
+/// The first pause after a failed fetch before the next one; it doubles
+/// with each failure in a row, up to [`MAX_RETRY_AFTER_FAILURE`].
+pub const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(5);
+/// The longest pause between fetches of an endpoint that keeps failing.
+pub const MAX_RETRY_AFTER_FAILURE: Duration = Duration::from_secs(300);
+
+/// The document behind a cache. One client at a time fetches; while it
+/// does, the others get the last good copy at once, or, when there is none
+/// yet, wait and share its result. A failure is remembered: until its retry
+/// time (growing while failures go on), clients get the last good copy, or
+/// that failure's error, without a new fetch. So a burst of clients costs
+/// one fetch, and a down endpoint one fetch per retry interval.
 pub struct Source {
     agent: ureq::Agent,
     settings: SourceSettings,
     state: Mutex<CacheState>,
+    /// Signalled when a fetch ends.
+    fetched: Condvar,
 }
 
 #[derive(Default)]
 struct CacheState {
     good: Option<(Instant, Arc<S3Prefixes>)>,
-    last_failure: Option<(Instant, String)>,
+    failure: Option<Failure>,
+    fetching: bool,
+}
+
+struct Failure {
+    error: String,
+    at: Instant,
+    retry_after: Duration,
+}
+
+impl CacheState {
+    /// The last good copy, or the last failure's error.
+    fn last_good(&self) -> Result<Arc<S3Prefixes>, String> {
+        match (&self.good, &self.failure) {
+            (Some((_, prefixes)), _) => Ok(Arc::clone(prefixes)),
+            (None, Some(failure)) => Err(failure.error.clone()),
+            (None, None) => Err("the document has not been fetched yet".into()),
+        }
+    }
 }
 
 impl Source {
@@ -106,43 +135,62 @@ impl Source {
             // proxy variable inherited from a parent shell must not reroute it.
             .proxy(None)
             .build();
-        Ok(Source { agent: config.new_agent(), settings, state: Mutex::default() })
+        Ok(Source { agent: config.new_agent(), settings, state: Mutex::default(), fetched: Condvar::new() })
     }
 
     pub fn url(&self) -> &str {
         &self.settings.url
     }
 
-    /// The prefixes: cached when fresh, else fetched now (see [`Source`]).
+    /// The prefixes: cached when fresh, else as described at [`Source`].
     pub fn get(&self) -> Result<Arc<S3Prefixes>, String> {
         let asked = Instant::now();
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some((at, prefixes)) = &state.good {
-            if at.elapsed() < self.settings.cache_for {
-                return Ok(Arc::clone(prefixes));
+        loop {
+            if let Some((at, prefixes)) = &state.good {
+                if at.elapsed() < self.settings.cache_for {
+                    return Ok(Arc::clone(prefixes));
+                }
             }
-        }
-        if let Some((at, error)) = &state.last_failure {
-            if *at >= asked {
-                return Err(error.clone()); // failed while this client waited
+            if let Some(failure) = &state.failure {
+                // Failed while this client waited, or too recently to retry.
+                if failure.at >= asked || failure.at.elapsed() < failure.retry_after {
+                    return state.last_good();
+                }
             }
+            if !state.fetching {
+                break;
+            }
+            if state.good.is_some() {
+                return state.last_good(); // stale, while another client refetches
+            }
+            state = self.fetched.wait(state).unwrap_or_else(PoisonError::into_inner);
         }
-        match self.fetch() {
+        state.fetching = true;
+        drop(state);
+        let result = self.fetch();
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        state.fetching = false;
+        self.fetched.notify_all();
+        match result {
             Ok(prefixes) => {
                 let prefixes = Arc::new(prefixes);
                 state.good = Some((Instant::now(), Arc::clone(&prefixes)));
-                state.last_failure = None;
+                state.failure = None;
                 Ok(prefixes)
             }
             Err(error) => {
-                state.last_failure = Some((Instant::now(), error.clone()));
+                let retry_after = state
+                    .failure
+                    .as_ref()
+                    .map_or(RETRY_AFTER_FAILURE, |last| (last.retry_after * 2).min(MAX_RETRY_AFTER_FAILURE));
                 match &state.good {
-                    Some((at, prefixes)) => {
-                        tracing::warn!(%error, age_s = at.elapsed().as_secs(), "refetch failed; serving the last good copy");
-                        Ok(Arc::clone(prefixes))
-                    }
-                    None => Err(error),
+                    Some((at, _)) => tracing::warn!(%error, age_s = at.elapsed().as_secs(),
+                        retry_s = retry_after.as_secs(), "refetch failed; serving the last good copy"),
+                    None => tracing::warn!(%error, retry_s = retry_after.as_secs(), "fetch failed"),
                 }
+                state.failure = Some(Failure { error, at: Instant::now(), retry_after });
+                state.last_good()
             }
         }
     }

@@ -33,11 +33,12 @@ pub struct EngineArgs {
     #[arg(long, default_value_t = 10.0, value_name = "SECONDS", value_parser = parse_seconds)]
     pub connect_timeout: f64,
 
-    /// How each direction moves bytes: `auto` splices from TCP and Unix
-    /// sockets and copies from vsock (whose splice is a slow copying fallback
-    /// in the kernel); `splice` and `copy` force one path everywhere, for
-    /// comparison (splice still copies where a family refuses it).
-    #[arg(long, default_value = "auto", value_name = "auto|splice|copy")]
+    /// How each direction moves bytes: `auto` splices between TCP and Unix
+    /// sockets and adapts between copying and splicing where vsock is on
+    /// either side (vsock's splice is a slow copying fallback in the
+    /// kernel); `splice`, `copy` and `ring` (io_uring's shared buffer ring;
+    /// copy on the portable backend) force one path, for comparison.
+    #[arg(long, default_value = "auto", value_name = "auto|splice|copy|ring")]
     pub data_path: DataPath,
 
     /// Capacity of each pooled pipe, in KiB (the kernel caps it at
@@ -52,6 +53,27 @@ pub struct EngineArgs {
     /// unchanged, relay CPU per GB up to +20%, churn -8 to -15%. 0 never spins.
     #[arg(long, default_value_t = 0, value_name = "US", value_parser = clap::value_parser!(u32).range(0..=1000))]
     pub spin_us: u32,
+
+    /// Serve only clients from these vsock CIDs (vsock listeners only);
+    /// others are reset and logged. AWS's proxy serves any enclave on the host.
+    #[arg(long = "allow-cid", value_name = "CID[,CID...]", value_delimiter = ',')]
+    pub allow_cids: Vec<u32>,
+
+    /// While this many connections are open (all workers together), reset
+    /// new clients at once and log it (default: no limit but descriptors).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_connections: Option<u64>,
+
+    /// Reset a connection when no byte moved either way for this many
+    /// seconds (default: never, like AWS's proxy).
+    #[arg(long, value_name = "SECONDS", value_parser = parse_idle_seconds)]
+    pub idle_timeout: Option<f64>,
+
+    /// On SIGTERM or SIGINT, stop accepting and give open connections this
+    /// many seconds to finish, then reset them; a second signal resets them
+    /// at once.
+    #[arg(long, default_value_t = 5.0, value_name = "SECONDS", value_parser = parse_seconds)]
+    pub drain_timeout: f64,
 
     /// Ask this DNS server (IP:PORT, repeatable) instead of /etc/resolv.conf.
     #[arg(long = "dns-server", value_name = "IP:PORT")]
@@ -97,6 +119,14 @@ pub fn parse_seconds(text: &str) -> Result<f64, String> {
     }
 }
 
+/// A positive number of seconds, at most a week.
+pub fn parse_idle_seconds(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(s) if s > 0.0 && s.is_finite() && s <= 604_800.0 => Ok(s),
+        _ => Err(format!("`{text}` is not a number of seconds between 0 and 604800 (a week)")),
+    }
+}
+
 impl EngineArgs {
     pub fn dns(&self, family: IpFamily) -> DnsOptions {
         DnsOptions { servers: self.dns_servers.clone(), family }
@@ -113,6 +143,10 @@ impl EngineArgs {
         config.data_path = self.data_path;
         config.pipe_bytes = self.pipe_kib as usize * 1024;
         config.spin = Duration::from_micros(self.spin_us.into());
+        config.allow_cids = (!self.allow_cids.is_empty()).then(|| self.allow_cids.clone());
+        config.max_connections = self.max_connections;
+        config.idle_timeout = self.idle_timeout.map(Duration::from_secs_f64);
+        config.drain_timeout = Duration::from_secs_f64(self.drain_timeout);
         Ok(Relay::start(config)?)
     }
 }

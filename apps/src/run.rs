@@ -50,9 +50,14 @@ pub fn until_signal_all(relays: Vec<Relay>) -> anyhow::Result<()> {
     let watched_stops = stops.clone();
     let handle = signals.handle();
     let watcher = std::thread::spawn(move || {
-        if let Some(signal) = signals.forever().next() {
-            tracing::info!(signal, "stopping: finishing open connections");
+        let mut received = signals.forever();
+        if let Some(signal) = received.next() {
+            tracing::info!(signal, "stopping: finishing open connections (signal again to reset them now)");
             watched_stops.iter().for_each(|s| s.stop());
+        }
+        if let Some(signal) = received.next() {
+            tracing::warn!(signal, "second signal: resetting open connections now");
+            watched_stops.iter().for_each(|s| s.stop_now());
         }
     });
     let (done_tx, done_rx) = std::sync::mpsc::channel();
@@ -65,6 +70,8 @@ pub fn until_signal_all(relays: Vec<Relay>) -> anyhow::Result<()> {
             tracing::info!(
                 accepted = totals.accepted,
                 failed = totals.failed,
+                refused = totals.refused,
+                cut_by_drain = totals.cut_by_drain,
                 bytes_to_upstream = totals.bytes_to_upstream,
                 bytes_to_client = totals.bytes_to_client,
                 %listen,

@@ -56,8 +56,10 @@ pub struct ServeArgs {
     #[arg(long, value_name = "PEM")]
     pub ca_file: Option<PathBuf>,
 
-    /// Keep a fetched document this many seconds before fetching it again;
-    /// a failed refetch keeps serving the last good copy.
+    /// Keep a fetched document this many seconds before fetching it again.
+    /// While a refetch runs or fails, every client gets the last good copy;
+    /// after a failure the next fetch waits 5 s, doubling while failures go
+    /// on (up to 5 min).
     #[arg(long, default_value_t = 300.0, value_name = "SECONDS", value_parser = parse_seconds)]
     pub cache_seconds: f64,
 
@@ -101,7 +103,7 @@ pub struct Server {
 impl Server {
     /// Listens on `listen` and serves every client on a thread of its own.
     pub fn start(listen: &Endpoint, source: Source) -> anyhow::Result<Server> {
-        let listener = socket::listen(listen, &SocketOptions::default(), false)
+        let listener = socket::listen(listen, &SocketOptions::default())
             .with_context(|| format!("cannot listen on {listen}"))?;
         listener.set_nonblocking(false)?;
         let local = socket::local_endpoint(&listener, listen)?;

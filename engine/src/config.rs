@@ -31,6 +31,15 @@ pub struct RelayConfig {
     pub connect_timeout: Duration,
     pub drain_timeout: Duration,
     pub socket: SocketOptions,
+    /// Only clients from these vsock CIDs are served (vsock listeners
+    /// only); others are reset. `None`: any CID.
+    pub allow_cids: Option<Vec<u32>>,
+    /// Beyond this many open connections (all workers), new clients are
+    /// reset. `None`: no limit but the descriptors.
+    pub max_connections: Option<u64>,
+    /// A connection with no byte moved either way for this long is reset.
+    /// `None` (the default, like AWS's proxy): never.
+    pub idle_timeout: Option<Duration>,
     /// Before sleeping, a worker polls for new events this long. On a VM a
     /// sleep and wake-up of the relay costs more than a request/response
     /// hop; spinning saves it for CPU. Zero (the default) never spins.
@@ -50,6 +59,9 @@ impl RelayConfig {
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
             socket: SocketOptions::default(),
             spin: Duration::ZERO,
+            allow_cids: None,
+            max_connections: None,
+            idle_timeout: None,
         }
     }
 }

@@ -18,7 +18,7 @@
 //!   close (after the driver let go of every operation on them).
 
 use std::io;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use socket2::{SockAddr, Socket};
 
@@ -80,6 +80,8 @@ pub enum Event {
     Ready(Direction),
     /// A receive or send of a direction on the ring data path completed.
     Completed(Direction, Completed),
+    /// No byte moved either way for this long (`--idle-timeout`).
+    IdleFor(Duration),
 }
 
 /// What a transition may use besides the connection: the worker's pools,
@@ -138,6 +140,8 @@ pub enum Ending {
     Finished,
     /// One side failed; both sides are reset.
     Failed(ConnError),
+    /// Idle longer than the idle timeout; both sides are reset.
+    Idle(Duration),
 }
 
 /// What the worker must do next for a connection.
@@ -280,6 +284,7 @@ impl Connection {
             (ConnState::Relaying, Event::Completed(direction, completed)) => {
                 self.run_one(direction, Some(completed), io)
             }
+            (ConnState::Relaying, Event::IdleFor(idle)) => self.close(Ending::Idle(idle), io),
             // Late or stray events (readiness while connecting, a deadline
             // after the connect, anything after the end): nothing to do.
             (state, event) => {
@@ -344,7 +349,7 @@ impl Connection {
                 (Mover::Ring(_), None) => {}
             }
         }
-        if let Ending::Failed(_) = ending {
+        if let Ending::Failed(_) | Ending::Idle(_) = ending {
             self.reset();
         }
         Action::Close(ending)
@@ -363,7 +368,6 @@ mod tests {
     use std::io::{Read, Write};
     use std::net::{Shutdown, TcpListener};
     use std::os::unix::net::UnixStream;
-    use std::time::Duration;
 
     const FAR: Duration = Duration::from_secs(60);
 

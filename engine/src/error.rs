@@ -73,6 +73,9 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    /// `allow_cids` was given for a listener that is not vsock.
+    #[error("--allow-cid applies to vsock listeners only, not {0}")]
+    AllowCidNeedsVsock(Endpoint),
     /// A name could not be resolved (at start; later failures only warn).
     #[error("cannot resolve `{name}`: {source}")]
     Resolve {

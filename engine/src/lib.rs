@@ -42,6 +42,7 @@ pub mod socket;
 pub mod stats;
 mod sys;
 pub mod target;
+mod throttle;
 mod worker;
 
 pub use config::{RelayConfig, DEFAULT_CONNECT_TIMEOUT, DEFAULT_DRAIN_TIMEOUT, DEFAULT_PIPE_BYTES};

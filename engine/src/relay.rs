@@ -24,6 +24,12 @@ impl StopHandle {
     pub fn stop(&self) {
         self.0.stop();
     }
+
+    /// Stops accepting and resets the open connections at once (a second
+    /// stop during the drain).
+    pub fn stop_now(&self) {
+        self.0.stop_now();
+    }
 }
 
 /// A started relay.
@@ -41,6 +47,9 @@ impl Relay {
         if config.connect_timeout.is_zero() {
             return Err(Error::ZeroConnectTimeout);
         }
+        if config.allow_cids.is_some() && !matches!(config.listen, Endpoint::Vsock { .. }) {
+            return Err(Error::AllowCidNeedsVsock(config.listen.clone()));
+        }
         let backend = driver::choose(config.backend)?;
         if let Err(e) = sys::raise_open_files_limit() {
             tracing::warn!(error = %e, "cannot raise the open-files limit");
@@ -50,20 +59,16 @@ impl Relay {
             n => n,
         };
         let listen_error = |source| Error::Listen { endpoint: config.listen.clone(), source };
-        // TCP: one listener per worker on one port (SO_REUSEPORT), so the
-        // kernel spreads connections. Other families: one listener shared.
-        let reuse_port = matches!(config.listen, Endpoint::Tcp { .. });
-        let first = socket::listen(&config.listen, &config.socket, reuse_port).map_err(listen_error)?;
-        let local = socket::local_endpoint(&first, &config.listen).map_err(listen_error)?;
-        let mut listeners = vec![first];
+        // One listening socket, shared by the workers: no SO_REUSEPORT, so a
+        // second process on the same address gets "address in use" instead
+        // of silently taking a share of the clients.
+        let listener = socket::listen(&config.listen, &config.socket).map_err(listen_error)?;
+        let local = socket::local_endpoint(&listener, &config.listen).map_err(listen_error)?;
+        let mut listeners = Vec::with_capacity(workers);
         for _ in 1..workers {
-            let listener = if reuse_port {
-                socket::listen(&local, &config.socket, true)
-            } else {
-                listeners[0].try_clone()
-            };
-            listeners.push(listener.map_err(listen_error)?);
+            listeners.push(listener.try_clone().map_err(listen_error)?);
         }
+        listeners.push(listener);
         let wakers = (0..workers)
             .map(|_| sys::eventfd().map(File::from))
             .collect::<Result<Vec<_>, _>>()

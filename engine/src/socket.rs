@@ -97,9 +97,10 @@ fn tune_family(socket: &Socket, family: Domain, options: &SocketOptions) -> io::
     }
 }
 
-/// Opens a listening socket on `endpoint`. With `reuse_port`, several
-/// listeners may share one TCP port (one per worker).
-pub fn listen(endpoint: &Endpoint, options: &SocketOptions, reuse_port: bool) -> io::Result<Socket> {
+/// Opens a listening socket on `endpoint`. Never with SO_REUSEPORT: the
+/// address has one owner, and a second listener gets "address in use"
+/// (threads share the one socket instead).
+pub fn listen(endpoint: &Endpoint, options: &SocketOptions) -> io::Result<Socket> {
     let addr = sockaddr(endpoint)?;
     if let Endpoint::Unix { path } = endpoint {
         remove_stale_unix_socket(path)?;
@@ -107,9 +108,6 @@ pub fn listen(endpoint: &Endpoint, options: &SocketOptions, reuse_port: bool) ->
     let socket = new_socket(&addr)?;
     if matches!(endpoint, Endpoint::Tcp { .. }) {
         socket.set_reuse_address(true)?;
-        if reuse_port {
-            socket.set_reuse_port(true)?;
-        }
         if let Endpoint::Tcp { host: Host::Ip(std::net::IpAddr::V6(_)), .. } = endpoint {
             socket.set_only_v6(true)?;
         }
@@ -118,7 +116,12 @@ pub fn listen(endpoint: &Endpoint, options: &SocketOptions, reuse_port: bool) ->
         // Accepted vsock sockets inherit the listener's buffer size.
         tune_family(&socket, Domain::VSOCK, options)?;
     }
-    socket.bind(&addr)?;
+    socket.bind(&addr).map_err(|e| match e.kind() {
+        io::ErrorKind::AddrInUse => {
+            io::Error::new(io::ErrorKind::AddrInUse, "address in use (another process listens there)")
+        }
+        _ => e,
+    })?;
     socket.listen(options.backlog)?;
     Ok(socket)
 }

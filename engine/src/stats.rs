@@ -8,6 +8,8 @@ pub struct Stats {
     accepted: AtomicU64,
     active: AtomicU64,
     failed: AtomicU64,
+    cut_by_drain: AtomicU64,
+    refused: AtomicU64,
     bytes_to_upstream: AtomicU64,
     bytes_to_client: AtomicU64,
 }
@@ -19,8 +21,14 @@ pub struct StatsSnapshot {
     pub accepted: u64,
     /// Connections open now (connecting or relaying).
     pub active: u64,
-    /// Connections that ended in an error (upstream connect failure, reset).
+    /// Connections that ended in an error (upstream connect failure, reset,
+    /// cut by the drain).
     pub failed: u64,
+    /// Connections still open when a stop's drain ended, and so reset.
+    pub cut_by_drain: u64,
+    /// Clients reset right after their accept by an access rule
+    /// (`--allow-cid`, `--max-connections`); not counted as accepted.
+    pub refused: u64,
     /// Bytes delivered from clients to upstream.
     pub bytes_to_upstream: u64,
     /// Bytes delivered from upstream to clients.
@@ -40,6 +48,17 @@ impl Stats {
         }
     }
 
+    pub fn refused(&self) {
+        self.refused.fetch_add(1, Relaxed);
+    }
+
+    /// `count` open connections were reset when the drain ended.
+    pub fn cut_by_drain(&self, count: u64) {
+        self.active.fetch_sub(count, Relaxed);
+        self.failed.fetch_add(count, Relaxed);
+        self.cut_by_drain.fetch_add(count, Relaxed);
+    }
+
     pub fn moved(&self, to_upstream: u64, to_client: u64) {
         if to_upstream > 0 {
             self.bytes_to_upstream.fetch_add(to_upstream, Relaxed);
@@ -54,6 +73,8 @@ impl Stats {
             accepted: self.accepted.load(Relaxed),
             active: self.active.load(Relaxed),
             failed: self.failed.load(Relaxed),
+            cut_by_drain: self.cut_by_drain.load(Relaxed),
+            refused: self.refused.load(Relaxed),
             bytes_to_upstream: self.bytes_to_upstream.load(Relaxed),
             bytes_to_client: self.bytes_to_client.load(Relaxed),
         }

@@ -5,6 +5,8 @@
 //! queue of directions that yielded with work left, spinning before a
 //! sleep, pausing accepts when descriptors run out, and the stop: no new
 //! clients, a drain time for the open ones, then a reset for the rest.
+//! Also the access rules that apply per client (`allow_cids`,
+//! `max_connections`), the idle timeout, and throttled warnings.
 //! A driver (`driver/`) only arms interest, waits, and reports events.
 
 use std::collections::VecDeque;
@@ -25,26 +27,39 @@ use crate::pool::Pools;
 use crate::pump::{DataPath, Wait};
 use crate::socket;
 use crate::stats::Stats;
+use crate::throttle::Throttle;
 
 /// Pause before accepting again after running out of descriptors.
 const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 /// Idle pipes and buffers a worker keeps for reuse.
 const POOL_MAX_IDLE: usize = 16;
 
-/// What workers share: the stop flag and a way to wake each one.
+/// What workers share: the stop flags and a way to wake each one.
 #[derive(Debug)]
 pub(crate) struct Control {
     stopping: AtomicBool,
+    /// Set by a second stop: the drain ends now.
+    cutting: AtomicBool,
     wakers: Vec<File>,
 }
 
 impl Control {
     pub fn new(wakers: Vec<File>) -> Self {
-        Control { stopping: AtomicBool::new(false), wakers }
+        Control { stopping: AtomicBool::new(false), cutting: AtomicBool::new(false), wakers }
     }
 
     pub fn stop(&self) {
         self.stopping.store(true, Ordering::SeqCst);
+        self.wake_all();
+    }
+
+    /// Stops, and resets the open connections instead of letting them drain.
+    pub fn stop_now(&self) {
+        self.cutting.store(true, Ordering::SeqCst);
+        self.stop();
+    }
+
+    fn wake_all(&self) {
         for mut waker in &self.wakers {
             // An eventfd write fails only when the counter would overflow,
             // which means a wake-up is pending anyway.
@@ -54,6 +69,10 @@ impl Control {
 
     fn stopping(&self) -> bool {
         self.stopping.load(Ordering::SeqCst)
+    }
+
+    fn cutting(&self) -> bool {
+        self.cutting.load(Ordering::SeqCst)
     }
 }
 
@@ -97,6 +116,42 @@ struct Slot {
     conn: Connection,
     /// What each direction waits for (`None`: not started).
     waits: [Option<Wait>; 2],
+    /// When a byte last moved (kept only with an idle timeout).
+    last_active: Instant,
+}
+
+/// The warnings a worker throttles (see [`Throttle`]).
+struct Warnings {
+    unreachable: Throttle,
+    refused: Throttle,
+    no_upstream_socket: Throttle,
+    accept: Throttle,
+}
+
+impl Warnings {
+    fn new() -> Self {
+        Warnings {
+            unreachable: Throttle::new("cannot reach the upstream"),
+            refused: Throttle::new("client refused"),
+            no_upstream_socket: Throttle::new("cannot open an upstream socket"),
+            accept: Throttle::new("cannot accept: out of resources"),
+        }
+    }
+
+    fn all(&mut self) -> [&mut Throttle; 4] {
+        [&mut self.unreachable, &mut self.refused, &mut self.no_upstream_socket, &mut self.accept]
+    }
+
+    fn next_deadline(&mut self) -> Option<Instant> {
+        self.all().into_iter().filter_map(|t| t.deadline()).min()
+    }
+}
+
+/// Why a client is reset right after its accept.
+enum Refusal {
+    Cid(u32),
+    UnknownCid,
+    OverLimit(u64),
 }
 
 struct Worker<D> {
@@ -111,6 +166,11 @@ struct Worker<D> {
     accept_paused_until: Option<Instant>,
     /// Set once stopping: when the open connections are reset.
     drain_deadline: Option<Instant>,
+    /// With an idle timeout: when to look for idle connections next.
+    idle_sweep: Option<Instant>,
+    /// The loop's clock, read once per round (for `Slot::last_active`).
+    now: Instant,
+    warnings: Warnings,
     index: usize,
     /// The family of accepted sockets (the listener's).
     client_domain: Domain,
@@ -136,6 +196,9 @@ impl<D: Driver> Worker<D> {
             connect_deadlines: VecDeque::new(),
             accept_paused_until: None,
             drain_deadline: None,
+            idle_sweep: config.idle_timeout.map(|idle| Instant::now() + sweep_interval(idle)),
+            now: Instant::now(),
+            warnings: Warnings::new(),
             index,
             client_domain: socket::domain(&config.listen),
             pools: Pools::new(config.pipe_bytes, POOL_MAX_IDLE),
@@ -148,7 +211,7 @@ impl<D: Driver> Worker<D> {
 
     fn run(&mut self) -> io::Result<()> {
         if self.control.stopping() {
-            self.begin_stop()?;
+            self.on_stop()?;
         }
         let mut events = Vec::new();
         let mut ready = Vec::new();
@@ -161,6 +224,7 @@ impl<D: Driver> Worker<D> {
                 }
             }
             self.wait(&mut events, now)?;
+            self.now = Instant::now();
             for event in events.drain(..) {
                 self.on_event(event)?;
             }
@@ -178,8 +242,13 @@ impl<D: Driver> Worker<D> {
     /// are queued); first polls for them during the configured spin time.
     fn wait(&mut self, events: &mut Vec<DriverEvent>, now: Instant) -> io::Result<()> {
         let timeout = if self.ready.is_empty() {
-            let deadlines =
-                [self.connect_deadlines.front().map(|d| d.0), self.accept_paused_until, self.drain_deadline];
+            let deadlines = [
+                self.connect_deadlines.front().map(|d| d.0),
+                self.accept_paused_until,
+                self.drain_deadline,
+                self.idle_sweep,
+                self.warnings.next_deadline(),
+            ];
             deadlines.into_iter().flatten().min().map(|d| d.saturating_duration_since(now))
         } else {
             Some(Duration::ZERO)
@@ -200,11 +269,18 @@ impl<D: Driver> Worker<D> {
 
     fn on_event(&mut self, event: DriverEvent) -> io::Result<()> {
         match event {
-            // A client accepted while stopping is closed (dropped).
             DriverEvent::Accepted(Ok(client)) if self.drain_deadline.is_none() => self.open(client),
-            DriverEvent::Accepted(Ok(_)) => Ok(()),
+            // Accepted after the stop began (already queued): reset, so
+            // that the client never takes it for a clean end of stream.
+            DriverEvent::Accepted(Ok(client)) => {
+                tracing::debug!(worker = self.index, "client accepted while stopping; reset");
+                socket::reset(&client);
+                Ok(())
+            }
             DriverEvent::Accepted(Err(error)) if out_of_resources(&error) => {
-                tracing::warn!(worker = self.index, %error, "cannot accept: out of resources; retrying shortly");
+                if self.warnings.accept.admit(self.now, self.index) {
+                    tracing::warn!(worker = self.index, %error, "cannot accept: out of resources; retrying shortly");
+                }
                 self.accept_paused_until = Some(Instant::now() + ACCEPT_RETRY);
                 self.driver.pause_accepting();
                 Ok(())
@@ -214,7 +290,7 @@ impl<D: Driver> Worker<D> {
                 tracing::debug!(worker = self.index, %error, "accept failed");
                 Ok(())
             }
-            DriverEvent::Woken if self.control.stopping() => self.begin_stop(),
+            DriverEvent::Woken if self.control.stopping() => self.on_stop(),
             DriverEvent::Woken => Ok(()),
             DriverEvent::Ready { key, side, readiness } => self.on_ready(key, side, readiness),
             DriverEvent::Completed { key, direction, completed } => {
@@ -285,11 +361,69 @@ impl<D: Driver> Worker<D> {
             self.accept_paused_until = None;
             self.driver.resume_accepting();
         }
+        if let (Some(idle), Some(sweep)) = (self.config.idle_timeout, self.idle_sweep) {
+            if sweep <= now {
+                self.idle_sweep = Some(now + sweep_interval(idle));
+                let idle_keys: Vec<Key> = self
+                    .conns
+                    .iter()
+                    .filter(|(_, slot)| {
+                        slot.conn.state == ConnState::Relaying && slot.last_active + idle <= now
+                    })
+                    .map(|(index, slot)| Key {
+                        index: u32::try_from(index).unwrap_or(u32::MAX),
+                        generation: generation(slot.conn.id),
+                    })
+                    .collect();
+                for key in idle_keys {
+                    self.dispatch(key, Event::IdleFor(idle))?;
+                }
+            }
+        }
+        for throttle in self.warnings.all() {
+            throttle.flush(now, self.index);
+        }
         Ok(())
+    }
+
+    /// Whether the access rules refuse this client.
+    fn refusal(&self, client: &Socket) -> Option<Refusal> {
+        if let Some(max) = self.config.max_connections {
+            if self.stats.snapshot().active >= max {
+                return Some(Refusal::OverLimit(max));
+            }
+        }
+        let allowed = self.config.allow_cids.as_ref()?;
+        match client.peer_addr().ok().and_then(|peer| peer.as_vsock_address()) {
+            Some((cid, _)) if allowed.contains(&cid) => None,
+            Some((cid, _)) => Some(Refusal::Cid(cid)),
+            None => Some(Refusal::UnknownCid),
+        }
+    }
+
+    /// Resets a refused client, counts it, and logs why (throttled).
+    fn refuse(&mut self, client: &Socket, refusal: &Refusal) {
+        socket::reset(client);
+        self.stats.refused();
+        if self.warnings.refused.admit(self.now, self.index) {
+            let client_name = peer_name(client);
+            match refusal {
+                Refusal::Cid(cid) => tracing::warn!(worker = self.index, client = %client_name, cid,
+                    "client refused: its CID is not in --allow-cid"),
+                Refusal::UnknownCid => tracing::warn!(worker = self.index, client = %client_name,
+                    "client refused: its CID is unknown and --allow-cid is set"),
+                Refusal::OverLimit(max) => tracing::warn!(worker = self.index, client = %client_name, max,
+                    "client refused: --max-connections reached"),
+            }
+        }
     }
 
     /// A new client: open the upstream socket and start the connect.
     fn open(&mut self, client: Socket) -> io::Result<()> {
+        if let Some(refusal) = self.refusal(&client) {
+            self.refuse(&client, &refusal);
+            return Ok(());
+        }
         if let Err(e) = socket::tune_accepted(&client, self.client_domain, &self.config.socket) {
             tracing::debug!(error = %e, "cannot tune an accepted socket");
         }
@@ -299,7 +433,9 @@ impl<D: Driver> Worker<D> {
             Ok(upstream) => upstream,
             Err(e) => {
                 // Out of descriptors, most likely: reset this client, serve the others.
-                tracing::warn!(worker = self.index, error = %e, "cannot open an upstream socket; client reset");
+                if self.warnings.no_upstream_socket.admit(self.now, self.index) {
+                    tracing::warn!(worker = self.index, error = %e, "cannot open an upstream socket; client reset");
+                }
                 socket::reset(&client);
                 self.stats.closed(true);
                 return Ok(());
@@ -322,7 +458,7 @@ impl<D: Driver> Worker<D> {
             index: u32::try_from(entry.key()).map_err(io::Error::other)?,
             generation: generation(conn.id),
         };
-        let slot = entry.insert(Slot { conn, waits: [None, None] });
+        let slot = entry.insert(Slot { conn, waits: [None, None], last_active: self.now });
         let (action, moved) = match self.driver.register(key, &slot.conn) {
             Ok(()) => {
                 let mut io = Io::new(&mut self.pools, self.driver.ring_ops(), key);
@@ -350,6 +486,9 @@ impl<D: Driver> Worker<D> {
     fn carry_out(&mut self, key: Key, action: Action, moved: [u64; 2]) -> io::Result<()> {
         self.stats.moved(moved[0], moved[1]);
         let slot = &mut self.conns[key.index as usize];
+        if moved != [0, 0] {
+            slot.last_active = self.now;
+        }
         match action {
             Action::AwaitConnect => {
                 self.driver.watch(key, &slot.conn.upstream, Side::Upstream, Readiness::WRITABLE)
@@ -372,7 +511,7 @@ impl<D: Driver> Worker<D> {
                 Ok(())
             }
             Action::Close(ending) => {
-                self.log_closed(&self.conns[key.index as usize].conn, &ending);
+                self.log_closed(key, &ending);
                 if self.driver.release(key)? {
                     self.conns.remove(key.index as usize);
                 }
@@ -384,11 +523,18 @@ impl<D: Driver> Worker<D> {
     /// Counts a closed connection and logs its one line: a warning when the
     /// upstream could not be reached (the operator's first question when a
     /// chain of relays fails), else at debug level.
-    fn log_closed(&self, conn: &Connection, ending: &Ending) {
-        self.stats.closed(matches!(ending, Ending::Failed(_)));
+    fn log_closed(&mut self, key: Key, ending: &Ending) {
+        self.stats.closed(matches!(ending, Ending::Failed(_) | Ending::Idle(_)));
+        let conn = &self.conns[key.index as usize].conn;
         if let Ending::Failed(ConnError { side: Side::Upstream, op: Op::Connect, source }) = ending {
-            tracing::warn!(worker = self.index, client = %conn.client_name,
-                upstream = %self.config.target.endpoint(), error = %source, "cannot reach the upstream; client reset");
+            if self.warnings.unreachable.admit(self.now, self.index) {
+                let client = match conn.client_name.as_str() {
+                    "" => peer_name(&conn.client),
+                    name => name.to_string(),
+                };
+                tracing::warn!(worker = self.index, %client, upstream = %self.config.target.endpoint(),
+                    error = %source, "cannot reach the upstream; client reset");
+            }
             return;
         }
         if tracing::enabled!(tracing::Level::DEBUG) {
@@ -396,6 +542,7 @@ impl<D: Driver> Worker<D> {
             let outcome = match ending {
                 Ending::Finished => "finished".to_string(),
                 Ending::Failed(e) => e.to_string(),
+                Ending::Idle(idle) => format!("reset: idle for {idle:?} (--idle-timeout)"),
             };
             let ms = u64::try_from(conn.opened.elapsed().as_millis()).unwrap_or(u64::MAX);
             tracing::debug!(worker = self.index, id = conn.id, client = %conn.client_name,
@@ -404,8 +551,12 @@ impl<D: Driver> Worker<D> {
         }
     }
 
-    /// Stop accepting; open connections get the drain time to finish.
-    fn begin_stop(&mut self) -> io::Result<()> {
+    /// Stop accepting; open connections get the drain time to finish, or
+    /// none when the stop is a second one.
+    fn on_stop(&mut self) -> io::Result<()> {
+        if self.control.cutting() {
+            self.drain_deadline = Some(Instant::now());
+        }
         if self.drain_deadline.is_some() {
             return Ok(());
         }
@@ -414,14 +565,27 @@ impl<D: Driver> Worker<D> {
         self.driver.stop_accepting()
     }
 
-    /// At the end of the drain time, connections still open are reset.
+    /// At the end of the drain time, connections still open are reset and
+    /// counted as failed, cut by the drain.
     fn abandon(&self) {
         let open = self.conns.iter().filter(|(_, slot)| slot.conn.state != ConnState::Closed);
         let count = open.map(|(_, slot)| slot.conn.reset()).count();
         if count > 0 {
-            tracing::info!(worker = self.index, open = count, "drain time over; resetting open connections");
+            self.stats.cut_by_drain(u64::try_from(count).unwrap_or(u64::MAX));
+            tracing::info!(worker = self.index, open = count, "drain over; resetting open connections");
         }
     }
+}
+
+/// How often to look for idle connections: a quarter of the timeout, so a
+/// connection is reset between 1 and 1.25 times the timeout after its last byte.
+fn sweep_interval(idle: Duration) -> Duration {
+    (idle / 4).max(Duration::from_millis(10))
+}
+
+/// A client's address for a log line (a system call: off the common path).
+fn peer_name(client: &Socket) -> String {
+    client.peer_addr().map_or_else(|_| "(unknown)".to_string(), |a| socket::describe(&a))
 }
 
 /// The generation of a connection in its key: the low 24 bits of its id

@@ -28,8 +28,7 @@ const READ_BYTES: usize = 256 * 1024;
 pub fn start(listen: &Endpoint) -> anyhow::Result<Endpoint> {
     let _ = vsock_relay_engine::raise_open_files_limit();
     let options = SocketOptions { backlog: 4096, ..SocketOptions::default() };
-    let listener =
-        socket::listen(listen, &options, false).with_context(|| format!("cannot listen on {listen}"))?;
+    let listener = socket::listen(listen, &options).with_context(|| format!("cannot listen on {listen}"))?;
     listener.set_nonblocking(false)?;
     let local = socket::local_endpoint(&listener, listen)?;
     std::thread::Builder::new().name("sink-accept".into()).spawn(move || loop {

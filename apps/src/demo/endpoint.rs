@@ -21,6 +21,7 @@ pub struct HttpsEndpoint {
     local: SocketAddr,
     ca_pem: String,
     requests: Arc<AtomicU64>,
+    failing: Arc<AtomicBool>,
     stopping: Arc<AtomicBool>,
 }
 
@@ -32,7 +33,8 @@ impl HttpsEndpoint {
         let local = listener.local_addr()?;
         let requests = Arc::new(AtomicU64::new(0));
         let stopping = Arc::new(AtomicBool::new(false));
-        let (counter, stop) = (Arc::clone(&requests), Arc::clone(&stopping));
+        let failing = Arc::new(AtomicBool::new(false));
+        let (counter, stop, fail) = (Arc::clone(&requests), Arc::clone(&stopping), Arc::clone(&failing));
         let document: Arc<[u8]> = document.into();
         std::thread::Builder::new().name("https-endpoint".into()).spawn(move || {
             for stream in listener.incoming() {
@@ -42,14 +44,15 @@ impl HttpsEndpoint {
                 let Ok(stream) = stream else { continue };
                 let (tls, document, counter) =
                     (Arc::clone(&tls), Arc::clone(&document), Arc::clone(&counter));
+                let failing = fail.load(Ordering::SeqCst);
                 std::thread::spawn(move || {
-                    if let Err(e) = serve(stream, tls, &document, &counter) {
+                    if let Err(e) = serve(stream, tls, &document, &counter, failing) {
                         tracing::debug!(error = %e, "https endpoint: connection failed");
                     }
                 });
             }
         })?;
-        Ok(HttpsEndpoint { local, ca_pem, requests, stopping })
+        Ok(HttpsEndpoint { local, ca_pem, requests, failing, stopping })
     }
 
     pub fn port(&self) -> u16 {
@@ -59,6 +62,11 @@ impl HttpsEndpoint {
     /// The PEM of the CA that signed the endpoint's certificate.
     pub fn ca_pem(&self) -> &str {
         &self.ca_pem
+    }
+
+    /// From now on, answer every request with 503 (or, with `false`, serve again).
+    pub fn set_failing(&self, failing: bool) {
+        self.failing.store(failing, Ordering::SeqCst);
     }
 
     /// Requests answered so far (any path).
@@ -92,8 +100,15 @@ fn certificates() -> anyhow::Result<(String, Arc<ServerConfig>)> {
     Ok((ca.pem(), Arc::new(config)))
 }
 
-/// One HTTP/1.1 exchange: reads the request head, answers, closes.
-fn serve(stream: TcpStream, tls: Arc<ServerConfig>, document: &[u8], counter: &AtomicU64) -> io::Result<()> {
+/// One HTTP/1.1 exchange: reads the request head, answers (503 when
+/// `failing`), closes.
+fn serve(
+    stream: TcpStream,
+    tls: Arc<ServerConfig>,
+    document: &[u8],
+    counter: &AtomicU64,
+    failing: bool,
+) -> io::Result<()> {
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
     let connection = ServerConnection::new(tls).map_err(io::Error::other)?;
     let mut tls_stream = StreamOwned::new(connection, stream);
@@ -108,6 +123,7 @@ fn serve(stream: TcpStream, tls: Arc<ServerConfig>, document: &[u8], counter: &A
     let request_line = String::from_utf8_lossy(&head);
     let mut words = request_line.split_whitespace();
     let (status, body): (&str, &[u8]) = match (words.next(), words.next()) {
+        _ if failing => ("503 Service Unavailable", b"try later\n"),
         (Some("GET"), Some(PATH)) => ("200 OK", document),
         _ => ("404 Not Found", b"not found\n"),
     };
