@@ -1,7 +1,7 @@
 //! Runs a child process the way Docker's default seccomp profile would:
 //! `io_uring_setup` fails with EPERM, everything else is allowed. Used to
-//! prove the automatic fallback to the portable backend. Also bounds a
-//! child's address space, for tests of what a refusal may cost.
+//! prove the automatic fallback to the portable backend. Also limits a
+//! child's address space or open files, for the fault tests.
 
 use std::io;
 use std::os::unix::process::CommandExt;
@@ -62,12 +62,27 @@ pub fn deny_io_uring(command: &mut Command) {
 /// Makes `command`'s process start with at most `bytes` of address space
 /// (`RLIMIT_AS`): a test's bound on the memory a refusal may take.
 pub fn limit_address_space(command: &mut Command, bytes: u64) {
+    limit(command, libc::RLIMIT_AS, bytes);
+}
+
+/// Makes `command`'s process start with at most `count` open files, soft
+/// and hard (so that it cannot raise its own limit).
+pub fn limit_open_files(command: &mut Command, count: u64) {
+    limit(command, libc::RLIMIT_NOFILE, count);
+}
+
+#[cfg(target_env = "gnu")]
+type Resource = libc::__rlimit_resource_t;
+#[cfg(not(target_env = "gnu"))]
+type Resource = libc::c_int;
+
+fn limit(command: &mut Command, resource: Resource, value: u64) {
     // SAFETY: the closure runs between fork and exec; it only calls
     // setrlimit, which is async-signal-safe, with a local it points to.
     unsafe {
         command.pre_exec(move || {
-            let limit = libc::rlimit { rlim_cur: bytes, rlim_max: bytes };
-            match libc::setrlimit(libc::RLIMIT_AS, &limit) {
+            let limit = libc::rlimit { rlim_cur: value, rlim_max: value };
+            match libc::setrlimit(resource, &limit) {
                 0 => Ok(()),
                 _ => Err(io::Error::last_os_error()),
             }

@@ -509,3 +509,47 @@ fn bench_over_vsock() {
     println!("{}{}", bulk.trim_end(), rpc.trim_end());
     drop(sink);
 }
+
+/// `--allow-cid` on real vsock: the guest's clients come from CID 1, so a
+/// relay allowing 1 serves them and one allowing only 2 refuses them (reset,
+/// counted, not accepted). Also one owner per vsock port: a second relay on
+/// it gets "address in use".
+#[test]
+#[ignore = "needs the vsock guest: tests/vm/run.sh"]
+fn allow_cid_serves_listed_cids_and_refuses_the_rest() {
+    require_vsock_guest();
+    let _server = Server::vsock(13_509, echo);
+    for (i, backend) in backends().into_iter().enumerate() {
+        for (allowed, served) in [(1, true), (2, false)] {
+            let port = 13_500 + i as u32 * 2 + u32::from(!served);
+            let mut config = RelayConfig::new(vsock_any(port), Target::fixed(&vsock(13_509)).unwrap());
+            config.backend = backend;
+            config.allow_cids = Some(vec![allowed]);
+            let relay = Relay::start(config).unwrap();
+            let second =
+                Relay::start(RelayConfig::new(vsock_any(port), Target::fixed(&vsock(13_509)).unwrap()));
+            let err = second.err().expect("a second relay on the same vsock port").to_string();
+            assert!(err.contains("address in use"), "{err}");
+
+            let mut client = Stream::connect(&vsock(port)).unwrap();
+            client.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let _ = client.write_all(b"cid?");
+            let mut reply = [0u8; 4];
+            let got = client.read(&mut reply);
+            let stats = relay.stats().snapshot();
+            if served {
+                assert_eq!(got.unwrap(), 4, "{backend:?}: CID 1 allowed");
+                assert_eq!(&reply, b"cid?");
+                assert_eq!((stats.accepted, stats.refused), (1, 0));
+            } else {
+                assert!(matches!(got, Ok(0) | Err(_)), "{backend:?}: CID 1 refused, got {got:?}");
+                let deadline = Instant::now() + Duration::from_secs(5);
+                while relay.stats().snapshot().refused == 0 {
+                    assert!(Instant::now() < deadline, "{backend:?}: the refusal is counted");
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                assert_eq!(relay.stats().snapshot().accepted, 0);
+            }
+        }
+    }
+}

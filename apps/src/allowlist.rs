@@ -159,6 +159,23 @@ impl Allowlist {
         address: IpAddr,
         resolver: &Resolver,
     ) -> Result<Allowed, AllowlistError> {
+        self.admits_with(host, port, address, &mut |name| match resolver.resolve(name) {
+            Ok(resolution) => resolution.addresses,
+            Err(reason) => {
+                tracing::warn!(address = name, port, %reason, "cannot resolve an allowlist entry; it allows nothing for now");
+                Vec::new()
+            }
+        })
+    }
+
+    /// [`Allowlist::admits`] with `resolve` giving an entry name's addresses.
+    fn admits_with(
+        &self,
+        host: &Host,
+        port: u16,
+        address: IpAddr,
+        resolve: &mut dyn FnMut(&str) -> Vec<IpAddr>,
+    ) -> Result<Allowed, AllowlistError> {
         let candidates = || self.entries.iter().filter(move |e| e.port == port);
         if let Host::Name(name) = host {
             if let Some(entry) = candidates().find(|e| same_name(&e.address, name)) {
@@ -170,13 +187,8 @@ impl Allowlist {
             return Ok(Allowed::ByAddress(entry.clone()));
         }
         for entry in candidates().filter(|e| entry_ip(e).is_none()) {
-            match resolver.resolve(unbracketed(&entry.address)) {
-                Ok(resolution) if resolution.addresses.iter().any(|a| a.to_canonical() == address) => {
-                    return Ok(Allowed::ByAddress(entry.clone()));
-                }
-                Ok(_) => {}
-                Err(reason) => tracing::warn!(address = %entry.address, port, %reason,
-                    "cannot resolve an allowlist entry; it allows nothing for now"),
+            if resolve(unbracketed(&entry.address)).iter().any(|a| a.to_canonical() == address) {
+                return Ok(Allowed::ByAddress(entry.clone()));
             }
         }
         let (target, resolved_to) = match host {
@@ -314,5 +326,135 @@ mod tests {
         assert_eq!(parse(&quoted).unwrap()[0].address, "[".repeat(50));
         assert_eq!(nested_deeper_than("a: \"x\\\"[[[\"\nb: [[[\n", 2), Some(2));
         assert_eq!(nested_deeper_than("a: 'it''s [[['\n", 2), None);
+    }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+        use std::collections::HashMap;
+        use std::net::{Ipv4Addr, Ipv6Addr};
+
+        fn name() -> impl Strategy<Value = String> {
+            proptest::collection::vec("[a-z]([a-z0-9-]{0,8}[a-z0-9])?", 1..4).prop_map(|l| l.join("."))
+        }
+
+        /// Each letter's case flipped at random, and maybe a trailing dot.
+        fn respelled(name: &str) -> impl Strategy<Value = String> {
+            let name = name.to_string();
+            (proptest::collection::vec(any::<bool>(), name.len()), any::<bool>()).prop_map(
+                move |(flips, dot)| {
+                    let mut out: String = name
+                        .chars()
+                        .zip(flips)
+                        .map(|(c, flip)| if flip { c.to_ascii_uppercase() } else { c })
+                        .collect();
+                    if dot {
+                        out.push('.');
+                    }
+                    out
+                },
+            )
+        }
+
+        fn list(entries: Vec<Entry>) -> Allowlist {
+            Allowlist { entries, path: "test.yaml".into() }
+        }
+
+        fn no_dns(_: &str) -> Vec<IpAddr> {
+            Vec::new()
+        }
+
+        proptest! {
+            #[test]
+            fn an_entry_naming_the_host_trusts_any_address_it_resolves_to(
+                (name, spelled) in name().prop_flat_map(|n| (Just(n.clone()), respelled(&n))),
+                port in any::<u16>(),
+                ip in any::<u32>(),
+            ) {
+                let allowlist = list(vec![Entry { address: spelled, port }]);
+                let allowed = allowlist.admits_with(&Host::Name(name), port, Ipv4Addr::from(ip).into(), &mut no_dns);
+                prop_assert!(matches!(allowed, Ok(Allowed::ByName(_))));
+            }
+
+            #[test]
+            fn an_address_entry_allows_exactly_that_address(
+                entry_ip in any::<u32>(),
+                used_ip in any::<u32>(),
+                mapped in any::<bool>(),
+                bracketed in any::<bool>(),
+                host in name(),
+                port in any::<u16>(),
+            ) {
+                let entry_v4 = Ipv4Addr::from(entry_ip);
+                let text = match (mapped, bracketed) {
+                    (false, _) => entry_v4.to_string(),
+                    (true, false) => entry_v4.to_ipv6_mapped().to_string(),
+                    (true, true) => format!("[{}]", entry_v4.to_ipv6_mapped()),
+                };
+                let allowlist = list(vec![Entry { address: text, port }]);
+                for used in [IpAddr::from(Ipv4Addr::from(used_ip)), IpAddr::from(Ipv4Addr::from(used_ip).to_ipv6_mapped())] {
+                    for target in [Host::Name(host.clone()), Host::Ip(used)] {
+                        let allowed = allowlist.admits_with(&target, port, used, &mut no_dns);
+                        prop_assert_eq!(allowed.is_ok(), entry_ip == used_ip, "{:?} for {:?}", allowed, used);
+                    }
+                }
+            }
+
+            #[test]
+            fn a_name_entry_allows_what_it_resolves_to_and_nothing_else(
+                entry in name(),
+                resolved in proptest::collection::vec(any::<u128>(), 0..4),
+                used in any::<u128>(),
+                port in any::<u16>(),
+            ) {
+                let resolved: Vec<IpAddr> = resolved.into_iter().map(|ip| Ipv6Addr::from(ip).into()).collect();
+                let dns: HashMap<String, Vec<IpAddr>> = [(entry.clone(), resolved.clone())].into();
+                let allowlist = list(vec![Entry { address: entry, port }]);
+                let used = IpAddr::from(Ipv6Addr::from(used));
+                let mut resolve = |name: &str| dns.get(name).cloned().unwrap_or_default();
+                // The host is another name: only the address can allow it.
+                let host = Host::Name("target.example".into());
+                let allowed = allowlist.admits_with(&host, port, used, &mut resolve);
+                prop_assert_eq!(allowed.is_ok(), resolved.contains(&used));
+                for &address in &resolved {
+                    prop_assert!(allowlist.admits_with(&host, port, address, &mut resolve).is_ok());
+                }
+            }
+
+            #[test]
+            fn another_port_never_allows(entry in name(), port in any::<u16>(), other in any::<u16>(), ip in any::<u32>()) {
+                prop_assume!(port != other);
+                let allowlist = list(vec![Entry { address: entry.clone(), port }, Entry { address: Ipv4Addr::from(ip).to_string(), port }]);
+                let allowed = allowlist.admits_with(&Host::Name(entry), other, Ipv4Addr::from(ip).into(), &mut no_dns);
+                let refused = matches!(allowed, Err(AllowlistError::NotAllowed { .. }));
+                prop_assert!(refused);
+            }
+
+            #[test]
+            fn written_entries_read_back(
+                entries in proptest::collection::vec((prop_oneof![name(), any::<u32>().prop_map(|ip| Ipv4Addr::from(ip).to_string())], any::<u16>()), 1..20),
+                block_style in any::<bool>(),
+            ) {
+                // Unquoted, these are YAML's booleans and null, not names.
+                let plain = |a: &String| !matches!(a.as_str(), "true" | "false" | "null");
+                prop_assume!(!block_style || entries.iter().all(|(a, _)| plain(a)));
+                let mut yaml = String::from("allowlist:\n");
+                for (address, port) in &entries {
+                    if block_style {
+                        yaml.push_str(&format!("  - address: {address}\n    port: {port}\n"));
+                    } else {
+                        yaml.push_str(&format!("- {{address: \"{address}\", port: {port}}}\n"));
+                    }
+                }
+                let read = parse(&yaml).unwrap();
+                let want: Vec<Entry> = entries.into_iter().map(|(address, port)| Entry { address, port }).collect();
+                prop_assert_eq!(read, want);
+            }
+
+            #[test]
+            fn any_text_is_read_or_refused_without_panicking(text in "(allowlist:|[-\\[\\]{}:, \n#'\"a-z0-9&*!|>])*") {
+                let _ = parse(&text);
+            }
+        }
     }
 }

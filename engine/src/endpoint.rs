@@ -189,4 +189,50 @@ mod tests {
         assert!(err("unix:").contains("empty unix socket path"));
         assert!(err("vsock:3").contains("bad port"));
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+        use std::net::{Ipv4Addr, Ipv6Addr};
+
+        /// Host names that are not IP literals: labels starting with a letter.
+        fn name() -> impl Strategy<Value = String> {
+            proptest::collection::vec("[a-zA-Z]([a-zA-Z0-9_-]{0,12}[a-zA-Z0-9])?", 1..5)
+                .prop_map(|labels| labels.join("."))
+        }
+
+        fn endpoint() -> impl Strategy<Value = Endpoint> {
+            prop_oneof![
+                (any::<u32>(), any::<u32>()).prop_map(|(cid, port)| Endpoint::Vsock { cid, port }),
+                (any::<u32>(), any::<u16>())
+                    .prop_map(|(ip, port)| Endpoint::Tcp { host: Host::Ip(Ipv4Addr::from(ip).into()), port }),
+                (any::<u128>(), any::<u16>())
+                    .prop_map(|(ip, port)| Endpoint::Tcp { host: Host::Ip(Ipv6Addr::from(ip).into()), port }),
+                (name(), any::<u16>())
+                    .prop_map(|(name, port)| Endpoint::Tcp { host: Host::Name(name), port }),
+                "[^\\x00]{1,40}".prop_map(|path| Endpoint::Unix { path: PathBuf::from(path) }),
+            ]
+        }
+
+        proptest! {
+            #[test]
+            fn any_text_parses_or_fails_without_panicking(text in ".{0,64}") {
+                let _ = text.parse::<Endpoint>();
+            }
+
+            #[test]
+            fn every_endpoint_round_trips_through_its_text(endpoint in endpoint()) {
+                let text = endpoint.to_string();
+                prop_assert_eq!(text.parse::<Endpoint>(), Ok(endpoint), "{}", text);
+            }
+
+            #[test]
+            fn ports_beyond_the_family_range_are_refused(port in 65_536u64..u64::MAX, cid in any::<u32>()) {
+                let tcp = format!("tcp:127.0.0.1:{port}");
+                prop_assert!(tcp.parse::<Endpoint>().is_err());
+                let vsock = format!("vsock:{cid}:{port}").parse::<Endpoint>();
+                prop_assert_eq!(vsock.is_ok(), port <= u64::from(u32::MAX));
+            }
+        }
+    }
 }
