@@ -13,7 +13,7 @@ use vsock_relay_testkit::exact::{cases, check_byte_exact};
 use vsock_relay_testkit::servers::{echo, twin, Ledger, Server, Stream};
 use vsock_relay_testkit::traffic;
 
-use crate::util::{relay, wait_for_unix, Proc, TempDir, BACKENDS, VARIANTS};
+use crate::util::{relay, TempDir, BACKENDS, VARIANTS};
 
 const MIB: u64 = 1 << 20;
 
