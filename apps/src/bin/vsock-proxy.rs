@@ -16,8 +16,8 @@ use vsock_relay_engine::Endpoint;
 /// to one allowlisted TCP service (REMOTE_ADDR:REMOTE_PORT).
 ///
 /// Logging: set RUST_LOG (error, warn, info, debug). Exit status: 0 after
-/// SIGINT/SIGTERM, 1 when the config or allowlist refuses the target, 2 on a
-/// usage error.
+/// SIGINT/SIGTERM (a second signal ends the drain at once), 1 when the config
+/// or allowlist refuses the target or the port is in use, 2 on a usage error.
 #[derive(Parser, Debug)]
 #[command(name = "vsock-proxy", version, about, long_about)]
 struct Cli {
