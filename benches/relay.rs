@@ -70,15 +70,17 @@ fn reach(local: &Endpoint) -> Endpoint {
     }
 }
 
-fn pair(name: &str) -> Pair {
+/// Starts the sink, the relays and the baseline of one family pair; `index`
+/// keeps its listeners apart from the other pairs'.
+fn pair(index: u32, name: &str) -> Pair {
     let (client_family, sink_family) = name.split_once('-').unwrap_or((name, name));
+    let listen_on = |family: &str, n: u32| listen_on(family, index * 100 + n);
     let sink = reach(&sink::start(&listen_on(sink_family, 0)).expect("start the sink"));
-    let direct = if client_family == sink_family {
-        sink.clone()
+    // Direct over the pair's vsock side, if it has one: the figure a relay is held to.
+    let direct = if client_family == "vsock" && sink_family != "vsock" {
+        reach(&sink::start(&listen_on("vsock", 1)).expect("start the direct sink"))
     } else {
-        // Direct over the pair's vsock side: the figure a relay is held to.
-        let vsock = if client_family == "vsock" { client_family } else { sink_family };
-        reach(&sink::start(&listen_on(vsock, 1)).expect("start the direct sink"))
+        sink.clone()
     };
     let mut paths = vec![
         ("uring-splice", BackendChoice::Uring, DataPath::Splice),
@@ -195,7 +197,10 @@ fn main() {
         .measurement_time(Duration::from_secs(3))
         .configure_from_args();
     let names = std::env::var("VSOCK_RELAY_BENCH_PAIRS").unwrap_or_else(|_| "tcp,unix".into());
-    let pairs: Vec<Pair> = names.split(',').map(str::trim).filter(|n| !n.is_empty()).map(pair).collect();
+    let pairs: Vec<Pair> = (0..)
+        .zip(names.split(',').map(str::trim).filter(|n| !n.is_empty()))
+        .map(|(i, n)| pair(i, n))
+        .collect();
     for pair in &pairs {
         bench_pair(&mut c, pair);
     }
