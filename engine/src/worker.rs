@@ -552,17 +552,18 @@ impl<D: Driver> Worker<D> {
     }
 
     /// Stop accepting; open connections get the drain time to finish, or
-    /// none when the stop is a second one.
+    /// none once a second stop cut it short.
     fn on_stop(&mut self) -> io::Result<()> {
+        let now = Instant::now();
+        if self.drain_deadline.is_none() {
+            self.drain_deadline = Some(now + self.config.drain_timeout);
+            tracing::debug!(worker = self.index, open = self.conns.len(), "stopping: no new connections");
+            self.driver.stop_accepting()?;
+        }
         if self.control.cutting() {
-            self.drain_deadline = Some(Instant::now());
+            self.drain_deadline = Some(now);
         }
-        if self.drain_deadline.is_some() {
-            return Ok(());
-        }
-        self.drain_deadline = Some(Instant::now() + self.config.drain_timeout);
-        tracing::debug!(worker = self.index, open = self.conns.len(), "stopping: no new connections");
-        self.driver.stop_accepting()
+        Ok(())
     }
 
     /// At the end of the drain time, connections still open are reset and
