@@ -132,19 +132,8 @@ fn sigterm_stops_the_proxy_with_exit_0_and_a_summary() {
     let mut reply = [0u8; 4];
     client.read_exact(&mut reply).unwrap();
     drop(client);
-    let kill =
-        std::process::Command::new("kill").args(["-TERM", &proxy.child.id().to_string()]).status().unwrap();
-    assert!(kill.success());
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        if let Some(status) = proxy.child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(std::time::Instant::now() < deadline, "no exit after SIGTERM:\n{}", proxy.stderr());
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    std::thread::sleep(Duration::from_millis(50));
-    assert_eq!(status.code(), Some(0), "{}", proxy.stderr());
+    proxy.signal("TERM");
+    assert_eq!(proxy.wait_exit(Duration::from_secs(10)), Some(0), "{}", proxy.stderr());
     let log = proxy.stderr();
     assert!(log.contains("stopping: finishing open connections"), "{log}");
     assert!(log.contains("relay stopped accepted=1 failed=0 refused=0 cut_by_drain=0 bytes_to_upstream=4 bytes_to_client=4"), "{log}");

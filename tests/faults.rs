@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use vsock_relay_testkit::servers::{echo, Server, Stream};
 use vsock_relay_testkit::traffic;
 
-use crate::util::{backend_arg, wait_for_unix, Proc, TempDir, BACKENDS};
+use crate::util::{backend_arg, ping, relay_process, wait_for_unix, Proc, TempDir, BACKENDS};
 
 const MIB: u64 = 1 << 20;
 
@@ -32,15 +32,6 @@ fn relay_with(
     proc.wait_for_log("relay listening", Duration::from_secs(20));
     wait_for_unix(&listen, Duration::from_secs(5));
     (proc, listen_arg)
-}
-
-fn echo_once(endpoint: &str, message: &[u8]) -> std::io::Result<Vec<u8>> {
-    let mut client = Stream::connect(&endpoint.parse().unwrap())?;
-    client.set_read_timeout(Some(Duration::from_secs(10)))?;
-    client.write_all(message)?;
-    let mut reply = vec![0u8; message.len()];
-    client.read_exact(&mut reply)?;
-    Ok(reply)
 }
 
 /// 64 open files for the whole relay process: clients beyond what fits are
@@ -84,7 +75,7 @@ fn out_of_descriptors_then_recovery() {
         assert!(relay.running(), "{backend}: the relay survives running out:\n{}", relay.stderr());
         drop(clients);
         let deadline = Instant::now() + Duration::from_secs(10);
-        while echo_once(&listen, b"again").ok().as_deref() != Some(b"again") {
+        while !matches!(ping(&listen), Ok(true)) {
             assert!(Instant::now() < deadline, "{backend}: no recovery:\n{}", relay.stderr());
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -119,11 +110,8 @@ fn client_reset_with_bytes_in_flight_reaches_upstream_as_a_reset() {
             let _ = tx.lock().unwrap().send((total, end));
         });
         let to = server.endpoint().to_string();
-        let mut relay = Proc::spawn(
-            "vsock-relay",
-            &["relay", "--backend", backend, "--listen", "tcp:127.0.0.1:0", "--to", &to],
-        );
-        let port = relay.logged_tcp_port();
+        let (_relay, listen) = relay_process(backend, &to, &[]);
+        let port: u16 = listen.rsplit(':').next().unwrap().parse().unwrap();
         let mut client = TcpStream::connect(("127.0.0.1", port)).unwrap();
         let chunk = vec![7u8; 256 * 1024];
         for _ in 0..16 {
@@ -286,8 +274,7 @@ fn sigterm_with_transfers_in_flight_lets_them_finish_byte_exact() {
             })
             .collect();
         std::thread::sleep(Duration::from_millis(300));
-        let kill = std::process::Command::new("kill").args(["-TERM", &relay.child.id().to_string()]).status();
-        assert!(kill.unwrap().success());
+        relay.signal("TERM");
         for (seed, transfer) in transfers.into_iter().enumerate() {
             let (bytes, hash) = transfer.join().unwrap();
             assert_eq!(bytes, BYTES, "{backend}: transfer {seed}");
@@ -297,16 +284,7 @@ fn sigterm_with_transfers_in_flight_lets_them_finish_byte_exact() {
                 "{backend}: transfer {seed}"
             );
         }
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let status = loop {
-            if let Some(status) = relay.child.try_wait().unwrap() {
-                break status;
-            }
-            assert!(Instant::now() < deadline, "{backend}: no exit after the drain:\n{}", relay.stderr());
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        std::thread::sleep(Duration::from_millis(50));
-        assert_eq!(status.code(), Some(0), "{}", relay.stderr());
+        assert_eq!(relay.wait_exit(Duration::from_secs(10)), Some(0), "{backend}: {}", relay.stderr());
         let log = relay.stderr();
         // Every byte of the four arrived upstream (the fifth client was
         // the probe that saw the socket listening), and nothing was cut.

@@ -4,60 +4,14 @@
 //! `--idle-timeout`, `--allow-cid` outside vsock, and warnings that a down
 //! upstream cannot turn into one line per client.
 
-use std::io::{self, Read, Write};
+use std::io::Read;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vsock_relay_testkit::servers::{echo, Server, Stream};
 
-use crate::util::{backend_arg, run_to_exit, Proc, BACKENDS};
-
-/// Starts `vsock-relay relay` on a free loopback port towards `to`, with
-/// `extra` options; returns it and its endpoint.
-fn relay(backend: &str, to: &str, extra: &[&str]) -> (Proc, String) {
-    let mut args = vec!["relay", "--backend", backend, "--listen", "tcp:127.0.0.1:0", "--to", to];
-    args.extend_from_slice(extra);
-    let mut proc = Proc::spawn("vsock-relay", &args);
-    let listen = format!("tcp:127.0.0.1:{}", proc.logged_tcp_port());
-    (proc, listen)
-}
-
-/// One echo exchange: `Ok(true)` when "ping" came back, `Ok(false)` on a
-/// clean end of stream before it, `Err` on a reset or refusal.
-fn ping(endpoint: &str) -> io::Result<bool> {
-    let mut stream = Stream::connect(&endpoint.parse().unwrap())?;
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    ping_on(&mut stream)
-}
-
-fn ping_on(stream: &mut Stream) -> io::Result<bool> {
-    stream.write_all(b"ping")?;
-    let mut reply = [0u8; 4];
-    match stream.read_exact(&mut reply) {
-        Ok(()) => Ok(&reply == b"ping"),
-        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(false),
-        Err(e) => Err(e),
-    }
-}
-
-fn signal(proc: &Proc, name: &str) {
-    let status =
-        std::process::Command::new("kill").args([&format!("-{name}"), &proc.child.id().to_string()]).status();
-    assert!(status.unwrap().success());
-}
-
-fn wait_exit(proc: &mut Proc, within: Duration) -> Option<i32> {
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(status) = proc.child.try_wait().unwrap() {
-            std::thread::sleep(Duration::from_millis(50));
-            return status.code();
-        }
-        assert!(Instant::now() < deadline, "no exit within {within:?}:\n{}", proc.stderr());
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
+use crate::util::{backend_arg, ping, ping_on, relay_process as relay, run_to_exit, BACKENDS};
 
 /// SIGTERM starts a drain: open connections keep working, a client that
 /// comes during the drain is refused or reset (never a clean end), a
@@ -87,7 +41,7 @@ fn drain_resets_late_clients_and_a_second_signal_cuts_it_short() {
             })
         };
         std::thread::sleep(Duration::from_millis(200));
-        signal(&proxy, "TERM");
+        proxy.signal("TERM");
         proxy.wait_for_log("stopping: finishing open connections", Duration::from_secs(5));
         std::thread::sleep(Duration::from_millis(300));
         stop.store(true, Ordering::SeqCst);
@@ -101,8 +55,8 @@ fn drain_resets_late_clients_and_a_second_signal_cuts_it_short() {
 
         assert!(ping_on(&mut held).unwrap(), "{backend}: an open connection keeps working during the drain");
         assert!(proxy.running());
-        signal(&proxy, "TERM");
-        assert_eq!(wait_exit(&mut proxy, Duration::from_secs(5)), Some(0), "{}", proxy.stderr());
+        proxy.signal("TERM");
+        assert_eq!(proxy.wait_exit(Duration::from_secs(5)), Some(0), "{}", proxy.stderr());
         let mut rest = [0u8; 1];
         let cut = held.read(&mut rest);
         assert!(cut.is_err(), "{backend}: the connection cut by the drain is reset, got {cut:?}");

@@ -1,12 +1,13 @@
 //! Helpers shared by the integration tests.
 
-use std::io::{BufRead, BufReader};
+use std::io::{self, BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use vsock_relay_engine::{BackendChoice, DataPath, Endpoint, Relay, RelayConfig, Target};
+use vsock_relay_testkit::servers::Stream;
 
 /// A fresh directory under the system temp dir, removed on drop.
 pub struct TempDir(pub PathBuf);
@@ -143,6 +144,25 @@ impl Proc {
         }
     }
 
+    /// Sends a signal by name (`TERM`, `INT`).
+    pub fn signal(&self, name: &str) {
+        let status = Command::new("kill").args([&format!("-{name}"), &self.child.id().to_string()]).status();
+        assert!(status.unwrap().success(), "kill -{name} failed");
+    }
+
+    /// Waits for the process to exit (failing after `within`); its exit code.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<i32> {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                std::thread::sleep(Duration::from_millis(50)); // let the stderr reader finish
+                return status.code();
+            }
+            assert!(Instant::now() < deadline, "no exit within {within:?}:\n{}", self.stderr());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Resident set size in KiB.
     pub fn rss_kib(&self) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
@@ -166,15 +186,8 @@ pub fn run_to_exit(binary: &str, args: &[&str]) -> (i32, String) {
 /// Like [`run_to_exit`], with a last say on the command.
 pub fn run_to_exit_with(binary: &str, args: &[&str], configure: impl FnOnce(&mut Command)) -> (i32, String) {
     let mut proc = Proc::spawn_with(binary, args, configure);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some(status) = proc.child.try_wait().unwrap() {
-            std::thread::sleep(Duration::from_millis(50)); // let the stderr reader finish
-            return (status.code().unwrap_or(-1), proc.stderr());
-        }
-        assert!(Instant::now() < deadline, "{binary} {args:?} did not exit:\n{}", proc.stderr());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let code = proc.wait_exit(Duration::from_secs(30));
+    (code.unwrap_or(-1), proc.stderr())
 }
 
 /// Waits until something listens on a Unix socket path.
@@ -243,5 +256,33 @@ impl Proc {
     /// Whether the process is still running.
     pub fn running(&mut self) -> bool {
         self.child.try_wait().unwrap().is_none()
+    }
+}
+
+/// Starts `vsock-relay relay` on a free loopback port towards `to`, with
+/// `extra` options; returns it and its endpoint.
+pub fn relay_process(backend: &str, to: &str, extra: &[&str]) -> (Proc, String) {
+    let mut args = vec!["relay", "--backend", backend, "--listen", "tcp:127.0.0.1:0", "--to", to];
+    args.extend_from_slice(extra);
+    let mut proc = Proc::spawn("vsock-relay", &args);
+    let listen = format!("tcp:127.0.0.1:{}", proc.logged_tcp_port());
+    (proc, listen)
+}
+
+/// One echo exchange (through an echo server): `Ok(true)` when "ping" came back, `Ok(false)` on a
+/// clean end of stream before it, `Err` on a reset or refusal.
+pub fn ping(endpoint: &str) -> io::Result<bool> {
+    let mut stream = Stream::connect(&endpoint.parse().unwrap())?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    ping_on(&mut stream)
+}
+
+pub fn ping_on(stream: &mut Stream) -> io::Result<bool> {
+    stream.write_all(b"ping")?;
+    let mut reply = [0u8; 4];
+    match stream.read_exact(&mut reply) {
+        Ok(()) => Ok(&reply == b"ping"),
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(false),
+        Err(e) => Err(e),
     }
 }

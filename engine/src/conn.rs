@@ -176,7 +176,7 @@ impl Connection {
     /// [`Connection::start`] next.
     pub fn new(id: u64, client: Socket, upstream: Socket, paths: [DataPath; 2], deadline: Instant) -> Self {
         let client_name = match tracing::enabled!(tracing::Level::DEBUG) {
-            true => client.peer_addr().map(|a| socket::describe(&a)).unwrap_or_default(),
+            true => socket::peer_name(&client).unwrap_or_default(),
             false => String::new(),
         };
         Connection {

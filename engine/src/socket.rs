@@ -203,6 +203,11 @@ pub fn reset(socket: &Socket) {
     let _ = socket.set_linger(Some(std::time::Duration::ZERO));
 }
 
+/// A connected socket's peer as text (a system call), if it has one.
+pub fn peer_name(socket: &Socket) -> Option<String> {
+    socket.peer_addr().ok().map(|addr| describe(&addr))
+}
+
 /// A socket address as text, in the endpoint form where it has one.
 pub fn describe(addr: &SockAddr) -> String {
     if let Some(sa) = addr.as_socket() {

@@ -48,6 +48,11 @@ impl Stats {
         }
     }
 
+    /// Connections open now (one load, for a check per accept).
+    pub fn active(&self) -> u64 {
+        self.active.load(Relaxed)
+    }
+
     pub fn refused(&self) {
         self.refused.fetch_add(1, Relaxed);
     }

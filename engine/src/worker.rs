@@ -370,11 +370,8 @@ impl<D: Driver> Worker<D> {
                     .filter(|(_, slot)| {
                         slot.conn.state == ConnState::Relaying && slot.last_active + idle <= now
                     })
-                    .map(|(index, slot)| Key {
-                        index: u32::try_from(index).unwrap_or(u32::MAX),
-                        generation: generation(slot.conn.id),
-                    })
-                    .collect();
+                    .map(|(index, slot)| key_of(index, &slot.conn))
+                    .collect::<io::Result<_>>()?;
                 for key in idle_keys {
                     self.dispatch(key, Event::IdleFor(idle))?;
                 }
@@ -389,7 +386,7 @@ impl<D: Driver> Worker<D> {
     /// Whether the access rules refuse this client.
     fn refusal(&self, client: &Socket) -> Option<Refusal> {
         if let Some(max) = self.config.max_connections {
-            if self.stats.snapshot().active >= max {
+            if self.stats.active() >= max {
                 return Some(Refusal::OverLimit(max));
             }
         }
@@ -454,10 +451,7 @@ impl<D: Driver> Worker<D> {
             conn.set_edge_triggered();
         }
         let entry = self.conns.vacant_entry();
-        let key = Key {
-            index: u32::try_from(entry.key()).map_err(io::Error::other)?,
-            generation: generation(conn.id),
-        };
+        let key = key_of(entry.key(), &conn)?;
         let slot = entry.insert(Slot { conn, waits: [None, None], last_active: self.now });
         let (action, moved) = match self.driver.register(key, &slot.conn) {
             Ok(()) => {
@@ -586,7 +580,12 @@ fn sweep_interval(idle: Duration) -> Duration {
 
 /// A client's address for a log line (a system call: off the common path).
 fn peer_name(client: &Socket) -> String {
-    client.peer_addr().map_or_else(|_| "(unknown)".to_string(), |a| socket::describe(&a))
+    socket::peer_name(client).unwrap_or_else(|| "(unknown)".to_string())
+}
+
+/// The driver's key for the connection in slot `index`.
+fn key_of(index: usize, conn: &Connection) -> io::Result<Key> {
+    Ok(Key { index: u32::try_from(index).map_err(io::Error::other)?, generation: generation(conn.id) })
 }
 
 /// The generation of a connection in its key: the low 24 bits of its id
