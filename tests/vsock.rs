@@ -79,7 +79,7 @@ fn vsock_to_tcp_byte_exact_64_connections() {
             let port = 10_000 + (i * paths.len() + j) as u32;
             let relay = relay(vsock_any(port), server.endpoint(), backend, path);
             check_byte_exact(&vsock(port), &ledger, cases(2 * MIB, 1));
-            assert_eq!(relay.stats().snapshot().failed, 0, "{backend:?} {path:?}");
+            assert_eq!(relay.stats().snapshot().failed(), 0, "{backend:?} {path:?}");
         }
     }
 }
@@ -164,7 +164,7 @@ fn refused_vsock_upstream_resets_only_that_client() {
             other => panic!("{backend:?}: expected an empty stream or a reset, got {other:?}"),
         }
         assert!(started.elapsed() < Duration::from_secs(5), "{backend:?}: took {:?}", started.elapsed());
-        assert_eq!(relay.stats().snapshot().failed, 1);
+        assert_eq!(relay.stats().snapshot().failed(), 1);
         // The relay goes on serving once the upstream exists.
         let _server = Server::vsock(port + 9, echo);
         let mut client = Stream::connect(&vsock(port)).unwrap();
@@ -207,7 +207,7 @@ fn ring_path_over_vsock_half_close_and_slow_reader() {
         let sent = writer.join().unwrap();
         let received = done_rx.recv_timeout(Duration::from_secs(120)).unwrap();
         assert_eq!(received, (32 * MIB, sent), "{backend:?}");
-        assert_eq!(relay_b.stats().snapshot().failed, 0, "{backend:?}");
+        assert_eq!(relay_b.stats().snapshot().failed(), 0, "{backend:?}");
         drop((relay_a, relay_b));
     }
 }
@@ -256,7 +256,7 @@ fn rpc_and_churn_through_the_relay_over_vsock() {
         ]);
         assert!(churn.contains("\"connections\":100"), "{backend:?}: {churn}");
         let stats = relay.stats().snapshot();
-        assert_eq!((stats.accepted, stats.failed), (104, 0), "{backend:?}");
+        assert_eq!((stats.accepted, stats.failed()), (104, 0), "{backend:?}");
         println!("{backend:?}: {}{}", rpc.trim_end(), churn.trim_end());
     }
     drop(sink);
@@ -281,7 +281,7 @@ fn three_hundred_vsock_connects_through_the_relay() {
             assert_eq!(reply, n.to_le_bytes(), "{backend:?}: connection {n}");
         }
         let stats = relay.stats().snapshot();
-        assert_eq!((stats.accepted, stats.failed), (300, 0), "{backend:?}");
+        assert_eq!((stats.accepted, stats.failed()), (300, 0), "{backend:?}");
     }
 }
 
@@ -524,7 +524,7 @@ fn allow_cid_serves_listed_cids_and_refuses_the_rest() {
             let port = 13_500 + i as u32 * 2 + u32::from(!served);
             let mut config = RelayConfig::new(vsock_any(port), Target::fixed(&vsock(13_509)).unwrap());
             config.backend = backend;
-            config.allow_cids = Some(vec![allowed]);
+            config.service().allow_cids = Some(vec![allowed]);
             let relay = Relay::start(config).unwrap();
             let second =
                 Relay::start(RelayConfig::new(vsock_any(port), Target::fixed(&vsock(13_509)).unwrap()));
@@ -540,11 +540,11 @@ fn allow_cid_serves_listed_cids_and_refuses_the_rest() {
             if served {
                 assert_eq!(got.unwrap(), 4, "{backend:?}: CID 1 allowed");
                 assert_eq!(&reply, b"cid?");
-                assert_eq!((stats.accepted, stats.refused), (1, 0));
+                assert_eq!((stats.accepted, stats.refused()), (1, 0));
             } else {
                 assert!(matches!(got, Ok(0) | Err(_)), "{backend:?}: CID 1 refused, got {got:?}");
                 let deadline = Instant::now() + Duration::from_secs(5);
-                while relay.stats().snapshot().refused == 0 {
+                while relay.stats().snapshot().refused() == 0 {
                     assert!(Instant::now() < deadline, "{backend:?}: the refusal is counted");
                     std::thread::sleep(Duration::from_millis(20));
                 }

@@ -5,14 +5,19 @@
 //! - {address: kms.us-east-1.amazonaws.com, port: 443}
 //! ```
 //!
-//! The rule, applied to the address the proxy connects to, at start and
-//! again whenever DNS moves REMOTE_ADDR: connecting to address A for
-//! REMOTE_ADDR:PORT is allowed when an entry has PORT and
-//! - names REMOTE_ADDR itself (case and a trailing dot aside): then the
-//!   name is trusted, whatever it resolves to, as AWS's proxy does; or
+//! The rule, applied to the address the proxy connects to, at start, again
+//! whenever DNS moves REMOTE_ADDR, and at each reload: connecting to
+//! address A for REMOTE_ADDR:PORT is allowed when an entry has PORT and
+//! - names REMOTE_ADDR itself (case and a trailing dot aside), or matches
+//!   it as a wildcard: `*.example.com` (exactly one label before
+//!   `example.com`) or `**.example.com` (one or more); then the name is
+//!   trusted, whatever it resolves to, as AWS's proxy does for exact names;
 //! - is an IP address equal to A (an IPv4-mapped IPv6 address equals its
-//!   IPv4 form); or
+//!   IPv4 form), or a CIDR range holding A (`10.0.0.0/8`, `2001:db8::/32`);
 //! - is a host name that resolves to A now.
+//!
+//! Exact names and addresses are what AWS's proxy accepts; wildcards and
+//! ranges are this proxy's (as enclaver has them).
 //!
 //! Reading is bounded (size, nesting) and as lenient as AWS's proxy: unknown
 //! fields and documents after the first are accepted with a warning.
@@ -21,6 +26,7 @@ use std::io::Read;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
+use ipnet::IpNet;
 use serde::Deserialize;
 use serde_norway::Value;
 use vsock_relay_engine::dns::Resolver;
@@ -83,24 +89,13 @@ pub struct Allowlist {
 impl Allowlist {
     /// Reads the allowlist from a config file, at most [`MAX_CONFIG_BYTES`].
     pub fn load(path: &Path) -> Result<Allowlist, AllowlistError> {
-        let read_error = |reason: String| AllowlistError::Read { path: path.into(), reason };
-        let file = std::fs::File::open(path).map_err(|e| read_error(e.to_string()))?;
-        let mut bytes = Vec::new();
-        let limit = u64::try_from(MAX_CONFIG_BYTES).unwrap_or(u64::MAX);
-        file.take(limit + 1).read_to_end(&mut bytes).map_err(|e| read_error(e.to_string()))?;
-        if bytes.len() > MAX_CONFIG_BYTES {
-            return Err(AllowlistError::TooLarge { path: path.into(), limit: MAX_CONFIG_BYTES });
-        }
-        let text = String::from_utf8(bytes).map_err(|e| read_error(format!("not UTF-8 text: {e}")))?;
-        Allowlist::parse(&text, path)
+        Allowlist::parse(&read_config(path)?, path)
     }
 
     /// Parses allowlist YAML; `path` only names the file in messages.
     pub fn parse(text: &str, path: &Path) -> Result<Allowlist, AllowlistError> {
         let text = text.strip_prefix('\u{feff}').unwrap_or(text);
-        if let Some(line) = nested_deeper_than(text, MAX_NESTING) {
-            return Err(AllowlistError::TooDeep { path: path.into(), limit: MAX_NESTING, line });
-        }
+        check_nesting(text, path)?;
         let bad_yaml =
             |e: serde_norway::Error| AllowlistError::BadYaml { path: path.into(), reason: e.to_string() };
         let mut documents = serde_norway::Deserializer::from_str(text);
@@ -114,8 +109,11 @@ impl Allowlist {
         let Some(fields) = doc.as_mapping() else {
             return Err(AllowlistError::NoAllowlist { path: path.into() });
         };
-        let unknown: Vec<String> =
-            fields.keys().filter(|k| k.as_str() != Some("allowlist")).map(key_name).collect();
+        let unknown: Vec<String> = fields
+            .keys()
+            .filter(|k| !matches!(k.as_str(), Some("allowlist" | "services")))
+            .map(key_name)
+            .collect();
         if !unknown.is_empty() {
             tracing::warn!(config = %path.display(), fields = %unknown.join(", "), "ignoring unknown fields of the config");
         }
@@ -140,6 +138,7 @@ impl Allowlist {
             }
             let entry: Entry = serde_norway::from_value(item.clone())
                 .map_err(|e| bad_entry(format!("entry {}: {e}", index + 1)))?;
+            Rule::of(&entry.address).map_err(|e| bad_entry(format!("entry {}: {e}", index + 1)))?;
             entries.push(entry);
         }
         Ok(Allowlist { entries, path: path.into() })
@@ -176,18 +175,25 @@ impl Allowlist {
         address: IpAddr,
         resolve: &mut dyn FnMut(&str) -> Vec<IpAddr>,
     ) -> Result<Allowed, AllowlistError> {
-        let candidates = || self.entries.iter().filter(move |e| e.port == port);
+        // Entries were checked when read; one that does not parse allows nothing.
+        let candidates = || {
+            self.entries
+                .iter()
+                .filter(move |e| e.port == port)
+                .filter_map(|e| Some((e, Rule::of(&e.address).ok()?)))
+        };
         if let Host::Name(name) = host {
-            if let Some(entry) = candidates().find(|e| same_name(&e.address, name)) {
+            if let Some((entry, _)) = candidates().find(|(_, rule)| rule.names(name)) {
                 return Ok(Allowed::ByName(entry.clone()));
             }
         }
         let address = address.to_canonical();
-        if let Some(entry) = candidates().find(|e| entry_ip(e).is_some_and(|ip| ip == address)) {
+        if let Some((entry, _)) = candidates().find(|(_, rule)| rule.holds(address)) {
             return Ok(Allowed::ByAddress(entry.clone()));
         }
-        for entry in candidates().filter(|e| entry_ip(e).is_none()) {
-            if resolve(unbracketed(&entry.address)).iter().any(|a| a.to_canonical() == address) {
+        for (entry, rule) in candidates() {
+            let Rule::Name(name) = rule else { continue };
+            if resolve(name).iter().any(|a| a.to_canonical() == address) {
                 return Ok(Allowed::ByAddress(entry.clone()));
             }
         }
@@ -199,20 +205,128 @@ impl Allowlist {
     }
 }
 
-/// Compares host names as DNS does: ASCII case and one trailing dot aside.
-fn same_name(entry: &str, name: &str) -> bool {
-    let trim = |s: &str| s.strip_suffix('.').unwrap_or(s).to_string();
-    let entry = unbracketed(entry);
-    !entry.is_empty() && trim(entry).eq_ignore_ascii_case(&trim(name))
+/// Reads a YAML config file: at most [`MAX_CONFIG_BYTES`], UTF-8, nested
+/// at most [`MAX_NESTING`] deep, without its byte-order mark.
+pub fn read_config(path: &Path) -> Result<String, AllowlistError> {
+    let read_error = |reason: String| AllowlistError::Read { path: path.into(), reason };
+    let file = std::fs::File::open(path).map_err(|e| read_error(e.to_string()))?;
+    let mut bytes = Vec::new();
+    let limit = u64::try_from(MAX_CONFIG_BYTES).unwrap_or(u64::MAX);
+    file.take(limit + 1).read_to_end(&mut bytes).map_err(|e| read_error(e.to_string()))?;
+    if bytes.len() > MAX_CONFIG_BYTES {
+        return Err(AllowlistError::TooLarge { path: path.into(), limit: MAX_CONFIG_BYTES });
+    }
+    let text = String::from_utf8(bytes).map_err(|e| read_error(format!("not UTF-8 text: {e}")))?;
+    check_nesting(&text, path)?;
+    Ok(text)
+}
+
+fn check_nesting(text: &str, path: &Path) -> Result<(), AllowlistError> {
+    match nested_deeper_than(text, MAX_NESTING) {
+        Some(line) => Err(AllowlistError::TooDeep { path: path.into(), limit: MAX_NESTING, line }),
+        None => Ok(()),
+    }
+}
+
+/// What an entry's `address` means.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Rule<'a> {
+    /// A host name (trusted for itself; allows what it resolves to).
+    Name(&'a str),
+    /// An IP address, in canonical form.
+    Ip(IpAddr),
+    /// `*.SUFFIX` (one label before SUFFIX) or `**.SUFFIX` (one or more).
+    Wildcard { suffix: &'a str, any_depth: bool },
+    /// A CIDR range, IPv4-mapped IPv6 ranges in their IPv4 form.
+    Range(IpNet),
+}
+
+impl<'a> Rule<'a> {
+    fn of(address: &'a str) -> Result<Rule<'a>, String> {
+        let address = unbracketed(address);
+        if address.is_empty() {
+            return Err("the address is empty".into());
+        }
+        if let Ok(ip) = address.parse::<IpAddr>() {
+            return Ok(Rule::Ip(ip.to_canonical()));
+        }
+        if address.contains('/') {
+            let range = address.parse::<IpNet>().map_err(|_| {
+                format!("`{address}` is not a CIDR range (expected e.g. 10.0.0.0/8 or 2001:db8::/32)")
+            })?;
+            return Ok(Rule::Range(canonical_range(range.trunc())));
+        }
+        let (suffix, any_depth) = match address.split_once('.') {
+            Some(("**", suffix)) => (suffix, true),
+            Some(("*", suffix)) => (suffix, false),
+            _ => (address, false),
+        };
+        if suffix.contains('*') || suffix.is_empty() || suffix.starts_with('.') {
+            return Err(format!(
+                "`{address}`: a wildcard is `*.` or `**.` before a name (*.example.com, **.example.com), nowhere else"
+            ));
+        }
+        Ok(if suffix.len() == address.len() {
+            Rule::Name(address)
+        } else {
+            Rule::Wildcard { suffix, any_depth }
+        })
+    }
+
+    /// Does this rule trust the host name `name`?
+    fn names(&self, name: &str) -> bool {
+        let name = trim_dot(name);
+        match self {
+            Rule::Name(entry) => trim_dot(entry).eq_ignore_ascii_case(name),
+            Rule::Wildcard { suffix, any_depth } => {
+                let suffix = trim_dot(suffix);
+                let Some(labels) = name
+                    .len()
+                    .checked_sub(suffix.len() + 1)
+                    .filter(|&cut| name.is_char_boundary(cut) && name[cut..].starts_with('.'))
+                    .filter(|&cut| name[cut + 1..].eq_ignore_ascii_case(suffix))
+                    .map(|cut| &name[..cut])
+                else {
+                    return false;
+                };
+                match any_depth {
+                    false => !labels.is_empty() && !labels.contains('.'),
+                    true => labels.split('.').all(|label| !label.is_empty()),
+                }
+            }
+            Rule::Ip(_) | Rule::Range(_) => false,
+        }
+    }
+
+    /// Does this rule allow the address `ip` (in canonical form) by itself?
+    fn holds(&self, ip: IpAddr) -> bool {
+        match self {
+            Rule::Ip(entry) => *entry == ip,
+            Rule::Range(range) => range.contains(&ip),
+            Rule::Name(_) | Rule::Wildcard { .. } => false,
+        }
+    }
+}
+
+/// `::ffff:10.0.0.0/104` is `10.0.0.0/8`: addresses are compared in
+/// canonical form, so ranges are too.
+fn canonical_range(range: IpNet) -> IpNet {
+    match range {
+        IpNet::V6(v6) if v6.prefix_len() >= 96 => match v6.addr().to_ipv4_mapped() {
+            Some(v4) => ipnet::Ipv4Net::new(v4, v6.prefix_len() - 96).map_or(range, IpNet::V4),
+            None => range,
+        },
+        other => other,
+    }
+}
+
+/// A name without its one trailing dot (DNS's absolute form).
+fn trim_dot(name: &str) -> &str {
+    name.strip_suffix('.').unwrap_or(name)
 }
 
 fn unbracketed(address: &str) -> &str {
     address.strip_prefix('[').and_then(|a| a.strip_suffix(']')).unwrap_or(address)
-}
-
-/// The entry's address when it is an IP literal, in canonical form.
-fn entry_ip(entry: &Entry) -> Option<IpAddr> {
-    unbracketed(&entry.address).parse::<IpAddr>().ok().map(|ip| ip.to_canonical())
 }
 
 fn key_name(key: &Value) -> String {
@@ -311,6 +425,75 @@ mod tests {
         assert_eq!(parse("\u{feff}allowlist:\n- {address: a.example, port: 1}\n").unwrap(), want);
         assert_eq!(parse("allowlist:\n- {address: a.example, port: 1, note: x}\nowner: me\n").unwrap(), want);
         assert_eq!(parse("allowlist:\n- {address: a.example, port: 1}\n---\nother: [\n").unwrap(), want);
+    }
+
+    /// Whether `entry` (port 443) allows connecting to `ip` for `host`:443,
+    /// with no DNS (name entries resolve to nothing).
+    fn allows(entry: &str, host: &str, ip: &str) -> bool {
+        let allowlist =
+            Allowlist { entries: vec![Entry { address: entry.into(), port: 443 }], path: "t.yaml".into() };
+        let host = crate::options::parse_remote_host(host).unwrap_or_else(|_| Host::Name(host.into()));
+        allowlist.admits_with(&host, 443, ip.parse().unwrap(), &mut |_| Vec::new()).is_ok()
+    }
+
+    #[test]
+    fn wildcards_match_labels_not_lookalikes() {
+        let any = "192.0.2.1";
+        assert!(allows("*.example.com", "kms.example.com", any));
+        assert!(allows("*.example.com", "KMS.Example.COM.", any), "case and the trailing dot aside");
+        assert!(!allows("*.example.com", "example.com", any), "one label is needed");
+        assert!(!allows("*.example.com", "a.b.example.com", any), "exactly one label");
+        assert!(!allows("*.example.com", "evilexample.com", any));
+        assert!(!allows("*.example.com", "kms.example.com.evil.net", any));
+        assert!(!allows("*.example.com", "example.com.evil.net", any));
+        assert!(!allows("*.example.com", "xexample.com", any));
+        assert!(allows("**.example.com", "kms.example.com", any));
+        assert!(allows("**.example.com", "a.b.c.example.com", any));
+        assert!(!allows("**.example.com", "example.com", any));
+        assert!(!allows("**.example.com", "evilexample.com", any));
+        assert!(!allows("**.example.com", "a..example.com", any));
+        assert!(!allows("**.example.com", "example.com.evil.net", any));
+        assert!(!allows("*.example.com", "192.0.2.1", any), "a wildcard names names, not addresses");
+    }
+
+    #[test]
+    fn ranges_hold_their_addresses_only() {
+        assert!(allows("10.0.0.0/8", "10.0.0.1", "10.0.0.1"));
+        assert!(allows("10.0.0.0/8", "10.255.255.255", "10.255.255.255"));
+        assert!(!allows("10.0.0.0/8", "11.0.0.0", "11.0.0.0"));
+        assert!(!allows("10.0.0.0/8", "9.255.255.255", "9.255.255.255"));
+        assert!(
+            allows("10.0.0.0/8", "::ffff:10.1.2.3", "::ffff:10.1.2.3"),
+            "IPv4-mapped IPv6 is its IPv4 form"
+        );
+        assert!(allows("::ffff:10.0.0.0/104", "10.9.9.9", "10.9.9.9"), "a mapped range is its IPv4 range");
+        assert!(!allows("::ffff:10.0.0.0/104", "11.0.0.0", "11.0.0.0"));
+        assert!(allows("2001:db8::/32", "2001:db8:ffff::1", "2001:db8:ffff::1"));
+        assert!(!allows("2001:db8::/32", "2001:db9::1", "2001:db9::1"));
+        assert!(allows("[2001:db8::/32]", "2001:db8::1", "2001:db8::1"), "brackets as for addresses");
+        // A name is checked by the address it resolved to.
+        assert!(allows("10.0.0.0/8", "kms.example.com", "10.0.0.7"));
+        assert!(!allows("10.0.0.0/8", "kms.example.com", "11.0.0.7"));
+        // Host bits are ignored, as routers do.
+        assert!(allows("10.1.2.3/8", "10.200.0.1", "10.200.0.1"));
+    }
+
+    #[test]
+    fn bad_wildcards_and_ranges_are_refused_when_read() {
+        for (address, says) in [
+            ("foo*.example.com", "a wildcard is"),
+            ("a.*.example.com", "a wildcard is"),
+            ("*", "a wildcard is"),
+            ("*.", "a wildcard is"),
+            ("***.example.com", "a wildcard is"),
+            ("10.0.0.0/33", "not a CIDR range"),
+            ("10.0.0/8", "not a CIDR range"),
+            ("", "empty"),
+        ] {
+            let text = format!("allowlist:\n- {{address: '{address}', port: 1}}\n");
+            let error = parse(&text).unwrap_err().to_string();
+            assert!(error.contains("entry 1") && error.contains(says), "{address}: {error}");
+        }
     }
 
     #[test]

@@ -9,9 +9,10 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use clap::Args;
 use vsock_relay_engine::endpoint::{Endpoint, Host};
-use vsock_relay_engine::{IpFamily, Relay, Target};
+use vsock_relay_engine::{IpFamily, Target};
 
 use crate::options::{EngineArgs, UsageError, Workers};
+use crate::run::Running;
 
 /// `vsock-relay forward`'s options.
 #[derive(Args, Clone, Debug)]
@@ -42,7 +43,7 @@ pub struct ForwardArgs {
     #[arg(long, default_value = "/etc/hosts", value_name = "FILE")]
     pub hosts_file: PathBuf,
 
-    /// Worker threads per forwarding.
+    /// Worker threads, serving every forwarding.
     #[command(flatten)]
     pub workers: Workers,
 
@@ -69,8 +70,8 @@ impl ForwardArgs {
         Ok((mappings, self))
     }
 
-    /// Does what --hosts asks, then starts one relay per forwarding.
-    pub fn start(self) -> anyhow::Result<Vec<Relay>> {
+    /// Does what --hosts asks, then starts one relay serving every forwarding.
+    pub fn start(self) -> anyhow::Result<Running> {
         let (mappings, args) = self.mappings()?;
         if !args.hosts.is_empty() {
             if vsock_relay_engine::bring_up_loopback()
@@ -84,13 +85,13 @@ impl ForwardArgs {
                 tracing::info!(file = %args.hosts_file.display(), names = %added.join(" "), "hosts entries added");
             }
         }
-        let mut relays = Vec::with_capacity(mappings.len());
+        let mut services = Vec::with_capacity(mappings.len());
         for Mapping { listen, to } in mappings {
             let target = Target::new(&to, &args.engine.dns(IpFamily::Any))
                 .with_context(|| format!("cannot use {to}"))?;
-            relays.push(args.engine.start(listen, target, args.workers.workers)?);
+            services.push(args.engine.service(listen, target));
         }
-        Ok(relays)
+        args.engine.launch(services, args.workers.workers)
     }
 }
 

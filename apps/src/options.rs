@@ -7,8 +7,11 @@ use std::time::Duration;
 use clap::Args;
 use vsock_relay_engine::endpoint::{parse_host, Host};
 use vsock_relay_engine::{
-    BackendChoice, DataPath, DnsOptions, Endpoint, IpFamily, Relay, RelayConfig, Target,
+    BackendChoice, DataPath, DnsOptions, Endpoint, IpFamily, Relay, RelayConfig, Service, Target,
 };
+
+use crate::metrics::MetricsServer;
+use crate::run::Running;
 
 /// `-w/--workers` of `vsock-relay`'s relaying commands.
 #[derive(Args, Clone, Copy, Debug)]
@@ -78,6 +81,13 @@ pub struct EngineArgs {
     /// Ask this DNS server (IP:PORT, repeatable) instead of /etc/resolv.conf.
     #[arg(long = "dns-server", value_name = "IP:PORT")]
     pub dns_servers: Vec<SocketAddr>,
+
+    /// Serve Prometheus metrics over HTTP at /metrics on this endpoint
+    /// (tcp:127.0.0.1:9464, unix:PATH): connections, refusals and failures
+    /// by cause, bytes, connect and duration histograms, DNS changes, per
+    /// service. Off by default.
+    #[arg(long, value_name = "ENDPOINT")]
+    pub metrics: Option<Endpoint>,
 }
 
 /// A usage error found after parsing (the binary exits 2, like clap's own).
@@ -104,10 +114,10 @@ pub struct RelayArgs {
 }
 
 impl RelayArgs {
-    pub fn start(self) -> anyhow::Result<Relay> {
+    pub fn start(self) -> anyhow::Result<Running> {
         let target = Target::new(&self.to, &self.engine.dns(IpFamily::Any))
             .map_err(|e| anyhow::Error::new(e).context(format!("cannot use --to {}", self.to)))?;
-        self.engine.start(self.listen, target, self.workers.workers)
+        self.engine.launch(vec![self.engine.service(self.listen, target)], self.workers.workers)
     }
 }
 
@@ -132,22 +142,37 @@ impl EngineArgs {
         DnsOptions { servers: self.dns_servers.clone(), family }
     }
 
-    /// The one way from command-line options to a running relay: listens
-    /// on `listen`, forwards to `target` with `workers` threads (0: one per
-    /// core), tuned by these options.
-    pub fn start(&self, listen: Endpoint, target: Target, workers: usize) -> anyhow::Result<Relay> {
-        let mut config = RelayConfig::new(listen, target);
+    /// A service listening on `listen` and forwarding to `target`, with
+    /// these options' client rules.
+    pub fn service(&self, listen: Endpoint, target: Target) -> Service {
+        let mut service = Service::new(listen, target);
+        service.allow_cids = (!self.allow_cids.is_empty()).then(|| self.allow_cids.clone());
+        service.max_connections = self.max_connections;
+        service.idle_timeout = self.idle_timeout.map(Duration::from_secs_f64);
+        service
+    }
+
+    /// The one way from command-line options to a relay: `services` served
+    /// by `workers` threads (0: one per core), tuned by these options.
+    pub fn start(&self, services: Vec<Service>, workers: usize) -> anyhow::Result<Relay> {
+        let mut config = RelayConfig::of(services);
         config.workers = workers;
         config.backend = self.backend;
         config.connect_timeout = Duration::from_secs_f64(self.connect_timeout);
         config.data_path = self.data_path;
         config.pipe_bytes = self.pipe_kib as usize * 1024;
         config.spin = Duration::from_micros(self.spin_us.into());
-        config.allow_cids = (!self.allow_cids.is_empty()).then(|| self.allow_cids.clone());
-        config.max_connections = self.max_connections;
-        config.idle_timeout = self.idle_timeout.map(Duration::from_secs_f64);
         config.drain_timeout = Duration::from_secs_f64(self.drain_timeout);
         Ok(Relay::start(config)?)
+    }
+
+    /// [`EngineArgs::start`], plus the metrics endpoint when asked for: a
+    /// command that runs until a signal.
+    pub fn launch(&self, services: Vec<Service>, workers: usize) -> anyhow::Result<Running> {
+        let relay = self.start(services, workers)?;
+        let metrics =
+            self.metrics.as_ref().map(|endpoint| MetricsServer::start(endpoint, &relay)).transpose()?;
+        Ok(Running { relay, metrics, reload: None })
     }
 }
 

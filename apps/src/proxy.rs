@@ -1,23 +1,51 @@
-//! The proxy: a relay to one allowlisted TCP service. Shared by `vsock-proxy`
-//! (AWS's command line) and `vsock-relay proxy` (any listen endpoint).
+//! The proxy: relays to allowlisted TCP services. Shared by `vsock-proxy`
+//! (AWS's command line, one service) and `vsock-relay proxy` (any listen
+//! endpoint, one service or a `--services` file of many).
+//!
+//! The allowlist is checked for the address each service connects to: at
+//! start, whenever DNS moves a target (the target's vet), and at each
+//! reload (SIGHUP), which re-reads the allowlist: a service whose target is
+//! no longer allowed refuses new clients (its open connections go on) until
+//! a later reload allows it again; a file that cannot be read or parsed is
+//! refused and the allowlist in force stays.
 
+use std::net::IpAddr;
 use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
 
 use anyhow::Context;
 use clap::Args;
 use vsock_relay_engine::dns::Resolver;
 use vsock_relay_engine::target::Vet;
-use vsock_relay_engine::{Endpoint, Host, IpFamily, Relay, Target};
+use vsock_relay_engine::{Endpoint, Gate, Host, IpFamily, Service, Target};
 
 use crate::allowlist::{Allowed, Allowlist};
 use crate::options::{parse_remote_host, EngineArgs, Workers};
+use crate::run::{Reload, Running};
+use crate::services::{self, ServiceSpec};
 
-/// `vsock-relay proxy`: the allowlisted proxy of `vsock-proxy`, listening on any endpoint.
+/// `vsock-relay proxy`: the allowlisted proxy of `vsock-proxy`, listening on
+/// any endpoint; or many such services from a `--services` file.
 #[derive(Args, Clone, Debug)]
 pub struct ProxyCommand {
     /// Where to listen (vsock-proxy listens on vsock:any:LOCAL_PORT).
-    #[arg(long, value_name = "ENDPOINT")]
-    pub listen: Endpoint,
+    #[arg(long, value_name = "ENDPOINT", required_unless_present = "services", conflicts_with = "services")]
+    pub listen: Option<Endpoint>,
+
+    /// Host name or IP address of the server to proxy to (not an enclave CID).
+    #[arg(value_name = "REMOTE_ADDR", value_parser = parse_remote_host, required_unless_present = "services", conflicts_with = "services")]
+    pub remote_addr: Option<Host>,
+
+    /// TCP port of the server to proxy to.
+    #[arg(value_name = "REMOTE_PORT", required_unless_present = "services")]
+    pub remote_port: Option<u16>,
+
+    /// Serve every service listed under `services:` in this YAML file (each
+    /// with listen, address, port and optional name, allow_cid,
+    /// max_connections, idle_timeout), with one set of workers, instead of
+    /// --listen REMOTE_ADDR REMOTE_PORT. It may be the --config file itself.
+    #[arg(long, value_name = "FILE")]
+    pub services: Option<PathBuf>,
 
     #[command(flatten)]
     pub workers: Workers,
@@ -27,15 +55,21 @@ pub struct ProxyCommand {
 }
 
 impl ProxyCommand {
-    pub fn start(self) -> anyhow::Result<Relay> {
-        start(&self.proxy.settings(self.listen, self.workers.workers))
+    pub fn start(self) -> anyhow::Result<Running> {
+        let specs = match (&self.services, self.listen, self.remote_addr, self.remote_port) {
+            (Some(file), ..) => services::load(file)?,
+            (None, Some(listen), Some(host), Some(port)) => vec![ServiceSpec::single(listen, host, port)],
+            // clap requires them when --services is missing.
+            _ => anyhow::bail!("give --listen REMOTE_ADDR REMOTE_PORT, or --services FILE"),
+        };
+        start(&self.proxy.settings(specs, self.services, self.workers.workers))
     }
 }
 
 /// AWS's default config path.
 pub const DEFAULT_CONFIG: &str = "/etc/nitro_enclaves/vsock-proxy.yaml";
 
-/// The proxy's target and allowlist options, as AWS's `vsock-proxy` has
+/// The proxy's allowlist and family options, as AWS's `vsock-proxy` has
 /// them; shared by `vsock-proxy` and `vsock-relay proxy`.
 #[derive(Args, Clone, Debug)]
 pub struct ProxyArgs {
@@ -47,30 +81,27 @@ pub struct ProxyArgs {
     #[arg(short = '6', long = "ipv6", conflicts_with = "ipv4")]
     pub ipv6: bool,
 
-    /// YAML file containing the services that can be forwarded.
+    /// YAML file containing the services that can be forwarded (its
+    /// `allowlist:`); re-read on SIGHUP.
     #[arg(long = "config", default_value = DEFAULT_CONFIG, value_name = "CONFIG_FILE")]
     pub config: PathBuf,
-
-    /// Host name or IP address of the server to proxy to (not an enclave CID).
-    #[arg(value_name = "REMOTE_ADDR", value_parser = parse_remote_host)]
-    pub remote_addr: Host,
-
-    /// TCP port of the server to proxy to.
-    #[arg(value_name = "REMOTE_PORT")]
-    pub remote_port: u16,
 
     #[command(flatten)]
     pub engine: EngineArgs,
 }
 
 impl ProxyArgs {
-    /// The proxy these options describe, listening on `listen` with `workers`
-    /// threads (0: one per core).
-    pub fn settings(self, listen: Endpoint, workers: usize) -> ProxySettings {
+    /// The proxy these options describe, serving `services` (read from
+    /// `services_file`, if from a file) with `workers` threads (0: one per core).
+    pub fn settings(
+        self,
+        services: Vec<ServiceSpec>,
+        services_file: Option<PathBuf>,
+        workers: usize,
+    ) -> ProxySettings {
         ProxySettings {
-            listen,
-            host: self.remote_addr,
-            port: self.remote_port,
+            services,
+            services_file,
             config: self.config,
             family: match (self.ipv4, self.ipv6) {
                 (true, _) => IpFamily::V4Only,
@@ -83,12 +114,34 @@ impl ProxyArgs {
     }
 }
 
+impl ServiceSpec {
+    /// The one service of a command line.
+    pub fn single(listen: Endpoint, host: Host, port: u16) -> Self {
+        ServiceSpec {
+            name: None,
+            listen,
+            host,
+            port,
+            allow_cids: None,
+            max_connections: None,
+            idle_timeout: None,
+        }
+    }
+
+    fn host_text(&self) -> String {
+        match &self.host {
+            Host::Ip(ip) => ip.to_string(),
+            Host::Name(name) => name.clone(),
+        }
+    }
+}
+
 /// A validated proxy description.
 #[derive(Clone, Debug)]
 pub struct ProxySettings {
-    pub listen: Endpoint,
-    pub host: Host,
-    pub port: u16,
+    pub services: Vec<ServiceSpec>,
+    /// Where `services` came from (a reload says when it changed).
+    pub services_file: Option<PathBuf>,
     pub config: PathBuf,
     pub family: IpFamily,
     /// Worker threads (0: one per core).
@@ -96,37 +149,136 @@ pub struct ProxySettings {
     pub engine: EngineArgs,
 }
 
-/// Resolves the target, checks the address it will use against the
-/// allowlist and starts the relay; a later DNS move is checked again.
-pub fn start(settings: &ProxySettings) -> anyhow::Result<Relay> {
-    let allowlist = Allowlist::load(&settings.config)?;
+/// Resolves every service's target, checks the address it will use against
+/// the allowlist and starts one relay for all; a later DNS move is checked
+/// again, and SIGHUP re-reads the allowlist.
+pub fn start(settings: &ProxySettings) -> anyhow::Result<Running> {
+    let allowlist = Arc::new(RwLock::new(Allowlist::load(&settings.config)?));
     let dns = settings.engine.dns(settings.family);
+    let mut services = Vec::with_capacity(settings.services.len());
+    for spec in &settings.services {
+        let service = proxied_service(spec, settings, &allowlist);
+        services.push(match settings.services.len() {
+            1 => service?,
+            _ => service.with_context(|| format!("service {}", spec.listen))?,
+        });
+    }
+    let mut running = settings.engine.launch(services, settings.workers)?;
     let resolver = Resolver::new(&dns).context("cannot set up DNS resolution")?;
-    let host_text = match &settings.host {
-        Host::Ip(ip) => ip.to_string(),
-        Host::Name(name) => name.clone(),
-    };
+    let checked: Vec<(ServiceSpec, Target, Gate)> = settings
+        .services
+        .iter()
+        .zip(running.relay.services())
+        .map(|(spec, service)| (spec.clone(), service.target.clone(), service.gate.clone()))
+        .collect();
+    let reloader = Reloader { settings: settings.clone(), allowlist, resolver, services: checked };
+    running.reload = Some(reloader.into_reload());
+    Ok(running)
+}
+
+/// The engine's service for `spec`, once its target's address is allowed.
+fn proxied_service(
+    spec: &ServiceSpec,
+    settings: &ProxySettings,
+    allowlist: &Arc<RwLock<Allowlist>>,
+) -> anyhow::Result<Service> {
+    let resolver =
+        Resolver::new(&settings.engine.dns(settings.family)).context("cannot set up DNS resolution")?;
+    let host_text = spec.host_text();
     let resolution =
         resolver.resolve(&host_text).with_context(|| format!("cannot resolve REMOTE_ADDR `{host_text}`"))?;
-    let (host, port) = (settings.host.clone(), settings.port);
-    let allowed = allowlist.admits(&host, port, resolution.addresses[0], &resolver)?;
-    let vet: Option<Vet> = match allowed {
+    let (host, port) = (spec.host.clone(), spec.port);
+    let used = resolution.addresses[0];
+    match read(allowlist).admits(&host, port, used, &resolver)? {
         Allowed::ByName(entry) => {
-            tracing::info!(address = %entry.address, port, "allowed: host name matches");
-            None
+            tracing::info!(address = %entry.address, port, "allowed: host name matches")
         }
         Allowed::ByAddress(entry) => {
-            tracing::info!(address = %entry.address, port, used = %resolution.addresses[0], "allowed: address matches");
-            Some(Box::new(move |resolver: &Resolver, address| {
-                allowlist.admits(&host, port, address, resolver).map(drop).map_err(|e| e.to_string())
-            }))
+            tracing::info!(address = %entry.address, port, %used, "allowed: address matches");
         }
-    };
-
-    let endpoint = Endpoint::Tcp { host: settings.host.clone(), port: settings.port };
-    let target = match &settings.host {
+    }
+    // Every DNS move is checked against the allowlist in force then (a
+    // reload may have changed it since).
+    let shared = Arc::clone(allowlist);
+    let vet: Vet = Box::new(move |resolver: &Resolver, address| {
+        read(&shared).admits(&host, port, address, resolver).map(drop).map_err(|e| e.to_string())
+    });
+    let endpoint = Endpoint::Tcp { host: spec.host.clone(), port };
+    let target = match &spec.host {
         Host::Ip(_) => Target::fixed(&endpoint)?,
-        Host::Name(_) => Target::follow(endpoint, settings.port, resolver, resolution, vet),
+        Host::Name(_) => Target::follow(endpoint, port, resolver, resolution, Some(vet)),
     };
-    settings.engine.start(settings.listen.clone(), target, settings.workers)
+    let mut service = settings.engine.service(spec.listen.clone(), target);
+    if let Some(name) = &spec.name {
+        service.name = name.clone();
+    }
+    if spec.allow_cids.is_some() {
+        service.allow_cids = spec.allow_cids.clone();
+    }
+    service.max_connections = spec.max_connections.or(service.max_connections);
+    if let Some(idle) = spec.idle_timeout {
+        service.idle_timeout = Some(std::time::Duration::from_secs_f64(idle));
+    }
+    Ok(service)
+}
+
+fn read(allowlist: &RwLock<Allowlist>) -> std::sync::RwLockReadGuard<'_, Allowlist> {
+    allowlist.read().unwrap_or_else(|e| e.into_inner())
+}
+
+/// What SIGHUP does to a running proxy.
+struct Reloader {
+    settings: ProxySettings,
+    allowlist: Arc<RwLock<Allowlist>>,
+    resolver: Resolver,
+    services: Vec<(ServiceSpec, Target, Gate)>,
+}
+
+impl Reloader {
+    fn into_reload(mut self) -> Reload {
+        Box::new(move || self.reload())
+    }
+
+    fn reload(&mut self) {
+        let config = &self.settings.config;
+        let fresh = match Allowlist::load(config) {
+            Ok(fresh) => fresh,
+            Err(e) => {
+                tracing::error!(error = %e, "reload refused: the allowlist in force stays");
+                return;
+            }
+        };
+        if let Some(file) = &self.settings.services_file {
+            match services::load(file) {
+                Ok(specs) if specs == self.settings.services => {}
+                Ok(_) => tracing::warn!(file = %file.display(),
+                    "the services file changed: listeners, targets and options change at a restart, not at a reload"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "the services file no longer reads; a restart would fail")
+                }
+            }
+        }
+        for (spec, target, gate) in &self.services {
+            let used: Option<IpAddr> = target.current().as_socket().map(|address| address.ip());
+            let verdict = used.map(|ip| fresh.admits(&spec.host, spec.port, ip, &self.resolver));
+            let (name, remote) =
+                (spec.name.clone().unwrap_or_else(|| spec.listen.to_string()), spec.host_text());
+            match verdict {
+                Some(Ok(_)) if !gate.is_open() => {
+                    tracing::info!(service = %name, %remote, port = spec.port, "allowed again: serving new clients");
+                    gate.set_open(true);
+                }
+                Some(Ok(_)) => {}
+                Some(Err(e)) if gate.is_open() => {
+                    tracing::error!(service = %name, error = %e,
+                        "no longer allowed: new clients are refused, open connections go on");
+                    gate.set_open(false);
+                }
+                Some(Err(_)) | None => gate.set_open(false),
+            }
+        }
+        let entries = fresh.entries.len();
+        *self.allowlist.write().unwrap_or_else(|e| e.into_inner()) = fresh;
+        tracing::info!(config = %config.display(), entries, "reloaded the allowlist");
+    }
 }

@@ -1,33 +1,53 @@
-//! Process glue shared by the binaries: logging, running a relay until
-//! SIGINT/SIGTERM, and the exit code of a failure.
+//! Process glue shared by the binaries: logging (text or JSON), running a
+//! relay until SIGINT/SIGTERM with SIGHUP as reload, and the exit code of a
+//! failure.
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
 
-use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 use tracing_subscriber::EnvFilter;
-use vsock_relay_engine::{Endpoint, Relay};
+use vsock_relay_engine::{Endpoint, Failure, Relay};
 
-/// Logs to stderr; `RUST_LOG` filters (default `info`).
-pub fn init_logging() {
-    init_logging_at("info");
+use crate::metrics::MetricsServer;
+
+/// How log lines are written.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// One human-readable line per event.
+    #[default]
+    Text,
+    /// One JSON object per event and line: `timestamp`, `level`, `target`,
+    /// the event's fields (`message` among them) and, for a connection's
+    /// lines, `span` with its `id`, `service`, `client` and `upstream`.
+    Json,
 }
 
-/// Logs to stderr; `RUST_LOG` filters (default `level`).
-pub fn init_logging_at(level: &str) {
+/// Logs to stderr in `format`; `RUST_LOG` filters (default `level`).
+pub fn init_logging(level: &str, format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .try_init();
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).try_init(),
+        LogFormat::Json => {
+            builder.json().flatten_event(true).with_current_span(true).with_span_list(false).try_init()
+        }
+    };
 }
 
-/// Runs `relay` until SIGINT or SIGTERM, then lets open connections drain.
-pub fn until_signal(relay: Relay) -> anyhow::Result<()> {
-    until_signal_all(vec![relay])
+/// A started relaying command: its relay and what the process adds to it.
+pub struct Running {
+    pub relay: Relay,
+    /// The `/metrics` endpoint, with `--metrics`.
+    pub metrics: Option<MetricsServer>,
+    /// What SIGHUP does (the proxy re-reads its allowlist); `None`: SIGHUP
+    /// is logged and ignored.
+    pub reload: Option<Reload>,
 }
+
+/// A reload: called on the signal-watching thread for each SIGHUP.
+pub type Reload = Box<dyn FnMut() + Send>;
 
 /// Blocks until SIGINT or SIGTERM, for a server that is not a relay and
 /// listens on `listen`; then removes its Unix socket file, if it has one.
@@ -42,55 +62,54 @@ pub fn serve_until_signal(listen: &Endpoint) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs several relays (one per mapping) until SIGINT or SIGTERM; a relay
-/// that fails stops the others too.
-pub fn until_signal_all(relays: Vec<Relay>) -> anyhow::Result<()> {
-    let mut signals = Signals::new([SIGINT, SIGTERM])?;
-    let stops: Vec<_> = relays.iter().map(|r| r.stop_handle()).collect();
-    let watched_stops = stops.clone();
+/// Runs until SIGINT or SIGTERM, then lets open connections drain (a
+/// second signal resets them); SIGHUP reloads. Logs the totals at the end.
+pub fn until_signal(running: Running) -> anyhow::Result<()> {
+    let Running { relay, metrics, mut reload } = running;
+    let mut signals = Signals::new([SIGINT, SIGTERM, SIGHUP])?;
+    let stop = relay.stop_handle();
     let handle = signals.handle();
     let watcher = std::thread::spawn(move || {
-        let mut received = signals.forever();
-        if let Some(signal) = received.next() {
-            tracing::info!(signal, "stopping: finishing open connections (signal again to reset them now)");
-            watched_stops.iter().for_each(|s| s.stop());
-        }
-        if let Some(signal) = received.next() {
-            tracing::warn!(signal, "second signal: resetting open connections now");
-            watched_stops.iter().for_each(|s| s.stop_now());
+        let mut stops = 0;
+        for signal in signals.forever() {
+            if signal == SIGHUP {
+                match reload.as_mut() {
+                    Some(reload) => reload(),
+                    None => tracing::info!(signal, "SIGHUP: nothing to reload for this command; ignored"),
+                }
+                continue;
+            }
+            stops += 1;
+            if stops == 1 {
+                tracing::info!(
+                    signal,
+                    "stopping: finishing open connections (signal again to reset them now)"
+                );
+                stop.stop();
+            } else {
+                tracing::warn!(signal, "second signal: resetting open connections now");
+                stop.stop_now();
+            }
         }
     });
-    let (done_tx, done_rx) = std::sync::mpsc::channel();
-    for relay in relays {
-        let done = done_tx.clone();
-        std::thread::spawn(move || {
-            let (listen, stats) = (relay.local_endpoint().clone(), relay.stats());
-            let result = relay.wait();
-            let totals = stats.snapshot();
-            tracing::info!(
-                accepted = totals.accepted,
-                failed = totals.failed,
-                refused = totals.refused,
-                cut_by_drain = totals.cut_by_drain,
-                bytes_to_upstream = totals.bytes_to_upstream,
-                bytes_to_client = totals.bytes_to_client,
-                %listen,
-                "relay stopped"
-            );
-            let _ = done.send(result);
-        });
-    }
-    drop(done_tx);
-    let mut first_error = None;
-    for result in done_rx {
-        if let Err(e) = result {
-            stops.iter().for_each(|s| s.stop());
-            first_error.get_or_insert(e);
-        }
-    }
+    let (listen, stats) = (relay.local_endpoints().to_vec(), relay.stats());
+    let result = relay.wait();
+    let totals = stats.snapshot();
+    let listen = listen.iter().map(ToString::to_string).collect::<Vec<_>>().join(" ");
+    tracing::info!(
+        accepted = totals.accepted,
+        failed = totals.failed(),
+        refused = totals.refused(),
+        cut_by_drain = totals.failed_by(Failure::Drain),
+        bytes_to_upstream = totals.bytes_to_upstream,
+        bytes_to_client = totals.bytes_to_client,
+        %listen,
+        "relay stopped"
+    );
+    drop(metrics);
     handle.close();
     let _ = watcher.join();
-    first_error.map_or(Ok(()), |e| Err(e.into()))
+    Ok(result?)
 }
 
 /// Prints a failure as one line (its causes after colons, each once) and

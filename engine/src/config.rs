@@ -1,6 +1,10 @@
 //! What a relay is asked to do: [`RelayConfig`], built by the apps from
-//! their command lines and handed to [`crate::Relay::start`].
+//! their command lines and handed to [`crate::Relay::start`]. A relay serves
+//! one or more [`Service`]s (a listener, a target, rules for its clients)
+//! with one set of workers.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::driver::BackendChoice;
@@ -16,30 +20,77 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default time a stopping relay lets open connections finish.
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Whether a service takes new clients. Closed (a reload found its target
+/// no longer allowed), it resets them; its open connections go on.
+/// Clones share the state.
+#[derive(Clone, Debug)]
+pub struct Gate(Arc<AtomicBool>);
+
+impl Default for Gate {
+    fn default() -> Self {
+        Gate(Arc::new(AtomicBool::new(true)))
+    }
+}
+
+impl Gate {
+    pub fn set_open(&self, open: bool) {
+        self.0.store(open, Ordering::Relaxed);
+    }
+
+    pub fn is_open(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// One listener, where its clients go, and the rules for its clients.
+#[derive(Clone, Debug)]
+pub struct Service {
+    /// The service's name in logs and metrics (default: the listen endpoint).
+    pub name: String,
+    pub listen: Endpoint,
+    pub target: Target,
+    /// Only clients from these vsock CIDs are served (vsock listeners
+    /// only); others are reset. `None`: any CID.
+    pub allow_cids: Option<Vec<u32>>,
+    /// Beyond this many open connections of this service (all workers), new
+    /// clients are reset. `None`: no limit but the descriptors.
+    pub max_connections: Option<u64>,
+    /// A connection with no byte moved either way for this long is reset.
+    /// `None` (the default, like AWS's proxy): never.
+    pub idle_timeout: Option<Duration>,
+    /// Closed: new clients are reset (see [`Gate`]).
+    pub gate: Gate,
+}
+
+impl Service {
+    pub fn new(listen: Endpoint, target: Target) -> Self {
+        Service {
+            name: listen.to_string(),
+            listen,
+            target,
+            allow_cids: None,
+            max_connections: None,
+            idle_timeout: None,
+            gate: Gate::default(),
+        }
+    }
+}
+
 /// Everything a relay needs to run.
 #[derive(Clone, Debug)]
 pub struct RelayConfig {
-    pub listen: Endpoint,
-    pub target: Target,
+    /// At least one; each gets its own listener, all share the workers.
+    pub services: Vec<Service>,
     /// Worker threads, each with its own ring; 0 means one per core.
     pub workers: usize,
     pub backend: BackendChoice,
     /// How each direction moves bytes: `Auto` (by the source's family),
-    /// `Splice` or `Copy` everywhere.
+    /// `Splice`, `Copy` or `Ring` everywhere.
     pub data_path: DataPath,
     pub pipe_bytes: usize,
     pub connect_timeout: Duration,
     pub drain_timeout: Duration,
     pub socket: SocketOptions,
-    /// Only clients from these vsock CIDs are served (vsock listeners
-    /// only); others are reset. `None`: any CID.
-    pub allow_cids: Option<Vec<u32>>,
-    /// Beyond this many open connections (all workers), new clients are
-    /// reset. `None`: no limit but the descriptors.
-    pub max_connections: Option<u64>,
-    /// A connection with no byte moved either way for this long is reset.
-    /// `None` (the default, like AWS's proxy): never.
-    pub idle_timeout: Option<Duration>,
     /// Before sleeping, a worker polls for new events this long. On a VM a
     /// sleep and wake-up of the relay costs more than a request/response
     /// hop; spinning saves it for CPU. Zero (the default) never spins.
@@ -47,10 +98,15 @@ pub struct RelayConfig {
 }
 
 impl RelayConfig {
+    /// A relay of one service.
     pub fn new(listen: Endpoint, target: Target) -> Self {
+        RelayConfig::of(vec![Service::new(listen, target)])
+    }
+
+    /// A relay of these services, with default settings.
+    pub fn of(services: Vec<Service>) -> Self {
         RelayConfig {
-            listen,
-            target,
+            services,
             workers: 0,
             backend: BackendChoice::Auto,
             data_path: DataPath::Auto,
@@ -59,9 +115,11 @@ impl RelayConfig {
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
             socket: SocketOptions::default(),
             spin: Duration::ZERO,
-            allow_cids: None,
-            max_connections: None,
-            idle_timeout: None,
         }
+    }
+
+    /// The first service (a relay has at least one).
+    pub fn service(&mut self) -> &mut Service {
+        &mut self.services[0]
     }
 }

@@ -96,6 +96,9 @@ pub enum Error {
     /// A resource the relay needs at start (thread, eventfd) was refused.
     #[error("cannot start the relay: {0}")]
     Start(#[source] io::Error),
+    /// A relay with no service.
+    #[error("invalid relay configuration: no service to relay")]
+    NoService,
     /// The connect timeout is zero: every connect would fail at once.
     #[error("invalid relay configuration: the connect timeout must be more than zero")]
     ZeroConnectTimeout,

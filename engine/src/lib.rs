@@ -6,7 +6,7 @@
 //! - [`socket`]: listen and connect with the options a relay wants.
 //! - [`target`] and [`dns`]: where upstream connections go; names follow DNS TTLs.
 //! - `config` and `relay`: what apps describe ([`RelayConfig`]) and start
-//!   ([`Relay`]): a listener, a target, worker threads.
+//!   ([`Relay`]): services (a listener and a target each), worker threads.
 //! - `worker`: the one event loop each worker thread runs, over a driver
 //!   (`driver/`: io_uring or epoll) that only waits and reports events.
 //! - `conn` and `pump`: what a worker does with a connection (its states,
@@ -45,7 +45,9 @@ pub mod target;
 mod throttle;
 mod worker;
 
-pub use config::{RelayConfig, DEFAULT_CONNECT_TIMEOUT, DEFAULT_DRAIN_TIMEOUT, DEFAULT_PIPE_BYTES};
+pub use config::{
+    Gate, RelayConfig, Service, DEFAULT_CONNECT_TIMEOUT, DEFAULT_DRAIN_TIMEOUT, DEFAULT_PIPE_BYTES,
+};
 pub use dns::{DnsOptions, IpFamily};
 pub use driver::{Backend, BackendChoice};
 pub use endpoint::{Endpoint, Host};
@@ -53,7 +55,7 @@ pub use error::{ConnError, Error, Side};
 pub use pump::DataPath;
 pub use relay::{Relay, StopHandle};
 pub use ring::Unavailable as UringUnavailable;
-pub use stats::{Stats, StatsSnapshot};
+pub use stats::{Failure, RefusedBy, Stats, StatsSnapshot};
 pub use target::Target;
 
 /// Raises the soft open-files limit to the hard limit (see [`Relay::start`],

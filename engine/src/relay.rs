@@ -1,15 +1,19 @@
-//! A relay: a listener, a target, and worker threads (one ring each) that
-//! accept, connect upstream and pump bytes. Apps describe a relay with
-//! [`RelayConfig`] and hand it here; they hold no socket loops of their own.
+//! A relay: one or more services (a listener and a target each) and worker
+//! threads (one ring each) that accept, connect upstream and pump bytes for
+//! all of them. Apps describe a relay with [`RelayConfig`] and hand it here;
+//! they hold no socket loops of their own.
 
 use std::fs::File;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use crate::config::RelayConfig;
+use socket2::Socket;
+
+use crate::config::{RelayConfig, Service};
 use crate::driver::{self, Backend};
 use crate::endpoint::Endpoint;
 use crate::error::Error;
+use crate::pump::DataPath;
 use crate::socket;
 use crate::stats::Stats;
 use crate::sys;
@@ -34,10 +38,13 @@ impl StopHandle {
 
 /// A started relay.
 pub struct Relay {
-    local: Endpoint,
+    /// Per service, the endpoint listened on.
+    local: Vec<Endpoint>,
     backend: Backend,
+    data_path: DataPath,
     stats: Arc<Stats>,
     control: Arc<Control>,
+    config: Arc<RelayConfig>,
     workers: Vec<JoinHandle<Result<(), Error>>>,
 }
 
@@ -47,8 +54,13 @@ impl Relay {
         if config.connect_timeout.is_zero() {
             return Err(Error::ZeroConnectTimeout);
         }
-        if config.allow_cids.is_some() && !matches!(config.listen, Endpoint::Vsock { .. }) {
-            return Err(Error::AllowCidNeedsVsock(config.listen.clone()));
+        if config.services.is_empty() {
+            return Err(Error::NoService);
+        }
+        for service in &config.services {
+            if service.allow_cids.is_some() && !matches!(service.listen, Endpoint::Vsock { .. }) {
+                return Err(Error::AllowCidNeedsVsock(service.listen.clone()));
+            }
         }
         let backend = driver::choose(config.backend)?;
         if let Err(e) = sys::raise_open_files_limit() {
@@ -58,17 +70,20 @@ impl Relay {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
             n => n,
         };
-        let listen_error = |source| Error::Listen { endpoint: config.listen.clone(), source };
-        // One listening socket, shared by the workers: no SO_REUSEPORT, so a
-        // second process on the same address gets "address in use" instead
-        // of silently taking a share of the clients.
-        let listener = socket::listen(&config.listen, &config.socket).map_err(listen_error)?;
-        let local = socket::local_endpoint(&listener, &config.listen).map_err(listen_error)?;
-        let mut listeners = Vec::with_capacity(workers);
-        for _ in 1..workers {
-            listeners.push(listener.try_clone().map_err(listen_error)?);
+        // One listening socket per service, shared by the workers: no
+        // SO_REUSEPORT, so a second process on the same address gets
+        // "address in use" instead of silently taking a share of the clients.
+        let mut local = Vec::with_capacity(config.services.len());
+        let mut listeners: Vec<Vec<Socket>> = (0..workers).map(|_| Vec::new()).collect();
+        for service in &config.services {
+            let listen_error = |source| Error::Listen { endpoint: service.listen.clone(), source };
+            let listener = socket::listen(&service.listen, &config.socket).map_err(listen_error)?;
+            local.push(socket::local_endpoint(&listener, &service.listen).map_err(listen_error)?);
+            for each in &mut listeners[1..] {
+                each.push(listener.try_clone().map_err(listen_error)?);
+            }
+            listeners[0].push(listener);
         }
-        listeners.push(listener);
         let wakers = (0..workers)
             .map(|_| sys::eventfd().map(File::from))
             .collect::<Result<Vec<_>, _>>()
@@ -76,15 +91,17 @@ impl Relay {
         let worker_wakes =
             wakers.iter().map(|w| w.try_clone()).collect::<Result<Vec<_>, _>>().map_err(Error::Start)?;
         let control = Arc::new(Control::new(wakers));
-        let stats = Arc::new(Stats::default());
+        let stats = Arc::new(Stats::new(config.services.iter().map(|s| s.name.clone()).collect(), workers));
         let config = Arc::new(config);
-        tracing::info!(listen = %local, target = %config.target.endpoint(), workers, backend = %backend,
-            "relay listening");
+        for (service, listen) in config.services.iter().zip(&local) {
+            tracing::info!(service = %service.name, listen = %listen, target = %service.target.endpoint(),
+                workers, backend = %backend, "relay listening");
+        }
         let mut handles = Vec::with_capacity(workers);
-        for (index, (listener, wake)) in listeners.into_iter().zip(worker_wakes).enumerate() {
+        for (index, (listeners, wake)) in listeners.into_iter().zip(worker_wakes).enumerate() {
             let setup = WorkerSetup {
                 index,
-                listener,
+                listeners,
                 wake,
                 config: Arc::clone(&config),
                 stats: Arc::clone(&stats),
@@ -99,16 +116,33 @@ impl Relay {
                 })?;
             handles.push(handle);
         }
-        Ok(Relay { local, backend, stats, control, workers: handles })
+        let data_path = config.data_path;
+        Ok(Relay { local, backend, data_path, stats, control, config, workers: handles })
     }
 
-    /// The endpoint actually listened on (with the real port after port 0).
+    /// The endpoint the first service listens on (with the real port after port 0).
     pub fn local_endpoint(&self) -> &Endpoint {
+        &self.local[0]
+    }
+
+    /// The endpoints listened on, one per service in the config's order.
+    pub fn local_endpoints(&self) -> &[Endpoint] {
         &self.local
     }
 
     pub fn backend(&self) -> Backend {
         self.backend
+    }
+
+    /// The services, in the config's order (their gates and targets are
+    /// the running ones).
+    pub fn services(&self) -> &[Service] {
+        &self.config.services
+    }
+
+    /// The data path asked for (`Auto` picks per direction).
+    pub fn data_path(&self) -> DataPath {
+        self.data_path
     }
 
     pub fn stats(&self) -> Arc<Stats> {
@@ -136,8 +170,10 @@ impl Relay {
                 first_error.get_or_insert(e);
             }
         }
-        if let Endpoint::Unix { path } = &self.local {
-            let _ = std::fs::remove_file(path);
+        for local in &self.local {
+            if let Endpoint::Unix { path } = local {
+                let _ = std::fs::remove_file(path);
+            }
         }
         first_error.map_or(Ok(()), Err)
     }

@@ -8,6 +8,7 @@
 //! allowlist) may refuse a new address: the last vetted one stays in use.
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -40,6 +41,9 @@ pub struct Target {
 struct Shared {
     endpoint: Endpoint,
     current: RwLock<SockAddr>,
+    changes: AtomicU64,
+    lookup_failures: AtomicU64,
+    moves_refused: AtomicU64,
     /// Dropping the last `Target` drops this sender, which ends the refresh thread.
     _stop_refresh: Option<mpsc::Sender<()>>,
 }
@@ -110,20 +114,25 @@ impl Target {
                                 Ok(()) => {
                                     tracing::info!(%name, %address, "upstream address changed");
                                     *shared.current.write().unwrap_or_else(|e| e.into_inner()) = next;
+                                    shared.changes.fetch_add(1, Relaxed);
                                     last_refused = None;
                                 }
                                 Err(reason) if last_refused != Some(address) => {
+                                    shared.moves_refused.fetch_add(1, Relaxed);
                                     tracing::error!(%name, %address, %reason, kept = %socket::describe(&kept),
                                         "refusing the upstream's new address; keeping the last allowed one");
                                     last_refused = Some(address);
                                 }
-                                Err(_) => {}
+                                Err(_) => {
+                                    shared.moves_refused.fetch_add(1, Relaxed);
+                                }
                             }
                         }
                         wait = resolution.ttl().clamp(MIN_REFRESH, MAX_REFRESH);
                         retry = MIN_REFRESH;
                     }
                     Err(reason) => {
+                        shared.lookup_failures.fetch_add(1, Relaxed);
                         let kept =
                             socket::describe(&shared.current.read().unwrap_or_else(|e| e.into_inner()));
                         tracing::warn!(%name, %reason, %kept, retry_s = retry.as_secs(),
@@ -141,7 +150,25 @@ impl Target {
     }
 
     fn with(endpoint: Endpoint, addr: SockAddr, stop: Option<mpsc::Sender<()>>) -> Target {
-        Target { shared: Arc::new(Shared { endpoint, current: RwLock::new(addr), _stop_refresh: stop }) }
+        Target {
+            shared: Arc::new(Shared {
+                endpoint,
+                current: RwLock::new(addr),
+                changes: AtomicU64::new(0),
+                lookup_failures: AtomicU64::new(0),
+                moves_refused: AtomicU64::new(0),
+                _stop_refresh: stop,
+            }),
+        }
+    }
+
+    /// What the DNS refresh did so far (all zero for a fixed target).
+    pub fn dns_counters(&self) -> DnsCounters {
+        DnsCounters {
+            changes: self.shared.changes.load(Relaxed),
+            lookup_failures: self.shared.lookup_failures.load(Relaxed),
+            moves_refused: self.shared.moves_refused.load(Relaxed),
+        }
     }
 
     /// The address to connect to now.
@@ -153,6 +180,17 @@ impl Target {
     pub fn endpoint(&self) -> &Endpoint {
         &self.shared.endpoint
     }
+}
+
+/// Counts of a target's DNS refreshes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DnsCounters {
+    /// Times the address in use changed.
+    pub changes: u64,
+    /// Refreshes whose lookup failed (the last good address stayed).
+    pub lookup_failures: u64,
+    /// Refreshes whose new address the vet refused (the last allowed stayed).
+    pub moves_refused: u64,
 }
 
 fn sockaddr(ip: IpAddr, port: u16) -> SockAddr {

@@ -5,8 +5,10 @@
 //! queue of directions that yielded with work left, spinning before a
 //! sleep, pausing accepts when descriptors run out, and the stop: no new
 //! clients, a drain time for the open ones, then a reset for the rest.
-//! Also the access rules that apply per client (`allow_cids`,
-//! `max_connections`), the idle timeout, and throttled warnings.
+//! Also the access rules that apply per client (a service's gate,
+//! `allow_cids`, `max_connections`), the idle timeout, the counters, and
+//! throttled warnings. A worker serves every service of its relay: one
+//! accept per listener, one slab of connections.
 //! A driver (`driver/`) only arms interest, waits, and reports events.
 
 use std::collections::VecDeque;
@@ -19,14 +21,14 @@ use std::time::{Duration, Instant};
 use slab::Slab;
 use socket2::{Domain, Socket};
 
-use crate::config::RelayConfig;
+use crate::config::{RelayConfig, Service};
 use crate::conn::{Action, ConnState, Connection, Direction, Ending, Event, Io};
 use crate::driver::{Backend, Completed, Driver, DriverEvent, EpollDriver, Key, Readiness, UringDriver};
 use crate::error::{ConnError, Error, Op, Side};
 use crate::pool::Pools;
 use crate::pump::{DataPath, Wait};
 use crate::socket;
-use crate::stats::Stats;
+use crate::stats::{Failure, RefusedBy, Stats};
 use crate::throttle::Throttle;
 
 /// Pause before accepting again after running out of descriptors.
@@ -79,7 +81,8 @@ impl Control {
 /// What one worker gets.
 pub(crate) struct WorkerSetup {
     pub index: usize,
-    pub listener: Socket,
+    /// One per service, in the config's order.
+    pub listeners: Vec<Socket>,
     /// The read side of this worker's waker in [`Control`].
     pub wake: File,
     pub config: Arc<RelayConfig>,
@@ -92,11 +95,11 @@ pub(crate) fn run(backend: Backend, setup: WorkerSetup) -> Result<(), Error> {
     let (index, control) = (setup.index, Arc::clone(&setup.control));
     let result = match backend {
         Backend::Uring => {
-            UringDriver::new(setup.listener, setup.wake, setup.config.data_path == DataPath::Ring).and_then(
+            UringDriver::new(setup.listeners, setup.wake, setup.config.data_path == DataPath::Ring).and_then(
                 |driver| Worker::new(driver, setup.index, setup.config, setup.stats, setup.control).run(),
             )
         }
-        Backend::Portable => EpollDriver::new(setup.listener, setup.wake).and_then(|driver| {
+        Backend::Portable => EpollDriver::new(setup.listeners, setup.wake).and_then(|driver| {
             Worker::new(driver, setup.index, setup.config, setup.stats, setup.control).run()
         }),
     };
@@ -114,6 +117,8 @@ fn out_of_resources(error: &io::Error) -> bool {
 
 struct Slot {
     conn: Connection,
+    /// Index of its service in the config.
+    service: usize,
     /// What each direction waits for (`None`: not started).
     waits: [Option<Wait>; 2],
     /// When a byte last moved (kept only with an idle timeout).
@@ -149,9 +154,31 @@ impl Warnings {
 
 /// Why a client is reset right after its accept.
 enum Refusal {
+    Closed,
     Cid(u32),
     UnknownCid,
     OverLimit(u64),
+}
+
+impl Refusal {
+    fn counted_as(&self) -> RefusedBy {
+        match self {
+            Refusal::Closed => RefusedBy::Allowlist,
+            Refusal::Cid(_) | Refusal::UnknownCid => RefusedBy::Cid,
+            Refusal::OverLimit(_) => RefusedBy::Limit,
+        }
+    }
+}
+
+/// The counter a connection's ending goes to (`None`: not a failure).
+fn failure_of(ending: &Ending) -> Option<Failure> {
+    match ending {
+        Ending::Finished => None,
+        Ending::Idle(_) => Some(Failure::Idle),
+        Ending::Failed(ConnError { op: Op::Connect, .. }) => Some(Failure::Connect),
+        Ending::Failed(ConnError { side: Side::Client, .. }) => Some(Failure::Client),
+        Ending::Failed(ConnError { side: Side::Upstream, .. }) => Some(Failure::Upstream),
+    }
 }
 
 struct Worker<D> {
@@ -168,12 +195,14 @@ struct Worker<D> {
     drain_deadline: Option<Instant>,
     /// With an idle timeout: when to look for idle connections next.
     idle_sweep: Option<Instant>,
+    /// How often to look (for the service with the shortest idle timeout).
+    sweep_every: Option<Duration>,
     /// The loop's clock, read once per round (for `Slot::last_active`).
     now: Instant,
     warnings: Warnings,
     index: usize,
-    /// The family of accepted sockets (the listener's).
-    client_domain: Domain,
+    /// The family of each service's accepted sockets (its listener's).
+    client_domains: Vec<Domain>,
     config: Arc<RelayConfig>,
     stats: Arc<Stats>,
     control: Arc<Control>,
@@ -189,6 +218,7 @@ impl<D: Driver> Worker<D> {
         stats: Arc<Stats>,
         control: Arc<Control>,
     ) -> Self {
+        let sweep_every = config.services.iter().filter_map(|s| s.idle_timeout).min().map(sweep_interval);
         Worker {
             driver,
             conns: Slab::new(),
@@ -196,11 +226,12 @@ impl<D: Driver> Worker<D> {
             connect_deadlines: VecDeque::new(),
             accept_paused_until: None,
             drain_deadline: None,
-            idle_sweep: config.idle_timeout.map(|idle| Instant::now() + sweep_interval(idle)),
+            idle_sweep: sweep_every.map(|every| Instant::now() + every),
+            sweep_every,
             now: Instant::now(),
             warnings: Warnings::new(),
             index,
-            client_domain: socket::domain(&config.listen),
+            client_domains: config.services.iter().map(|s| socket::domain(&s.listen)).collect(),
             pools: Pools::new(config.pipe_bytes, POOL_MAX_IDLE),
             config,
             stats,
@@ -269,15 +300,17 @@ impl<D: Driver> Worker<D> {
 
     fn on_event(&mut self, event: DriverEvent) -> io::Result<()> {
         match event {
-            DriverEvent::Accepted(Ok(client)) if self.drain_deadline.is_none() => self.open(client),
+            DriverEvent::Accepted { service, client: Ok(client) } if self.drain_deadline.is_none() => {
+                self.open(service, client)
+            }
             // Accepted after the stop began (already queued): reset, so
             // that the client never takes it for a clean end of stream.
-            DriverEvent::Accepted(Ok(client)) => {
+            DriverEvent::Accepted { client: Ok(client), .. } => {
                 tracing::debug!(worker = self.index, "client accepted while stopping; reset");
                 socket::reset(&client);
                 Ok(())
             }
-            DriverEvent::Accepted(Err(error)) if out_of_resources(&error) => {
+            DriverEvent::Accepted { client: Err(error), .. } if out_of_resources(&error) => {
                 if self.warnings.accept.admit(self.now, self.index) {
                     tracing::warn!(worker = self.index, %error, "cannot accept: out of resources; retrying shortly");
                 }
@@ -286,7 +319,7 @@ impl<D: Driver> Worker<D> {
                 Ok(())
             }
             // The client gave up before we accepted it, or similar.
-            DriverEvent::Accepted(Err(error)) => {
+            DriverEvent::Accepted { client: Err(error), .. } => {
                 tracing::debug!(worker = self.index, %error, "accept failed");
                 Ok(())
             }
@@ -361,18 +394,21 @@ impl<D: Driver> Worker<D> {
             self.accept_paused_until = None;
             self.driver.resume_accepting();
         }
-        if let (Some(idle), Some(sweep)) = (self.config.idle_timeout, self.idle_sweep) {
+        if let (Some(every), Some(sweep)) = (self.sweep_every, self.idle_sweep) {
             if sweep <= now {
-                self.idle_sweep = Some(now + sweep_interval(idle));
-                let idle_keys: Vec<Key> = self
+                self.idle_sweep = Some(now + every);
+                let services = &self.config.services;
+                let idle: Vec<(Key, Duration)> = self
                     .conns
                     .iter()
-                    .filter(|(_, slot)| {
-                        slot.conn.state == ConnState::Relaying && slot.last_active + idle <= now
+                    .filter(|(_, slot)| slot.conn.state == ConnState::Relaying)
+                    .filter_map(|(index, slot)| {
+                        let idle = services[slot.service].idle_timeout?;
+                        (slot.last_active + idle <= now)
+                            .then(|| key_of(index, &slot.conn).map(|key| (key, idle)))
                     })
-                    .map(|(index, slot)| key_of(index, &slot.conn))
                     .collect::<io::Result<_>>()?;
-                for key in idle_keys {
+                for (key, idle) in idle {
                     self.dispatch(key, Event::IdleFor(idle))?;
                 }
             }
@@ -383,14 +419,18 @@ impl<D: Driver> Worker<D> {
         Ok(())
     }
 
-    /// Whether the access rules refuse this client.
-    fn refusal(&self, client: &Socket) -> Option<Refusal> {
-        if let Some(max) = self.config.max_connections {
-            if self.stats.active() >= max {
+    /// Whether the access rules of `service` refuse this client.
+    fn refusal(&self, service: usize, client: &Socket) -> Option<Refusal> {
+        let rules = &self.config.services[service];
+        if !rules.gate.is_open() {
+            return Some(Refusal::Closed);
+        }
+        if let Some(max) = rules.max_connections {
+            if self.stats.active(service) >= max {
                 return Some(Refusal::OverLimit(max));
             }
         }
-        let allowed = self.config.allow_cids.as_ref()?;
+        let allowed = rules.allow_cids.as_ref()?;
         match client.peer_addr().ok().and_then(|peer| peer.as_vsock_address()) {
             Some((cid, _)) if allowed.contains(&cid) => None,
             Some((cid, _)) => Some(Refusal::Cid(cid)),
@@ -399,33 +439,42 @@ impl<D: Driver> Worker<D> {
     }
 
     /// Resets a refused client, counts it, and logs why (throttled).
-    fn refuse(&mut self, client: &Socket, refusal: &Refusal) {
+    fn refuse(&mut self, service: usize, client: &Socket, refusal: &Refusal) {
         socket::reset(client);
-        self.stats.refused();
+        self.stats.cell(self.index, service).refused(refusal.counted_as());
         if self.warnings.refused.admit(self.now, self.index) {
             let client_name = peer_name(client);
+            let service = &self.config.services[service].name;
             match refusal {
-                Refusal::Cid(cid) => tracing::warn!(worker = self.index, client = %client_name, cid,
-                    "client refused: its CID is not in --allow-cid"),
-                Refusal::UnknownCid => tracing::warn!(worker = self.index, client = %client_name,
+                Refusal::Closed => tracing::warn!(worker = self.index, client = %client_name, %service,
+                    "client refused: the service's target is no longer allowed (since a reload)"),
+                Refusal::Cid(cid) => {
+                    tracing::warn!(worker = self.index, client = %client_name, %service, cid,
+                    "client refused: its CID is not in --allow-cid")
+                }
+                Refusal::UnknownCid => tracing::warn!(worker = self.index, client = %client_name, %service,
                     "client refused: its CID is unknown and --allow-cid is set"),
-                Refusal::OverLimit(max) => tracing::warn!(worker = self.index, client = %client_name, max,
-                    "client refused: --max-connections reached"),
+                Refusal::OverLimit(max) => {
+                    tracing::warn!(worker = self.index, client = %client_name, %service, max,
+                    "client refused: --max-connections reached")
+                }
             }
         }
     }
 
-    /// A new client: open the upstream socket and start the connect.
-    fn open(&mut self, client: Socket) -> io::Result<()> {
-        if let Some(refusal) = self.refusal(&client) {
-            self.refuse(&client, &refusal);
+    /// A new client of `service`: open the upstream socket and start the connect.
+    fn open(&mut self, service: usize, client: Socket) -> io::Result<()> {
+        if let Some(refusal) = self.refusal(service, &client) {
+            self.refuse(service, &client, &refusal);
             return Ok(());
         }
-        if let Err(e) = socket::tune_accepted(&client, self.client_domain, &self.config.socket) {
+        let client_domain = self.client_domains[service];
+        if let Err(e) = socket::tune_accepted(&client, client_domain, &self.config.socket) {
             tracing::debug!(error = %e, "cannot tune an accepted socket");
         }
-        self.stats.opened();
-        let target = self.config.target.current();
+        let cell = self.stats.cell(self.index, service);
+        cell.opened();
+        let target = self.config.services[service].target.current();
         let upstream = match socket::socket_for(&target, &self.config.socket) {
             Ok(upstream) => upstream,
             Err(e) => {
@@ -434,14 +483,14 @@ impl<D: Driver> Worker<D> {
                     tracing::warn!(worker = self.index, error = %e, "cannot open an upstream socket; client reset");
                 }
                 socket::reset(&client);
-                self.stats.closed(true);
+                cell.dropped(Failure::Resources);
                 return Ok(());
             }
         };
         self.next_id += 1;
         let deadline = Instant::now() + self.config.connect_timeout;
         let (path, ring) = (self.config.data_path, self.driver.ring_ops().is_some());
-        let (from_client, from_upstream) = (self.client_domain, target.domain());
+        let (from_client, from_upstream) = (client_domain, target.domain());
         let paths = [
             path.for_direction(from_client, from_upstream, ring),
             path.for_direction(from_upstream, from_client, ring),
@@ -452,7 +501,7 @@ impl<D: Driver> Worker<D> {
         }
         let entry = self.conns.vacant_entry();
         let key = key_of(entry.key(), &conn)?;
-        let slot = entry.insert(Slot { conn, waits: [None, None], last_active: self.now });
+        let slot = entry.insert(Slot { conn, service, waits: [None, None], last_active: self.now });
         let (action, moved) = match self.driver.register(key, &slot.conn) {
             Ok(()) => {
                 let mut io = Io::new(&mut self.pools, self.driver.ring_ops(), key);
@@ -472,14 +521,19 @@ impl<D: Driver> Worker<D> {
     /// Runs a connection's state machine on `event` and carries out its answer.
     fn dispatch(&mut self, key: Key, event: Event) -> io::Result<()> {
         let mut io = Io::new(&mut self.pools, self.driver.ring_ops(), key);
-        let action = self.conns[key.index as usize].conn.handle(event, &mut io);
+        let slot = &mut self.conns[key.index as usize];
+        let connecting = matches!(slot.conn.state, ConnState::Connecting { .. });
+        let action = slot.conn.handle(event, &mut io);
+        if connecting && slot.conn.state == ConnState::Relaying {
+            self.stats.cell(self.index, slot.service).connected(slot.conn.opened.elapsed());
+        }
         let moved = io.moved;
         self.carry_out(key, action, moved)
     }
 
     fn carry_out(&mut self, key: Key, action: Action, moved: [u64; 2]) -> io::Result<()> {
-        self.stats.moved(moved[0], moved[1]);
         let slot = &mut self.conns[key.index as usize];
+        self.stats.cell(self.index, slot.service).moved(moved[0], moved[1]);
         if moved != [0, 0] {
             slot.last_active = self.now;
         }
@@ -516,18 +570,18 @@ impl<D: Driver> Worker<D> {
 
     /// Counts a closed connection and logs its one line: a warning when the
     /// upstream could not be reached (the operator's first question when a
-    /// chain of relays fails), else at debug level.
+    /// chain of relays fails), else at debug level. Either line is in the
+    /// connection's span (id, service, client, upstream).
     fn log_closed(&mut self, key: Key, ending: &Ending) {
-        self.stats.closed(matches!(ending, Ending::Failed(_) | Ending::Idle(_)));
-        let conn = &self.conns[key.index as usize].conn;
+        let Slot { conn, service, .. } = &self.conns[key.index as usize];
+        let lasted = conn.opened.elapsed();
+        self.stats.cell(self.index, *service).closed(failure_of(ending), lasted);
+        let service = &self.config.services[*service];
         if let Ending::Failed(ConnError { side: Side::Upstream, op: Op::Connect, source }) = ending {
             if self.warnings.unreachable.admit(self.now, self.index) {
-                let client = match conn.client_name.as_str() {
-                    "" => peer_name(&conn.client),
-                    name => name.to_string(),
-                };
-                tracing::warn!(worker = self.index, %client, upstream = %self.config.target.endpoint(),
-                    error = %source, "cannot reach the upstream; client reset");
+                connection_span(conn, service).in_scope(|| {
+                    tracing::warn!(worker = self.index, error = %source, "cannot reach the upstream; client reset");
+                });
             }
             return;
         }
@@ -538,10 +592,10 @@ impl<D: Driver> Worker<D> {
                 Ending::Failed(e) => e.to_string(),
                 Ending::Idle(idle) => format!("reset: idle for {idle:?} (--idle-timeout)"),
             };
-            let ms = u64::try_from(conn.opened.elapsed().as_millis()).unwrap_or(u64::MAX);
-            tracing::debug!(worker = self.index, id = conn.id, client = %conn.client_name,
-                upstream = %self.config.target.endpoint(), to_upstream, to_client, ms, %outcome,
-                "connection closed");
+            let ms = u64::try_from(lasted.as_millis()).unwrap_or(u64::MAX);
+            connection_span(conn, service).in_scope(|| {
+                tracing::debug!(worker = self.index, to_upstream, to_client, ms, %outcome, "connection closed");
+            });
         }
     }
 
@@ -564,9 +618,15 @@ impl<D: Driver> Worker<D> {
     /// counted as failed, cut by the drain.
     fn abandon(&self) {
         let open = self.conns.iter().filter(|(_, slot)| slot.conn.state != ConnState::Closed);
-        let count = open.map(|(_, slot)| slot.conn.reset()).count();
+        let mut count = 0;
+        for (_, slot) in open {
+            slot.conn.reset();
+            self.stats
+                .cell(self.index, slot.service)
+                .closed(Some(Failure::Drain), slot.conn.opened.elapsed());
+            count += 1;
+        }
         if count > 0 {
-            self.stats.cut_by_drain(u64::try_from(count).unwrap_or(u64::MAX));
             tracing::info!(worker = self.index, open = count, "drain over; resetting open connections");
         }
     }
@@ -581,6 +641,17 @@ fn sweep_interval(idle: Duration) -> Duration {
 /// A client's address for a log line (a system call: off the common path).
 fn peer_name(client: &Socket) -> String {
     socket::peer_name(client).unwrap_or_else(|| "(unknown)".to_string())
+}
+
+/// The span a connection's log lines are in: its id, service, client and
+/// upstream on every line. Made only when a line is logged.
+fn connection_span(conn: &Connection, service: &Service) -> tracing::Span {
+    let client = match conn.client_name.as_str() {
+        "" => peer_name(&conn.client),
+        name => name.to_string(),
+    };
+    tracing::info_span!("conn", id = conn.id, service = %service.name, %client,
+        upstream = %service.target.endpoint())
 }
 
 /// The driver's key for the connection in slot `index`.

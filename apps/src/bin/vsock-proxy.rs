@@ -6,18 +6,20 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use vsock_relay_apps::options::parse_workers;
+use vsock_relay_apps::options::{parse_remote_host, parse_workers};
 use vsock_relay_apps::proxy::{self, ProxyArgs};
-use vsock_relay_apps::run;
+use vsock_relay_apps::run::{self, LogFormat};
+use vsock_relay_apps::services::ServiceSpec;
 use vsock_relay_engine::endpoint::VSOCK_CID_ANY;
-use vsock_relay_engine::Endpoint;
+use vsock_relay_engine::{Endpoint, Host};
 
 /// Vsock-TCP proxy: forwards connections from enclaves (vsock LOCAL_PORT)
 /// to one allowlisted TCP service (REMOTE_ADDR:REMOTE_PORT).
 ///
-/// Logging: set RUST_LOG (error, warn, info, debug). Exit status: 0 after
-/// SIGINT/SIGTERM (a second signal ends the drain at once), 1 when the config
-/// or allowlist refuses the target or the port is in use, 2 on a usage error.
+/// Logging: set RUST_LOG (error, warn, info, debug). SIGHUP re-reads the
+/// allowlist. Exit status: 0 after SIGINT/SIGTERM (a second signal ends the
+/// drain at once), 1 when the config or allowlist refuses the target or the
+/// port is in use, 2 on a usage error.
 #[derive(Parser, Debug)]
 #[command(name = "vsock-proxy", version, about, long_about)]
 struct Cli {
@@ -31,16 +33,29 @@ struct Cli {
     #[arg(value_name = "LOCAL_PORT")]
     local_port: u32,
 
+    /// Host name or IP address of the server to proxy to (not an enclave CID).
+    #[arg(value_name = "REMOTE_ADDR", value_parser = parse_remote_host)]
+    remote_addr: Host,
+
+    /// TCP port of the server to proxy to.
+    #[arg(value_name = "REMOTE_PORT")]
+    remote_port: u16,
+
+    /// Log lines as text, or as one JSON object per line.
+    #[arg(long, default_value = "text", value_name = "text|json")]
+    log_format: LogFormat,
+
     #[command(flatten)]
     proxy: ProxyArgs,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    run::init_logging();
+    run::init_logging("info", cli.log_format);
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let listen = Endpoint::Vsock { cid: VSOCK_CID_ANY, port: cli.local_port };
-    let settings = cli.proxy.settings(listen, cli.num_workers.min(cores));
+    let service = ServiceSpec::single(listen, cli.remote_addr, cli.remote_port);
+    let settings = cli.proxy.settings(vec![service], None, cli.num_workers.min(cores));
     match proxy::start(&settings).and_then(run::until_signal) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => run::fail("vsock-proxy", e),

@@ -14,7 +14,7 @@ use vsock_relay_apps::demo::{self, DemoArgs};
 use vsock_relay_apps::forward::ForwardArgs;
 use vsock_relay_apps::options::{RelayArgs, UsageError};
 use vsock_relay_apps::proxy::ProxyCommand;
-use vsock_relay_apps::run;
+use vsock_relay_apps::run::{self, LogFormat};
 use vsock_relay_apps::serve::ServeArgs;
 
 /// Fast relays between AF_VSOCK, TCP and Unix sockets for AWS Nitro Enclaves.
@@ -24,6 +24,10 @@ use vsock_relay_apps::serve::ServeArgs;
 #[derive(Parser, Debug)]
 #[command(name = "vsock-relay", version, about, long_about)]
 struct Cli {
+    /// Log lines as text, or as one JSON object per line.
+    #[arg(long, global = true, default_value = "text", value_name = "text|json")]
+    log_format: LogFormat,
+
     #[command(subcommand)]
     command: Command,
 }
@@ -78,18 +82,18 @@ impl Command {
     }
 
     fn run(self) -> anyhow::Result<ExitCode> {
-        let relays = match self {
+        let running = match self {
             Command::Client(args) => return args.run(),
-            Command::Serve(args) => args.run().map(|()| vec![])?,
-            Command::Bench(bench) => bench::run(bench).map(|()| vec![])?,
-            Command::Demo(args) => demo::run(&args, &mut std::io::stdout().lock()).map(|()| vec![])?,
-            Command::Proxy(args) => vec![args.start()?],
-            Command::Relay(args) => vec![args.start()?],
+            Command::Serve(args) => return args.run().map(|()| ExitCode::SUCCESS),
+            Command::Bench(bench) => return bench::run(bench).map(|()| ExitCode::SUCCESS),
+            Command::Demo(args) => {
+                return demo::run(&args, &mut std::io::stdout().lock()).map(|()| ExitCode::SUCCESS)
+            }
+            Command::Proxy(args) => args.start()?,
+            Command::Relay(args) => args.start()?,
             Command::Forward(args) => args.start()?,
         };
-        if !relays.is_empty() {
-            run::until_signal_all(relays)?;
-        }
+        run::until_signal(running)?;
         Ok(ExitCode::SUCCESS)
     }
 }
@@ -98,8 +102,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match &cli.command {
         // The demo's output is its story; the client's is its answer.
-        Command::Demo(_) | Command::Client(_) | Command::Bench(_) => run::init_logging_at("warn"),
-        _ => run::init_logging(),
+        Command::Demo(_) | Command::Client(_) | Command::Bench(_) => {
+            run::init_logging("warn", cli.log_format)
+        }
+        _ => run::init_logging("info", cli.log_format),
     }
     let program = cli.command.program();
     match cli.command.run() {

@@ -22,6 +22,7 @@ use crate::ipranges::{Source, SourceSettings};
 use crate::options::EngineArgs;
 use crate::proxy::{self, ProxySettings};
 use crate::serve::{self, Server};
+use crate::services::ServiceSpec;
 pub use endpoint::HttpsEndpoint;
 
 /// The bundled ip-ranges.json: the real schema, a handful of made-up-for-
@@ -214,19 +215,20 @@ pub fn run(args: &DemoArgs, out: &mut impl Write) -> anyhow::Result<()> {
 }
 
 fn start_proxy(args: &DemoArgs, hop: &Hop, port: u16, allowlist: &Path) -> anyhow::Result<Relay> {
+    let service = ServiceSpec::single(hop.listen.clone(), Host::Name("localhost".into()), port);
     proxy::start(&ProxySettings {
-        listen: hop.listen.clone(),
-        host: Host::Name("localhost".into()),
-        port,
+        services: vec![service],
+        services_file: None,
         config: allowlist.to_path_buf(),
         family: IpFamily::Any,
         workers: 1,
         engine: args.engine.clone(),
     })
+    .map(|running| running.relay)
 }
 
 fn start_forwarder(args: &DemoArgs, hop: &Hop) -> anyhow::Result<Relay> {
-    args.engine.start(loopback(0), Target::fixed(&hop.connect)?, 1)
+    args.engine.start(vec![args.engine.service(loopback(0), Target::fixed(&hop.connect)?)], 1)
 }
 
 /// The port of an endpoint the demo bound on TCP port 0 (forwarders, sink).

@@ -20,8 +20,19 @@ use super::{Driver, DriverEvent, Key, Readiness};
 use crate::conn::Connection;
 use crate::error::Side;
 
-const LISTENER: Token = Token(usize::MAX);
-const WAKE: Token = Token(usize::MAX - 1);
+const WAKE: Token = Token(usize::MAX);
+/// Listeners count down from here (service 0 first); connection tokens
+/// use at most 56 bits, so the two never meet.
+const FIRST_LISTENER: usize = usize::MAX - 1;
+
+fn listener_token(service: usize) -> Token {
+    Token(FIRST_LISTENER - service)
+}
+
+/// The service of a listener's token, if it is one.
+fn listener_of(token: Token, services: usize) -> Option<usize> {
+    FIRST_LISTENER.checked_sub(token.0).filter(|service| *service < services)
+}
 /// Events taken from epoll per wait.
 const EVENTS_PER_WAIT: usize = 1024;
 
@@ -45,44 +56,51 @@ fn decode(token: Token) -> (Key, Side) {
 pub(crate) struct EpollDriver {
     poll: Poll,
     ready: Events,
-    listener: Option<Socket>,
-    /// The listener may have clients waiting (edge-triggered: accept until
-    /// it says WouldBlock, or the next edge may never come).
-    accept_pending: bool,
+    /// Indexed by service; `None` once stopped.
+    listeners: Vec<Option<Socket>>,
+    /// Per listener: it may have clients waiting (edge-triggered: accept
+    /// until it says WouldBlock, or the next edge may never come).
+    accept_pending: Vec<bool>,
     accept_paused: bool,
     wake: File,
 }
 
 impl EpollDriver {
-    pub fn new(listener: Socket, wake: File) -> io::Result<Self> {
+    pub fn new(listeners: Vec<Socket>, wake: File) -> io::Result<Self> {
         let poll = Poll::new()?;
-        poll.registry().register(&mut SourceFd(&listener.as_raw_fd()), LISTENER, Interest::READABLE)?;
+        for (service, listener) in listeners.iter().enumerate() {
+            let token = listener_token(service);
+            poll.registry().register(&mut SourceFd(&listener.as_raw_fd()), token, Interest::READABLE)?;
+        }
         poll.registry().register(&mut SourceFd(&wake.as_raw_fd()), WAKE, Interest::READABLE)?;
         Ok(EpollDriver {
             poll,
             ready: Events::with_capacity(EVENTS_PER_WAIT),
-            listener: Some(listener),
-            accept_pending: true,
+            accept_pending: vec![true; listeners.len()],
+            listeners: listeners.into_iter().map(Some).collect(),
             accept_paused: false,
             wake,
         })
     }
 
-    /// Accepts until the queue is empty or an accept fails (the worker
-    /// decides whether to pause; otherwise the next wait tries again).
+    /// Accepts on every listener until its queue is empty or an accept
+    /// fails (the worker decides whether to pause; otherwise the next wait
+    /// tries again).
     fn accept_all(&mut self, events: &mut Vec<DriverEvent>) -> io::Result<()> {
-        while self.accept_pending && !self.accept_paused {
-            let Some(listener) = &self.listener else { return Ok(()) };
-            match listener.accept() {
-                Ok((client, _)) => {
-                    client.set_nonblocking(true)?;
-                    events.push(DriverEvent::Accepted(Ok(client)));
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.accept_pending = false,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    events.push(DriverEvent::Accepted(Err(e)));
-                    return Ok(());
+        for (service, listener) in self.listeners.iter().enumerate() {
+            let Some(listener) = listener else { continue };
+            while self.accept_pending[service] && !self.accept_paused {
+                match listener.accept() {
+                    Ok((client, _)) => {
+                        client.set_nonblocking(true)?;
+                        events.push(DriverEvent::Accepted { service, client: Ok(client) });
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.accept_pending[service] = false,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => {
+                        events.push(DriverEvent::Accepted { service, client: Err(e) });
+                        break;
+                    }
                 }
             }
         }
@@ -117,7 +135,7 @@ impl Driver for EpollDriver {
     }
 
     fn stop_accepting(&mut self) -> io::Result<()> {
-        if let Some(listener) = self.listener.take() {
+        for listener in self.listeners.iter_mut().filter_map(Option::take) {
             self.poll.registry().deregister(&mut SourceFd(&listener.as_raw_fd()))?;
         }
         Ok(())
@@ -129,7 +147,7 @@ impl Driver for EpollDriver {
 
     fn resume_accepting(&mut self) {
         self.accept_paused = false;
-        self.accept_pending = true;
+        self.accept_pending.fill(true);
     }
 
     fn wait(&mut self, timeout: Option<Duration>, events: &mut Vec<DriverEvent>) -> io::Result<()> {
@@ -141,8 +159,12 @@ impl Driver for EpollDriver {
         }
         let mut listener_ready = false;
         for event in self.ready.iter() {
+            if let Some(service) = listener_of(event.token(), self.listeners.len()) {
+                self.accept_pending[service] = true;
+                listener_ready = true;
+                continue;
+            }
             match event.token() {
-                LISTENER => listener_ready = true,
                 WAKE => {
                     let mut count = [0u8; 8];
                     let _ = (&self.wake).read(&mut count);
@@ -155,7 +177,6 @@ impl Driver for EpollDriver {
             }
         }
         if listener_ready {
-            self.accept_pending = true;
             self.accept_all(events)?;
         }
         Ok(())

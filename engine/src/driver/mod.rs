@@ -172,8 +172,8 @@ impl BufferIo<'_> {
 /// What a driver hands back from a wait.
 #[derive(Debug)]
 pub(crate) enum DriverEvent {
-    /// The listener produced a client (or an accept error).
-    Accepted(io::Result<Socket>),
+    /// A service's listener produced a client (or an accept error).
+    Accepted { service: usize, client: io::Result<Socket> },
     /// The worker's eventfd was written: look at the stop flag.
     Woken,
     /// A socket of a connection is ready as described.

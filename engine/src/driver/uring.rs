@@ -1,6 +1,6 @@
 //! The io_uring driver: one ring per worker; one-shot polls for the
-//! connections' sockets, a multishot accept for the listener, a poll on the
-//! worker's eventfd.
+//! connections' sockets, a multishot accept per listener (one per service),
+//! a poll on the worker's eventfd.
 //!
 //! Every operation is named by its `user_data`: a [`Tag`] in the low byte,
 //! the connection's slot index above it and its generation in the high half.
@@ -126,6 +126,11 @@ impl Tag {
 /// A key for the operations that name no connection.
 const NO_CONNECTION: Key = Key { index: 0, generation: 0 };
 
+/// The key of a service's accept: its index in the slot's place.
+fn listener_key(service: usize) -> Key {
+    Key { index: u32::try_from(service).unwrap_or(u32::MAX), generation: 0 }
+}
+
 /// The operations in flight on one connection slot.
 #[derive(Clone, Copy, Debug, Default)]
 struct Ops {
@@ -137,20 +142,21 @@ struct Ops {
     sending: [Option<u16>; 2],
 }
 
-/// The listener's multishot accept.
-#[derive(Debug, Default)]
-struct Accepting {
+/// A service's listener and its multishot accept.
+#[derive(Debug)]
+struct Listening {
+    /// Kept open while its accept may still complete; dropped after that
+    /// once the relay stops.
+    socket: Option<Socket>,
     armed: bool,
-    paused: bool,
 }
 
 pub(crate) struct UringDriver {
     ring: Ring,
-    /// Kept open while its accept may still complete; dropped after that
-    /// once the relay stops.
-    listener: Option<Socket>,
+    /// Indexed by service.
+    listeners: Vec<Listening>,
     stopping: bool,
-    accepting: Accepting,
+    accept_paused: bool,
     wake: File,
     /// Indexed by connection slot.
     ops: Vec<Ops>,
@@ -160,7 +166,7 @@ pub(crate) struct UringDriver {
 impl UringDriver {
     /// With `buffers`, sets up the provided-buffer ring of the ring data
     /// path (without it where the kernel refuses: that path then copies).
-    pub fn new(listener: Socket, wake: File, buffers: bool) -> io::Result<Self> {
+    pub fn new(listeners: Vec<Socket>, wake: File, buffers: bool) -> io::Result<Self> {
         let mut ring = Ring::new(RING_ENTRIES)?;
         if buffers {
             if let Err(e) = ring.register_buffers(RING_BUFFERS, RING_BUFFER_BYTES) {
@@ -169,9 +175,12 @@ impl UringDriver {
         }
         let mut driver = UringDriver {
             ring,
-            listener: Some(listener),
+            listeners: listeners
+                .into_iter()
+                .map(|socket| Listening { socket: Some(socket), armed: false })
+                .collect(),
             stopping: false,
-            accepting: Accepting::default(),
+            accept_paused: false,
             wake,
             ops: Vec::new(),
             completions: Vec::with_capacity(RING_ENTRIES as usize),
@@ -186,15 +195,19 @@ impl UringDriver {
         unsafe { self.ring.poll(self.wake.as_fd(), libc::POLLIN as u32, Tag::Wake.user_data(NO_CONNECTION)) }
     }
 
-    fn arm_accept(&mut self) -> io::Result<()> {
-        let Some(listener) = &self.listener else { return Ok(()) };
-        if self.accepting.armed || self.accepting.paused || self.stopping {
+    fn arm_accepts(&mut self) -> io::Result<()> {
+        if self.accept_paused || self.stopping {
             return Ok(());
         }
-        // SAFETY: the listener is dropped only once its accept completed
-        // without `more` (see `complete`), or with the ring.
-        unsafe { self.ring.accept_multishot(listener.as_fd(), Tag::Accept.user_data(NO_CONNECTION))? };
-        self.accepting.armed = true;
+        for (service, listening) in self.listeners.iter_mut().enumerate() {
+            let Some(socket) = listening.socket.as_ref().filter(|_| !listening.armed) else { continue };
+            // SAFETY: the listener is dropped only once its accept completed
+            // without `more` (see `complete`), or with the ring.
+            unsafe {
+                self.ring.accept_multishot(socket.as_fd(), Tag::Accept.user_data(listener_key(service)))?
+            };
+            listening.armed = true;
+        }
         Ok(())
     }
 
@@ -205,15 +218,20 @@ impl UringDriver {
         };
         match tag {
             Tag::Accept => {
+                let service = key.index as usize;
                 if completion.result >= 0 {
-                    events.push(DriverEvent::Accepted(Ok(ring::accepted_socket(&completion))));
+                    events.push(DriverEvent::Accepted {
+                        service,
+                        client: Ok(ring::accepted_socket(&completion)),
+                    });
                 } else if completion.result != -libc::ECANCELED {
-                    events.push(DriverEvent::Accepted(Err(io::Error::from_raw_os_error(-completion.result))));
+                    let error = io::Error::from_raw_os_error(-completion.result);
+                    events.push(DriverEvent::Accepted { service, client: Err(error) });
                 }
-                if !completion.more {
-                    self.accepting.armed = false;
+                if let Some(listening) = self.listeners.get_mut(service).filter(|_| !completion.more) {
+                    listening.armed = false;
                     if self.stopping {
-                        self.listener = None;
+                        listening.socket = None;
                     }
                 }
                 Ok(())
@@ -307,12 +325,15 @@ impl Driver for UringDriver {
 
     fn stop_accepting(&mut self) -> io::Result<()> {
         self.stopping = true;
-        if self.accepting.armed {
-            self.ring.cancel(Tag::Accept.user_data(NO_CONNECTION), Tag::Cancel.user_data(NO_CONNECTION))
-        } else {
-            self.listener = None;
-            Ok(())
+        for (service, listening) in self.listeners.iter_mut().enumerate() {
+            if listening.armed {
+                let accept = Tag::Accept.user_data(listener_key(service));
+                self.ring.cancel(accept, Tag::Cancel.user_data(NO_CONNECTION))?;
+            } else {
+                listening.socket = None;
+            }
         }
+        Ok(())
     }
 
     fn ring_ops(&mut self) -> Option<&mut dyn RingOps> {
@@ -324,15 +345,15 @@ impl Driver for UringDriver {
     }
 
     fn pause_accepting(&mut self) {
-        self.accepting.paused = true;
+        self.accept_paused = true;
     }
 
     fn resume_accepting(&mut self) {
-        self.accepting.paused = false;
+        self.accept_paused = false;
     }
 
     fn wait(&mut self, timeout: Option<Duration>, events: &mut Vec<DriverEvent>) -> io::Result<()> {
-        self.arm_accept()?;
+        self.arm_accepts()?;
         self.ring.wait(timeout)?;
         let mut completions = std::mem::take(&mut self.completions);
         self.ring.reap(&mut completions);

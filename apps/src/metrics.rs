@@ -1,0 +1,302 @@
+//! `--metrics ENDPOINT`: the relay's counters as Prometheus metrics, served
+//! at `/metrics` over HTTP on a TCP or Unix endpoint.
+//!
+//! Nothing here touches the data path: workers keep their own counters
+//! (`engine::stats`), and a scrape sums them and encodes the sums with
+//! prometheus-client's text encoder (format 0.0.4, what Prometheus and
+//! `promtool check metrics` read). The HTTP side is one route served by one
+//! thread, written here because it must also listen on Unix sockets, which
+//! the small HTTP server crates do not.
+
+use std::io::{self, BufRead, BufReader, Write};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
+use socket2::Socket;
+use vsock_relay_engine::stats::{HistogramSnapshot, CONNECT_BUCKETS, DURATION_BUCKETS};
+use vsock_relay_engine::{socket, Endpoint, Failure, RefusedBy, Relay, Service, Stats};
+
+/// A scrape that sends nothing for this long is dropped.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// The longest request head read.
+const MAX_REQUEST_BYTES: u64 = 8 * 1024;
+
+/// The relay's metrics, computed at each scrape.
+#[derive(Debug)]
+pub struct RelayMetrics {
+    stats: Arc<Stats>,
+    services: Vec<Service>,
+    backend: String,
+    data_path: String,
+}
+
+impl RelayMetrics {
+    pub fn new(relay: &Relay) -> Self {
+        RelayMetrics {
+            stats: relay.stats(),
+            services: relay.services().to_vec(),
+            backend: relay.backend().to_string(),
+            data_path: format!("{:?}", relay.data_path()).to_lowercase(),
+        }
+    }
+
+    /// The metrics in the Prometheus text format.
+    pub fn render(self: &Arc<Self>) -> String {
+        let mut registry = Registry::with_prefix("vsock_relay");
+        registry.register_collector(Box::new(Arc::clone(self)));
+        let mut text = String::new();
+        // Writing to a String cannot fail; an encoder error would be a bug
+        // in the labels, which are ours.
+        if let Err(e) = prometheus_client::encoding::prometheus_text::encode(&mut text, &registry) {
+            tracing::error!(error = %e, "cannot encode the metrics");
+        }
+        text
+    }
+}
+
+type Labels<'a> = Vec<(&'static str, &'a str)>;
+
+/// Writes one metric family: a descriptor, then a sample per label set.
+fn family<'a>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    kind: MetricType,
+    samples: impl IntoIterator<Item = (Labels<'a>, Sample)>,
+) -> Result<(), std::fmt::Error> {
+    let mut metric = encoder.encode_descriptor(name, help, None, kind)?;
+    for (labels, sample) in samples {
+        let mut labelled = metric.encode_family(&labels)?;
+        match sample {
+            Sample::Counter(value) => labelled.encode_counter::<NoLabelSet, _, u64>(&value, None)?,
+            Sample::Gauge(value) => labelled.encode_gauge(&value)?,
+            Sample::Histogram(sum, count, buckets) => {
+                labelled.encode_histogram::<NoLabelSet>(sum, count, &buckets, None)?
+            }
+        }
+    }
+    Ok(())
+}
+
+enum Sample {
+    Counter(u64),
+    Gauge(i64),
+    /// Sum, count, cumulative buckets.
+    Histogram(f64, u64, Vec<(f64, u64)>),
+}
+
+fn histogram<const N: usize>(bounds: &[f64; N], snapshot: &HistogramSnapshot<N>) -> Sample {
+    let mut cumulative = 0;
+    let mut buckets: Vec<(f64, u64)> = bounds
+        .iter()
+        .zip(snapshot.counts)
+        .map(|(bound, count)| {
+            cumulative += count;
+            (*bound, cumulative)
+        })
+        .collect();
+    buckets.push((f64::INFINITY, snapshot.count()));
+    // Micros to seconds: the precision lost is far below a scrape's interest.
+    #[allow(clippy::cast_precision_loss)]
+    let sum = snapshot.sum_micros as f64 / 1e6;
+    Sample::Histogram(sum, snapshot.count(), buckets)
+}
+
+impl Collector for RelayMetrics {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let snapshots: Vec<_> = (0..self.services.len()).map(|i| self.stats.service_snapshot(i)).collect();
+        let names: Vec<&str> = self.services.iter().map(|s| s.name.as_str()).collect();
+        let per_service = |value: &dyn Fn(usize) -> Sample| {
+            names.iter().enumerate().map(|(i, name)| (vec![("service", *name)], value(i))).collect::<Vec<_>>()
+        };
+        let info = vec![
+            ("backend", self.backend.as_str()),
+            ("data_path", self.data_path.as_str()),
+            ("version", env!("CARGO_PKG_VERSION")),
+        ];
+        family(
+            &mut encoder,
+            "build",
+            "The running relay: version, backend and data path.",
+            MetricType::Gauge,
+            [(info, Sample::Gauge(1))],
+        )?;
+        family(
+            &mut encoder,
+            "connections_accepted",
+            "Client connections accepted (refused ones are not).",
+            MetricType::Counter,
+            per_service(&|i| Sample::Counter(snapshots[i].accepted)),
+        )?;
+        family(
+            &mut encoder,
+            "connections_active",
+            "Client connections open now (connecting or relaying).",
+            MetricType::Gauge,
+            per_service(&|i| Sample::Gauge(i64::try_from(snapshots[i].active).unwrap_or(i64::MAX))),
+        )?;
+        let refused = names.iter().enumerate().flat_map(|(i, name)| {
+            RefusedBy::ALL.map(|why| {
+                (
+                    vec![("service", *name), ("reason", why.label())],
+                    Sample::Counter(snapshots[i].refused_by(why)),
+                )
+            })
+        });
+        family(&mut encoder, "connections_refused",
+            "Clients reset right after their accept: allowlist (target no longer allowed since a reload), cid (--allow-cid), limit (--max-connections).",
+            MetricType::Counter, refused)?;
+        let failed = names.iter().enumerate().flat_map(|(i, name)| {
+            Failure::ALL.map(|cause| {
+                (
+                    vec![("service", *name), ("cause", cause.label())],
+                    Sample::Counter(snapshots[i].failed_by(cause)),
+                )
+            })
+        });
+        family(&mut encoder, "connections_failed",
+            "Connections that ended in failure: connect (upstream unreachable), client or upstream (read/write error), idle (--idle-timeout), drain (cut at stop), resources (no socket).",
+            MetricType::Counter, failed)?;
+        let bytes = names.iter().enumerate().flat_map(|(i, name)| {
+            [("to_upstream", snapshots[i].bytes_to_upstream), ("to_client", snapshots[i].bytes_to_client)]
+                .map(|(direction, value)| {
+                    (vec![("service", *name), ("direction", direction)], Sample::Counter(value))
+                })
+        });
+        family(&mut encoder, "bytes", "Bytes delivered, by direction.", MetricType::Counter, bytes)?;
+        family(
+            &mut encoder,
+            "upstream_connect_seconds",
+            "Time from accept to an established upstream connection.",
+            MetricType::Histogram,
+            per_service(&|i| histogram(&CONNECT_BUCKETS, &snapshots[i].connect_time)),
+        )?;
+        family(
+            &mut encoder,
+            "connection_duration_seconds",
+            "Time from accept to close, per connection.",
+            MetricType::Histogram,
+            per_service(&|i| histogram(&DURATION_BUCKETS, &snapshots[i].duration)),
+        )?;
+        let dns: Vec<_> = self.services.iter().map(|s| s.target.dns_counters()).collect();
+        family(
+            &mut encoder,
+            "upstream_address_changes",
+            "Times a DNS refresh moved the upstream to a new address.",
+            MetricType::Counter,
+            per_service(&|i| Sample::Counter(dns[i].changes)),
+        )?;
+        family(
+            &mut encoder,
+            "dns_failures",
+            "DNS refreshes that failed (the last good address stayed in use).",
+            MetricType::Counter,
+            per_service(&|i| Sample::Counter(dns[i].lookup_failures)),
+        )?;
+        family(
+            &mut encoder,
+            "upstream_moves_refused",
+            "DNS refreshes whose new address the allowlist refused (the last allowed one stayed in use).",
+            MetricType::Counter,
+            per_service(&|i| Sample::Counter(dns[i].moves_refused)),
+        )?;
+        Ok(())
+    }
+}
+
+/// The metrics endpoint: a thread answering scrapes until the process ends.
+pub struct MetricsServer {
+    local: Endpoint,
+}
+
+impl MetricsServer {
+    /// Listens on `endpoint` (TCP or Unix) and serves `/metrics` from `relay`.
+    pub fn start(endpoint: &Endpoint, relay: &Relay) -> anyhow::Result<MetricsServer> {
+        if let Endpoint::Vsock { .. } = endpoint {
+            anyhow::bail!("--metrics {endpoint}: metrics are served on tcp: or unix: endpoints");
+        }
+        let options = socket::SocketOptions::default();
+        let listener = socket::listen(endpoint, &options)
+            .and_then(|listener| {
+                listener.set_nonblocking(false)?;
+                Ok(listener)
+            })
+            .with_context(|| format!("cannot serve metrics on {endpoint}"))?;
+        let local = socket::local_endpoint(&listener, endpoint)?;
+        let metrics = Arc::new(RelayMetrics::new(relay));
+        std::thread::Builder::new()
+            .name("metrics".into())
+            .spawn(move || serve(&listener, &metrics))
+            .context("cannot start the metrics thread")?;
+        tracing::info!(metrics = %local, "serving metrics at /metrics");
+        Ok(MetricsServer { local })
+    }
+
+    /// The endpoint served (with the real port after port 0).
+    pub fn local_endpoint(&self) -> &Endpoint {
+        &self.local
+    }
+}
+
+impl Drop for MetricsServer {
+    fn drop(&mut self) {
+        if let Endpoint::Unix { path } = &self.local {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+fn serve(listener: &Socket, metrics: &Arc<RelayMetrics>) {
+    loop {
+        match listener.accept() {
+            Ok((client, _)) => {
+                if let Err(e) = answer(client, metrics) {
+                    tracing::debug!(error = %e, "metrics request failed");
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "metrics: cannot accept; retrying in a second");
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        }
+    }
+}
+
+/// Answers one HTTP/1.x request and closes.
+fn answer(client: Socket, metrics: &Arc<RelayMetrics>) -> io::Result<()> {
+    client.set_nonblocking(false)?;
+    client.set_read_timeout(Some(REQUEST_TIMEOUT))?;
+    client.set_write_timeout(Some(REQUEST_TIMEOUT))?;
+    let mut head = BufReader::new(io::Read::take(&client, MAX_REQUEST_BYTES));
+    let mut request_line = String::new();
+    head.read_line(&mut request_line)?;
+    // Read the headers to their end, so the client sees no reset.
+    let mut line = String::new();
+    while head.read_line(&mut line)? > 2 {
+        line.clear();
+    }
+    let mut parts = request_line.split_whitespace();
+    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let path = path.split('?').next().unwrap_or("");
+    let (status, content_type, body) = match (method, path) {
+        ("GET" | "HEAD", "/metrics") => {
+            ("200 OK", prometheus_client::encoding::prometheus_text::CONTENT_TYPE, metrics.render())
+        }
+        ("GET" | "HEAD", _) => ("404 Not Found", "text/plain", "only /metrics is served here\n".to_string()),
+        _ => ("405 Method Not Allowed", "text/plain", "use GET\n".to_string()),
+    };
+    let mut response = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    if method != "HEAD" {
+        response.push_str(&body);
+    }
+    (&client).write_all(response.as_bytes())
+}

@@ -1,0 +1,157 @@
+//! `vsock-relay proxy --services FILE`: many proxied services in one
+//! process, one set of workers for all. The file is YAML; its `services:`
+//! list may sit in AWS's `vsock-proxy.yaml` beside `allowlist:` (AWS's
+//! proxy ignores the extra field), or in a file of its own:
+//!
+//! ```yaml
+//! services:
+//! - listen: vsock:any:8000
+//!   address: kms.us-east-1.amazonaws.com
+//!   port: 443
+//! - name: s3                    # in logs and metrics (default: the listen endpoint)
+//!   listen: vsock:any:8001
+//!   address: s3.us-east-1.amazonaws.com
+//!   port: 443
+//!   allow_cid: [16]             # optional, as --allow-cid
+//!   max_connections: 500        # optional, as --max-connections
+//!   idle_timeout: 300           # optional, seconds, as --idle-timeout
+//! ```
+//!
+//! Every service is checked against the allowlist (`--config`) at start;
+//! one that is not allowed stops the start, named.
+
+use std::path::Path;
+
+use serde::{Deserialize, Deserializer};
+use serde_norway::Value;
+use vsock_relay_engine::{Endpoint, Host};
+
+use crate::allowlist::{read_config, AllowlistError};
+use crate::options::{parse_idle_seconds, parse_remote_host};
+
+/// One proxied service: where to listen, which allowlisted TCP service to
+/// reach, and rules for its clients (`None`: the command line's).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ServiceSpec {
+    pub name: Option<String>,
+    pub listen: Endpoint,
+    pub host: Host,
+    pub port: u16,
+    pub allow_cids: Option<Vec<u32>>,
+    pub max_connections: Option<u64>,
+    pub idle_timeout: Option<f64>,
+}
+
+/// A `services:` item as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Written {
+    name: Option<String>,
+    #[serde(deserialize_with = "endpoint")]
+    listen: Endpoint,
+    address: String,
+    port: u16,
+    allow_cid: Option<Vec<u32>>,
+    max_connections: Option<u64>,
+    idle_timeout: Option<f64>,
+}
+
+fn endpoint<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Endpoint, D::Error> {
+    let text = String::deserialize(deserializer)?;
+    text.parse().map_err(|e| serde::de::Error::custom(format!("listen `{text}`: {e}")))
+}
+
+/// Reads the `services:` list of a YAML file (read as the allowlist is:
+/// bounded in size and nesting).
+pub fn load(path: &Path) -> Result<Vec<ServiceSpec>, AllowlistError> {
+    parse(&read_config(path)?, path)
+}
+
+/// Parses a `services:` list; `path` only names the file in messages.
+pub fn parse(text: &str, path: &Path) -> Result<Vec<ServiceSpec>, AllowlistError> {
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    let bad = |reason: String| AllowlistError::BadEntry { path: path.into(), reason };
+    let doc: Value = serde_norway::from_str(text)
+        .map_err(|e| AllowlistError::BadYaml { path: path.into(), reason: e.to_string() })?;
+    let Some(list) = doc.get("services") else {
+        return Err(bad(
+            "no `services` field (expected `services:` followed by a list of {listen, address, port})".into(),
+        ));
+    };
+    let Some(items) = list.as_sequence().filter(|items| !items.is_empty()) else {
+        return Err(bad("`services` must be a non-empty list of {listen, address, port}".into()));
+    };
+    let mut services = Vec::with_capacity(items.len());
+    for (index, item) in items.iter().enumerate() {
+        let at = |reason: String| bad(format!("service {}: {reason}", index + 1));
+        let written: Written = serde_norway::from_value(item.clone()).map_err(|e| at(e.to_string()))?;
+        let host = parse_remote_host(&written.address).map_err(at)?;
+        let idle_timeout = written
+            .idle_timeout
+            .map(|seconds| {
+                parse_idle_seconds(&seconds.to_string()).map_err(|e| at(format!("idle_timeout: {e}")))
+            })
+            .transpose()?;
+        if written.max_connections == Some(0) {
+            return Err(at("max_connections must be at least 1".into()));
+        }
+        services.push(ServiceSpec {
+            name: written.name,
+            listen: written.listen,
+            host,
+            port: written.port,
+            allow_cids: written.allow_cid,
+            max_connections: written.max_connections,
+            idle_timeout,
+        });
+    }
+    let mut listens: Vec<String> = services.iter().map(|s| s.listen.to_string()).collect();
+    listens.sort();
+    if let Some(twice) = listens.windows(2).find(|pair| pair[0] == pair[1]) {
+        return Err(bad(format!("two services listen on {}", twice[0])));
+    }
+    Ok(services)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p() -> &'static Path {
+        Path::new("services.yaml")
+    }
+
+    #[test]
+    fn reads_services_with_and_without_options() {
+        let text = "allowlist:\n- {address: a.example, port: 443}\nservices:\n\
+            - listen: vsock:any:8000\n  address: a.example\n  port: 443\n\
+            - {name: b, listen: 'tcp:127.0.0.1:9000', address: 10.0.0.1, port: 80, allow_cid: [3, 4], max_connections: 5, idle_timeout: 2.5}\n";
+        let services = parse(text, p()).unwrap();
+        assert_eq!(services.len(), 2);
+        assert_eq!(services[0].listen.to_string(), "vsock:any:8000");
+        assert_eq!(
+            (services[0].host.to_string(), services[0].port, services[0].name.as_deref()),
+            ("a.example".into(), 443, None)
+        );
+        assert_eq!(services[1].name.as_deref(), Some("b"));
+        assert_eq!(services[1].allow_cids, Some(vec![3, 4]));
+        assert_eq!((services[1].max_connections, services[1].idle_timeout), (Some(5), Some(2.5)));
+    }
+
+    #[test]
+    fn errors_name_the_service_and_the_problem() {
+        let error = |text: &str| parse(text, p()).unwrap_err().to_string();
+        assert!(error("allowlist: []\n").contains("no `services` field"), "{}", error("allowlist: []\n"));
+        assert!(error("services: []\n").contains("non-empty list"));
+        let e = error("services:\n- {listen: 'vsock:any:1', address: a, port: 1, colour: red}\n");
+        assert!(e.contains("service 1") && e.contains("unknown field `colour`"), "{e}");
+        let e = error("services:\n- {listen: 'nowhere:1', address: a, port: 1}\n");
+        assert!(e.contains("service 1") && e.contains("listen `nowhere:1`"), "{e}");
+        let e = error("services:\n- {listen: 'vsock:any:1', address: '3', port: 1}\n");
+        assert!(e.contains("bare number"), "{e}");
+        let e = error("services:\n- {listen: 'vsock:any:1', address: a, port: 1}\n- {listen: 'vsock:any:1', address: b, port: 2}\n");
+        assert!(e.contains("two services listen on vsock:any:1"), "{e}");
+        let e = error("services:\n- {listen: 'vsock:any:1', address: a, port: 1, idle_timeout: -1}\n");
+        assert!(e.contains("idle_timeout"), "{e}");
+    }
+}
