@@ -10,6 +10,7 @@ mod dns;
 mod faults;
 mod forward;
 mod limits;
+mod ops;
 mod relay;
 mod scale;
 mod util;

@@ -109,12 +109,10 @@ impl Proc {
     }
 
     fn launch(mut command: Command) -> Proc {
-        let mut child = host_safe(&mut command)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+        if !command.get_envs().any(|(name, _)| name == "RUST_LOG") {
+            command.env("RUST_LOG", "info");
+        }
+        let mut child = host_safe(&mut command).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
         let stderr = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
         let sink = std::sync::Arc::clone(&stderr);
         let pipe = child.stderr.take().unwrap();

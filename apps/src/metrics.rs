@@ -86,21 +86,15 @@ fn family<'a>(
 enum Sample {
     Counter(u64),
     Gauge(i64),
-    /// Sum, count, cumulative buckets.
+    /// Sum, count, buckets (not cumulative).
     Histogram(f64, u64, Vec<(f64, u64)>),
 }
 
+/// A histogram sample: per-bucket counts (the encoder makes them
+/// cumulative), the last bucket +Inf.
 fn histogram<const N: usize>(bounds: &[f64; N], snapshot: &HistogramSnapshot<N>) -> Sample {
-    let mut cumulative = 0;
-    let mut buckets: Vec<(f64, u64)> = bounds
-        .iter()
-        .zip(snapshot.counts)
-        .map(|(bound, count)| {
-            cumulative += count;
-            (*bound, cumulative)
-        })
-        .collect();
-    buckets.push((f64::INFINITY, snapshot.count()));
+    let mut buckets: Vec<(f64, u64)> = bounds.iter().copied().zip(snapshot.counts).collect();
+    buckets.push((f64::INFINITY, snapshot.over));
     // Micros to seconds: the precision lost is far below a scrape's interest.
     #[allow(clippy::cast_precision_loss)]
     let sum = snapshot.sum_micros as f64 / 1e6;

@@ -160,7 +160,10 @@ pub fn start(settings: &ProxySettings) -> anyhow::Result<Running> {
         let service = proxied_service(spec, settings, &allowlist);
         services.push(match settings.services.len() {
             1 => service?,
-            _ => service.with_context(|| format!("service {}", spec.listen))?,
+            _ => service.with_context(|| match &spec.name {
+                Some(name) => format!("service `{name}` ({})", spec.listen),
+                None => format!("service {}", spec.listen),
+            })?,
         });
     }
     let mut running = settings.engine.launch(services, settings.workers)?;
