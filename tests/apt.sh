@@ -15,19 +15,23 @@ mirror() {
 }
 
 # apt-get (or apt-cache, with TOOL=apt-cache) with a private state folder
-# and one source list: SUITE on the mirror.
+# and one source list: SUITE on the mirror, for the machine's architecture
+# or ARCH (arm64: packages for the aarch64 guest).
 private_apt() {
     local suite=$1; shift
     local tool=${TOOL:-apt-get}
-    local dir="$WORK/apt-$suite"
+    local dir="$WORK/apt-$suite${ARCH:+-$ARCH}"
     mkdir -p "$dir/lists/partial" "$dir/cache/archives/partial" "$dir/parts"
     if [ ! -f "$dir/sources.list" ]; then
         echo "deb $(mirror) $suite main" > "$dir/sources.list"
     fi
     local opts=(-o "Dir::Etc::SourceList=$dir/sources.list" -o "Dir::Etc::SourceParts=$dir/parts"
         -o "Dir::State::Lists=$dir/lists" -o "Dir::Cache=$dir/cache" -o "APT::Get::List-Cleanup=0")
+    if [ -n "${ARCH:-}" ]; then
+        opts+=(-o "APT::Architecture=$ARCH" -o "APT::Architectures=$ARCH")
+    fi
     if [ ! -f "$dir/updated" ]; then
-        say "apt update ($suite, private lists)"
+        say "apt update ($suite${ARCH:+, $ARCH}, private lists)"
         apt-get "${opts[@]}" update -qq >&2
         touch "$dir/updated"
     fi
@@ -36,7 +40,7 @@ private_apt() {
 
 download_unpack() { # SUITE DEST PACKAGE...
     local suite=$1 dest=$2; shift 2
-    local debs="$WORK/debs-$suite"
+    local debs="$WORK/debs-$suite${ARCH:+-$ARCH}"
     mkdir -p "$debs" "$dest"
     # apt's sandbox user cannot write into our folder; quiet its warning.
     (cd "$debs" && private_apt "$suite" -o APT::Sandbox::User=root download -qq "$@" >&2)

@@ -421,3 +421,28 @@ fn serve_keeps_answering_from_the_last_good_copy_while_refetches_fail() {
     assert!(wave(8).iter().all(|r| r.as_ref() == Ok(&good)));
     assert_eq!(endpoint.requests(), 3);
 }
+
+/// A self-signed certificate marked as a CA (what `openssl req -x509` makes
+/// by default) served as the server's own is refused by rustls
+/// (CaUsedAsEndEntity) even when given to --ca-file: the hint says why and
+/// what to do, instead of "add its CA with --ca-file".
+#[test]
+fn a_ca_certificate_served_as_the_servers_own_gets_its_own_hint() {
+    use vsock_relay_apps::ipranges::{Source, SourceSettings};
+
+    let endpoint = HttpsEndpoint::start_with_a_ca_as_server_certificate(document()).unwrap();
+    let dir = TempDir::new("ca-as-server");
+    let ca = dir.path("ca.pem");
+    std::fs::write(&ca, endpoint.ca_pem()).unwrap();
+    let source = Source::new(SourceSettings {
+        url: format!("https://localhost:{}/ip-ranges.json", endpoint.port()),
+        ca_file: Some(ca),
+        timeout: Duration::from_secs(5),
+        cache_for: Duration::from_secs(60),
+    })
+    .unwrap();
+    let error = source.get().unwrap_err();
+    assert!(error.contains("CaUsedAsEndEntity"), "{error}");
+    assert!(error.contains("the server presents a CA certificate as its own"), "{error}");
+    assert!(!error.contains("add its CA with --ca-file"), "{error}");
+}

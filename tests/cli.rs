@@ -314,3 +314,64 @@ fn a_second_instance_on_the_same_address_exits_1_address_in_use() {
         assert!(first.running() && first_unix.running());
     }
 }
+
+/// First contact: `-h` and `--help` describe a binary the same way (the
+/// short form is the first paragraph of the long one); a usage error of a
+/// subcommand shows that subcommand's usage line and exits 2.
+#[test]
+fn help_forms_agree_and_usage_errors_name_the_subcommand() {
+    for binary in ["vsock-proxy", "vsock-relay"] {
+        let short = run_capturing(binary, &["-h"], Duration::from_secs(10));
+        let long = run_capturing(binary, &["--help"], Duration::from_secs(10));
+        assert_eq!((short.code, long.code), (0, 0));
+        // clap drops the first paragraph's final period in the short form.
+        let first = |text: &str| text.lines().next().unwrap_or_default().trim_end_matches('.').to_string();
+        assert_eq!(first(&short.stdout), first(&long.stdout), "{binary}: -h and --help differ");
+        assert!(
+            !first(&short.stdout).contains("built on the relay engine"),
+            "{binary}: the crate description"
+        );
+    }
+    for (args, usage) in [
+        (&["forward", "127.0.0.1", "443"][..], "Usage: vsock-relay forward"),
+        (&["client", "3"][..], "Usage: vsock-relay client"),
+    ] {
+        let out = run_capturing("vsock-relay", args, Duration::from_secs(10));
+        assert_eq!(out.code, 2, "{args:?}: {}", out.stderr);
+        assert!(out.stderr.contains(usage), "{args:?}: no `{usage}` in:\n{}", out.stderr);
+    }
+}
+
+/// `bench sink` and `demo --transport unix` say they are ready / which hops
+/// they use on their first line of stdout.
+#[test]
+fn sink_and_demo_print_their_first_line() {
+    use std::io::BufRead;
+    let dir = TempDir::new("ready");
+    let listen = format!("unix:{}", dir.path("sink.sock").display());
+    let mut sink = std::process::Command::new(vsock_relay_testkit::binary("vsock-relay"))
+        .args(["bench", "sink", "--listen", &listen])
+        .env(vsock_relay_engine::socket::NO_VSOCK_ENV, "1")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(sink.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let _ = sink.kill();
+    let _ = sink.wait();
+    assert_eq!(line.trim_end(), format!("sink listening on {listen}"));
+
+    let demo = run_capturing(
+        "vsock-relay",
+        &["demo", "--transport", "unix", "--throughput-mib", "0"],
+        Duration::from_secs(60),
+    );
+    assert_eq!(demo.code, 0, "{}", demo.stderr);
+    assert_eq!(
+        demo.stdout.lines().next(),
+        Some("vsock hops: Unix sockets (--transport unix)"),
+        "{}",
+        demo.stdout
+    );
+}

@@ -219,7 +219,17 @@ fn hint(error: &ureq::Error) -> &'static str {
     use std::io::ErrorKind;
     match error {
         ureq::Error::Io(e) if e.get_ref().is_some_and(|inner| inner.is::<rustls::Error>()) => {
-            " (the certificate is not trusted: add its CA with --ca-file)"
+            match e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()) {
+                Some(rustls::Error::InvalidCertificate(rustls::CertificateError::Other(other)))
+                    if format!("{other:?}").contains("CaUsedAsEndEntity") =>
+                {
+                    " (the server presents a CA certificate as its own, as `openssl req -x509` makes by default; \
+                     --ca-file cannot fix that: give the server a certificate with basicConstraints CA:FALSE, \
+                     e.g. `openssl req -x509 -addext basicConstraints=critical,CA:FALSE ...`, or one signed by \
+                     the CA given to --ca-file)"
+                }
+                _ => " (the certificate is not trusted: add its CA with --ca-file)",
+            }
         }
         ureq::Error::Io(e) => match e.kind() {
             ErrorKind::ConnectionRefused => {

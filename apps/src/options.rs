@@ -51,9 +51,9 @@ pub struct EngineArgs {
 
     /// Before sleeping, each worker polls for new events this many
     /// microseconds: cuts the latency a relay adds to request/response
-    /// traffic on VMs (where a thread's sleep and wake-up costs 10-20 us) for
-    /// CPU. Measured on 2 vCPUs with 20: 64-byte round trip p50 -35 us, bulk
-    /// unchanged, relay CPU per GB up to +20%, churn -8 to -15%. 0 never spins.
+    /// traffic on VMs (where a thread's sleep and wake-up costs 10-20 us), at
+    /// the price of CPU; the README's Performance section has the
+    /// measurements. 0 (the default) never spins.
     #[arg(long, default_value_t = 0, value_name = "US", value_parser = clap::value_parser!(u32).range(0..=1000))]
     pub spin_us: u32,
 

@@ -174,7 +174,9 @@ pub fn start_connect(socket: &Socket, addr: &SockAddr) -> io::Result<bool> {
     match socket.connect(addr) {
         Ok(()) => Ok(true),
         Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => Ok(false),
-        // vsock may answer EALREADY for a connect still in progress (FACTS.md).
+        // vsock may answer EALREADY for a connect still in progress (seen on
+        // virtio vsock in the guests of tests/vm: a second connect call
+        // while the first is pending).
         Err(e) if e.raw_os_error() == Some(libc::EALREADY) => Ok(false),
         // A Unix listener with a full backlog refuses a non-blocking connect.
         Err(e) if e.kind() == io::ErrorKind::WouldBlock && addr.domain() == Domain::UNIX => {

@@ -24,27 +24,45 @@ fi
 qemu_libs=$(find "$WORK/root" -name '*.so*' -printf '%h\n' | sort -u | tr '\n' ':')
 say "$(LD_LIBRARY_PATH=$qemu_libs "$WORK/root/usr/bin/qemu-system-x86_64" --version | head -1)"
 
-# fetch_kernel NAME SUITE PATTERN: newest linux-image-*-amd64-unsigned matching PATTERN.
+# QEMU for the aarch64 guest (Debian's qemu-system-arm has qemu-system-aarch64,
+# run on this machine) and a static busybox for arm64.
+if [ ! -x "$WORK/root/usr/bin/qemu-system-aarch64" ]; then
+    say "fetching QEMU for aarch64 guests"
+    pkgs=$(private_apt bookworm install -s --no-install-recommends qemu-system-arm 2>/dev/null \
+        | awk '/^Inst /{print $2}')
+    download_unpack bookworm "$WORK/root" $pkgs
+fi
+if [ ! -x "$WORK/root-arm64/bin/busybox" ]; then
+    say "fetching busybox for arm64"
+    ARCH=arm64 download_unpack bookworm "$WORK/root-arm64" busybox-static
+fi
+say "$(LD_LIBRARY_PATH=$qemu_libs "$WORK/root/usr/bin/qemu-system-aarch64" --version | head -1)"
+
+# fetch_kernel NAME SUITE PATTERN [ARCH]: newest linux-image-*-ARCH-unsigned
+# matching PATTERN (ARCH: amd64, the default, or arm64).
 fetch_kernel() {
-    local name=$1 suite=$2 pattern=$3
+    local name=$1 suite=$2 pattern=$3 arch=${4:-amd64}
     local out="$WORK/kernel-$name"
     if [ -f "$out/vmlinux" ] && [ -d "$out/modules" ]; then
         say "kernel $name: cached ($(cat "$out/version"))"
         return
     fi
     local pkg
-    pkg=$(TOOL=apt-cache private_apt "$suite" search --names-only "^linux-image-${pattern}-amd64-unsigned\$" \
+    pkg=$(ARCH=$arch TOOL=apt-cache private_apt "$suite" search --names-only "^linux-image-${pattern}-${arch}-unsigned\$" \
         | awk '{print $1}' | sort -V | tail -1)
     [ -n "$pkg" ] || { say "no kernel package matching $pattern in $suite"; exit 1; }
     say "kernel $name: $pkg from $suite"
     rm -rf "$out" && mkdir -p "$out"
-    download_unpack "$suite" "$out/pkg" "$pkg"
+    ARCH=$arch download_unpack "$suite" "$out/pkg" "$pkg"
     local vmlinuz version
     vmlinuz=$(ls "$out"/pkg/boot/vmlinuz-* | head -1)
     version=${vmlinuz##*/vmlinuz-}
     echo "$version" > "$out/version"
-    # Boot the uncompressed ELF (PVH entry): seconds faster than the bzImage.
-    if ! "$(dirname "$0")/extract-vmlinux.sh" "$vmlinuz" > "$out/vmlinux" 2>/dev/null; then
+    # x86: boot the uncompressed ELF (PVH entry), seconds faster than the
+    # bzImage. arm64: QEMU boots Debian's compressed Image as it is.
+    if [ "$arch" = arm64 ]; then
+        cp "$vmlinuz" "$out/vmlinux"
+    elif ! "$(dirname "$0")/extract-vmlinux.sh" "$vmlinuz" > "$out/vmlinux" 2>/dev/null; then
         say "no ELF inside $vmlinuz; booting the bzImage"
         cp "$vmlinuz" "$out/vmlinux"
     fi
@@ -62,5 +80,7 @@ fetch_kernel() {
     rm -rf "$out/pkg"
 }
 
+fetch_kernel 5.10 bullseye '5\.10\.0-[0-9]+'
 fetch_kernel 6.1 bookworm '6\.1\.0-[0-9]+'
+fetch_kernel arm64-6.1 bookworm '6\.1\.0-[0-9]+' arm64
 fetch_kernel 6.12 trixie '6\.12\.[0-9.+~a-z]*-?[0-9]*'

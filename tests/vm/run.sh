@@ -1,18 +1,23 @@
 #!/usr/bin/env bash
 # The real AF_VSOCK suite: boots QEMU guests (software emulation) whose Debian
 # kernels have vsock_loopback (CID 1) and no other vsock transport, and runs
-# the vsock tests (tests/vsock.rs, with the vsock-proxy binary) inside them.
+# the vsock tests (tests/vsock.rs, with the binaries) inside them.
 #
-#   tests/vm/run.sh              every kernel (6.1 from bookworm, 6.12 from trixie)
-#   VSOCK_VM_KERNELS=6.12 tests/vm/run.sh
+#   tests/vm/run.sh              every kernel: 5.10 (bullseye: io_uring without
+#                                what the engine needs), 6.1 (bookworm), 6.12
+#                                (trixie), and arm64-6.1 (bookworm, an aarch64
+#                                guest running the aarch64 binaries)
+#   VSOCK_VM_KERNELS="6.12 arm64-6.1" tests/vm/run.sh
 #
-# Downloads (QEMU, busybox, kernels) are cached in target/vm (VSOCK_VM_WORK).
-# Nothing is installed system-wide. Exits 0 when every guest passed.
+# Downloads (QEMU, busybox, kernels) are cached in target/vm (VSOCK_VM_WORK;
+# target/ is CARGO_TARGET_DIR when that is set).
+# Nothing is installed system-wide but the C cross compiler of the aarch64
+# build (dist/musl-env.sh). Exits 0 when every guest passed.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-WORK=${VSOCK_VM_WORK:-$PWD/target/vm}
-KERNELS=${VSOCK_VM_KERNELS:-6.1 6.12}
-TARGET=x86_64-unknown-linux-musl
+TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target}
+WORK=${VSOCK_VM_WORK:-$TARGET_DIR/vm}
+KERNELS=${VSOCK_VM_KERNELS:-5.10 6.1 6.12 arm64-6.1}
 GUEST_TIMEOUT_S=${VSOCK_VM_TIMEOUT:-900}
 
 started=$(date +%s)
@@ -24,62 +29,107 @@ step() {
     step_started=$now
 }
 
+# shellcheck source=dist/musl-env.sh
+source dist/musl-env.sh
+
+arch_of() { # KERNEL NAME -> x86_64 | aarch64
+    case "$1" in arm64-*) echo aarch64 ;; *) echo x86_64 ;; esac
+}
+
 step "fetch QEMU, busybox and kernels"
 bash tests/vm/fetch.sh "$WORK"
 qemu_libs=$(find "$WORK/root" -name '*.so*' -printf '%h\n' | sort -u | tr '\n' ':')
 
-step "build static binaries and the vsock test executable ($TARGET)"
-if ! rustup target list --installed 2>/dev/null | grep -qx "$TARGET"; then
-    rustup target add "$TARGET"
-fi
-# A dev-dependency (criterion's alloca) compiles C: it needs musl's gcc wrapper.
-if ! command -v musl-gcc >/dev/null; then
-    echo "[vm] installing musl-tools (musl-gcc)"
-    apt-get install -y -qq --no-install-recommends musl-tools >/dev/null || {
-        apt-get update -qq && apt-get install -y -qq --no-install-recommends musl-tools >/dev/null
-    }
-fi
-export CC_x86_64_unknown_linux_musl=musl-gcc
-cargo build --release --locked --target "$TARGET" --bins
-cargo test --release --locked --target "$TARGET" --test vsock --no-run
-test_exe=$(cargo test --release --locked --target "$TARGET" --test vsock --no-run --message-format=json 2>/dev/null \
-    | grep -o '"executable":"[^"]*"' | cut -d'"' -f4 | grep '/vsock-' | tail -1 || true)
-[ -x "$test_exe" ] || { echo "[vm] no vsock test executable found"; exit 1; }
+# stage ARCH: static binaries and the vsock test executable for ARCH, in an
+# initramfs folder ($WORK/initramfs-ARCH) with busybox and tests/vm/init.
+stage() {
+    local arch=$1
+    musl_env "$arch"
+    local target=$MUSL_TARGET
+    step "build the release binaries (dist/build) and the vsock test executable ($target)"
+    DIST_TARGETS=$arch bash dist/build
+    local version bins
+    version=$(sed -n 's/^version = "\(.*\)"$/\1/p' Cargo.toml | head -1)
+    bins="$TARGET_DIR/dist/vsock-relay-$version-$arch-linux-musl"
+    cargo test --release --locked --target "$target" --test vsock --no-run
+    local test_exe
+    test_exe=$(cargo test --release --locked --target "$target" --test vsock --no-run --message-format=json 2>/dev/null \
+        | grep -o '"executable":"[^"]*"' | cut -d'"' -f4 | grep '/vsock-' | tail -1 || true)
+    [ -x "$test_exe" ] || { echo "[vm] no vsock test executable found for $target"; exit 1; }
 
-step "pack the initramfs"
-stage="$WORK/initramfs"
-rm -rf "$stage"
-mkdir -p "$stage"/{bin,etc,proc,sys,dev,tmp,lib/modules,tests}
-cp "$WORK/root/bin/busybox" "$stage/bin/busybox"
-cp "target/$TARGET/release/vsock-proxy" "target/$TARGET/release/vsock-relay" "$stage/bin/"
-cp "$test_exe" "$stage/tests/vsock"
-printf '127.0.0.1 localhost\n::1 localhost\n' > "$stage/etc/hosts"
-printf 'nameserver 127.0.0.1\n' > "$stage/etc/resolv.conf"
-cp tests/vm/init "$stage/init"
-chmod +x "$stage/init"
+    step "pack the initramfs ($arch)"
+    local dir="$WORK/initramfs-$arch"
+    rm -rf "$dir"
+    mkdir -p "$dir"/{bin,etc,proc,sys,dev,tmp,lib/modules,tests}
+    case "$arch" in
+        x86_64) cp "$WORK/root/bin/busybox" "$dir/bin/busybox" ;;
+        aarch64) cp "$WORK/root-arm64/bin/busybox" "$dir/bin/busybox" ;;
+    esac
+    # The shipped binaries themselves (profile dist), not a test build.
+    cp "$bins/vsock-proxy" "$bins/vsock-relay" "$dir/bin/"
+    cp "$test_exe" "$dir/tests/vsock"
+    printf '127.0.0.1 localhost\n::1 localhost\n' > "$dir/etc/hosts"
+    printf 'nameserver 127.0.0.1\n' > "$dir/etc/resolv.conf"
+    cp tests/vm/init "$dir/init"
+    chmod +x "$dir/init"
+    mkdir -p "$dir/enclave"
+    cp dist/enclave/entry.sh "$dir/enclave/entry.sh"
+}
 
-failed=0
-for kernel in $KERNELS; do
-    step "boot the guest on Linux $(cat "$WORK/kernel-$kernel/version")"
-    cp "$WORK/kernel-$kernel/modules/"*.ko "$stage/lib/modules/"
-    (cd "$stage" && find . | "$WORK/root/bin/busybox" cpio -o -H newc 2>/dev/null | gzip -1) > "$WORK/initramfs-$kernel.cpio.gz"
-    log="$WORK/guest-$kernel.log"
+# boot KERNEL ROLE: one guest; 0 when it printed a PASS result line.
+boot() {
+    local kernel=$1 role=$2
+    local arch dir log append machine
+    arch=$(arch_of "$kernel")
+    dir="$WORK/initramfs-$arch"
+    step "boot the $arch guest on Linux $(cat "$WORK/kernel-$kernel/version") ($role)"
+    rm -f "$dir"/lib/modules/*.ko
+    cp "$WORK/kernel-$kernel/modules/"*.ko "$dir/lib/modules/"
+    (cd "$dir" && find . | "$WORK/root/bin/busybox" cpio -o -H newc 2>/dev/null | gzip -1) > "$WORK/initramfs-$kernel.cpio.gz"
+    log="$WORK/guest-$kernel-$role.log"
+    append="quiet panic=-1 vsock_relay_guest=1 vsock_relay_role=$role guest_timeout=$GUEST_TIMEOUT_S"
+    case "$arch" in
+        x86_64)
+            machine=(qemu-system-x86_64 -L "$WORK/root/usr/share/qemu" -L "$WORK/root/usr/share/seabios"
+                -cpu max -machine pc)
+            append="console=ttyS0 $append"
+            ;;
+        aarch64)
+            # cortex-a72 rather than max: no pointer authentication to emulate.
+            machine=(qemu-system-aarch64 -cpu cortex-a72 -machine virt)
+            append="console=ttyAMA0 $append"
+            ;;
+    esac
     set +e
     LD_LIBRARY_PATH=$qemu_libs timeout --kill-after=10 "$GUEST_TIMEOUT_S" \
-        "$WORK/root/usr/bin/qemu-system-x86_64" \
-        -L "$WORK/root/usr/share/qemu" -L "$WORK/root/usr/share/seabios" \
-        -accel tcg,thread=multi -cpu max -smp 2 -m 1024 -machine pc \
+        "$WORK/root/usr/bin/${machine[0]}" "${machine[@]:1}" \
+        -accel tcg,thread=multi -smp 2 -m 1024 \
         -nodefaults -nic none -nographic -no-reboot -serial stdio \
         -kernel "$WORK/kernel-$kernel/vmlinux" -initrd "$WORK/initramfs-$kernel.cpio.gz" \
-        -append "console=ttyS0 quiet panic=-1 vsock_relay_guest=1 guest_timeout=$GUEST_TIMEOUT_S" \
+        -append "$append" \
         < /dev/null 2>&1 | tee "$log"
     set -e
     if grep -q '^VSOCK-GUEST-RESULT: PASS' "$log"; then
-        printf '[vm] Linux %s: PASS\n' "$kernel"
-    else
-        printf '[vm] Linux %s: FAIL (%s)\n' "$kernel" "$(grep -a '^VSOCK-GUEST-RESULT' "$log" || echo 'no result line')"
-        failed=1
+        printf '[vm] %s, Linux %s, %s: PASS\n' "$arch" "$kernel" "$role"
+        return 0
     fi
+    printf '[vm] %s, Linux %s, %s: FAIL (%s)\n' "$arch" "$kernel" "$role" \
+        "$(grep -a '^VSOCK-GUEST-RESULT' "$log" || echo 'no result line')"
+    return 1
+}
+
+staged=""
+failed=0
+for kernel in $KERNELS; do
+    arch=$(arch_of "$kernel")
+    case " $staged " in *" $arch "*) ;; *) stage "$arch"; staged="$staged $arch" ;; esac
+    boot "$kernel" suite || failed=1
 done
+# The enclave image's entry script as PID 1 (dist/enclave/entry.sh), on the
+# newest x86_64 kernel asked for.
+enclave_kernel=$(printf '%s\n' $KERNELS | grep -v '^arm64-' | sort -V | tail -1)
+if [ -n "$enclave_kernel" ]; then
+    boot "$enclave_kernel" enclave || failed=1
+fi
 step "done"
 exit $failed

@@ -39,6 +39,7 @@ pub enum Bench {
     Rpc {
         #[command(flatten)]
         common: Common,
+        /// Connections, each doing its round trips one after another.
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=4096))]
         connections: u16,
         /// Round trips per connection.
@@ -53,8 +54,10 @@ pub enum Bench {
     Churn {
         #[command(flatten)]
         common: Common,
+        /// Connections opened and closed in all.
         #[arg(long, default_value_t = 2000)]
         connections: u32,
+        /// Connections in flight at a time.
         #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=1024))]
         parallel: u16,
     },
@@ -64,6 +67,7 @@ pub enum Bench {
     Idle {
         #[command(flatten)]
         common: Common,
+        /// Connections opened and held.
         #[arg(long, default_value_t = 1000)]
         connections: u32,
         /// Seconds to hold them.
@@ -116,7 +120,8 @@ pub fn run(bench: Bench) -> anyhow::Result<()> {
     match bench {
         Bench::Sink { listen } => {
             let local = sink::start(&listen)?;
-            tracing::info!(listen = %local, "sink listening");
+            // The ready line, on stdout: scripts wait for it.
+            println!("sink listening on {local}");
             crate::run::serve_until_signal(&local)?;
         }
         Bench::Bulk { common, streams, bytes } => {

@@ -21,7 +21,7 @@ use vsock_relay_engine::{Endpoint, Host};
 /// drain at once), 1 when the config or allowlist refuses the target or the
 /// port is in use, 2 on a usage error.
 #[derive(Parser, Debug)]
-#[command(name = "vsock-proxy", version, about, long_about)]
+#[command(name = "vsock-proxy", version)]
 struct Cli {
     /// Worker threads, each an event loop serving any number of connections
     /// (AWS's proxy: the maximum number of simultaneous connections). Capped

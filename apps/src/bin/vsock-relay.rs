@@ -22,7 +22,7 @@ use vsock_relay_apps::serve::ServeArgs;
 /// Endpoints are written vsock:CID:PORT (CID may be `any`), tcp:HOST:PORT
 /// (IPv6 in brackets) or unix:PATH. Logging: set RUST_LOG.
 #[derive(Parser, Debug)]
-#[command(name = "vsock-relay", version, about, long_about)]
+#[command(name = "vsock-relay", version)]
 struct Cli {
     /// Log lines as text, or as one JSON object per line.
     #[arg(long, global = true, default_value = "text", value_name = "text|json")]
@@ -81,6 +81,19 @@ impl Command {
         }
     }
 
+    /// Its name on the command line.
+    fn name(&self) -> &'static str {
+        match self {
+            Command::Proxy(_) => "proxy",
+            Command::Forward(_) => "forward",
+            Command::Serve(_) => "serve",
+            Command::Client(_) => "client",
+            Command::Demo(_) => "demo",
+            Command::Bench(_) => "bench",
+            Command::Relay(_) => "relay",
+        }
+    }
+
     fn run(self) -> anyhow::Result<ExitCode> {
         let running = match self {
             Command::Client(args) => return args.run(),
@@ -107,12 +120,16 @@ fn main() -> ExitCode {
         }
         _ => run::init_logging("info", cli.log_format),
     }
-    let program = cli.command.program();
+    let (program, name) = (cli.command.program(), cli.command.name());
     match cli.command.run() {
         Ok(code) => code,
         Err(e) => match e.downcast::<UsageError>() {
+            // Reported as clap reports its own: the subcommand's usage line, exit 2.
             Ok(UsageError(usage)) => {
-                Cli::command().error(clap::error::ErrorKind::ValueValidation, usage).exit()
+                let mut command = Cli::command();
+                command.build();
+                let subcommand = command.find_subcommand_mut(name).expect("a subcommand of the CLI");
+                subcommand.error(clap::error::ErrorKind::ValueValidation, usage).exit()
             }
             Err(e) => run::fail(program, e),
         },

@@ -28,7 +28,17 @@ pub struct HttpsEndpoint {
 impl HttpsEndpoint {
     /// Serves `document` at [`PATH`] on 127.0.0.1 (a free port).
     pub fn start(document: Vec<u8>) -> anyhow::Result<HttpsEndpoint> {
-        let (ca_pem, tls) = certificates()?;
+        HttpsEndpoint::serve(document, certificates()?)
+    }
+
+    /// Like [`HttpsEndpoint::start`], with the mistake `openssl req -x509`
+    /// invites: one self-signed certificate marked as a CA, presented as the
+    /// server's own (its PEM is the "CA" to trust).
+    pub fn start_with_a_ca_as_server_certificate(document: Vec<u8>) -> anyhow::Result<HttpsEndpoint> {
+        HttpsEndpoint::serve(document, ca_as_server_certificate()?)
+    }
+
+    fn serve(document: Vec<u8>, (ca_pem, tls): (String, Arc<ServerConfig>)) -> anyhow::Result<HttpsEndpoint> {
         let listener = TcpListener::bind(("127.0.0.1", 0)).context("cannot listen on 127.0.0.1")?;
         let local = listener.local_addr()?;
         let requests = Arc::new(AtomicU64::new(0));
@@ -90,18 +100,39 @@ fn certificates() -> anyhow::Result<(String, Arc<ServerConfig>)> {
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate()?)?;
     let key = KeyPair::generate()?;
-    let leaf = CertificateParams::new(vec!["localhost".to_string()])?.signed_by(&key, &ca)?;
+    // Also the real name, for tests that map it to the stand-in (the
+    // enclave image's entry script in the guest).
+    let names = vec!["localhost".to_string(), "ip-ranges.amazonaws.com".to_string()];
+    let leaf = CertificateParams::new(names)?.signed_by(&key, &ca)?;
     let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
-        .with_no_client_auth()
-        .with_single_cert(vec![leaf.der().clone(), ca.der().clone()], key_der)?;
-    Ok((ca.pem(), Arc::new(config)))
+    Ok((ca.pem(), server_config(vec![leaf.der().clone(), ca.der().clone()], key_der)?))
 }
 
 /// One HTTP/1.1 exchange: reads the request head, answers (503 when
 /// `failing`), closes.
+fn ca_as_server_certificate() -> anyhow::Result<(String, Arc<ServerConfig>)> {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+    let mut params = CertificateParams::new(vec!["localhost".to_string()])?;
+    params.distinguished_name.push(DnType::CommonName, "localhost");
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let key = KeyPair::generate()?;
+    let certificate = params.self_signed(&key)?;
+    let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+    Ok((certificate.pem(), server_config(vec![certificate.der().clone()], key_der)?))
+}
+
+fn server_config(
+    chain: Vec<rustls::pki_types::CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+) -> anyhow::Result<Arc<ServerConfig>> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)?;
+    Ok(Arc::new(config))
+}
+
 fn serve(
     stream: TcpStream,
     tls: Arc<ServerConfig>,

@@ -117,7 +117,10 @@ impl Drop for Layout {
 /// hop fails.
 pub fn run(args: &DemoArgs, out: &mut impl Write) -> anyhow::Result<()> {
     let vsock = match (args.transport, vsock_loopback()) {
-        (Transport::Unix, _) => false,
+        (Transport::Unix, _) => {
+            writeln!(out, "vsock hops: Unix sockets (--transport unix)")?;
+            false
+        }
         (Transport::Vsock, Err(why)) => anyhow::bail!("--transport vsock: {why}"),
         (_, Ok(())) => true,
         (Transport::Auto, Err(why)) => {

@@ -1,0 +1,24 @@
+#!/bin/sh
+# The parent instance's side of the enclave image in this folder: the
+# allowlisted proxy, the enclave, and the workshop's client. Run as root on
+# a Nitro-enabled instance with nitro-cli installed; the EIF is built as the
+# Dockerfile says. Settings: EIF (vsock-relay.eif), ENCLAVE_CID (16),
+# CONFIG (/etc/nitro_enclaves/vsock-proxy.yaml: must allow
+# ip-ranges.amazonaws.com:443), VSOCK_PROXY (/usr/local/bin/vsock-proxy),
+# VSOCK_RELAY (/usr/local/bin/vsock-relay).
+set -eu
+EIF=${EIF:-vsock-relay.eif}
+ENCLAVE_CID=${ENCLAVE_CID:-16}
+CONFIG=${CONFIG:-/etc/nitro_enclaves/vsock-proxy.yaml}
+VSOCK_PROXY=${VSOCK_PROXY:-/usr/local/bin/vsock-proxy}
+VSOCK_RELAY=${VSOCK_RELAY:-/usr/local/bin/vsock-relay}
+
+"$VSOCK_PROXY" 8001 ip-ranges.amazonaws.com 443 --config "$CONFIG" &
+nitro-cli run-enclave --eif-path "$EIF" --cpu-count 2 --memory 512 --enclave-cid "$ENCLAVE_CID"
+# The server answers once the enclave booted: ask until it does (a minute).
+tries=0
+until "$VSOCK_RELAY" client "$ENCLAVE_CID" 5005 us-east-1; do
+    tries=$((tries + 1))
+    [ "$tries" -lt 30 ] || exit 1
+    sleep 2
+done
