@@ -50,7 +50,7 @@ stage() {
     DIST_TARGETS=$arch bash dist/build
     local version bins
     version=$(sed -n 's/^version = "\(.*\)"$/\1/p' Cargo.toml | head -1)
-    bins="$TARGET_DIR/dist/vsock-relay-$version-$arch-linux-musl"
+    bins="$TARGET_DIR/packages/vsock-relay-$version-$arch-linux-musl"
     cargo test --release --locked --target "$target" --test vsock --no-run
     local test_exe
     test_exe=$(cargo test --release --locked --target "$target" --test vsock --no-run --message-format=json 2>/dev/null \
@@ -127,7 +127,7 @@ for kernel in $KERNELS; do
 done
 # The enclave image's entry script as PID 1 (dist/enclave/entry.sh), on the
 # newest x86_64 kernel asked for.
-enclave_kernel=$(printf '%s\n' $KERNELS | grep -v '^arm64-' | sort -V | tail -1)
+enclave_kernel=$(printf '%s\n' $KERNELS | grep -v '^arm64-' | sort -V | tail -1 || true)
 if [ -n "$enclave_kernel" ]; then
     boot "$enclave_kernel" enclave || failed=1
 fi
