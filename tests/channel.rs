@@ -369,28 +369,37 @@ fn demo_exits_0_with_the_expected_prefixes() {
     assert_eq!(out.stderr, "", "the demo's story is on stdout");
 }
 
+/// The sample server's document source for `endpoint`, trusting its
+/// certificate (written to `dir` as the --ca-file), caching for `cache_for`.
+fn source_trusting(
+    endpoint: &HttpsEndpoint,
+    dir: &TempDir,
+    cache_for: Duration,
+) -> vsock_relay_apps::ipranges::Source {
+    use vsock_relay_apps::ipranges::{Source, SourceSettings};
+    let ca = dir.path("ca.pem");
+    std::fs::write(&ca, endpoint.ca_pem()).unwrap();
+    Source::new(SourceSettings {
+        url: format!("https://localhost:{}/ip-ranges.json", endpoint.port()),
+        ca_file: Some(ca),
+        timeout: Duration::from_secs(5),
+        cache_for,
+    })
+    .unwrap()
+}
+
 /// While a refetch fails, every client gets the last good copy, and the
 /// failure is remembered: one fetch per retry interval, not one per client
 /// (clients used to get the error, and every wave refetched).
 #[test]
 fn serve_keeps_answering_from_the_last_good_copy_while_refetches_fail() {
     use std::sync::Arc;
-    use vsock_relay_apps::ipranges::{Source, SourceSettings, RETRY_AFTER_FAILURE};
+    use vsock_relay_apps::ipranges::RETRY_AFTER_FAILURE;
 
     let endpoint = HttpsEndpoint::start(document()).unwrap();
     let dir = TempDir::new("serve-cache");
-    let ca = dir.path("ca.pem");
-    std::fs::write(&ca, endpoint.ca_pem()).unwrap();
     let cache_for = Duration::from_millis(300);
-    let source = Arc::new(
-        Source::new(SourceSettings {
-            url: format!("https://localhost:{}/ip-ranges.json", endpoint.port()),
-            ca_file: Some(ca),
-            timeout: Duration::from_secs(5),
-            cache_for,
-        })
-        .unwrap(),
-    );
+    let source = Arc::new(source_trusting(&endpoint, &dir, cache_for));
     let wave = |clients: usize| {
         let handles: Vec<_> = (0..clients)
             .map(|_| {
@@ -428,19 +437,9 @@ fn serve_keeps_answering_from_the_last_good_copy_while_refetches_fail() {
 /// what to do, instead of "add its CA with --ca-file".
 #[test]
 fn a_ca_certificate_served_as_the_servers_own_gets_its_own_hint() {
-    use vsock_relay_apps::ipranges::{Source, SourceSettings};
-
     let endpoint = HttpsEndpoint::start_with_a_ca_as_server_certificate(document()).unwrap();
     let dir = TempDir::new("ca-as-server");
-    let ca = dir.path("ca.pem");
-    std::fs::write(&ca, endpoint.ca_pem()).unwrap();
-    let source = Source::new(SourceSettings {
-        url: format!("https://localhost:{}/ip-ranges.json", endpoint.port()),
-        ca_file: Some(ca),
-        timeout: Duration::from_secs(5),
-        cache_for: Duration::from_secs(60),
-    })
-    .unwrap();
+    let source = source_trusting(&endpoint, &dir, Duration::from_secs(60));
     let error = source.get().unwrap_err();
     assert!(error.contains("CaUsedAsEndEntity"), "{error}");
     assert!(error.contains("the server presents a CA certificate as its own"), "{error}");

@@ -81,6 +81,15 @@ fn promtool() -> Option<PathBuf> {
     on_path.is_ok_and(|o| o.status.success()).then(|| PathBuf::from("promtool"))
 }
 
+/// Runs a checker (promtool, systemd-analyze): whether it passed, and all
+/// it said (stdout then stderr).
+fn checker_output(command: &mut Command) -> (bool, String) {
+    let output = command.output().unwrap();
+    let said =
+        format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    (output.status.success(), said)
+}
+
 /// Under CI a missing tool is a failure (its fetch step ran); elsewhere
 /// the check is skipped, saying so.
 fn missing_tool(tool: &str, how: &str) {
@@ -208,17 +217,10 @@ fn metrics_count_exactly_on(backend: &str) {
         Some(promtool) => {
             let text = dir.path("metrics.txt");
             std::fs::write(&text, &after).unwrap();
-            let check = Command::new(promtool)
-                .args(["check", "metrics"])
-                .stdin(std::fs::File::open(&text).unwrap())
-                .output()
-                .unwrap();
-            let said = format!(
-                "{}{}",
-                String::from_utf8_lossy(&check.stdout),
-                String::from_utf8_lossy(&check.stderr)
+            let (passed, said) = checker_output(
+                Command::new(promtool).args(["check", "metrics"]).stdin(std::fs::File::open(&text).unwrap()),
             );
-            assert!(check.status.success(), "promtool check metrics:\n{said}\n{after}");
+            assert!(passed, "promtool check metrics:\n{said}\n{after}");
             assert_eq!(said.trim(), "", "promtool has remarks:\n{after}");
         }
         None => missing_tool("promtool", "run tests/tools/fetch.sh target/tools"),
@@ -471,15 +473,13 @@ fn the_systemd_unit_verifies() {
     std::fs::write(dir.path("vsock-relay-proxy@.service"), here).unwrap();
     std::os::unix::fs::symlink("vsock-relay-proxy@.service", dir.path("vsock-relay-proxy@kms.service"))
         .unwrap();
-    let output = Command::new("systemd-analyze")
-        .arg("verify")
-        .arg(dir.path("vsock-relay-proxy@kms.service"))
-        .env("SYSTEMD_LOG_COLOR", "0")
-        .output()
-        .unwrap();
-    let said =
-        format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
-    assert!(output.status.success(), "systemd-analyze verify failed:\n{said}");
+    let (passed, said) = checker_output(
+        Command::new("systemd-analyze")
+            .arg("verify")
+            .arg(dir.path("vsock-relay-proxy@kms.service"))
+            .env("SYSTEMD_LOG_COLOR", "0"),
+    );
+    assert!(passed, "systemd-analyze verify failed:\n{said}");
     let about_ours: Vec<&str> = said.lines().filter(|l| l.contains("vsock-relay-proxy@")).collect();
     assert!(about_ours.is_empty(), "systemd-analyze has remarks on the unit:\n{said}");
 }

@@ -83,6 +83,22 @@ fn family<'a>(
     Ok(())
 }
 
+/// Counter samples labelled by service and one more label, `key`:
+/// `counts(i)` gives service i's (label value, count) pairs.
+fn counters_by<'a, const N: usize>(
+    names: &[&'a str],
+    key: &'static str,
+    counts: impl Fn(usize) -> [(&'static str, u64); N],
+) -> Vec<(Labels<'a>, Sample)> {
+    names
+        .iter()
+        .enumerate()
+        .flat_map(|(i, name)| {
+            counts(i).map(|(value, count)| (vec![("service", *name), (key, value)], Sample::Counter(count)))
+        })
+        .collect()
+}
+
 enum Sample {
     Counter(u64),
     Gauge(i64),
@@ -134,33 +150,20 @@ impl Collector for RelayMetrics {
             MetricType::Gauge,
             per_service(&|i| Sample::Gauge(i64::try_from(snapshots[i].active).unwrap_or(i64::MAX))),
         )?;
-        let refused = names.iter().enumerate().flat_map(|(i, name)| {
-            RefusedBy::ALL.map(|why| {
-                (
-                    vec![("service", *name), ("reason", why.label())],
-                    Sample::Counter(snapshots[i].refused_by(why)),
-                )
-            })
+        let refused = counters_by(&names, "reason", |i| {
+            RefusedBy::ALL.map(|why| (why.label(), snapshots[i].refused_by(why)))
         });
         family(&mut encoder, "connections_refused",
             "Clients reset right after their accept: allowlist (target no longer allowed since a reload), cid (--allow-cid), limit (--max-connections).",
             MetricType::Counter, refused)?;
-        let failed = names.iter().enumerate().flat_map(|(i, name)| {
-            Failure::ALL.map(|cause| {
-                (
-                    vec![("service", *name), ("cause", cause.label())],
-                    Sample::Counter(snapshots[i].failed_by(cause)),
-                )
-            })
+        let failed = counters_by(&names, "cause", |i| {
+            Failure::ALL.map(|cause| (cause.label(), snapshots[i].failed_by(cause)))
         });
         family(&mut encoder, "connections_failed",
             "Connections that ended in failure: connect (upstream unreachable), client or upstream (read/write error), idle (--idle-timeout), drain (cut at stop), resources (no socket).",
             MetricType::Counter, failed)?;
-        let bytes = names.iter().enumerate().flat_map(|(i, name)| {
+        let bytes = counters_by(&names, "direction", |i| {
             [("to_upstream", snapshots[i].bytes_to_upstream), ("to_client", snapshots[i].bytes_to_client)]
-                .map(|(direction, value)| {
-                    (vec![("service", *name), ("direction", direction)], Sample::Counter(value))
-                })
         });
         family(&mut encoder, "bytes", "Bytes delivered, by direction.", MetricType::Counter, bytes)?;
         family(

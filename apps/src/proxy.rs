@@ -17,7 +17,7 @@ use anyhow::Context;
 use clap::Args;
 use vsock_relay_engine::dns::Resolver;
 use vsock_relay_engine::target::Vet;
-use vsock_relay_engine::{Endpoint, Gate, Host, IpFamily, Service, Target};
+use vsock_relay_engine::{Endpoint, Host, IpFamily, Service, Target};
 
 use crate::allowlist::{Allowed, Allowlist};
 use crate::options::{parse_remote_host, EngineArgs, Workers};
@@ -168,12 +168,8 @@ pub fn start(settings: &ProxySettings) -> anyhow::Result<Running> {
     }
     let mut running = settings.engine.launch(services, settings.workers)?;
     let resolver = Resolver::new(&dns).context("cannot set up DNS resolution")?;
-    let checked: Vec<(ServiceSpec, Target, Gate)> = settings
-        .services
-        .iter()
-        .zip(running.relay.services())
-        .map(|(spec, service)| (spec.clone(), service.target.clone(), service.gate.clone()))
-        .collect();
+    let checked: Vec<(ServiceSpec, Service)> =
+        settings.services.iter().cloned().zip(running.relay.services().iter().cloned()).collect();
     let reloader = Reloader { settings: settings.clone(), allowlist, resolver, services: checked };
     running.reload = Some(reloader.into_reload());
     Ok(running)
@@ -234,7 +230,8 @@ struct Reloader {
     settings: ProxySettings,
     allowlist: Arc<RwLock<Allowlist>>,
     resolver: Resolver,
-    services: Vec<(ServiceSpec, Target, Gate)>,
+    /// Each spec with its running service (name, target, gate).
+    services: Vec<(ServiceSpec, Service)>,
 }
 
 impl Reloader {
@@ -261,11 +258,10 @@ impl Reloader {
                 }
             }
         }
-        for (spec, target, gate) in &self.services {
+        for (spec, Service { name, target, gate, .. }) in &self.services {
             let used: Option<IpAddr> = target.current().as_socket().map(|address| address.ip());
             let verdict = used.map(|ip| fresh.admits(&spec.host, spec.port, ip, &self.resolver));
-            let (name, remote) =
-                (spec.name.clone().unwrap_or_else(|| spec.listen.to_string()), spec.host_text());
+            let remote = spec.host_text();
             match verdict {
                 Some(Ok(_)) if !gate.is_open() => {
                     tracing::info!(service = %name, %remote, port = spec.port, "allowed again: serving new clients");

@@ -117,14 +117,13 @@ impl Target {
                                     shared.changes.fetch_add(1, Relaxed);
                                     last_refused = None;
                                 }
-                                Err(reason) if last_refused != Some(address) => {
+                                Err(reason) => {
                                     shared.moves_refused.fetch_add(1, Relaxed);
-                                    tracing::error!(%name, %address, %reason, kept = %socket::describe(&kept),
-                                        "refusing the upstream's new address; keeping the last allowed one");
-                                    last_refused = Some(address);
-                                }
-                                Err(_) => {
-                                    shared.moves_refused.fetch_add(1, Relaxed);
+                                    if last_refused != Some(address) {
+                                        tracing::error!(%name, %address, %reason, kept = %socket::describe(&kept),
+                                            "refusing the upstream's new address; keeping the last allowed one");
+                                        last_refused = Some(address);
+                                    }
                                 }
                             }
                         }

@@ -47,13 +47,14 @@ fetch_kernel() {
         say "kernel $name: cached ($(cat "$out/version"))"
         return
     fi
-    local pkg
-    pkg=$(ARCH=$arch TOOL=apt-cache private_apt "$suite" search --names-only "^linux-image-${pattern}-${arch}-unsigned\$" \
+    # The machine's own architecture shares the lists the QEMU fetch made.
+    local pkg apt_arch=${arch#amd64}
+    pkg=$(ARCH=$apt_arch TOOL=apt-cache private_apt "$suite" search --names-only "^linux-image-${pattern}-${arch}-unsigned\$" \
         | awk '{print $1}' | sort -V | tail -1)
     [ -n "$pkg" ] || { say "no kernel package matching $pattern in $suite"; exit 1; }
     say "kernel $name: $pkg from $suite"
     rm -rf "$out" && mkdir -p "$out"
-    ARCH=$arch download_unpack "$suite" "$out/pkg" "$pkg"
+    ARCH=$apt_arch download_unpack "$suite" "$out/pkg" "$pkg"
     local vmlinuz version
     vmlinuz=$(ls "$out"/pkg/boot/vmlinuz-* | head -1)
     version=${vmlinuz##*/vmlinuz-}
