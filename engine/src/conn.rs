@@ -9,7 +9,9 @@
 //!   means connected, failed, or not yet (a connecting vsock socket can
 //!   report writable early): then it waits again, until the deadline.
 //! - EOF read on one side becomes `shutdown(SHUT_WR)` on the other; the
-//!   connection ends cleanly once both directions passed their EOF on.
+//!   connection ends cleanly once both directions passed their EOF on. The
+//!   second EOF is passed on by closing both sockets, with no `shutdown`
+//!   first (on vsock that saves a packet per connection).
 //! - Any error ends the whole connection with a reset on both sides
 //!   ([`Connection::reset`]), so that a peer never mistakes a failure for a
 //!   clean end of stream.
@@ -131,6 +133,15 @@ impl Mover {
             Mover::Ring(ring) => ring.bytes,
         }
     }
+
+    /// The other direction finished: this one's EOF ends the connection,
+    /// and closing the sockets passes it on (no `shutdown` first).
+    fn end_with_close(&mut self) {
+        match self {
+            Mover::Pump(pump) => pump.half_close = false,
+            Mover::Ring(ring) => ring.half_close = false,
+        }
+    }
 }
 
 /// How a connection ended.
@@ -249,6 +260,9 @@ impl Connection {
             }
         };
         io.moved[direction as usize] += n;
+        if self.movers[direction as usize].is_finished() {
+            self.movers[1 - direction as usize].end_with_close();
+        }
         Ok(wait)
     }
 
@@ -554,10 +568,17 @@ mod tests {
         assert!(matches!(action, Action::Wait([None, Some(Wait::Readable)])), "{action:?}");
         let action = conn.handle(Event::Ready(Direction::ToClient), &mut io);
         assert!(matches!(action, Action::Close(Ending::Finished)), "{action:?}");
-        let mut reply = Vec::new();
-        client_peer.read_to_end(&mut reply).unwrap();
-        assert_eq!((reply.as_slice(), io.moved, conn.bytes()), (&b"pong"[..], [4, 4], (4, 4)));
+        assert_eq!((io.moved, conn.bytes()), ([4, 4], (4, 4)));
         assert_eq!(conn.state, ConnState::Closed);
+        // The second EOF is passed on by closing the sockets, not by a shutdown before.
+        client_peer.set_nonblocking(true).unwrap();
+        let mut reply = [0u8; 8];
+        assert_eq!(client_peer.read(&mut reply).unwrap(), 4);
+        assert_eq!(&reply[..4], b"pong");
+        let pending = client_peer.read(&mut reply).unwrap_err();
+        assert_eq!(pending.kind(), io::ErrorKind::WouldBlock, "no shutdown before the close");
+        drop(conn);
+        assert_eq!(client_peer.read(&mut reply).unwrap(), 0, "EOF at the close");
     }
 
     #[test]

@@ -146,6 +146,10 @@ pub struct Pump {
     pub level_triggered: bool,
     eof: bool,
     finished: bool,
+    /// Pass EOF on with `shutdown(SHUT_WR)`; off once the other direction
+    /// finished, as the connection then closes both sockets at once and the
+    /// close ends the stream (on vsock, one packet instead of two).
+    pub half_close: bool,
     /// Bytes delivered to the destination so far.
     pub bytes: u64,
     /// Test seam: act as if the source's family refused splice (as vsock
@@ -173,6 +177,7 @@ impl Pump {
             level_triggered: true,
             eof: false,
             finished: false,
+            half_close: true,
             bytes: 0,
             #[cfg(test)]
             refuse_splice: false,
@@ -303,6 +308,9 @@ impl Pump {
 
     fn pass_on_eof(&mut self, dst: &Socket) -> Result<(), ConnError> {
         self.finished = true;
+        if !self.half_close {
+            return Ok(());
+        }
         match dst.shutdown(Shutdown::Write) {
             // The destination already went away entirely: nothing left to tell it.
             Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(()),

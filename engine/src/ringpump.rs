@@ -42,6 +42,8 @@ pub struct RingPump {
     sending: bool,
     eof: bool,
     finished: bool,
+    /// Pass EOF on with `shutdown(SHUT_WR)` (see `Pump::half_close`).
+    pub half_close: bool,
     /// Bytes delivered to the destination so far.
     pub bytes: u64,
 }
@@ -70,6 +72,7 @@ impl RingPump {
             sending: false,
             eof: false,
             finished: false,
+            half_close: true,
             bytes: 0,
         }
     }
@@ -95,6 +98,9 @@ impl RingPump {
         }
         if self.eof && self.held.is_empty() && !self.sending {
             self.finished = true;
+            if !self.half_close {
+                return Ok(Wait::Finished);
+            }
             return match dst.shutdown(Shutdown::Write) {
                 // The destination already went away entirely: nothing left to tell it.
                 Err(e) if e.kind() != io::ErrorKind::NotConnected => {

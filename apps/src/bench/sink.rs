@@ -5,10 +5,15 @@
 //! between (AWS's design has none); [`ECHO`] sends back what it reads until
 //! EOF. A thread per connection with a small stack: the
 //! sink must hold thousands of idle connections and never be the bottleneck
-//! of one fast stream.
+//! of one fast stream. A thread whose connection ended waits for the next
+//! one instead of exiting: in the vsock guest, starting a thread and its
+//! buffer for every connection cost the sink more CPU than the relays under
+//! test spend on one, and that shared cost hid their differences in churn.
 
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -31,11 +36,21 @@ pub fn start(listen: &Endpoint) -> anyhow::Result<Endpoint> {
     let listener = socket::listen(listen, &options).with_context(|| format!("cannot listen on {listen}"))?;
     listener.set_nonblocking(false)?;
     let local = socket::local_endpoint(&listener, listen)?;
+    let waiting = Waiting::new();
     std::thread::Builder::new().name("sink-accept".into()).spawn(move || loop {
         match listener.accept() {
             Ok((stream, _)) => {
                 let _ = socket::tune(&stream, &options);
-                let spawned = std::thread::Builder::new().stack_size(64 * 1024).spawn(move || serve(stream));
+                let Some(stream) = waiting.hand_over(stream) else { continue };
+                let waiting = waiting.clone();
+                let spawned = std::thread::Builder::new().stack_size(64 * 1024).spawn(move || {
+                    let mut buf = vec![0u8; READ_BYTES];
+                    let mut next = Some(stream);
+                    while let Some(stream) = next {
+                        let _ = serve(stream, &mut buf);
+                        next = waiting.next();
+                    }
+                });
                 if let Err(e) = spawned {
                     tracing::warn!(error = %e, "sink: cannot start a connection thread");
                 }
@@ -50,12 +65,43 @@ pub fn start(listen: &Endpoint) -> anyhow::Result<Endpoint> {
     Ok(local)
 }
 
-fn serve(mut stream: Socket) -> io::Result<()> {
+/// Connection threads between connections, and the queue that hands them
+/// the next one. Each waiting thread is counted once before it waits, and
+/// each connection handed over takes one count, so none waits unserved.
+#[derive(Clone)]
+struct Waiting {
+    count: Arc<AtomicUsize>,
+    sender: mpsc::Sender<Socket>,
+    receiver: Arc<Mutex<mpsc::Receiver<Socket>>>,
+}
+
+impl Waiting {
+    fn new() -> Self {
+        let (sender, receiver) = mpsc::channel();
+        Waiting { count: Arc::new(AtomicUsize::new(0)), sender, receiver: Arc::new(Mutex::new(receiver)) }
+    }
+
+    /// Gives `stream` to a waiting thread, or back if none waits.
+    fn hand_over(&self, stream: Socket) -> Option<Socket> {
+        match self.count.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1)) {
+            Ok(_) => self.sender.send(stream).err().map(|unsent| unsent.0),
+            Err(_) => Some(stream),
+        }
+    }
+
+    /// Waits for the next connection (None once the sink is gone).
+    fn next(&self) -> Option<Socket> {
+        self.count.fetch_add(1, Ordering::AcqRel);
+        let receiver = self.receiver.lock().ok()?;
+        receiver.recv().ok()
+    }
+}
+
+fn serve(mut stream: Socket, buf: &mut [u8]) -> io::Result<()> {
     let mut mode = [0u8; 1];
     if stream.read(&mut mode)? == 0 {
         return Ok(());
     }
-    let mut buf = vec![0u8; READ_BYTES];
     match mode[0] {
         COUNT => {
             let mut expected = [0u8; 8];
@@ -74,7 +120,7 @@ fn serve(mut stream: Socket) -> io::Result<()> {
             stream.write_all(&count.to_le_bytes())?;
         }
         ECHO => loop {
-            match stream.read(&mut buf) {
+            match stream.read(buf) {
                 Ok(0) => break,
                 Ok(n) => stream.write_all(&buf[..n])?,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
