@@ -28,6 +28,9 @@ pub const ECHO: u8 = b'E';
 
 const READ_BYTES: usize = 256 * 1024;
 
+/// Threads kept waiting for a next connection, at most.
+const MAX_WAITING: usize = 64;
+
 /// Listens on `listen` and serves until the process ends; returns the bound
 /// endpoint once listening (port 0 gets a real port).
 pub fn start(listen: &Endpoint) -> anyhow::Result<Endpoint> {
@@ -89,8 +92,12 @@ impl Waiting {
         }
     }
 
-    /// Waits for the next connection (None once the sink is gone).
+    /// Waits for the next connection; None once enough threads wait (a
+    /// burst's threads do not stay parked) or the sink is gone.
     fn next(&self) -> Option<Socket> {
+        if self.count.load(Ordering::Acquire) >= MAX_WAITING {
+            return None;
+        }
         self.count.fetch_add(1, Ordering::AcqRel);
         let receiver = self.receiver.lock().ok()?;
         receiver.recv().ok()
@@ -130,4 +137,55 @@ fn serve(mut stream: Socket, buf: &mut [u8]) -> io::Result<()> {
         _ => return Ok(()),
     }
     stream.shutdown(Shutdown::Write)
+}
+
+#[cfg(test)]
+mod tests {
+    //! The sink on loopback TCP: connections one after another are served by
+    //! the thread the first one started, in either mode, and many at once
+    //! each get a thread.
+
+    use super::*;
+    use std::net::TcpStream;
+
+    fn sink() -> std::net::SocketAddr {
+        let endpoint: Endpoint = "tcp:127.0.0.1:0".parse().unwrap();
+        match start(&endpoint).unwrap() {
+            Endpoint::Tcp { port, .. } => std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+            other => panic!("a TCP sink listens on TCP, not {other}"),
+        }
+    }
+
+    fn echo(to: std::net::SocketAddr, payload: &[u8]) -> Vec<u8> {
+        let mut stream = TcpStream::connect(to).unwrap();
+        stream.write_all(&[ECHO]).unwrap();
+        stream.write_all(payload).unwrap();
+        stream.shutdown(Shutdown::Write).unwrap();
+        let mut back = Vec::new();
+        stream.read_to_end(&mut back).unwrap();
+        back
+    }
+
+    fn count(to: std::net::SocketAddr, bytes: usize) -> u64 {
+        let mut stream = TcpStream::connect(to).unwrap();
+        stream.write_all(&[COUNT]).unwrap();
+        stream.write_all(&(bytes as u64).to_le_bytes()).unwrap();
+        stream.write_all(&vec![7u8; bytes]).unwrap();
+        let mut answer = [0u8; 8];
+        stream.read_exact(&mut answer).unwrap();
+        u64::from_le_bytes(answer)
+    }
+
+    #[test]
+    fn connections_one_after_another_and_at_once_are_all_served() {
+        let to = sink();
+        for round in 0..20u8 {
+            let payload: Vec<u8> = (0..100).map(|i| i ^ round).collect();
+            assert_eq!(echo(to, &payload), payload, "echo, round {round}");
+            assert_eq!(count(to, 300_000), 300_000, "count, round {round}");
+        }
+        let at_once: Vec<_> =
+            (0..80u8).map(|i| std::thread::spawn(move || echo(to, &[i; 1000]) == vec![i; 1000])).collect();
+        assert!(at_once.into_iter().all(|t| t.join().unwrap()), "every concurrent echo came back whole");
+    }
 }
