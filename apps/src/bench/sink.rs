@@ -6,7 +6,7 @@
 //! EOF. A thread per connection with a small stack: the
 //! sink must hold thousands of idle connections and never be the bottleneck
 //! of one fast stream. A thread whose connection ended waits for the next
-//! one instead of exiting (up to [`MAX_WAITING`] threads): in the vsock guest, starting a thread and its
+//! one instead of exiting (up to `MAX_WAITING` threads): in the vsock guest, starting a thread and its
 //! buffer for every connection cost the sink more CPU than the relays under
 //! test spend on one, and that shared cost hid their differences in churn.
 
