@@ -3,12 +3,13 @@
 //! bytes (or to EOF) and answers how many it got (8 bytes), so a bulk sender
 //! knows every byte arrived without needing half-close from the relay in
 //! between (AWS's design has none); [`ECHO`] sends back what it reads until
-//! EOF. A thread per connection with a small stack: the
-//! sink must hold thousands of idle connections and never be the bottleneck
-//! of one fast stream. A thread whose connection ended waits for the next
-//! one instead of exiting (up to `MAX_WAITING` threads): in the vsock guest, starting a thread and its
-//! buffer for every connection cost the sink more CPU than the relays under
-//! test spend on one, and that shared cost hid their differences in churn.
+//! EOF. A thread per connection with a small stack: the sink must hold
+//! thousands of idle connections and never be the bottleneck of one fast
+//! stream. A thread whose connection ended waits for the next one instead
+//! of exiting (up to `MAX_WAITING` threads): in the vsock guest, starting a
+//! thread and its buffer for every connection cost the sink more CPU than
+//! the relays under test spend on one, and that shared cost hid their
+//! differences in churn.
 
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
