@@ -19,6 +19,13 @@
 //! Exact names and addresses are what AWS's proxy accepts; wildcards and
 //! ranges are this proxy's (as enclaver has them).
 //!
+//! Routed services (`--route`: each client names its destination) are safe
+//! by default: a destination at a loopback, link-local (169.254.0.0/16 with
+//! the instance metadata service, fe80::/10, fd00:ec2::254) or unspecified
+//! address is refused unless an address or CIDR entry within that block
+//! names it, even when a name or wildcard entry matches the name (a name
+//! that resolves to the metadata service is refused).
+//!
 //! Reading is bounded (size, nesting) and as lenient as AWS's proxy: unknown
 //! fields and documents after the first are accepted with a warning.
 
@@ -67,6 +74,39 @@ pub enum AllowlistError {
         resolved_to.map(|ip| format!(" (resolved to {ip})")).unwrap_or_default()
     )]
     NotAllowed { target: String, port: u16, resolved_to: Option<IpAddr>, path: PathBuf },
+    #[error(
+        "{target}:{port}{} is a {kind} address: a routed client reaches it only when an entry of {path} \
+         names that address, or a range within {block}",
+        resolved_to.map(|ip| format!(" (resolved to {ip})")).unwrap_or_default()
+    )]
+    Reserved {
+        target: String,
+        port: u16,
+        resolved_to: Option<IpAddr>,
+        kind: &'static str,
+        block: IpNet,
+        path: PathBuf,
+    },
+}
+
+/// Address blocks a routed client reaches only through an entry naming an
+/// address or a range inside them.
+const RESERVED: [(&str, &str); 7] = [
+    ("127.0.0.0/8", "loopback"),
+    ("169.254.0.0/16", "link-local (the instance metadata service's)"),
+    ("0.0.0.0/32", "unspecified"),
+    ("::1/128", "loopback"),
+    ("::/128", "unspecified"),
+    ("fe80::/10", "link-local"),
+    ("fd00:ec2::254/128", "instance metadata service"),
+];
+
+/// The reserved block holding `ip` (canonical), and what it is.
+fn reserved_block(ip: IpAddr) -> Option<(IpNet, &'static str)> {
+    RESERVED.iter().find_map(|(block, kind)| {
+        let block: IpNet = block.parse().ok()?;
+        block.contains(&ip).then_some((block, *kind))
+    })
 }
 
 /// Which kind of entry allowed a target.
@@ -165,6 +205,66 @@ impl Allowlist {
                 Vec::new()
             }
         })
+    }
+
+    /// Is a routed client's destination `host:port`, to be reached at
+    /// `address`, allowed? The rule of [`Allowlist::admits`], and safe by
+    /// default (see the module docs). `Ok`: the entry that allowed it, as
+    /// `address:port` (one metrics label per entry, never per host).
+    pub fn admits_routed(
+        &self,
+        host: &Host,
+        port: u16,
+        address: IpAddr,
+        resolver: &Resolver,
+    ) -> Result<String, AllowlistError> {
+        self.admits_routed_with(host, port, address, &mut |name| match resolver.resolve(name) {
+            Ok(resolution) => resolution.addresses,
+            Err(_) => Vec::new(),
+        })
+    }
+
+    fn admits_routed_with(
+        &self,
+        host: &Host,
+        port: u16,
+        address: IpAddr,
+        resolve: &mut dyn FnMut(&str) -> Vec<IpAddr>,
+    ) -> Result<String, AllowlistError> {
+        let label = |entry: &Entry| format!("{}:{}", entry.address, entry.port);
+        let address = address.to_canonical();
+        let Some((block, kind)) = reserved_block(address) else {
+            return match self.admits_with(host, port, address, resolve)? {
+                Allowed::ByName(entry) | Allowed::ByAddress(entry) => Ok(label(&entry)),
+            };
+        };
+        let within_block = |rule: &Rule<'_>| match rule {
+            Rule::Ip(ip) => *ip == address,
+            Rule::Range(range) => range.contains(&address) && block.contains(range),
+            Rule::Name(_) | Rule::Wildcard { .. } => false,
+        };
+        let named = self
+            .entries
+            .iter()
+            .filter(|e| e.port == port)
+            .find(|e| Rule::of(&e.address).is_ok_and(|rule| within_block(&rule)));
+        match named {
+            Some(entry) => Ok(label(entry)),
+            None => {
+                let (target, resolved_to) = match host {
+                    Host::Ip(ip) => (ip.to_string(), None),
+                    Host::Name(name) => (name.clone(), Some(address)),
+                };
+                Err(AllowlistError::Reserved {
+                    target,
+                    port,
+                    resolved_to,
+                    kind,
+                    block,
+                    path: self.path.clone(),
+                })
+            }
+        }
     }
 
     /// [`Allowlist::admits`] with `resolve` giving an entry name's addresses.
@@ -389,6 +489,55 @@ mod tests {
 
     fn parse(text: &str) -> Result<Vec<Entry>, AllowlistError> {
         Allowlist::parse(text, p()).map(|a| a.entries)
+    }
+
+    #[test]
+    fn routed_destinations_at_reserved_addresses_need_an_entry_naming_them() {
+        let list = Allowlist::parse(
+            "allowlist:\n- {address: '*.example.com', port: 80}\n- {address: '**.internal', port: 80}\n\
+             - {address: 0.0.0.0/0, port: 80}\n- {address: 127.0.0.0/8, port: 443}\n\
+             - {address: 169.254.169.254, port: 8080}\n- {address: 'api.example.com', port: 443}\n",
+            p(),
+        )
+        .unwrap();
+        let ip = |text: &str| text.parse::<IpAddr>().unwrap();
+        let name = |text: &str| Host::Name(text.into());
+        let mut nothing = |_: &str| Vec::new();
+        let mut check =
+            |host: &Host, port, address| list.admits_routed_with(host, port, ip(address), &mut nothing);
+        // An ordinary address: the usual rule, the entry as the label.
+        assert_eq!(check(&name("a.example.com"), 80, "192.0.2.1"), Ok("*.example.com:80".into()));
+        assert_eq!(check(&Host::Ip(ip("192.0.2.1")), 80, "192.0.2.1"), Ok("0.0.0.0/0:80".into()));
+        // A wildcard name that resolves to the metadata service: refused,
+        // and so is the address itself, though 0.0.0.0/0 holds it.
+        let e = check(&name("imds.example.com"), 80, "169.254.169.254").unwrap_err();
+        assert!(matches!(
+            e,
+            AllowlistError::Reserved { kind: "link-local (the instance metadata service's)", .. }
+        ));
+        assert!(
+            e.to_string().contains("imds.example.com:80 (resolved to 169.254.169.254) is a link-local"),
+            "{e}"
+        );
+        assert!(check(&Host::Ip(ip("169.254.169.254")), 80, "169.254.169.254").is_err());
+        assert!(check(&name("x.internal"), 80, "fe80::1").is_err());
+        assert!(check(&Host::Ip(ip("fd00:ec2::254")), 80, "fd00:ec2::254").is_err());
+        assert!(check(&Host::Ip(ip("0.0.0.0")), 80, "0.0.0.0").is_err());
+        assert!(check(&name("a.example.com"), 80, "::ffff:127.0.0.1").is_err(), "mapped loopback");
+        // Named by an address or a range within the block: allowed.
+        assert_eq!(
+            check(&Host::Ip(ip("169.254.169.254")), 8080, "169.254.169.254"),
+            Ok("169.254.169.254:8080".into())
+        );
+        assert_eq!(check(&name("localhost"), 443, "127.0.0.1"), Ok("127.0.0.0/8:443".into()));
+        assert!(check(&name("api.example.com"), 443, "::1").is_err(), "::1 is not in 127.0.0.0/8");
+        // Not allowed at all: the usual error.
+        let e = check(&name("evil.net"), 80, "198.51.100.1");
+        assert!(matches!(e, Ok(_)), "0.0.0.0/0 allows any ordinary address: {e:?}");
+        assert!(matches!(
+            check(&name("evil.net"), 81, "198.51.100.1"),
+            Err(AllowlistError::NotAllowed { .. })
+        ));
     }
 
     #[test]

@@ -19,7 +19,9 @@ use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 use socket2::Socket;
 use vsock_relay_engine::stats::{HistogramSnapshot, CONNECT_BUCKETS, DURATION_BUCKETS};
-use vsock_relay_engine::{socket, Endpoint, Failure, RefusedBy, Relay, Service, Stats};
+use vsock_relay_engine::{
+    socket, Decision, Endpoint, Failure, RefusedBy, Relay, Route, Service, Stats, Upstream,
+};
 
 /// A scrape that sends nothing for this long is dropped.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
@@ -180,7 +182,14 @@ impl Collector for RelayMetrics {
             MetricType::Histogram,
             per_service(&|i| histogram(&DURATION_BUCKETS, &snapshots[i].duration)),
         )?;
-        let dns: Vec<_> = self.services.iter().map(|s| s.target.dns_counters()).collect();
+        let dns: Vec<_> = self
+            .services
+            .iter()
+            .map(|s| match &s.upstream {
+                Upstream::Fixed(target) => target.dns_counters(),
+                Upstream::Routed(_) => Default::default(),
+            })
+            .collect();
         family(
             &mut encoder,
             "upstream_address_changes",
@@ -201,6 +210,43 @@ impl Collector for RelayMetrics {
             "DNS refreshes whose new address the allowlist refused (the last allowed one stayed in use).",
             MetricType::Counter,
             per_service(&|i| Sample::Counter(dns[i].moves_refused)),
+        )?;
+        let routes: Vec<(&str, &Route)> = self
+            .services
+            .iter()
+            .filter_map(|s| match &s.upstream {
+                Upstream::Routed(route) => Some((s.name.as_str(), route)),
+                Upstream::Fixed(_) => None,
+            })
+            .collect();
+        if routes.is_empty() {
+            return Ok(());
+        }
+        let decisions = routes.iter().flat_map(|(name, route)| {
+            Decision::ALL.map(|d| {
+                (
+                    vec![("service", *name), ("decision", d.label())],
+                    Sample::Counter(route.counters.decisions(d)),
+                )
+            })
+        });
+        family(&mut encoder, "routed",
+            "Routed clients by decision: allowed, not_allowed (the allowlist), unresolved (no such name, lookup failed), bad_head (malformed, unsupported, too large), head_timeout.",
+            MetricType::Counter, decisions)?;
+        let by_rule: Vec<(String, String, u64)> = routes
+            .iter()
+            .flat_map(|(name, route)| {
+                route.counters.by_rule().into_iter().map(|(rule, n)| (name.to_string(), rule, n))
+            })
+            .collect();
+        family(
+            &mut encoder,
+            "routed_allowed_by_entry",
+            "Routed clients allowed, by the allowlist entry that allowed them (address:port).",
+            MetricType::Counter,
+            by_rule.iter().map(|(name, rule, n)| {
+                (vec![("service", name.as_str()), ("entry", rule.as_str())], Sample::Counter(*n))
+            }),
         )?;
         Ok(())
     }

@@ -7,7 +7,7 @@ use std::time::Duration;
 use clap::Args;
 use vsock_relay_engine::endpoint::{parse_host, Host};
 use vsock_relay_engine::{
-    BackendChoice, DataPath, DnsOptions, Endpoint, IpFamily, Relay, RelayConfig, Service, Target,
+    BackendChoice, DataPath, DnsOptions, Endpoint, IpFamily, Relay, RelayConfig, Route, Service, Target,
 };
 
 use crate::metrics::MetricsServer;
@@ -88,6 +88,20 @@ pub struct EngineArgs {
     /// service. Off by default.
     #[arg(long, value_name = "ENDPOINT")]
     pub metrics: Option<Endpoint>,
+
+    /// Send a PROXY protocol header first on each upstream connection, so
+    /// that the server behind the relay learns the client's address (`v2`:
+    /// haproxy's binary format; the server must expect it, e.g. `vsock-relay
+    /// serve --proxy-protocol`). Clients that are not TCP are sent as UNSPEC.
+    #[arg(long, value_name = "v2")]
+    pub proxy_protocol: Option<ProxyProtocol>,
+}
+
+/// The PROXY protocol versions a relay can send.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ProxyProtocol {
+    /// Version 2, binary.
+    V2,
 }
 
 /// A usage error found after parsing (the binary exits 2, like clap's own).
@@ -145,17 +159,37 @@ impl EngineArgs {
     /// A service listening on `listen` and forwarding to `target`, with
     /// these options' client rules.
     pub fn service(&self, listen: Endpoint, target: Target) -> Service {
-        let mut service = Service::new(listen, target);
+        self.with_rules(Service::new(listen, target))
+    }
+
+    /// A service listening on `listen` whose clients name their destination.
+    pub fn routed_service(&self, listen: Endpoint, route: Route) -> Service {
+        self.with_rules(Service::routed(listen, route))
+    }
+
+    fn with_rules(&self, mut service: Service) -> Service {
         service.allow_cids = (!self.allow_cids.is_empty()).then(|| self.allow_cids.clone());
         service.max_connections = self.max_connections;
         service.idle_timeout = self.idle_timeout.map(Duration::from_secs_f64);
+        service.proxy_protocol = self.proxy_protocol.is_some();
         service
     }
 
     /// The one way from command-line options to a relay: `services` served
     /// by `workers` threads (0: one per core), tuned by these options.
     pub fn start(&self, services: Vec<Service>, workers: usize) -> anyhow::Result<Relay> {
+        self.start_with(services, workers, IpFamily::Any)
+    }
+
+    /// [`EngineArgs::start`], routed destinations resolved in `family`.
+    pub fn start_with(
+        &self,
+        services: Vec<Service>,
+        workers: usize,
+        family: IpFamily,
+    ) -> anyhow::Result<Relay> {
         let mut config = RelayConfig::of(services);
+        config.dns = self.dns(family);
         config.workers = workers;
         config.backend = self.backend;
         config.connect_timeout = Duration::from_secs_f64(self.connect_timeout);
@@ -169,7 +203,17 @@ impl EngineArgs {
     /// [`EngineArgs::start`], plus the metrics endpoint when asked for: a
     /// command that runs until a signal.
     pub fn launch(&self, services: Vec<Service>, workers: usize) -> anyhow::Result<Running> {
-        let relay = self.start(services, workers)?;
+        self.launch_with(services, workers, IpFamily::Any)
+    }
+
+    /// [`EngineArgs::launch`], routed destinations resolved in `family`.
+    pub fn launch_with(
+        &self,
+        services: Vec<Service>,
+        workers: usize,
+        family: IpFamily,
+    ) -> anyhow::Result<Running> {
+        let relay = self.start_with(services, workers, family)?;
         let metrics =
             self.metrics.as_ref().map(|endpoint| MetricsServer::start(endpoint, &relay)).transpose()?;
         Ok(Running { relay, metrics, reload: None })

@@ -8,21 +8,28 @@
 //! no longer allowed refuses new clients (its open connections go on) until
 //! a later reload allows it again; a file that cannot be read or parsed is
 //! refused and the allowlist in force stays.
+//!
+//! A routed service (`--route connect|socks5|sni`) has no fixed target:
+//! each client names its destination, and the allowlist in force decides
+//! for the address the connect will use (safe by default for loopback,
+//! link-local and unspecified addresses, see `allowlist`).
 
 use std::net::IpAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
 use vsock_relay_engine::dns::Resolver;
+use vsock_relay_engine::route;
 use vsock_relay_engine::target::Vet;
-use vsock_relay_engine::{Endpoint, Host, IpFamily, Service, Target};
+use vsock_relay_engine::{Endpoint, Host, IpFamily, Policy, Route, RouteKind, Service, Target, Upstream};
 
 use crate::allowlist::{Allowed, Allowlist};
-use crate::options::{parse_remote_host, EngineArgs, Workers};
+use crate::options::{parse_remote_host, parse_seconds, EngineArgs, Workers};
 use crate::run::{Reload, Running};
-use crate::services::{self, ServiceSpec};
+use crate::services::{self, ServiceSpec, SpecUpstream};
 
 /// `vsock-relay proxy`: the allowlisted proxy of `vsock-proxy`, listening on
 /// any endpoint; or many such services from a `--services` file.
@@ -33,12 +40,33 @@ pub struct ProxyCommand {
     pub listen: Option<Endpoint>,
 
     /// Host name or IP address of the server to proxy to (not an enclave CID).
-    #[arg(value_name = "REMOTE_ADDR", value_parser = parse_remote_host, required_unless_present = "services", conflicts_with = "services")]
+    #[arg(value_name = "REMOTE_ADDR", value_parser = parse_remote_host,
+        required_unless_present_any = ["services", "route"], conflicts_with_all = ["services", "route"])]
     pub remote_addr: Option<Host>,
 
     /// TCP port of the server to proxy to.
-    #[arg(value_name = "REMOTE_PORT", required_unless_present = "services")]
+    #[arg(value_name = "REMOTE_PORT", required_unless_present_any = ["services", "route"])]
     pub remote_port: Option<u16>,
+
+    /// Instead of REMOTE_ADDR REMOTE_PORT, send each client where it asks,
+    /// when the allowlist allows it: `connect` (HTTP CONNECT:
+    /// HTTPS_PROXY=http://HOST:PORT), `socks5` (ALL_PROXY=socks5h://HOST:PORT,
+    /// names resolved here) or `sni` (the server name of the client's TLS
+    /// ClientHello, on --sni-port). Loopback, link-local (the instance
+    /// metadata service) and unspecified addresses only when an address or
+    /// CIDR entry names them.
+    #[arg(long, value_name = "connect|socks5|sni", conflicts_with = "services")]
+    pub route: Option<RouteKind>,
+
+    /// With --route sni: the port every destination is reached on.
+    #[arg(long, default_value_t = 443, value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..))]
+    pub sni_port: u16,
+
+    /// Routed services: close a client that has not sent its whole head
+    /// (its CONNECT request, SOCKS5 request or TLS ClientHello) this many
+    /// seconds after connecting.
+    #[arg(long, default_value_t = 10.0, value_name = "SECONDS", value_parser = parse_seconds)]
+    pub head_timeout: f64,
 
     /// Serve every service listed under `services:` in this YAML file (each
     /// with listen, address, port and optional name, allow_cid,
@@ -56,13 +84,25 @@ pub struct ProxyCommand {
 
 impl ProxyCommand {
     pub fn start(self) -> anyhow::Result<Running> {
-        let specs = match (&self.services, self.listen, self.remote_addr, self.remote_port) {
+        let route = self.route.map(|route| match route {
+            RouteKind::Sni { .. } => RouteKind::Sni { port: self.sni_port },
+            other => other,
+        });
+        let specs = match (&self.services, self.listen, self.remote_addr, self.remote_port, route) {
             (Some(file), ..) => services::load(file)?,
-            (None, Some(listen), Some(host), Some(port)) => vec![ServiceSpec::single(listen, host, port)],
+            (None, Some(listen), _, _, Some(route)) => {
+                let upstream = SpecUpstream::Routed { route, head_timeout: None };
+                vec![ServiceSpec::single(listen, upstream)]
+            }
+            (None, Some(listen), Some(host), Some(port), None) => {
+                vec![ServiceSpec::single(listen, SpecUpstream::Fixed { host, port })]
+            }
             // clap requires them when --services is missing.
             _ => anyhow::bail!("give --listen REMOTE_ADDR REMOTE_PORT, or --services FILE"),
         };
-        start(&self.proxy.settings(specs, self.services, self.workers.workers))
+        let mut settings = self.proxy.settings(specs, self.services, self.workers.workers);
+        settings.head_timeout = self.head_timeout;
+        start(&settings)
     }
 }
 
@@ -109,6 +149,7 @@ impl ProxyArgs {
                 _ => IpFamily::Any,
             },
             workers,
+            head_timeout: route::DEFAULT_HEAD_TIMEOUT.as_secs_f64(),
             engine: self.engine,
         }
     }
@@ -116,23 +157,23 @@ impl ProxyArgs {
 
 impl ServiceSpec {
     /// The one service of a command line.
-    pub fn single(listen: Endpoint, host: Host, port: u16) -> Self {
+    pub fn single(listen: Endpoint, upstream: SpecUpstream) -> Self {
         ServiceSpec {
             name: None,
             listen,
-            host,
-            port,
+            upstream,
             allow_cids: None,
             max_connections: None,
             idle_timeout: None,
+            proxy_protocol: None,
         }
     }
+}
 
-    fn host_text(&self) -> String {
-        match &self.host {
-            Host::Ip(ip) => ip.to_string(),
-            Host::Name(name) => name.clone(),
-        }
+fn host_text(host: &Host) -> String {
+    match host {
+        Host::Ip(ip) => ip.to_string(),
+        Host::Name(name) => name.clone(),
     }
 }
 
@@ -146,6 +187,8 @@ pub struct ProxySettings {
     pub family: IpFamily,
     /// Worker threads (0: one per core).
     pub workers: usize,
+    /// Routed services' head timeout, seconds (a service may set its own).
+    pub head_timeout: f64,
     pub engine: EngineArgs,
 }
 
@@ -157,7 +200,16 @@ pub fn start(settings: &ProxySettings) -> anyhow::Result<Running> {
     let dns = settings.engine.dns(settings.family);
     let mut services = Vec::with_capacity(settings.services.len());
     for spec in &settings.services {
-        let service = proxied_service(spec, settings, &allowlist);
+        let service = match &spec.upstream {
+            SpecUpstream::Fixed { host, port } => proxied_service(spec, host, *port, settings, &allowlist),
+            SpecUpstream::Routed { route, head_timeout } => routed_service(
+                spec,
+                *route,
+                head_timeout.unwrap_or(settings.head_timeout),
+                settings,
+                &allowlist,
+            ),
+        };
         services.push(match settings.services.len() {
             1 => service?,
             _ => service.with_context(|| match &spec.name {
@@ -166,7 +218,7 @@ pub fn start(settings: &ProxySettings) -> anyhow::Result<Running> {
             })?,
         });
     }
-    let mut running = settings.engine.launch(services, settings.workers)?;
+    let mut running = settings.engine.launch_with(services, settings.workers, settings.family)?;
     let resolver = Resolver::new(&dns).context("cannot set up DNS resolution")?;
     let checked: Vec<(ServiceSpec, Service)> =
         settings.services.iter().cloned().zip(running.relay.services().iter().cloned()).collect();
@@ -175,39 +227,32 @@ pub fn start(settings: &ProxySettings) -> anyhow::Result<Running> {
     Ok(running)
 }
 
-/// The engine's service for `spec`, once its target's address is allowed.
-fn proxied_service(
+/// The engine's service for a routed `spec`: each client's destination is
+/// checked against the allowlist in force when it asks.
+fn routed_service(
     spec: &ServiceSpec,
+    kind: RouteKind,
+    head_timeout: f64,
     settings: &ProxySettings,
     allowlist: &Arc<RwLock<Allowlist>>,
 ) -> anyhow::Result<Service> {
-    let resolver =
-        Resolver::new(&settings.engine.dns(settings.family)).context("cannot set up DNS resolution")?;
-    let host_text = spec.host_text();
-    let resolution =
-        resolver.resolve(&host_text).with_context(|| format!("cannot resolve REMOTE_ADDR `{host_text}`"))?;
-    let (host, port) = (spec.host.clone(), spec.port);
-    let used = resolution.addresses[0];
-    match read(allowlist).admits(&host, port, used, &resolver)? {
-        Allowed::ByName(entry) => {
-            tracing::info!(address = %entry.address, port, "allowed: host name matches")
-        }
-        Allowed::ByAddress(entry) => {
-            tracing::info!(address = %entry.address, port, %used, "allowed: address matches");
-        }
-    }
-    // Every DNS move is checked against the allowlist in force then (a
-    // reload may have changed it since).
+    // For allowlist entries given by name; the router resolves destinations.
+    let resolver = Mutex::new(
+        Resolver::new(&settings.engine.dns(settings.family)).context("cannot set up DNS resolution")?,
+    );
     let shared = Arc::clone(allowlist);
-    let vet: Vet = Box::new(move |resolver: &Resolver, address| {
-        read(&shared).admits(&host, port, address, resolver).map(drop).map_err(|e| e.to_string())
+    let policy: Policy = Arc::new(move |host: &Host, port, address| {
+        let resolver = resolver.lock().unwrap_or_else(|e| e.into_inner());
+        read(&shared).admits_routed(host, port, address, &resolver).map_err(|e| e.to_string())
     });
-    let endpoint = Endpoint::Tcp { host: spec.host.clone(), port };
-    let target = match &spec.host {
-        Host::Ip(_) => Target::fixed(&endpoint)?,
-        Host::Name(_) => Target::follow(endpoint, port, resolver, resolution, Some(vet)),
-    };
-    let mut service = settings.engine.service(spec.listen.clone(), target);
+    let mut route = Route::new(kind, policy);
+    route.head_timeout = Duration::from_secs_f64(head_timeout);
+    tracing::info!(listen = %spec.listen, route = %kind, "routed: each client's destination is checked against the allowlist");
+    Ok(with_spec_rules(settings.engine.routed_service(spec.listen.clone(), route), spec))
+}
+
+/// A spec's own client rules over the command line's.
+fn with_spec_rules(mut service: Service, spec: &ServiceSpec) -> Service {
     if let Some(name) = &spec.name {
         service.name = name.clone();
     }
@@ -218,7 +263,47 @@ fn proxied_service(
     if let Some(idle) = spec.idle_timeout {
         service.idle_timeout = Some(std::time::Duration::from_secs_f64(idle));
     }
-    Ok(service)
+    if let Some(proxy_protocol) = spec.proxy_protocol {
+        service.proxy_protocol = proxy_protocol;
+    }
+    service
+}
+
+/// The engine's service for `spec` (to `host:port`), once its target's
+/// address is allowed.
+fn proxied_service(
+    spec: &ServiceSpec,
+    host: &Host,
+    port: u16,
+    settings: &ProxySettings,
+    allowlist: &Arc<RwLock<Allowlist>>,
+) -> anyhow::Result<Service> {
+    let resolver =
+        Resolver::new(&settings.engine.dns(settings.family)).context("cannot set up DNS resolution")?;
+    let host_text = host_text(host);
+    let resolution =
+        resolver.resolve(&host_text).with_context(|| format!("cannot resolve REMOTE_ADDR `{host_text}`"))?;
+    let used = resolution.addresses[0];
+    match read(allowlist).admits(host, port, used, &resolver)? {
+        Allowed::ByName(entry) => {
+            tracing::info!(address = %entry.address, port, "allowed: host name matches")
+        }
+        Allowed::ByAddress(entry) => {
+            tracing::info!(address = %entry.address, port, %used, "allowed: address matches");
+        }
+    }
+    // Every DNS move is checked against the allowlist in force then (a
+    // reload may have changed it since).
+    let (shared, vetted) = (Arc::clone(allowlist), host.clone());
+    let vet: Vet = Box::new(move |resolver: &Resolver, address| {
+        read(&shared).admits(&vetted, port, address, resolver).map(drop).map_err(|e| e.to_string())
+    });
+    let endpoint = Endpoint::Tcp { host: host.clone(), port };
+    let target = match host {
+        Host::Ip(_) => Target::fixed(&endpoint)?,
+        Host::Name(_) => Target::follow(endpoint, port, resolver, resolution, Some(vet)),
+    };
+    Ok(with_spec_rules(settings.engine.service(spec.listen.clone(), target), spec))
 }
 
 fn read(allowlist: &RwLock<Allowlist>) -> std::sync::RwLockReadGuard<'_, Allowlist> {
@@ -258,13 +343,18 @@ impl Reloader {
                 }
             }
         }
-        for (spec, Service { name, target, gate, .. }) in &self.services {
+        for (spec, Service { name, upstream, gate, .. }) in &self.services {
+            // A routed service's policy reads the allowlist in force.
+            let (Upstream::Fixed(target), SpecUpstream::Fixed { host, port }) = (upstream, &spec.upstream)
+            else {
+                continue;
+            };
             let used: Option<IpAddr> = target.current().as_socket().map(|address| address.ip());
-            let verdict = used.map(|ip| fresh.admits(&spec.host, spec.port, ip, &self.resolver));
-            let remote = spec.host_text();
+            let verdict = used.map(|ip| fresh.admits(host, *port, ip, &self.resolver));
+            let remote = host_text(host);
             match verdict {
                 Some(Ok(_)) if !gate.is_open() => {
-                    tracing::info!(service = %name, %remote, port = spec.port, "allowed again: serving new clients");
+                    tracing::info!(service = %name, %remote, port, "allowed again: serving new clients");
                     gate.set_open(true);
                 }
                 Some(Ok(_)) => {}

@@ -15,31 +15,49 @@
 //!   allow_cid: [16]             # optional, as --allow-cid
 //!   max_connections: 500        # optional, as --max-connections
 //!   idle_timeout: 300           # optional, seconds, as --idle-timeout
+//!   proxy_protocol: v2          # optional, as --proxy-protocol
+//! - name: egress                # one port for every allowed host
+//!   listen: vsock:any:3128
+//!   route: connect              # or socks5, or sni (with sni_port: 443)
+//!   head_timeout: 10            # optional, seconds, as --head-timeout
 //! ```
 //!
-//! Every service is checked against the allowlist (`--config`) at start;
-//! one that is not allowed stops the start, named.
+//! Every fixed service is checked against the allowlist (`--config`) at
+//! start; one that is not allowed stops the start, named. A routed service
+//! checks each client's destination.
 
 use std::path::Path;
 
 use serde::{Deserialize, Deserializer};
 use serde_norway::Value;
-use vsock_relay_engine::{Endpoint, Host};
+use vsock_relay_engine::{Endpoint, Host, RouteKind};
 
 use crate::allowlist::{read_config, AllowlistError};
-use crate::options::{parse_idle_seconds, parse_remote_host};
+use crate::options::{parse_idle_seconds, parse_remote_host, parse_seconds};
 
 /// One proxied service: where to listen, which allowlisted TCP service to
-/// reach, and rules for its clients (`None`: the command line's).
+/// reach (or how its clients name theirs), and rules for its clients
+/// (`None`: the command line's).
 #[derive(Clone, Debug, PartialEq)]
 pub struct ServiceSpec {
     pub name: Option<String>,
     pub listen: Endpoint,
-    pub host: Host,
-    pub port: u16,
+    pub upstream: SpecUpstream,
     pub allow_cids: Option<Vec<u32>>,
     pub max_connections: Option<u64>,
     pub idle_timeout: Option<f64>,
+    /// Send a PROXY protocol v2 header upstream (`None`: the command line's).
+    pub proxy_protocol: Option<bool>,
+}
+
+/// Where a service's clients go.
+#[derive(Clone, Debug, PartialEq)]
+pub enum SpecUpstream {
+    /// One allowlisted TCP service.
+    Fixed { host: Host, port: u16 },
+    /// Where each client asks to go, if the allowlist allows it; a head
+    /// timeout in seconds (`None`: the command line's).
+    Routed { route: RouteKind, head_timeout: Option<f64> },
 }
 
 /// A `services:` item as written.
@@ -49,11 +67,15 @@ struct Written {
     name: Option<String>,
     #[serde(deserialize_with = "endpoint")]
     listen: Endpoint,
-    address: String,
-    port: u16,
+    address: Option<String>,
+    port: Option<u16>,
+    route: Option<String>,
+    sni_port: Option<u16>,
+    head_timeout: Option<f64>,
     allow_cid: Option<Vec<u32>>,
     max_connections: Option<u64>,
     idle_timeout: Option<f64>,
+    proxy_protocol: Option<String>,
 }
 
 fn endpoint<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Endpoint, D::Error> {
@@ -85,7 +107,38 @@ pub fn parse(text: &str, path: &Path) -> Result<Vec<ServiceSpec>, AllowlistError
     for (index, item) in items.iter().enumerate() {
         let at = |reason: String| bad(format!("service {}: {reason}", index + 1));
         let written: Written = serde_norway::from_value(item.clone()).map_err(|e| at(e.to_string()))?;
-        let host = parse_remote_host(&written.address).map_err(at)?;
+        let upstream = match (written.route.as_deref(), written.address, written.port) {
+            (Some(route), None, None) => {
+                let mut route: RouteKind = route.parse().map_err(at)?;
+                match (&mut route, written.sni_port) {
+                    (RouteKind::Sni { port }, Some(sni_port)) if sni_port > 0 => *port = sni_port,
+                    (_, None) => {}
+                    (RouteKind::Sni { .. }, Some(_)) => return Err(at("sni_port must be 1 to 65535".into())),
+                    (_, Some(_)) => return Err(at("sni_port goes with route: sni only".into())),
+                }
+                let head_timeout = written
+                    .head_timeout
+                    .map(|s| parse_seconds(&s.to_string()).map_err(|e| at(format!("head_timeout: {e}"))))
+                    .transpose()?;
+                SpecUpstream::Routed { route, head_timeout }
+            }
+            (None, Some(address), Some(port))
+                if written.sni_port.is_none() && written.head_timeout.is_none() =>
+            {
+                SpecUpstream::Fixed { host: parse_remote_host(&address).map_err(at)?, port }
+            }
+            (None, Some(_), Some(_)) => {
+                return Err(at("sni_port and head_timeout go with a route, not with address and port".into()))
+            }
+            (Some(_), _, _) => return Err(at("give either route, or address and port, not both".into())),
+            (None, _, _) => return Err(at("give address and port (a fixed target), or route".into())),
+        };
+        let proxy_protocol = match written.proxy_protocol.as_deref() {
+            None => None,
+            Some("v2") => Some(true),
+            Some("none") => Some(false),
+            Some(other) => return Err(at(format!("proxy_protocol `{other}`: expected v2 or none"))),
+        };
         let idle_timeout = written
             .idle_timeout
             .map(|seconds| {
@@ -98,11 +151,11 @@ pub fn parse(text: &str, path: &Path) -> Result<Vec<ServiceSpec>, AllowlistError
         services.push(ServiceSpec {
             name: written.name,
             listen: written.listen,
-            host,
-            port: written.port,
+            upstream,
             allow_cids: written.allow_cid,
             max_connections: written.max_connections,
             idle_timeout,
+            proxy_protocol,
         });
     }
     let mut listens: Vec<String> = services.iter().map(|s| s.listen.to_string()).collect();
@@ -129,13 +182,33 @@ mod tests {
         let services = parse(text, p()).unwrap();
         assert_eq!(services.len(), 2);
         assert_eq!(services[0].listen.to_string(), "vsock:any:8000");
-        assert_eq!(
-            (services[0].host.to_string(), services[0].port, services[0].name.as_deref()),
-            ("a.example".into(), 443, None)
-        );
+        let fixed = SpecUpstream::Fixed { host: Host::Name("a.example".into()), port: 443 };
+        assert_eq!((&services[0].upstream, services[0].name.as_deref()), (&fixed, None));
         assert_eq!(services[1].name.as_deref(), Some("b"));
         assert_eq!(services[1].allow_cids, Some(vec![3, 4]));
         assert_eq!((services[1].max_connections, services[1].idle_timeout), (Some(5), Some(2.5)));
+    }
+
+    #[test]
+    fn reads_routed_services() {
+        let text = "services:\n- {listen: 'vsock:any:3128', route: connect}\n\
+            - {listen: 'vsock:any:1080', route: socks5, head_timeout: 3, proxy_protocol: v2}\n\
+            - {listen: 'vsock:any:8443', route: sni, sni_port: 8443}\n";
+        let services = parse(text, p()).unwrap();
+        let routed = |route, head_timeout| SpecUpstream::Routed { route, head_timeout };
+        assert_eq!(services[0].upstream, routed(RouteKind::Connect, None));
+        assert_eq!(services[1].upstream, routed(RouteKind::Socks5, Some(3.0)));
+        assert_eq!(services[1].proxy_protocol, Some(true));
+        assert_eq!(services[2].upstream, routed(RouteKind::Sni { port: 8443 }, None));
+        let error = |text: &str| parse(text, p()).unwrap_err().to_string();
+        let e = error("services:\n- {listen: 'vsock:any:1', route: connect, address: a, port: 1}\n");
+        assert!(e.contains("either route, or address and port"), "{e}");
+        let e = error("services:\n- {listen: 'vsock:any:1', route: telnet}\n");
+        assert!(e.contains("unknown route `telnet`"), "{e}");
+        let e = error("services:\n- {listen: 'vsock:any:1', route: connect, sni_port: 1}\n");
+        assert!(e.contains("sni_port goes with route: sni"), "{e}");
+        let e = error("services:\n- {listen: 'vsock:any:1', address: a}\n");
+        assert!(e.contains("give address and port"), "{e}");
     }
 
     #[test]

@@ -1,15 +1,18 @@
 //! What a relay is asked to do: [`RelayConfig`], built by the apps from
 //! their command lines and handed to [`crate::Relay::start`]. A relay serves
-//! one or more [`Service`]s (a listener, a target, rules for its clients)
-//! with one set of workers.
+//! one or more [`Service`]s (a listener, an upstream, rules for its clients)
+//! with one set of workers. A service's upstream is a fixed [`Target`], or a
+//! [`Route`]: each client names its destination, a policy decides.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::dns::DnsOptions;
 use crate::driver::BackendChoice;
 use crate::endpoint::Endpoint;
 use crate::pump::DataPath;
+use crate::route::Route;
 use crate::socket::SocketOptions;
 use crate::target::Target;
 
@@ -42,13 +45,34 @@ impl Gate {
     }
 }
 
+/// Where a service's clients go.
+#[derive(Clone, Debug)]
+pub enum Upstream {
+    /// Every client to one target.
+    Fixed(Target),
+    /// Each client to the destination it names, if the route's policy allows it.
+    Routed(Route),
+}
+
+impl std::fmt::Display for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Upstream::Fixed(target) => target.endpoint().fmt(f),
+            Upstream::Routed(route) => write!(f, "route {}", route.kind),
+        }
+    }
+}
+
 /// One listener, where its clients go, and the rules for its clients.
 #[derive(Clone, Debug)]
 pub struct Service {
     /// The service's name in logs and metrics (default: the listen endpoint).
     pub name: String,
     pub listen: Endpoint,
-    pub target: Target,
+    pub upstream: Upstream,
+    /// Send a PROXY protocol v2 header first on each upstream connection
+    /// (the client's address, for a server behind the relay).
+    pub proxy_protocol: bool,
     /// Only clients from these vsock CIDs are served (vsock listeners
     /// only); others are reset. `None`: any CID.
     pub allow_cids: Option<Vec<u32>>,
@@ -64,10 +88,20 @@ pub struct Service {
 
 impl Service {
     pub fn new(listen: Endpoint, target: Target) -> Self {
+        Service::with_upstream(listen, Upstream::Fixed(target))
+    }
+
+    /// A service whose clients name their destination.
+    pub fn routed(listen: Endpoint, route: Route) -> Self {
+        Service::with_upstream(listen, Upstream::Routed(route))
+    }
+
+    fn with_upstream(listen: Endpoint, upstream: Upstream) -> Self {
         Service {
             name: listen.to_string(),
             listen,
-            target,
+            upstream,
+            proxy_protocol: false,
             allow_cids: None,
             max_connections: None,
             idle_timeout: None,
@@ -95,6 +129,8 @@ pub struct RelayConfig {
     /// sleep and wake-up of the relay costs more than a request/response
     /// hop; spinning saves it for CPU. Zero (the default) never spins.
     pub spin: Duration,
+    /// How routed services resolve their clients' destinations.
+    pub dns: DnsOptions,
 }
 
 impl RelayConfig {
@@ -115,6 +151,7 @@ impl RelayConfig {
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
             socket: SocketOptions::default(),
             spin: Duration::ZERO,
+            dns: DnsOptions::default(),
         }
     }
 

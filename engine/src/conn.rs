@@ -18,18 +18,47 @@
 //! - The connection owns its sockets; the pumps own their pipes or buffers
 //!   only while bytes are in flight. The worker decides when the sockets may
 //!   close (after the driver let go of every operation on them).
+//! - A routed connection (`route/`) starts earlier: it reads its client's
+//!   head until it names a destination, waits for the router's verdict, and
+//!   only then opens its upstream socket. A refusal is answered (`403`, a
+//!   SOCKS reply code) and closed, never reset, so the client reads why.
+//!   Head bytes past the head (pipelined TLS, a peeked ClientHello) and a
+//!   PROXY protocol header are the prelude: sent upstream before any relayed
+//!   byte.
 
-use std::io;
+use std::io::{self, Read};
+use std::net::Shutdown;
 use std::time::{Duration, Instant};
 
 use socket2::{SockAddr, Socket};
 
 use crate::driver::{BufferIo, Key, RingOps};
+use crate::endpoint::Host;
 use crate::error::{ConnError, Op, Side};
 use crate::pool::Pools;
 use crate::pump::{DataPath, Pump, Wait};
 use crate::ringpump::{Completed, RingPump};
+use crate::route::router::Verdict;
+use crate::route::{Decision, Head, Outcome, Parse, MAX_HEAD_BYTES};
 use crate::socket;
+
+/// Longest a routed connection waits for the router's verdict: its lookup
+/// timeout and time for the policy check.
+pub const DECISION_TIMEOUT: Duration = Duration::from_secs(8);
+
+/// Sends all of a short message (an answer to a routed client) on a
+/// non-blocking socket; one that does not fit at once is an error.
+fn send_whole(socket: &Socket, mut bytes: &[u8]) -> io::Result<()> {
+    while !bytes.is_empty() {
+        match socket.send(bytes) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => bytes = &bytes[n..],
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
 
 /// The two directions of a connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -63,7 +92,12 @@ impl Direction {
 /// Where a connection is in its life.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ConnState {
-    /// Accepted; the upstream connect is in flight until `deadline`.
+    /// Routed: reading the client's head until it names a destination, at
+    /// the latest by `deadline`.
+    ReadingHead { deadline: Instant },
+    /// Routed: the router decides on the destination, until `deadline`.
+    Deciding { deadline: Instant },
+    /// The upstream connect is in flight until `deadline`.
     Connecting { deadline: Instant },
     /// Both sockets connected; the pumps run until each passed on its EOF.
     Relaying,
@@ -74,9 +108,13 @@ pub enum ConnState {
 /// What happened to a connection, as the driver saw it.
 #[derive(Debug)]
 pub enum Event {
+    /// The client socket reported readable while its head is read.
+    ClientReadable,
+    /// The router decided on the destination.
+    Decided(Verdict),
     /// The upstream socket reported writable while connecting.
     UpstreamWritable,
-    /// The connect deadline passed.
+    /// A deadline (of the head, the decision or the connect) may have passed.
     DeadlinePassed,
     /// A direction's awaited readiness arrived (or it yielded and may go on).
     Ready(Direction),
@@ -149,6 +187,9 @@ impl Mover {
 pub enum Ending {
     /// Both directions passed their EOF on.
     Finished,
+    /// Routed: the head, or the destination it named, was refused (the
+    /// client was told, where its protocol has a way).
+    Refused { decision: Decision, reason: String },
     /// One side failed; both sides are reset.
     Failed(ConnError),
     /// Idle longer than the idle timeout; both sides are reset.
@@ -158,6 +199,12 @@ pub enum Ending {
 /// What the worker must do next for a connection.
 #[derive(Debug)]
 pub enum Action {
+    /// Wait for the client to send more of its head (the head deadline stands).
+    AwaitHead,
+    /// Ask the router about this destination, then report its verdict.
+    Decide { host: Host, port: u16 },
+    /// Open an upstream socket for `address` and [`Connection::start`] it.
+    Connect(SockAddr),
     /// Wait for the upstream socket to be writable (the connect deadline stands).
     AwaitConnect,
     /// Wait as told for each direction that has a `Some` (the others keep
@@ -172,12 +219,23 @@ pub enum Action {
 pub struct Connection {
     pub id: u64,
     pub client: Socket,
-    pub upstream: Socket,
+    /// Opened at the accept for a fixed target; for a routed connection,
+    /// once the router allowed its destination.
+    pub upstream: Option<Socket>,
     pub state: ConnState,
     pub opened: Instant,
     /// The client's address as text, for the log line (empty unless debug
     /// logging is on: it costs a system call per connection).
     pub client_name: String,
+    /// Routed: the head as read so far, and what the client asked for.
+    head: Option<Box<Head>>,
+    pub destination: Option<String>,
+    /// Bytes sent upstream before the client's (a PROXY protocol header,
+    /// bytes the client sent after its head).
+    prelude: Vec<u8>,
+    /// The client was answered (a routed refusal): close without a reset.
+    answered: bool,
+    edge_triggered: bool,
     movers: [Mover; 2],
 }
 
@@ -185,7 +243,26 @@ impl Connection {
     /// A connection whose upstream connect may take until `deadline`, moving
     /// bytes by `paths` (to upstream, to the client); call
     /// [`Connection::start`] next.
+    #[cfg(test)]
     pub fn new(id: u64, client: Socket, upstream: Socket, paths: [DataPath; 2], deadline: Instant) -> Self {
+        let mut conn = Connection::accepted(id, client, ConnState::Connecting { deadline }, None);
+        conn.attach(upstream, paths, deadline);
+        conn
+    }
+
+    /// A connection to a fixed target, before its upstream socket is
+    /// attached ([`Connection::attach`], then [`Connection::start`]).
+    pub fn unattached(id: u64, client: Socket) -> Self {
+        Connection::accepted(id, client, ConnState::Connecting { deadline: Instant::now() }, None)
+    }
+
+    /// A routed connection: its head is read until `deadline`
+    /// ([`Action::AwaitHead`] first).
+    pub fn routed(id: u64, client: Socket, head: Head, deadline: Instant) -> Self {
+        Connection::accepted(id, client, ConnState::ReadingHead { deadline }, Some(Box::new(head)))
+    }
+
+    fn accepted(id: u64, client: Socket, state: ConnState, head: Option<Box<Head>>) -> Self {
         let client_name = match tracing::enabled!(tracing::Level::DEBUG) {
             true => socket::peer_name(&client).unwrap_or_default(),
             false => String::new(),
@@ -194,19 +271,45 @@ impl Connection {
             client_name,
             id,
             client,
-            upstream,
-            state: ConnState::Connecting { deadline },
+            upstream: None,
+            state,
             opened: Instant::now(),
+            head,
+            destination: None,
+            prelude: Vec::new(),
+            answered: false,
+            edge_triggered: false,
             movers: [
-                Mover::new(Side::Client, Side::Upstream, paths[0]),
-                Mover::new(Side::Upstream, Side::Client, paths[1]),
+                Mover::new(Side::Client, Side::Upstream, DataPath::Copy),
+                Mover::new(Side::Upstream, Side::Client, DataPath::Copy),
             ],
         }
+    }
+
+    /// Gives the connection its upstream socket, the data path of each
+    /// direction and the connect's deadline.
+    pub fn attach(&mut self, upstream: Socket, paths: [DataPath; 2], deadline: Instant) {
+        self.upstream = Some(upstream);
+        self.state = ConnState::Connecting { deadline };
+        self.movers = [
+            Mover::new(Side::Client, Side::Upstream, paths[0]),
+            Mover::new(Side::Upstream, Side::Client, paths[1]),
+        ];
+        if self.edge_triggered {
+            self.set_edge_triggered();
+        }
+    }
+
+    /// Bytes to send upstream first, before anything the client sends after
+    /// its head.
+    pub fn set_prelude(&mut self, prelude: Vec<u8>) {
+        self.prelude = prelude;
     }
 
     /// Tells the pumps that readiness is edge-triggered (epoll): a short read
     /// then needs a confirming read, as an EOF behind it is reported no more.
     pub fn set_edge_triggered(&mut self) {
+        self.edge_triggered = true;
         for mover in &mut self.movers {
             if let Mover::Pump(pump) = mover {
                 pump.level_triggered = false;
@@ -219,18 +322,25 @@ impl Connection {
         (self.movers[0].bytes(), self.movers[1].bytes())
     }
 
-    pub fn socket(&self, side: Side) -> &Socket {
+    /// The socket of `side` (the upstream's once there is one).
+    pub fn socket(&self, side: Side) -> Option<&Socket> {
         match side {
-            Side::Client => &self.client,
-            Side::Upstream => &self.upstream,
+            Side::Client => Some(&self.client),
+            Side::Upstream => self.upstream.as_ref(),
         }
     }
 
     /// Arms a reset on both sockets (`SO_LINGER {1, 0}`): closing them then
     /// sends RST, so neither peer takes the end for a clean end of stream.
+    /// A client that was answered (a routed refusal) is closed normally, so
+    /// that it reads the answer.
     pub fn reset(&self) {
-        socket::reset(&self.client);
-        socket::reset(&self.upstream);
+        if !self.answered {
+            socket::reset(&self.client);
+        }
+        if let Some(upstream) = &self.upstream {
+            socket::reset(upstream);
+        }
     }
 
     /// Runs a direction: a readiness pump until it would block, a ring pump
@@ -241,9 +351,26 @@ impl Connection {
         completed: Option<Completed>,
         io: &mut Io<'_>,
     ) -> Result<Wait, ConnError> {
+        let Some(upstream) = &self.upstream else {
+            let e = io::Error::other("relaying without an upstream socket");
+            return Err(ConnError::new(Side::Upstream, Op::Write, e));
+        };
+        if direction == Direction::ToUpstream && !self.prelude.is_empty() {
+            match upstream.send(&self.prelude) {
+                Ok(sent) => {
+                    self.prelude.drain(..sent);
+                    if !self.prelude.is_empty() {
+                        return Ok(Wait::Writable);
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Wait::Writable),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(Wait::Yield),
+                Err(e) => return Err(ConnError::new(Side::Upstream, Op::Write, e)),
+            }
+        }
         let (src, dst) = match direction {
-            Direction::ToUpstream => (&self.client, &self.upstream),
-            Direction::ToClient => (&self.upstream, &self.client),
+            Direction::ToUpstream => (&self.client, upstream),
+            Direction::ToClient => (upstream, &self.client),
         };
         let (wait, n) = match (&mut self.movers[direction as usize], io.ring.as_deref_mut()) {
             (Mover::Pump(pump), _) => pump.run(src, dst, io.pools)?,
@@ -266,9 +393,13 @@ impl Connection {
         Ok(wait)
     }
 
-    /// Starts the upstream connect to `addr`.
+    /// Starts the upstream connect to `addr` (after [`Connection::attach`]).
     pub fn start(&mut self, addr: &SockAddr, io: &mut Io<'_>) -> Action {
-        match socket::start_connect(&self.upstream, addr) {
+        let Some(upstream) = &self.upstream else {
+            let e = io::Error::other("no upstream socket attached");
+            return self.fail(ConnError::new(Side::Upstream, Op::Connect, e), io);
+        };
+        match socket::start_connect(upstream, addr) {
             Ok(true) => self.connected(io),
             Ok(false) => Action::AwaitConnect,
             Err(e) => self.fail(ConnError::new(Side::Upstream, Op::Connect, e), io),
@@ -278,17 +409,42 @@ impl Connection {
     /// Every transition after the start.
     pub fn handle(&mut self, event: Event, io: &mut Io<'_>) -> Action {
         match (self.state, event) {
+            // More of the head: parse it; a whole head goes to the router.
+            (ConnState::ReadingHead { .. }, Event::ClientReadable) => self.read_head(io),
+            (ConnState::ReadingHead { deadline }, Event::DeadlinePassed) if Instant::now() >= deadline => {
+                let after = deadline.saturating_duration_since(self.opened);
+                let reason = format!("no whole head within {after:?}");
+                self.refuse(Decision::HeadTimeout, Outcome::TimedOut, reason, io)
+            }
+            // The router's verdict: connect to the address it checked, or
+            // tell the client why not.
+            (ConnState::Deciding { .. }, Event::Decided(Verdict::Allowed { address, .. })) => {
+                Action::Connect(SockAddr::from(address))
+            }
+            (ConnState::Deciding { .. }, Event::Decided(Verdict::Refused { outcome, reason })) => {
+                let decision = match outcome {
+                    Outcome::NotAllowed => Decision::NotAllowed,
+                    _ => Decision::Unresolved,
+                };
+                self.refuse(decision, outcome, reason, io)
+            }
+            (ConnState::Deciding { deadline }, Event::DeadlinePassed) if Instant::now() >= deadline => {
+                let reason = "no decision on the destination in time".to_string();
+                self.refuse(Decision::Unresolved, Outcome::LookupFailed, reason, io)
+            }
             // Writable: connected, refused, or (vsock) not yet: then wait
             // again while the deadline allows.
             (ConnState::Connecting { deadline }, Event::UpstreamWritable) => {
-                match socket::finish_connect(&self.upstream) {
+                match self.upstream.as_ref().and_then(socket::finish_connect) {
                     Some(Ok(())) => self.connected(io),
                     Some(Err(e)) => self.fail(ConnError::new(Side::Upstream, Op::Connect, e), io),
                     None if Instant::now() < deadline => Action::AwaitConnect,
                     None => self.timed_out(deadline, io),
                 }
             }
-            (ConnState::Connecting { deadline }, Event::DeadlinePassed) => self.timed_out(deadline, io),
+            (ConnState::Connecting { deadline }, Event::DeadlinePassed) if Instant::now() >= deadline => {
+                self.timed_out(deadline, io)
+            }
             // A direction may move again, or one of its operations completed.
             (ConnState::Relaying, Event::Ready(direction))
                 if !self.movers[direction as usize].is_finished() =>
@@ -319,10 +475,88 @@ impl Connection {
         }
     }
 
-    /// The upstream accepted: start both pumps (either side may already
-    /// have sent bytes or even EOF).
+    /// Reads what the client sent of its head and parses it.
+    fn read_head(&mut self, io: &mut Io<'_>) -> Action {
+        let Some(head) = self.head.as_mut() else {
+            let e = io::Error::other("a routed connection without its head");
+            return self.fail(ConnError::new(Side::Client, Op::Read, e), io);
+        };
+        // Read until the socket is empty (epoll reports edges) or the bound.
+        let mut ended = false;
+        let mut chunk = [0u8; 4096];
+        while head.bytes.len() < MAX_HEAD_BYTES {
+            let room = (MAX_HEAD_BYTES - head.bytes.len()).min(chunk.len());
+            match (&self.client).read(&mut chunk[..room]) {
+                Ok(0) => {
+                    ended = true;
+                    break;
+                }
+                Ok(n) => head.bytes.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return self.fail(ConnError::new(Side::Client, Op::Read, e), io),
+            }
+        }
+        loop {
+            let Some(head) = self.head.as_mut() else { return Action::AwaitHead };
+            match head.parse() {
+                Parse::More if ended => {
+                    let reason =
+                        format!("the client closed after {} bytes, before its head ended", head.bytes.len());
+                    return self.refuse(Decision::BadHead, Outcome::Failed, reason, io);
+                }
+                Parse::More => return Action::AwaitHead,
+                Parse::Answer { reply, .. } => {
+                    if let Err(e) = send_whole(&self.client, &reply) {
+                        return self.fail(ConnError::new(Side::Client, Op::Write, e), io);
+                    }
+                }
+                Parse::Destination { host, port, consumed } => {
+                    let after_head = head.bytes.get(consumed..).unwrap_or_default();
+                    self.prelude.extend_from_slice(after_head);
+                    self.destination = Some(format!("{host}:{port}"));
+                    // The router bounds its lookups; this bounds the whole decision.
+                    self.state = ConnState::Deciding { deadline: Instant::now() + DECISION_TIMEOUT };
+                    return Action::Decide { host, port };
+                }
+                Parse::Refuse { reply, reason } => {
+                    self.answer(&reply);
+                    return self.close(Ending::Refused { decision: Decision::BadHead, reason }, io);
+                }
+            }
+        }
+    }
+
+    /// Tells a routed client `outcome` (where its protocol has a way) and
+    /// closes.
+    fn refuse(&mut self, decision: Decision, outcome: Outcome, reason: String, io: &mut Io<'_>) -> Action {
+        if let Some(head) = &self.head {
+            let reply = head.reply(outcome, &reason, None);
+            self.answer(&reply);
+        }
+        self.close(Ending::Refused { decision, reason }, io)
+    }
+
+    /// Sends a routed client its answer and its EOF; the close that follows
+    /// is not a reset, so the answer is read.
+    fn answer(&mut self, reply: &[u8]) {
+        if !reply.is_empty() && send_whole(&self.client, reply).is_ok() {
+            let _ = self.client.shutdown(Shutdown::Write);
+        }
+        self.answered = true;
+    }
+
+    /// The upstream accepted: answer a routed client, then start both pumps
+    /// (either side may already have sent bytes or even EOF).
     fn connected(&mut self, io: &mut Io<'_>) -> Action {
         self.state = ConnState::Relaying;
+        if let Some(head) = self.head.take() {
+            let bound = self.upstream.as_ref().and_then(|u| u.local_addr().ok()).and_then(|a| a.as_socket());
+            let reply = head.reply(Outcome::Connected, "", bound);
+            if let Err(e) = send_whole(&self.client, &reply) {
+                return self.fail(ConnError::new(Side::Client, Op::Write, e), io);
+            }
+        }
         let mut waits = [None, None];
         for direction in Direction::BOTH {
             match self.run(direction, None, io) {
@@ -348,6 +582,11 @@ impl Connection {
     }
 
     fn fail(&mut self, error: ConnError, io: &mut Io<'_>) -> Action {
+        // A routed client whose upstream could not be reached is told why.
+        if let (Some(head), ConnState::Connecting { .. }, Op::Connect) = (&self.head, self.state, error.op) {
+            let reply = head.reply(Outcome::of_connect_error(&error.source), &error.source.to_string(), None);
+            self.answer(&reply);
+        }
         self.close(Ending::Failed(error), io)
     }
 
@@ -486,7 +725,7 @@ mod tests {
     #[test]
     fn deadline_passed_while_connecting_times_out_with_the_timeout_in_the_message() {
         let (_listener, _fillers, addr) = unanswering_listener();
-        let opened = Instant::now();
+        let opened = Instant::now() - Duration::from_secs(3);
         let (mut conn, _peer) = connecting(tcp_socket(), opened + Duration::from_secs(3));
         conn.opened = opened;
         let mut pools = Pools::new(0, 4);
@@ -494,6 +733,18 @@ mod tests {
         let e = failed(conn.handle(Event::DeadlinePassed, &mut io(&mut pools)));
         assert_eq!(e.to_string(), "upstream connect failed: no answer within 3s");
         assert_eq!(conn.state, ConnState::Closed);
+    }
+
+    #[test]
+    fn a_deadline_event_before_the_deadline_is_ignored() {
+        // Deadlines of earlier states (the head's) come up after the state moved on.
+        let (_listener, _fillers, addr) = unanswering_listener();
+        let (mut conn, _peer) = connecting(tcp_socket(), Instant::now() + FAR);
+        let mut pools = Pools::new(0, 4);
+        assert!(matches!(conn.start(&addr, &mut io(&mut pools)), Action::AwaitConnect));
+        let action = conn.handle(Event::DeadlinePassed, &mut io(&mut pools));
+        assert!(matches!(action, Action::Wait([None, None])), "{action:?}");
+        assert!(matches!(conn.state, ConnState::Connecting { .. }));
     }
 
     #[test]
@@ -601,7 +852,11 @@ mod tests {
         let e = failed(action);
         assert_eq!((e.side, e.op), (Side::Upstream, Op::Write));
         assert_eq!(conn.client.linger().unwrap(), Some(Duration::ZERO), "the client is reset");
-        assert_eq!(conn.upstream.linger().unwrap(), Some(Duration::ZERO), "the upstream is reset");
+        assert_eq!(
+            conn.upstream.as_ref().unwrap().linger().unwrap(),
+            Some(Duration::ZERO),
+            "the upstream is reset"
+        );
     }
 
     /// The driver side of the ring path, faked: records what the pumps

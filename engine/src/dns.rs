@@ -1,8 +1,9 @@
 //! Name resolution with TTLs (hickory-resolver), for targets given by name.
 //!
-//! The resolver runs on its own small runtime and is only ever called from
-//! start-up code and from a target's refresh thread: never on the accept or
-//! data path.
+//! A [`Resolver`] runs on its own small runtime and is only ever called from
+//! start-up code and from a target's refresh thread; routed services look up
+//! their clients' destinations on the router's thread ([`lookup`]): never on
+//! the accept or data path.
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -31,6 +32,9 @@ pub enum DnsError {
     /// query were asked where the family allows).
     #[error("{0}")]
     Lookup(String),
+    /// The name does not exist, or has no address record.
+    #[error("{0}")]
+    NoSuchName(String),
     /// The system resolver (used for fixed targets) failed.
     #[error(transparent)]
     System(io::Error),
@@ -94,72 +98,93 @@ impl Resolver {
     pub fn new(options: &DnsOptions) -> Result<Resolver, DnsError> {
         let runtime =
             tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(DnsError::Runtime)?;
-        let provider = TokioRuntimeProvider::default();
-        let mut builder = if options.servers.is_empty() {
-            TokioResolver::builder(provider).map_err(DnsError::SystemConfig)?
-        } else {
-            let servers = options
-                .servers
-                .iter()
-                .map(|server| {
-                    let mut config = NameServerConfig::udp_and_tcp(server.ip());
-                    for connection in &mut config.connections {
-                        connection.port = server.port();
-                    }
-                    config
-                })
-                .collect();
-            TokioResolver::builder_with_config(ResolverConfig::from_parts(None, vec![], servers), provider)
-        };
-        let opts: &mut ResolverOpts = builder.options_mut();
-        opts.ip_strategy = match options.family {
-            IpFamily::Any => LookupIpStrategy::Ipv4thenIpv6,
-            IpFamily::V4Only => LookupIpStrategy::Ipv4Only,
-            IpFamily::V6Only => LookupIpStrategy::Ipv6Only,
-        };
-        opts.timeout = Duration::from_secs(3);
-        opts.attempts = 2;
         let resolver = {
             let _guard = runtime.enter();
-            builder.build().map_err(DnsError::Build)?
+            build(options)?
         };
         Ok(Resolver { runtime, resolver, family: options.family })
     }
 
     /// Resolves `name` (an IP literal resolves to itself).
     pub fn resolve(&self, name: &str) -> Result<Resolution, DnsError> {
-        if let Ok(ip) = name.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>() {
-            if !self.family.admits(ip) {
-                return Err(DnsError::WrongFamily(ip));
-            }
-            return Ok(Resolution {
-                addresses: vec![ip],
-                valid_until: Instant::now() + Duration::from_secs(86_400),
-            });
-        }
-        let lookup = self
-            .runtime
-            .block_on(self.resolver.lookup_ip(name))
-            .map_err(|e| DnsError::Lookup(describe_lookup_failure(&e)))?;
-        let addresses: Vec<IpAddr> = lookup.iter().filter(|ip| self.family.admits(*ip)).collect();
-        if addresses.is_empty() {
-            return Err(DnsError::NoAddress);
-        }
-        Ok(Resolution { addresses, valid_until: lookup.valid_until() })
+        self.runtime.block_on(lookup(&self.resolver, self.family, name))
     }
+}
+
+/// A hickory resolver for `options`, on the current tokio runtime. Its cache
+/// (bounded in entries) keeps answers for their TTL.
+pub(crate) fn build(options: &DnsOptions) -> Result<TokioResolver, DnsError> {
+    let provider = TokioRuntimeProvider::default();
+    let mut builder = if options.servers.is_empty() {
+        TokioResolver::builder(provider).map_err(DnsError::SystemConfig)?
+    } else {
+        let servers = options
+            .servers
+            .iter()
+            .map(|server| {
+                let mut config = NameServerConfig::udp_and_tcp(server.ip());
+                for connection in &mut config.connections {
+                    connection.port = server.port();
+                }
+                config
+            })
+            .collect();
+        TokioResolver::builder_with_config(ResolverConfig::from_parts(None, vec![], servers), provider)
+    };
+    let opts: &mut ResolverOpts = builder.options_mut();
+    opts.ip_strategy = match options.family {
+        IpFamily::Any => LookupIpStrategy::Ipv4thenIpv6,
+        IpFamily::V4Only => LookupIpStrategy::Ipv4Only,
+        IpFamily::V6Only => LookupIpStrategy::Ipv6Only,
+    };
+    opts.timeout = Duration::from_secs(3);
+    opts.attempts = 2;
+    opts.cache_size = CACHE_ENTRIES;
+    builder.build().map_err(DnsError::Build)
+}
+
+/// Names (and record types) a resolver's cache holds at most.
+pub const CACHE_ENTRIES: u64 = 4096;
+
+/// Looks `name` up with `resolver` (an IP literal resolves to itself),
+/// keeping the addresses of `family`.
+pub(crate) async fn lookup(
+    resolver: &TokioResolver,
+    family: IpFamily,
+    name: &str,
+) -> Result<Resolution, DnsError> {
+    if let Ok(ip) = name.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>() {
+        if !family.admits(ip) {
+            return Err(DnsError::WrongFamily(ip));
+        }
+        return Ok(Resolution {
+            addresses: vec![ip],
+            valid_until: Instant::now() + Duration::from_secs(86_400),
+        });
+    }
+    let lookup = resolver.lookup_ip(name).await.map_err(|e| lookup_error(&e))?;
+    let addresses: Vec<IpAddr> = lookup.iter().filter(|ip| family.admits(*ip)).collect();
+    if addresses.is_empty() {
+        return Err(DnsError::NoAddress);
+    }
+    Ok(Resolution { addresses, valid_until: lookup.valid_until() })
 }
 
 /// A failed lookup in the operator's words, instead of the resolver's debug
 /// dump of the last query it made.
-fn describe_lookup_failure(error: &NetError) -> String {
+fn lookup_error(error: &NetError) -> DnsError {
     use hickory_resolver::net::DnsError as Answer;
     match error {
         NetError::Dns(Answer::NoRecordsFound(none)) if none.response_code == ResponseCode::NXDomain => {
-            "no such name (NXDOMAIN)".to_string()
+            DnsError::NoSuchName("no such name (NXDOMAIN)".to_string())
         }
-        NetError::Dns(Answer::NoRecordsFound(_)) => "the name has no address record (A/AAAA)".to_string(),
-        NetError::Dns(Answer::ResponseCode(code)) => format!("the name server answered {code}"),
-        NetError::Timeout => "no answer from the name servers (timed out)".to_string(),
-        other => other.to_string(),
+        NetError::Dns(Answer::NoRecordsFound(_)) => {
+            DnsError::NoSuchName("the name has no address record (A/AAAA)".to_string())
+        }
+        NetError::Dns(Answer::ResponseCode(code)) => {
+            DnsError::Lookup(format!("the name server answered {code}"))
+        }
+        NetError::Timeout => DnsError::Lookup("no answer from the name servers (timed out)".to_string()),
+        other => DnsError::Lookup(other.to_string()),
     }
 }

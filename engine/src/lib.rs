@@ -5,6 +5,9 @@
 //! - [`endpoint`]: the one text form for every socket (`vsock:`, `tcp:`, `unix:`).
 //! - [`socket`]: listen and connect with the options a relay wants.
 //! - [`target`] and [`dns`]: where upstream connections go; names follow DNS TTLs.
+//! - [`route`]: services whose clients name their destination (HTTP
+//!   CONNECT, SOCKS5, TLS SNI), decided by a policy off the workers;
+//!   [`proxy_header`]: the PROXY protocol v2 header.
 //! - `config` and `relay`: what apps describe ([`RelayConfig`]) and start
 //!   ([`Relay`]): services (a listener and a target each), worker threads.
 //! - `worker`: the one event loop each worker thread runs, over a driver
@@ -34,10 +37,12 @@ mod driver;
 pub mod endpoint;
 pub mod error;
 mod pool;
+pub mod proxy_header;
 mod pump;
 mod relay;
 mod ring;
 mod ringpump;
+pub mod route;
 pub mod socket;
 pub mod stats;
 mod sys;
@@ -46,7 +51,7 @@ mod throttle;
 mod worker;
 
 pub use config::{
-    Gate, RelayConfig, Service, DEFAULT_CONNECT_TIMEOUT, DEFAULT_DRAIN_TIMEOUT, DEFAULT_PIPE_BYTES,
+    Gate, RelayConfig, Service, Upstream, DEFAULT_CONNECT_TIMEOUT, DEFAULT_DRAIN_TIMEOUT, DEFAULT_PIPE_BYTES,
 };
 pub use dns::{DnsOptions, IpFamily};
 pub use driver::{Backend, BackendChoice};
@@ -55,6 +60,7 @@ pub use error::{ConnError, Error, Side};
 pub use pump::DataPath;
 pub use relay::{Relay, StopHandle};
 pub use ring::Unavailable as UringUnavailable;
+pub use route::{Decision, Policy, Route, RouteKind};
 pub use stats::{Failure, RefusedBy, Stats, StatsSnapshot};
 pub use target::Target;
 

@@ -9,11 +9,12 @@ use std::thread::JoinHandle;
 
 use socket2::Socket;
 
-use crate::config::{RelayConfig, Service};
+use crate::config::{RelayConfig, Service, Upstream};
 use crate::driver::{self, Backend};
 use crate::endpoint::Endpoint;
 use crate::error::Error;
 use crate::pump::DataPath;
+use crate::route::router::{Mailbox, Router};
 use crate::socket;
 use crate::stats::Stats;
 use crate::sys;
@@ -90,19 +91,32 @@ impl Relay {
             .map_err(Error::Start)?;
         let worker_wakes =
             wakers.iter().map(|w| w.try_clone()).collect::<Result<Vec<_>, _>>().map_err(Error::Start)?;
+        let mailboxes = wakers
+            .iter()
+            .map(|w| w.try_clone().map(|waker| Arc::new(Mailbox::new(waker))))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(Error::Start)?;
         let control = Arc::new(Control::new(wakers));
         let stats = Arc::new(Stats::new(config.services.iter().map(|s| s.name.clone()).collect(), workers));
         let config = Arc::new(config);
+        let routed = config.services.iter().any(|s| matches!(s.upstream, Upstream::Routed(_)));
+        let router = match routed {
+            true => Some(Arc::new(Router::start(Arc::clone(&config), mailboxes.clone())?)),
+            false => None,
+        };
         for (service, listen) in config.services.iter().zip(&local) {
-            tracing::info!(service = %service.name, listen = %listen, target = %service.target.endpoint(),
+            tracing::info!(service = %service.name, listen = %listen, upstream = %service.upstream,
                 workers, backend = %backend, "relay listening");
         }
         let mut handles = Vec::with_capacity(workers);
-        for (index, (listeners, wake)) in listeners.into_iter().zip(worker_wakes).enumerate() {
+        let inboxes = listeners.into_iter().zip(worker_wakes).zip(mailboxes);
+        for (index, ((listeners, wake), mailbox)) in inboxes.enumerate() {
             let setup = WorkerSetup {
                 index,
                 listeners,
                 wake,
+                mailbox,
+                router: router.clone(),
                 config: Arc::clone(&config),
                 stats: Arc::clone(&stats),
                 control: Arc::clone(&control),

@@ -45,16 +45,19 @@ pub enum Failure {
     Drain,
     /// No socket for the upstream could be opened (out of descriptors).
     Resources,
+    /// Routed: the head was bad or late, or its destination refused.
+    Route,
 }
 
 impl Failure {
-    pub const ALL: [Failure; 6] = [
+    pub const ALL: [Failure; 7] = [
         Failure::Connect,
         Failure::Client,
         Failure::Upstream,
         Failure::Idle,
         Failure::Drain,
         Failure::Resources,
+        Failure::Route,
     ];
 
     pub fn label(self) -> &'static str {
@@ -65,6 +68,7 @@ impl Failure {
             Failure::Idle => "idle",
             Failure::Drain => "drain",
             Failure::Resources => "resources",
+            Failure::Route => "route",
         }
     }
 }
@@ -90,7 +94,7 @@ pub(crate) struct Cell {
     accepted: AtomicU64,
     active: AtomicU64,
     refused: [AtomicU64; 3],
-    failed: [AtomicU64; 6],
+    failed: [AtomicU64; 7],
     bytes_to_upstream: AtomicU64,
     bytes_to_client: AtomicU64,
     connect_time: Histogram<12>,
@@ -226,7 +230,7 @@ pub struct StatsSnapshot {
     /// Clients reset right after their accept, by [`RefusedBy`] cause.
     pub refused_by: [u64; 3],
     /// Connections that ended in failure, by [`Failure`] cause.
-    pub failed_by: [u64; 6],
+    pub failed_by: [u64; 7],
     /// Bytes delivered from clients to upstream.
     pub bytes_to_upstream: u64,
     /// Bytes delivered from upstream to clients.

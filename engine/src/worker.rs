@@ -9,9 +9,13 @@
 //! `allow_cids`, `max_connections`), the idle timeout, the counters, and
 //! throttled warnings. A worker serves every service of its relay: one
 //! accept per listener, one slab of connections.
+//! Routed services' clients are handed to the router (`route/router.rs`)
+//! once their head is read; its verdicts come back through this worker's
+//! mailbox, which wakes it.
 //! A driver (`driver/`) only arms interest, waits, and reports events.
 
-use std::collections::VecDeque;
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
 use std::fs::File;
 use std::io::{self, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -19,14 +23,17 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use slab::Slab;
-use socket2::{Domain, Socket};
+use socket2::{Domain, SockAddr, Socket};
 
-use crate::config::{RelayConfig, Service};
+use crate::config::{RelayConfig, Service, Upstream};
 use crate::conn::{Action, ConnState, Connection, Direction, Ending, Event, Io};
 use crate::driver::{Backend, Completed, Driver, DriverEvent, EpollDriver, Key, Readiness, UringDriver};
 use crate::error::{ConnError, Error, Op, Side};
 use crate::pool::Pools;
+use crate::proxy_header;
 use crate::pump::{DataPath, Wait};
+use crate::route::router::{Job, Mailbox, Router, Verdict};
+use crate::route::Head;
 use crate::socket;
 use crate::stats::{Failure, RefusedBy, Stats};
 use crate::throttle::Throttle;
@@ -88,20 +95,23 @@ pub(crate) struct WorkerSetup {
     pub config: Arc<RelayConfig>,
     pub stats: Arc<Stats>,
     pub control: Arc<Control>,
+    /// Where the router's verdicts for this worker arrive.
+    pub mailbox: Arc<Mailbox>,
+    /// The relay's router, when it has routed services.
+    pub router: Option<Arc<Router>>,
 }
 
 /// Runs a worker until the relay stops; a failure stops the other workers too.
-pub(crate) fn run(backend: Backend, setup: WorkerSetup) -> Result<(), Error> {
+pub(crate) fn run(backend: Backend, mut setup: WorkerSetup) -> Result<(), Error> {
     let (index, control) = (setup.index, Arc::clone(&setup.control));
+    let listeners = std::mem::take(&mut setup.listeners);
+    let wake = setup.wake.try_clone().map_err(|source| Error::Worker { worker: index, source })?;
     let result = match backend {
-        Backend::Uring => {
-            UringDriver::new(setup.listeners, setup.wake, setup.config.data_path == DataPath::Ring).and_then(
-                |driver| Worker::new(driver, setup.index, setup.config, setup.stats, setup.control).run(),
-            )
+        Backend::Uring => UringDriver::new(listeners, wake, setup.config.data_path == DataPath::Ring)
+            .and_then(|driver| Worker::new(driver, setup).run()),
+        Backend::Portable => {
+            EpollDriver::new(listeners, wake).and_then(|driver| Worker::new(driver, setup).run())
         }
-        Backend::Portable => EpollDriver::new(setup.listeners, setup.wake).and_then(|driver| {
-            Worker::new(driver, setup.index, setup.config, setup.stats, setup.control).run()
-        }),
     };
     result.map_err(|source| {
         tracing::error!(worker = index, error = %source, "worker failed; stopping the relay");
@@ -174,6 +184,7 @@ impl Refusal {
 fn failure_of(ending: &Ending) -> Option<Failure> {
     match ending {
         Ending::Finished => None,
+        Ending::Refused { .. } => Some(Failure::Route),
         Ending::Idle(_) => Some(Failure::Idle),
         Ending::Failed(ConnError { op: Op::Connect, .. }) => Some(Failure::Connect),
         Ending::Failed(ConnError { side: Side::Client, .. }) => Some(Failure::Client),
@@ -188,8 +199,12 @@ struct Worker<D> {
     conns: Slab<Slot>,
     /// Directions that yielded with work left, run after the events.
     ready: Vec<(Key, Direction)>,
-    /// Connects in progress, in deadline order (one timeout for all).
-    connect_deadlines: VecDeque<(Instant, Key)>,
+    /// Heads, decisions and connects in progress, soonest deadline first
+    /// (an entry whose connection moved on is dropped when it comes up).
+    deadlines: BinaryHeap<Reverse<(Instant, Key)>>,
+    mailbox: Arc<Mailbox>,
+    router: Option<Arc<Router>>,
+    verdicts: Vec<(Key, Verdict)>,
     accept_paused_until: Option<Instant>,
     /// Set once stopping: when the open connections are reset.
     drain_deadline: Option<Instant>,
@@ -211,19 +226,17 @@ struct Worker<D> {
 }
 
 impl<D: Driver> Worker<D> {
-    fn new(
-        driver: D,
-        index: usize,
-        config: Arc<RelayConfig>,
-        stats: Arc<Stats>,
-        control: Arc<Control>,
-    ) -> Self {
+    fn new(driver: D, setup: WorkerSetup) -> Self {
+        let WorkerSetup { index, config, stats, control, mailbox, router, .. } = setup;
         let sweep_every = config.services.iter().filter_map(|s| s.idle_timeout).min().map(sweep_interval);
         Worker {
             driver,
             conns: Slab::new(),
             ready: Vec::new(),
-            connect_deadlines: VecDeque::new(),
+            deadlines: BinaryHeap::new(),
+            mailbox,
+            router,
+            verdicts: Vec::new(),
             accept_paused_until: None,
             drain_deadline: None,
             idle_sweep: sweep_every.map(|every| Instant::now() + every),
@@ -274,7 +287,7 @@ impl<D: Driver> Worker<D> {
     fn wait(&mut self, events: &mut Vec<DriverEvent>, now: Instant) -> io::Result<()> {
         let timeout = if self.ready.is_empty() {
             let deadlines = [
-                self.connect_deadlines.front().map(|d| d.0),
+                self.deadlines.peek().map(|Reverse((at, _))| *at),
                 self.accept_paused_until,
                 self.drain_deadline,
                 self.idle_sweep,
@@ -323,8 +336,12 @@ impl<D: Driver> Worker<D> {
                 tracing::debug!(worker = self.index, %error, "accept failed");
                 Ok(())
             }
-            DriverEvent::Woken if self.control.stopping() => self.on_stop(),
-            DriverEvent::Woken => Ok(()),
+            DriverEvent::Woken => {
+                if self.control.stopping() {
+                    self.on_stop()?;
+                }
+                self.on_verdicts()
+            }
             DriverEvent::Ready { key, side, readiness } => self.on_ready(key, side, readiness),
             DriverEvent::Completed { key, direction, completed } => {
                 if self.slot(key).is_some_and(|slot| slot.conn.state == ConnState::Relaying) {
@@ -348,6 +365,19 @@ impl<D: Driver> Worker<D> {
         }
     }
 
+    /// Passes on the router's verdicts (for connections still waiting).
+    fn on_verdicts(&mut self) -> io::Result<()> {
+        let mut verdicts = std::mem::take(&mut self.verdicts);
+        self.mailbox.take(&mut verdicts);
+        for (key, verdict) in verdicts.drain(..) {
+            if self.slot(key).is_some_and(|slot| matches!(slot.conn.state, ConnState::Deciding { .. })) {
+                self.dispatch(key, Event::Decided(verdict))?;
+            }
+        }
+        self.verdicts = verdicts;
+        Ok(())
+    }
+
     fn slot(&self, key: Key) -> Option<&Slot> {
         self.conns.get(key.index as usize).filter(|slot| generation(slot.conn.id) == key.generation)
     }
@@ -356,12 +386,16 @@ impl<D: Driver> Worker<D> {
     /// that socket for that readiness run.
     fn on_ready(&mut self, key: Key, side: Side, readiness: Readiness) -> io::Result<()> {
         let Some(slot) = self.slot(key) else { return Ok(()) };
-        if let ConnState::Connecting { .. } = slot.conn.state {
-            if side == Side::Upstream && readiness.writable {
+        match slot.conn.state {
+            ConnState::ReadingHead { .. } if side == Side::Client && readiness.readable => {
+                return self.dispatch(key, Event::ClientReadable);
+            }
+            ConnState::Connecting { .. } if side == Side::Upstream && readiness.writable => {
                 return self.dispatch(key, Event::UpstreamWritable);
             }
             // Early client bytes wait: the pumps start after the connect.
-            return Ok(());
+            ConnState::Relaying => {}
+            _ => return Ok(()),
         }
         for direction in Direction::BOTH {
             let Some(slot) = self.slot(key).filter(|slot| slot.conn.state == ConnState::Relaying) else {
@@ -381,12 +415,18 @@ impl<D: Driver> Worker<D> {
 
     /// Fires the deadlines that are due.
     fn expire(&mut self, now: Instant) -> io::Result<()> {
-        while let Some(&(deadline, key)) = self.connect_deadlines.front() {
+        while let Some(&Reverse((deadline, key))) = self.deadlines.peek() {
             if deadline > now {
                 break;
             }
-            self.connect_deadlines.pop_front();
-            if self.slot(key).is_some_and(|slot| matches!(slot.conn.state, ConnState::Connecting { .. })) {
+            self.deadlines.pop();
+            let waiting = |state| {
+                matches!(
+                    state,
+                    ConnState::ReadingHead { .. } | ConnState::Deciding { .. } | ConnState::Connecting { .. }
+                )
+            };
+            if self.slot(key).is_some_and(|slot| waiting(slot.conn.state)) {
                 self.dispatch(key, Event::DeadlinePassed)?;
             }
         }
@@ -472,9 +512,50 @@ impl<D: Driver> Worker<D> {
         if let Err(e) = socket::tune_accepted(&client, client_domain, &self.config.socket) {
             tracing::debug!(error = %e, "cannot tune an accepted socket");
         }
-        let cell = self.stats.cell(self.index, service);
-        cell.opened();
-        let target = self.config.services[service].target.current();
+        self.stats.cell(self.index, service).opened();
+        self.next_id += 1;
+        let target = match &self.config.services[service].upstream {
+            Upstream::Fixed(target) => target.current(),
+            Upstream::Routed(route) => {
+                let deadline = Instant::now() + route.head_timeout;
+                let conn = Connection::routed(self.next_id, client, Head::new(route.kind), deadline);
+                let Some(key) = self.insert(service, conn)? else { return Ok(()) };
+                self.deadlines.push(Reverse((deadline, key)));
+                return self.carry_out(key, Action::AwaitHead, [0; 2]);
+            }
+        };
+        let Some(key) = self.insert(service, Connection::unattached(self.next_id, client))? else {
+            return Ok(());
+        };
+        self.connect_to(key, target)
+    }
+
+    /// Puts a new connection in a slot and registers its client socket (a
+    /// client that cannot be watched is reset).
+    fn insert(&mut self, service: usize, mut conn: Connection) -> io::Result<Option<Key>> {
+        if self.driver.edge_triggered() {
+            conn.set_edge_triggered();
+        }
+        if self.config.services[service].proxy_protocol {
+            let client = conn.client.peer_addr().ok().and_then(|a| a.as_socket());
+            let local = conn.client.local_addr().ok().and_then(|a| a.as_socket());
+            conn.set_prelude(proxy_header::encode(client, local));
+        }
+        let entry = self.conns.vacant_entry();
+        let key = key_of(entry.key(), &conn)?;
+        let slot = entry.insert(Slot { conn, service, waits: [None, None], last_active: self.now });
+        if let Err(e) = self.driver.register(key, &slot.conn.client) {
+            slot.conn.reset();
+            let ending = Ending::Failed(ConnError::new(Side::Client, Op::Read, e));
+            self.carry_out(key, Action::Close(ending), [0; 2])?;
+            return Ok(None);
+        }
+        Ok(Some(key))
+    }
+
+    /// Opens the upstream socket of connection `key` and starts its connect to `target`.
+    fn connect_to(&mut self, key: Key, target: SockAddr) -> io::Result<()> {
+        let slot = &mut self.conns[key.index as usize];
         let upstream = match socket::socket_for(&target, &self.config.socket) {
             Ok(upstream) => upstream,
             Err(e) => {
@@ -482,27 +563,24 @@ impl<D: Driver> Worker<D> {
                 if self.warnings.no_upstream_socket.admit(self.now, self.index) {
                     tracing::warn!(worker = self.index, error = %e, "cannot open an upstream socket; client reset");
                 }
-                socket::reset(&client);
-                cell.dropped(Failure::Resources);
-                return Ok(());
+                slot.conn.reset();
+                self.stats.cell(self.index, slot.service).dropped(Failure::Resources);
+                return self.forget(key);
             }
         };
-        self.next_id += 1;
         let deadline = Instant::now() + self.config.connect_timeout;
         let (path, ring) = (self.config.data_path, self.driver.ring_ops().is_some());
-        let (from_client, from_upstream) = (client_domain, target.domain());
+        let (from_client, from_upstream) = (self.client_domains[slot.service], target.domain());
         let paths = [
             path.for_direction(from_client, from_upstream, ring),
             path.for_direction(from_upstream, from_client, ring),
         ];
-        let mut conn = Connection::new(self.next_id, client, upstream, paths, deadline);
-        if self.driver.edge_triggered() {
-            conn.set_edge_triggered();
-        }
-        let entry = self.conns.vacant_entry();
-        let key = key_of(entry.key(), &conn)?;
-        let slot = entry.insert(Slot { conn, service, waits: [None, None], last_active: self.now });
-        let (action, moved) = match self.driver.register(key, &slot.conn) {
+        slot.conn.attach(upstream, paths, deadline);
+        let registered = match slot.conn.upstream.as_ref() {
+            Some(upstream) => self.driver.add_upstream(key, upstream),
+            None => Ok(()),
+        };
+        let (action, moved) = match registered {
             Ok(()) => {
                 let mut io = Io::new(&mut self.pools, self.driver.ring_ops(), key);
                 (slot.conn.start(&target, &mut io), io.moved)
@@ -513,9 +591,17 @@ impl<D: Driver> Worker<D> {
             }
         };
         if let Action::AwaitConnect = action {
-            self.connect_deadlines.push_back((deadline, key));
+            self.deadlines.push(Reverse((deadline, key)));
         }
         self.carry_out(key, action, moved)
+    }
+
+    /// Drops a connection that never started (its sockets close now).
+    fn forget(&mut self, key: Key) -> io::Result<()> {
+        if self.driver.release(key)? {
+            self.conns.remove(key.index as usize);
+        }
+        Ok(())
     }
 
     /// Runs a connection's state machine on `event` and carries out its answer.
@@ -538,9 +624,19 @@ impl<D: Driver> Worker<D> {
             slot.last_active = self.now;
         }
         match action {
-            Action::AwaitConnect => {
-                self.driver.watch(key, &slot.conn.upstream, Side::Upstream, Readiness::WRITABLE)
+            Action::AwaitHead => self.driver.watch(key, &slot.conn.client, Side::Client, Readiness::READABLE),
+            Action::Decide { host, port } => {
+                let job = Job { worker: self.index, key, service: slot.service, host, port };
+                if let Some(router) = &self.router {
+                    router.ask(job);
+                }
+                Ok(())
             }
+            Action::Connect(target) => self.connect_to(key, target),
+            Action::AwaitConnect => match slot.conn.upstream.as_ref() {
+                Some(upstream) => self.driver.watch(key, upstream, Side::Upstream, Readiness::WRITABLE),
+                None => Ok(()),
+            },
             Action::Wait(waits) => {
                 for (direction, wait) in Direction::BOTH.into_iter().zip(waits) {
                     let Some(wait) = wait else { continue };
@@ -554,7 +650,9 @@ impl<D: Driver> Worker<D> {
                         }
                         Wait::Finished | Wait::Completion => continue,
                     };
-                    self.driver.watch(key, slot.conn.socket(side), side, wanted)?;
+                    if let Some(socket) = slot.conn.socket(side) {
+                        self.driver.watch(key, socket, side, wanted)?;
+                    }
                 }
                 Ok(())
             }
@@ -589,6 +687,7 @@ impl<D: Driver> Worker<D> {
             let (to_upstream, to_client) = conn.bytes();
             let outcome = match ending {
                 Ending::Finished => "finished".to_string(),
+                Ending::Refused { decision, reason } => format!("refused ({}): {reason}", decision.label()),
                 Ending::Failed(e) => e.to_string(),
                 Ending::Idle(idle) => format!("reset: idle for {idle:?} (--idle-timeout)"),
             };
@@ -650,8 +749,12 @@ fn connection_span(conn: &Connection, service: &Service) -> tracing::Span {
         "" => peer_name(&conn.client),
         name => name.to_string(),
     };
-    tracing::info_span!("conn", id = conn.id, service = %service.name, %client,
-        upstream = %service.target.endpoint())
+    match &conn.destination {
+        Some(destination) => tracing::info_span!("conn", id = conn.id, service = %service.name, %client,
+            upstream = %destination),
+        None => tracing::info_span!("conn", id = conn.id, service = %service.name, %client,
+            upstream = %service.upstream),
+    }
 }
 
 /// The driver's key for the connection in slot `index`.

@@ -9,7 +9,7 @@ use clap::Parser;
 use vsock_relay_apps::options::{parse_remote_host, parse_workers};
 use vsock_relay_apps::proxy::{self, ProxyArgs};
 use vsock_relay_apps::run::{self, LogFormat};
-use vsock_relay_apps::services::ServiceSpec;
+use vsock_relay_apps::services::{ServiceSpec, SpecUpstream};
 use vsock_relay_engine::endpoint::VSOCK_CID_ANY;
 use vsock_relay_engine::{Endpoint, Host};
 
@@ -54,7 +54,8 @@ fn main() -> ExitCode {
     run::init_logging("info", cli.log_format);
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let listen = Endpoint::Vsock { cid: VSOCK_CID_ANY, port: cli.local_port };
-    let service = ServiceSpec::single(listen, cli.remote_addr, cli.remote_port);
+    let upstream = SpecUpstream::Fixed { host: cli.remote_addr, port: cli.remote_port };
+    let service = ServiceSpec::single(listen, upstream);
     let settings = cli.proxy.settings(vec![service], None, cli.num_workers.min(cores));
     match proxy::start(&settings).and_then(run::until_signal) {
         Ok(()) => ExitCode::SUCCESS,

@@ -22,7 +22,7 @@ use crate::ipranges::{Source, SourceSettings};
 use crate::options::EngineArgs;
 use crate::proxy::{self, ProxySettings};
 use crate::serve::{self, Server};
-use crate::services::ServiceSpec;
+use crate::services::{ServiceSpec, SpecUpstream};
 pub use endpoint::HttpsEndpoint;
 
 /// The bundled ip-ranges.json: the real schema, a handful of made-up-for-
@@ -218,13 +218,15 @@ pub fn run(args: &DemoArgs, out: &mut impl Write) -> anyhow::Result<()> {
 }
 
 fn start_proxy(args: &DemoArgs, hop: &Hop, port: u16, allowlist: &Path) -> anyhow::Result<Relay> {
-    let service = ServiceSpec::single(hop.listen.clone(), Host::Name("localhost".into()), port);
+    let upstream = SpecUpstream::Fixed { host: Host::Name("localhost".into()), port };
+    let service = ServiceSpec::single(hop.listen.clone(), upstream);
     proxy::start(&ProxySettings {
         services: vec![service],
         services_file: None,
         config: allowlist.to_path_buf(),
         family: IpFamily::Any,
         workers: 1,
+        head_timeout: vsock_relay_engine::route::DEFAULT_HEAD_TIMEOUT.as_secs_f64(),
         engine: args.engine.clone(),
     })
     .map(|running| running.relay)

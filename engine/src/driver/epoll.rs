@@ -17,7 +17,6 @@ use mio::{Events, Interest, Poll, Token};
 use socket2::Socket;
 
 use super::{Driver, DriverEvent, Key, Readiness};
-use crate::conn::Connection;
 use crate::error::Side;
 
 const WAKE: Token = Token(usize::MAX);
@@ -113,13 +112,14 @@ impl Driver for EpollDriver {
         true
     }
 
-    fn register(&mut self, key: Key, conn: &Connection) -> io::Result<()> {
+    fn register(&mut self, key: Key, client: &Socket) -> io::Result<()> {
         let both = Interest::READABLE | Interest::WRITABLE;
-        for side in [Side::Client, Side::Upstream] {
-            let fd = conn.socket(side).as_raw_fd();
-            self.poll.registry().register(&mut SourceFd(&fd), token(key, side), both)?;
-        }
-        Ok(())
+        self.poll.registry().register(&mut SourceFd(&client.as_raw_fd()), token(key, Side::Client), both)
+    }
+
+    fn add_upstream(&mut self, key: Key, upstream: &Socket) -> io::Result<()> {
+        let both = Interest::READABLE | Interest::WRITABLE;
+        self.poll.registry().register(&mut SourceFd(&upstream.as_raw_fd()), token(key, Side::Upstream), both)
     }
 
     fn watch(&mut self, _key: Key, _socket: &Socket, _side: Side, _wanted: Readiness) -> io::Result<()> {

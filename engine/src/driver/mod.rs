@@ -5,8 +5,8 @@
 //! the Linux 4.14 enclave kernel, Docker's default seccomp profile,
 //! `kernel.io_uring_disabled`.
 //!
-//! A completion-based data path (an io_uring buffer ring) would be one more
-//! pair of driver calls and events here, handled by the same loop.
+//! The completion-based data path (an io_uring buffer ring) is one more set
+//! of driver calls ([`RingOps`]) and events, handled by the same loop.
 
 use std::fmt;
 use std::io;
@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use socket2::Socket;
 
-use crate::conn::{Connection, Direction};
+use crate::conn::Direction;
 use crate::error::{Error, Side};
 use crate::ring::{Ring, Unavailable};
 pub(crate) use crate::ringpump::Completed;
@@ -98,7 +98,7 @@ pub fn choose(choice: BackendChoice) -> Result<Backend, Error> {
 /// Names a connection in a driver's bookkeeping: its slot in the worker
 /// and the low bits of its id, so an event for a connection that is gone
 /// (its slot reused since) is recognised and dropped.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) struct Key {
     pub index: u32,
     pub generation: u32,
@@ -186,7 +186,8 @@ pub(crate) enum DriverEvent {
 
 /// How a worker waits. The contract between the loop and a driver:
 ///
-/// - The loop calls [`Driver::register`] for a new connection and
+/// - The loop calls [`Driver::register`] for a new connection (and
+///   [`Driver::add_upstream`] once it has an upstream socket) and
 ///   [`Driver::watch`] whenever one of its directions waits for a socket;
 ///   a watch reports [`DriverEvent::Ready`] once (a driver may also report
 ///   readiness that was not asked for; the loop ignores what no direction
@@ -200,8 +201,12 @@ pub(crate) trait Driver {
     /// than while it lasts (io_uring polls).
     fn edge_triggered(&self) -> bool;
 
-    /// Starts watching a new connection's sockets.
-    fn register(&mut self, key: Key, conn: &Connection) -> io::Result<()>;
+    /// Starts watching a new connection, its client socket first.
+    fn register(&mut self, key: Key, client: &Socket) -> io::Result<()>;
+
+    /// Adds a connection's upstream socket (opened at the accept, or once a
+    /// routed connection's destination is decided).
+    fn add_upstream(&mut self, key: Key, upstream: &Socket) -> io::Result<()>;
 
     /// Reports when `socket` (the connection's `side`) is ready as `wanted`.
     fn watch(&mut self, key: Key, socket: &Socket, side: Side, wanted: Readiness) -> io::Result<()>;

@@ -16,7 +16,7 @@ use std::time::Duration;
 use socket2::Socket;
 
 use super::{BufferSlice, Completed, Driver, DriverEvent, Key, Readiness, RingOps};
-use crate::conn::{Connection, Direction};
+use crate::conn::Direction;
 use crate::error::Side;
 use crate::ring::{self, Completion, Ring};
 
@@ -293,7 +293,11 @@ impl Driver for UringDriver {
         false
     }
 
-    fn register(&mut self, key: Key, _conn: &Connection) -> io::Result<()> {
+    fn add_upstream(&mut self, _key: Key, _upstream: &Socket) -> io::Result<()> {
+        Ok(())
+    }
+
+    fn register(&mut self, key: Key, _client: &Socket) -> io::Result<()> {
         let index = key.index as usize;
         if self.ops.len() <= index {
             self.ops.resize(index + 1, Ops::default());

@@ -1,0 +1,265 @@
+//! Routing: services whose clients name their destination, instead of a
+//! fixed target. A routed connection first reads a short head from its
+//! client (an HTTP `CONNECT`, a SOCKS5 request, or a TLS ClientHello's
+//! server name), asks the router for a decision (DNS off the worker
+//! threads, then the service's policy: the proxy's allowlist), connects to
+//! the address that was checked, answers the client, and from then on
+//! relays exactly as a fixed target does.
+//!
+//! The head parsers (`connect`, `socks5`, `sni`) are pure: bytes in, a
+//! [`Parse`] out, so that they are tested alone (property tests: no panic,
+//! bounded memory, whatever the bytes).
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::endpoint::Host;
+
+pub(crate) mod connect;
+pub(crate) mod router;
+pub(crate) mod sni;
+pub(crate) mod socks5;
+
+/// Default bound on the time a client takes to send its head.
+pub const DEFAULT_HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Decides whether a routed client may reach `host:port` at `address` (the
+/// address the connect will use): `Ok` names the rule that allowed it (a
+/// metrics label: one per rule, never per host), `Err` says why not. Runs
+/// on the router's threads, never on a worker: it may block (an allowlist
+/// entry given by name is resolved).
+pub type Policy = Arc<dyn Fn(&Host, u16, IpAddr) -> Result<String, String> + Send + Sync>;
+
+/// A routed service's upstream: how clients name their destination, and
+/// who decides.
+#[derive(Clone)]
+pub struct Route {
+    pub kind: RouteKind,
+    pub policy: Policy,
+    /// A client that has not sent its whole head this long after its
+    /// accept is closed.
+    pub head_timeout: Duration,
+    pub counters: Arc<RouteCounters>,
+}
+
+impl Route {
+    pub fn new(kind: RouteKind, policy: Policy) -> Self {
+        Route { kind, policy, head_timeout: DEFAULT_HEAD_TIMEOUT, counters: Arc::default() }
+    }
+}
+
+impl fmt::Debug for Route {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Route({}, head timeout {:?})", self.kind, self.head_timeout)
+    }
+}
+
+/// What a route decided, for its counters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// The policy allowed the destination (the connect may still fail).
+    Allowed,
+    /// The policy refused it.
+    NotAllowed,
+    /// The name did not resolve, or the lookup failed or timed out.
+    Unresolved,
+    /// The head was malformed, unsupported or too large.
+    BadHead,
+    /// No whole head within the head timeout.
+    HeadTimeout,
+}
+
+impl Decision {
+    pub const ALL: [Decision; 5] = [
+        Decision::Allowed,
+        Decision::NotAllowed,
+        Decision::Unresolved,
+        Decision::BadHead,
+        Decision::HeadTimeout,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Decision::Allowed => "allowed",
+            Decision::NotAllowed => "not_allowed",
+            Decision::Unresolved => "unresolved",
+            Decision::BadHead => "bad_head",
+            Decision::HeadTimeout => "head_timeout",
+        }
+    }
+}
+
+/// A route's counters: its decisions, and the connections each policy rule
+/// allowed. Written off the data path (once per routed connection).
+#[derive(Debug, Default)]
+pub struct RouteCounters {
+    decisions: [AtomicU64; 5],
+    by_rule: Mutex<BTreeMap<String, u64>>,
+}
+
+impl RouteCounters {
+    pub(crate) fn decided(&self, decision: Decision) {
+        self.decisions[decision as usize].fetch_add(1, Relaxed);
+    }
+
+    pub(crate) fn allowed_by(&self, rule: &str) {
+        let mut by_rule = self.by_rule.lock().unwrap_or_else(|e| e.into_inner());
+        match by_rule.get_mut(rule) {
+            Some(count) => *count += 1,
+            None => {
+                by_rule.insert(rule.to_string(), 1);
+            }
+        }
+    }
+
+    pub fn decisions(&self, decision: Decision) -> u64 {
+        self.decisions[decision as usize].load(Relaxed)
+    }
+
+    /// Connections allowed per policy rule (rules that allowed none are absent).
+    pub fn by_rule(&self) -> BTreeMap<String, u64> {
+        self.by_rule.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+/// Largest head read from a client before its destination is known: an
+/// HTTP `CONNECT` head (more is `431`), a SOCKS5 greeting and request, or a
+/// TLS ClientHello (one full TLS record is 16 KiB plus its header).
+pub const MAX_HEAD_BYTES: usize = 16 * 1024 + 5;
+
+/// How a routed service learns where a client wants to go.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RouteKind {
+    /// HTTP/1.1 `CONNECT host:port` (RFC 9110, 9.3.6): `HTTPS_PROXY=http://...`.
+    Connect,
+    /// SOCKS5 (RFC 1928), no authentication, the CONNECT command:
+    /// `ALL_PROXY=socks5h://...`.
+    Socks5,
+    /// The server name of the client's TLS ClientHello, on a fixed port; the
+    /// ClientHello is passed on unchanged.
+    Sni { port: u16 },
+}
+
+impl fmt::Display for RouteKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RouteKind::Connect => f.write_str("connect"),
+            RouteKind::Socks5 => f.write_str("socks5"),
+            RouteKind::Sni { port } => write!(f, "sni (port {port})"),
+        }
+    }
+}
+
+impl FromStr for RouteKind {
+    type Err = String;
+
+    /// `connect`, `socks5` or `sni` (port 443; the caller may change it).
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "connect" | "http" => Ok(RouteKind::Connect),
+            "socks5" | "socks" => Ok(RouteKind::Socks5),
+            "sni" => Ok(RouteKind::Sni { port: 443 }),
+            other => Err(format!("unknown route `{other}`; expected connect, socks5 or sni")),
+        }
+    }
+}
+
+/// What a head parser made of the bytes so far.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Parse {
+    /// Not enough bytes yet: read more (within [`MAX_HEAD_BYTES`] and the
+    /// head timeout).
+    More,
+    /// Write `reply` to the client, drop the first `consumed` bytes, and
+    /// parse what follows (the SOCKS5 method selection).
+    Answer { consumed: usize, reply: Vec<u8> },
+    /// The client asked for `host:port`; the first `consumed` bytes were the
+    /// head (what follows is the client's first payload, passed on).
+    Destination { host: Host, port: u16, consumed: usize },
+    /// The head is malformed, unsupported or too large: write `reply` (may
+    /// be empty) and close; `reason` goes to the log.
+    Refuse { reply: Vec<u8>, reason: String },
+}
+
+/// How a routed connection's attempt ended, as its client is told.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Connected: the tunnel is open.
+    Connected,
+    /// The policy (the allowlist) does not allow the destination.
+    NotAllowed,
+    /// The name does not resolve (NXDOMAIN, no address record).
+    NoSuchName,
+    /// The lookup failed otherwise (no answer, server failure, busy).
+    LookupFailed,
+    /// The upstream refused the connection.
+    Refused,
+    /// No route to the upstream (network or host unreachable).
+    Unreachable,
+    /// No answer from the upstream within the connect timeout.
+    TimedOut,
+    /// Any other failure of the upstream connect.
+    Failed,
+}
+
+impl Outcome {
+    /// The outcome of a failed upstream connect, by its error.
+    pub(crate) fn of_connect_error(error: &std::io::Error) -> Outcome {
+        match error.raw_os_error() {
+            Some(libc::ECONNREFUSED) => Outcome::Refused,
+            Some(libc::ENETUNREACH | libc::EHOSTUNREACH | libc::EADDRNOTAVAIL) => Outcome::Unreachable,
+            _ if error.kind() == std::io::ErrorKind::TimedOut => Outcome::TimedOut,
+            _ => Outcome::Failed,
+        }
+    }
+}
+
+/// A routed connection's head, read and parsed as it arrives.
+#[derive(Debug)]
+pub(crate) struct Head {
+    kind: RouteKind,
+    /// The bytes read so far (the SOCKS5 greeting dropped once answered).
+    pub bytes: Vec<u8>,
+    /// SOCKS5: the greeting was answered; the request comes next.
+    greeted: bool,
+    sni: Option<Box<sni::SniPeek>>,
+}
+
+impl Head {
+    pub fn new(kind: RouteKind) -> Head {
+        let sni = matches!(kind, RouteKind::Sni { .. }).then(Box::default);
+        Head { kind, bytes: Vec::new(), greeted: false, sni }
+    }
+
+    /// Parses what was read so far.
+    pub fn parse(&mut self) -> Parse {
+        match (self.kind, self.sni.as_mut()) {
+            (RouteKind::Connect, _) => connect::parse(&self.bytes),
+            (RouteKind::Socks5, _) if !self.greeted => match socks5::parse_greeting(&self.bytes) {
+                Parse::Answer { consumed, reply } => {
+                    self.greeted = true;
+                    self.bytes.drain(..consumed.min(self.bytes.len()));
+                    Parse::Answer { consumed, reply }
+                }
+                other => other,
+            },
+            (RouteKind::Socks5, _) => socks5::parse_request(&self.bytes),
+            (RouteKind::Sni { port }, Some(peek)) => peek.parse(&self.bytes, port),
+            (RouteKind::Sni { .. }, None) => Parse::Refuse { reply: Vec::new(), reason: "no peek".into() },
+        }
+    }
+
+    /// What the client is told of the outcome (empty: nothing, for SNI).
+    pub fn reply(&self, outcome: Outcome, detail: &str, bound: Option<SocketAddr>) -> Vec<u8> {
+        match self.kind {
+            RouteKind::Connect => connect::reply(outcome, detail),
+            RouteKind::Socks5 => socks5::reply(outcome, bound),
+            RouteKind::Sni { .. } => Vec::new(),
+        }
+    }
+}

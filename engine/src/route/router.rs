@@ -1,0 +1,212 @@
+//! The router: where routed clients may go, decided off the worker threads.
+//!
+//! A worker that has read a client's head hands the destination to the
+//! router and goes on with its other connections. The router thread runs a
+//! small tokio runtime: each destination is looked up with hickory's async
+//! resolver (one cache for the relay, bounded in entries, answers kept for
+//! their TTL), the service's policy is asked on the runtime's blocking
+//! threads (an allowlist entry given by name may need a lookup of its own),
+//! and the answer goes back to the worker's [`Mailbox`], waking it. A slow
+//! name server delays only the clients waiting for its names. Lookups in
+//! flight are bounded, and each is bounded in time.
+
+use std::fs::File;
+use std::io::Write;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hickory_resolver::TokioResolver;
+use tokio::sync::mpsc;
+
+use super::{Decision, Outcome, Policy, Route};
+use crate::config::{RelayConfig, Upstream};
+use crate::dns::{self, DnsError, IpFamily};
+use crate::driver::Key;
+use crate::endpoint::Host;
+use crate::error::Error;
+
+/// Lookups (and policy checks) in flight at most; a client beyond is told
+/// the lookup failed.
+pub const MAX_IN_FLIGHT: usize = 256;
+/// Longest a destination's lookup may take, all attempts together.
+pub const LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
+/// Threads that may run policy checks at once.
+const POLICY_THREADS: usize = 8;
+
+/// A destination to decide on, for connection `key` of `worker`.
+#[derive(Debug)]
+pub(crate) struct Job {
+    pub worker: usize,
+    pub key: Key,
+    pub service: usize,
+    pub host: Host,
+    pub port: u16,
+}
+
+/// What the router decided for one connection.
+#[derive(Debug)]
+pub(crate) enum Verdict {
+    /// Connect to `address` (the address the policy checked); `rule`
+    /// allowed it.
+    Allowed { address: SocketAddr, rule: String },
+    /// Tell the client `outcome` and close; `reason` for the reply and the log.
+    Refused { outcome: Outcome, reason: String },
+}
+
+/// A worker's inbox of verdicts; delivering one wakes the worker.
+#[derive(Debug)]
+pub(crate) struct Mailbox {
+    verdicts: Mutex<Vec<(Key, Verdict)>>,
+    waker: File,
+}
+
+impl Mailbox {
+    pub fn new(waker: File) -> Self {
+        Mailbox { verdicts: Mutex::new(Vec::new()), waker }
+    }
+
+    fn deliver(&self, key: Key, verdict: Verdict) {
+        self.verdicts.lock().unwrap_or_else(|e| e.into_inner()).push((key, verdict));
+        // Fails only when the counter would overflow: a wake-up is pending then.
+        let _ = (&self.waker).write(&1u64.to_ne_bytes());
+    }
+
+    /// Takes every verdict delivered so far.
+    pub fn take(&self, into: &mut Vec<(Key, Verdict)>) {
+        into.append(&mut self.verdicts.lock().unwrap_or_else(|e| e.into_inner()));
+    }
+}
+
+/// The router of a relay; dropping it ends its thread.
+pub(crate) struct Router {
+    jobs: mpsc::UnboundedSender<Job>,
+}
+
+impl Router {
+    /// Starts the router thread for `config`'s routed services; answers go
+    /// to `mailboxes` (one per worker).
+    pub fn start(config: Arc<RelayConfig>, mailboxes: Vec<Arc<Mailbox>>) -> Result<Router, Error> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .max_blocking_threads(POLICY_THREADS)
+            .thread_name("router-policy")
+            .build()
+            .map_err(Error::Start)?;
+        let resolver = {
+            let _guard = runtime.enter();
+            dns::build(&config.dns)
+                .map_err(|source| Error::Resolve { name: "(routed destinations)".into(), source })?
+        };
+        let (jobs, mut incoming) = mpsc::unbounded_channel::<Job>();
+        let shared = Arc::new(Shared { resolver, family: config.dns.family, config, mailboxes });
+        std::thread::Builder::new()
+            .name("router".into())
+            .spawn(move || {
+                let in_flight = Arc::new(AtomicUsize::new(0));
+                runtime.block_on(async {
+                    while let Some(job) = incoming.recv().await {
+                        if in_flight.load(Ordering::Relaxed) >= MAX_IN_FLIGHT {
+                            let reason = format!("{MAX_IN_FLIGHT} lookups in flight; try again");
+                            shared.answer(job, Verdict::Refused { outcome: Outcome::LookupFailed, reason });
+                            continue;
+                        }
+                        in_flight.fetch_add(1, Ordering::Relaxed);
+                        let (shared, in_flight) = (Arc::clone(&shared), Arc::clone(&in_flight));
+                        tokio::spawn(async move {
+                            let verdict = shared.decide(&job).await;
+                            shared.answer(job, verdict);
+                            in_flight.fetch_sub(1, Ordering::Relaxed);
+                        });
+                    }
+                });
+                runtime.shutdown_timeout(Duration::from_secs(1));
+            })
+            .map_err(Error::Start)?;
+        Ok(Router { jobs })
+    }
+
+    /// Asks for a decision; the answer arrives in the job's worker's mailbox.
+    pub fn ask(&self, job: Job) {
+        // Fails only after the router thread ended (the relay is stopping):
+        // the connection then meets its head deadline.
+        let _ = self.jobs.send(job);
+    }
+}
+
+struct Shared {
+    resolver: TokioResolver,
+    family: IpFamily,
+    config: Arc<RelayConfig>,
+    mailboxes: Vec<Arc<Mailbox>>,
+}
+
+impl Shared {
+    fn route(&self, service: usize) -> Option<&Route> {
+        match &self.config.services.get(service)?.upstream {
+            Upstream::Routed(route) => Some(route),
+            Upstream::Fixed(_) => None,
+        }
+    }
+
+    async fn decide(&self, job: &Job) -> Verdict {
+        let Some(route) = self.route(job.service) else {
+            return Verdict::Refused { outcome: Outcome::Failed, reason: "not a routed service".into() };
+        };
+        let address = match &job.host {
+            Host::Ip(ip) => *ip,
+            Host::Name(name) => match self.resolve(name).await {
+                Ok(ip) => ip,
+                Err((outcome, reason)) => {
+                    route.counters.decided(Decision::Unresolved);
+                    return Verdict::Refused { outcome, reason };
+                }
+            },
+        };
+        let (policy, host, port): (Policy, Host, u16) =
+            (Arc::clone(&route.policy), job.host.clone(), job.port);
+        match tokio::task::spawn_blocking(move || policy(&host, port, address)).await {
+            Ok(Ok(rule)) => {
+                route.counters.decided(Decision::Allowed);
+                route.counters.allowed_by(&rule);
+                Verdict::Allowed { address: SocketAddr::new(address, job.port), rule }
+            }
+            Ok(Err(reason)) => {
+                route.counters.decided(Decision::NotAllowed);
+                Verdict::Refused { outcome: Outcome::NotAllowed, reason }
+            }
+            Err(e) => {
+                Verdict::Refused { outcome: Outcome::Failed, reason: format!("the policy check failed: {e}") }
+            }
+        }
+    }
+
+    /// The address a destination's name resolves to (the first of its family).
+    async fn resolve(&self, name: &str) -> Result<IpAddr, (Outcome, String)> {
+        match tokio::time::timeout(LOOKUP_TIMEOUT, dns::lookup(&self.resolver, self.family, name)).await {
+            Ok(Ok(resolution)) => Ok(resolution.addresses[0]),
+            Ok(Err(e @ (DnsError::NoSuchName(_) | DnsError::NoAddress | DnsError::WrongFamily(_)))) => {
+                Err((Outcome::NoSuchName, format!("{name}: {e}")))
+            }
+            Ok(Err(e)) => Err((Outcome::LookupFailed, format!("{name}: {e}"))),
+            Err(_) => Err((Outcome::LookupFailed, format!("{name}: no answer within {LOOKUP_TIMEOUT:?}"))),
+        }
+    }
+
+    fn answer(&self, job: Job, verdict: Verdict) {
+        let service = self.config.services.get(job.service).map_or("", |s| s.name.as_str());
+        let destination = format!("{}:{}", job.host, job.port);
+        match &verdict {
+            Verdict::Allowed { address, rule } => {
+                tracing::debug!(%service, %destination, %address, %rule, decision = "allowed", "routed")
+            }
+            Verdict::Refused { outcome, reason } => {
+                tracing::info!(%service, %destination, decision = ?outcome, %reason, "routed client refused")
+            }
+        }
+        if let Some(mailbox) = self.mailboxes.get(job.worker) {
+            mailbox.deliver(job.key, verdict);
+        }
+    }
+}
