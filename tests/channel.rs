@@ -384,6 +384,7 @@ fn source_trusting(
         ca_file: Some(ca),
         timeout: Duration::from_secs(5),
         cache_for,
+        proxy: None,
     })
     .unwrap()
 }

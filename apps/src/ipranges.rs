@@ -70,6 +70,8 @@ pub struct SourceSettings {
     pub timeout: Duration,
     /// Serve a fetched document this long before fetching it again.
     pub cache_for: Duration,
+    /// Fetch through this proxy (`http://` CONNECT or `socks5h://`).
+    pub proxy: Option<String>,
 }
 
 /// The first pause after a failed fetch before the next one; it doubles
@@ -128,12 +130,19 @@ impl Source {
             None => RootCerts::WebPki,
             Some(path) => RootCerts::Specific(Arc::new(public_roots_and(path)?)),
         };
+        // The enclave reaches the world only through the forwarder (or the
+        // proxy named here); a proxy variable inherited from a parent shell
+        // must not reroute it.
+        let proxy = match &settings.proxy {
+            None => None,
+            Some(url) => Some(ureq::Proxy::new(url).with_context(|| {
+                format!("bad --proxy `{url}`: expected http://HOST:PORT or socks5h://HOST:PORT")
+            })?),
+        };
         let config = ureq::Agent::config_builder()
             .timeout_global(Some(settings.timeout))
             .tls_config(TlsConfig::builder().root_certs(roots).build())
-            // The enclave reaches the world only through the forwarder; a
-            // proxy variable inherited from a parent shell must not reroute it.
-            .proxy(None)
+            .proxy(proxy)
             .build();
         Ok(Source { agent: config.new_agent(), settings, state: Mutex::default(), fetched: Condvar::new() })
     }
@@ -299,6 +308,7 @@ mod tests {
             ca_file: None,
             timeout: Duration::from_secs(1),
             cache_for: Duration::from_secs(1),
+            proxy: None,
         };
         for bad in ["http://ip-ranges.amazonaws.com/ip-ranges.json", "ip-ranges.json", "https:///x"] {
             assert!(Source::new(settings(bad)).is_err(), "{bad}");

@@ -16,7 +16,7 @@ use anyhow::Context;
 use clap::Args;
 use socket2::Socket;
 use vsock_relay_engine::socket::{self, SocketOptions};
-use vsock_relay_engine::Endpoint;
+use vsock_relay_engine::{proxy_header, Endpoint};
 
 use crate::ipranges::{self, Source, SourceSettings};
 use crate::options::parse_seconds;
@@ -26,6 +26,10 @@ pub const DEFAULT_PORT: u32 = 5005;
 
 /// A query is the client's first message; region names are short.
 const MAX_QUERY_BYTES: usize = 1024;
+
+/// The longest PROXY protocol header read: a v2 header with TCP addresses
+/// is 28 or 52 bytes; room for a few extensions (TLVs).
+const MAX_PROXY_HEADER_BYTES: usize = 512;
 
 /// How long a client may take to send its query, and to read the reply.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -67,13 +71,28 @@ pub struct ServeArgs {
     /// an error line).
     #[arg(long, default_value_t = 10.0, value_name = "SECONDS", value_parser = parse_seconds)]
     pub fetch_timeout: f64,
+
+    /// Fetch through this proxy: `http://HOST:PORT` (HTTP CONNECT) or
+    /// `socks5h://HOST:PORT` (names resolved by the proxy), e.g. the
+    /// enclave's forwarder to the parent's `vsock-relay proxy --route`.
+    /// Without it, no proxy is used (proxy variables of the environment
+    /// are ignored).
+    #[arg(long, value_name = "URL")]
+    pub proxy: Option<String>,
+
+    /// Expect a PROXY protocol v2 header first on each connection (sent by
+    /// a relay with --proxy-protocol v2) and log the client address it
+    /// carries; a connection without one is refused.
+    #[arg(long)]
+    pub proxy_protocol: bool,
 }
 
 impl ServeArgs {
     /// Serves until SIGINT or SIGTERM.
     pub fn run(self) -> anyhow::Result<()> {
         let listen = self.listen();
-        let server = Server::start(&listen, Source::new(self.source_settings())?)?;
+        let proxy_protocol = self.proxy_protocol;
+        let server = Server::start_with(&listen, Source::new(self.source_settings())?, proxy_protocol)?;
         crate::run::serve_until_signal(server.local_endpoint())
     }
 
@@ -91,6 +110,7 @@ impl ServeArgs {
             ca_file: self.ca_file,
             timeout: Duration::from_secs_f64(self.fetch_timeout),
             cache_for: Duration::from_secs_f64(self.cache_seconds),
+            proxy: self.proxy,
         }
     }
 }
@@ -103,6 +123,12 @@ pub struct Server {
 impl Server {
     /// Listens on `listen` and serves every client on a thread of its own.
     pub fn start(listen: &Endpoint, source: Source) -> anyhow::Result<Server> {
+        Server::start_with(listen, source, false)
+    }
+
+    /// [`Server::start`]; with `proxy_protocol`, each client's connection
+    /// starts with a PROXY protocol v2 header.
+    pub fn start_with(listen: &Endpoint, source: Source, proxy_protocol: bool) -> anyhow::Result<Server> {
         let listener = socket::listen(listen, &SocketOptions::default())
             .with_context(|| format!("cannot listen on {listen}"))?;
         listener.set_nonblocking(false)?;
@@ -111,7 +137,7 @@ impl Server {
         tracing::info!(listen = %local, url = %source.url(), "serving S3 prefixes by region");
         std::thread::Builder::new()
             .name("serve-accept".into())
-            .spawn(move || accept_loop(&listener, &source))
+            .spawn(move || accept_loop(&listener, &source, proxy_protocol))
             .context("cannot start the accept thread")?;
         Ok(Server { local })
     }
@@ -122,7 +148,7 @@ impl Server {
     }
 }
 
-fn accept_loop(listener: &Socket, source: &Arc<Source>) {
+fn accept_loop(listener: &Socket, source: &Arc<Source>, proxy_protocol: bool) {
     let active = Arc::new(AtomicUsize::new(0));
     loop {
         let (client, peer) = match listener.accept() {
@@ -145,7 +171,7 @@ fn accept_loop(listener: &Socket, source: &Arc<Source>) {
         }
         let (source, active_now) = (Arc::clone(source), Arc::clone(&active));
         let spawned = std::thread::Builder::new().name("serve-client".into()).spawn(move || {
-            if let Err(e) = serve_one(client, &source, &peer) {
+            if let Err(e) = serve_one(client, &source, &peer, proxy_protocol) {
                 tracing::debug!(%peer, error = %e, "client went away");
             }
             active_now.fetch_sub(1, Ordering::SeqCst);
@@ -158,14 +184,41 @@ fn accept_loop(listener: &Socket, source: &Arc<Source>) {
 }
 
 /// Reads one query, answers it, closes.
-fn serve_one(mut client: Socket, source: &Source, peer: &str) -> io::Result<()> {
+fn serve_one(mut client: Socket, source: &Source, peer: &str, proxy_protocol: bool) -> io::Result<()> {
     client.set_read_timeout(Some(CLIENT_TIMEOUT))?;
     client.set_write_timeout(Some(CLIENT_TIMEOUT))?;
-    let mut buf = [0u8; MAX_QUERY_BYTES];
+    let mut buf = [0u8; MAX_PROXY_HEADER_BYTES + MAX_QUERY_BYTES];
     // The workshop's client sends once and waits without closing its write
-    // side, so the query is what the first read returns.
-    let n = client.read(&mut buf)?;
-    let query = String::from_utf8_lossy(&buf[..n]);
+    // side, so the query is what the first read returns (after the PROXY
+    // header, if one is expected).
+    let mut n = client.read(&mut buf[..MAX_QUERY_BYTES])?;
+    let mut start = 0;
+    let mut peer = peer.to_string();
+    if proxy_protocol {
+        let header = loop {
+            match proxy_header::parse(&buf[..n]) {
+                Ok(Some(header)) => break header,
+                Ok(None) if n < MAX_PROXY_HEADER_BYTES => match client.read(&mut buf[n..MAX_PROXY_HEADER_BYTES])? {
+                    0 => return Err(io::ErrorKind::UnexpectedEof.into()),
+                    more => n += more,
+                },
+                Ok(None) => return finish(client, "error: a PROXY protocol header longer than this server reads"),
+                Err(e) => {
+                    tracing::warn!(%peer, error = %e, "refused: --proxy-protocol expects a PROXY protocol v2 header first");
+                    return finish(client, &format!("error: {e} (this server expects one first)"));
+                }
+            }
+        };
+        if let Some((client_address, _)) = header.addresses {
+            tracing::info!(relay = %peer, client = %client_address, "client address from the PROXY protocol header");
+            peer = format!("tcp:{client_address}");
+        }
+        start = header.length;
+        if start == n {
+            n += client.read(&mut buf[n..n + MAX_QUERY_BYTES])?;
+        }
+    }
+    let query = String::from_utf8_lossy(&buf[start..n]);
     let region = query.trim();
     let answer = if region.is_empty() {
         "error: empty query: send a region name such as us-east-1".to_string()
@@ -173,7 +226,7 @@ fn serve_one(mut client: Socket, source: &Source, peer: &str) -> io::Result<()> 
         match source.get() {
             Ok(prefixes) => {
                 let found = prefixes.region(region);
-                tracing::info!(%peer, region = %region.escape_debug(), prefixes = found.len(), "answered");
+                tracing::info!(peer = %peer, region = %region.escape_debug(), prefixes = found.len(), "answered");
                 ipranges::reply(found)
             }
             Err(error) => {

@@ -163,6 +163,7 @@ pub fn run(args: &DemoArgs, out: &mut impl Write) -> anyhow::Result<()> {
         ca_file: Some(ca_file),
         timeout: Duration::from_secs(10),
         cache_for: Duration::from_secs(300),
+        proxy: None,
     })?;
     let server = Server::start(&server_hop.listen, source)?;
 
