@@ -1,6 +1,7 @@
 //! What the integration tests and the benches share: reproducible traffic
 //! with its SHA-256, servers that check what they receive, the relay
-//! binaries, and the AWS-design baseline relay the benches compare against.
+//! binaries, the AWS-design baseline relay the benches compare against, a
+//! name server the tests control, and network namespaces of their own.
 //!
 //! Everything here speaks TCP and Unix sockets, and AF_VSOCK only inside the
 //! QEMU guest of tests/vm (see [`guest`]).
@@ -8,6 +9,8 @@
 pub mod baseline;
 pub mod exact;
 pub mod guest;
+pub mod names;
+pub mod netns;
 pub mod seccomp;
 pub mod servers;
 pub mod traffic;

@@ -22,7 +22,7 @@ fn dead_port() -> u16 {
 }
 
 /// `/metrics` of the relay serving metrics on the Unix socket `path`.
-fn scrape(path: &Path) -> String {
+pub(crate) fn scrape(path: &Path) -> String {
     let mut stream = UnixStream::connect(path).unwrap();
     stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: relay\r\n\r\n").unwrap();
@@ -35,7 +35,7 @@ fn scrape(path: &Path) -> String {
 }
 
 /// The value of one series (`name{labels}`) in a scrape.
-fn value(metrics: &str, series: &str) -> u64 {
+pub(crate) fn value(metrics: &str, series: &str) -> u64 {
     let line = metrics
         .lines()
         .find(|line| line.strip_prefix(series).is_some_and(|rest| rest.starts_with(' ')))
@@ -97,7 +97,7 @@ fn missing_tool(tool: &str, how: &str) {
     eprintln!("SKIPPED: {tool} not found ({how})");
 }
 
-fn write_file(dir: &TempDir, name: &str, text: &str) -> String {
+pub(crate) fn write_file(dir: &TempDir, name: &str, text: &str) -> String {
     let path = dir.path(name);
     std::fs::write(&path, text).unwrap();
     path.display().to_string()

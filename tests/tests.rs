@@ -12,5 +12,6 @@ mod forward;
 mod limits;
 mod ops;
 mod relay;
+mod route;
 mod scale;
 mod util;

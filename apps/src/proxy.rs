@@ -247,7 +247,8 @@ fn routed_service(
     });
     let mut route = Route::new(kind, policy);
     route.head_timeout = Duration::from_secs_f64(head_timeout);
-    tracing::info!(listen = %spec.listen, route = %kind, "routed: each client's destination is checked against the allowlist");
+    tracing::info!(route = %kind, config = %settings.config.display(),
+        "routed: each client's destination is checked against the allowlist in force");
     Ok(with_spec_rules(settings.engine.routed_service(spec.listen.clone(), route), spec))
 }
 

@@ -198,11 +198,15 @@ fn serve_one(mut client: Socket, source: &Source, peer: &str, proxy_protocol: bo
         let header = loop {
             match proxy_header::parse(&buf[..n]) {
                 Ok(Some(header)) => break header,
-                Ok(None) if n < MAX_PROXY_HEADER_BYTES => match client.read(&mut buf[n..MAX_PROXY_HEADER_BYTES])? {
-                    0 => return Err(io::ErrorKind::UnexpectedEof.into()),
-                    more => n += more,
-                },
-                Ok(None) => return finish(client, "error: a PROXY protocol header longer than this server reads"),
+                Ok(None) if n < MAX_PROXY_HEADER_BYTES => {
+                    match client.read(&mut buf[n..MAX_PROXY_HEADER_BYTES])? {
+                        0 => return Err(io::ErrorKind::UnexpectedEof.into()),
+                        more => n += more,
+                    }
+                }
+                Ok(None) => {
+                    return finish(client, "error: a PROXY protocol header longer than this server reads")
+                }
                 Err(e) => {
                     tracing::warn!(%peer, error = %e, "refused: --proxy-protocol expects a PROXY protocol v2 header first");
                     return finish(client, &format!("error: {e} (this server expects one first)"));

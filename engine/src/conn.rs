@@ -500,6 +500,8 @@ impl Connection {
         loop {
             let Some(head) = self.head.as_mut() else { return Action::AwaitHead };
             match head.parse() {
+                // Connected and closed without a word (a port probe): no failure.
+                Parse::More if ended && head.bytes.is_empty() => return self.close(Ending::Finished, io),
                 Parse::More if ended => {
                     let reason =
                         format!("the client closed after {} bytes, before its head ended", head.bytes.len());

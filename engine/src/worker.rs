@@ -33,7 +33,7 @@ use crate::pool::Pools;
 use crate::proxy_header;
 use crate::pump::{DataPath, Wait};
 use crate::route::router::{Job, Mailbox, Router, Verdict};
-use crate::route::Head;
+use crate::route::{Decision, Head};
 use crate::socket;
 use crate::stats::{Failure, RefusedBy, Stats};
 use crate::throttle::Throttle;
@@ -141,6 +141,7 @@ struct Warnings {
     refused: Throttle,
     no_upstream_socket: Throttle,
     accept: Throttle,
+    bad_head: Throttle,
 }
 
 impl Warnings {
@@ -150,11 +151,18 @@ impl Warnings {
             refused: Throttle::new("client refused"),
             no_upstream_socket: Throttle::new("cannot open an upstream socket"),
             accept: Throttle::new("cannot accept: out of resources"),
+            bad_head: Throttle::new("routed client closed: its head was refused"),
         }
     }
 
-    fn all(&mut self) -> [&mut Throttle; 4] {
-        [&mut self.unreachable, &mut self.refused, &mut self.no_upstream_socket, &mut self.accept]
+    fn all(&mut self) -> [&mut Throttle; 5] {
+        [
+            &mut self.unreachable,
+            &mut self.refused,
+            &mut self.no_upstream_socket,
+            &mut self.accept,
+            &mut self.bad_head,
+        ]
     }
 
     fn next_deadline(&mut self) -> Option<Instant> {
@@ -679,6 +687,15 @@ impl<D: Driver> Worker<D> {
             if self.warnings.unreachable.admit(self.now, self.index) {
                 connection_span(conn, service).in_scope(|| {
                     tracing::warn!(worker = self.index, error = %source, "cannot reach the upstream; client reset");
+                });
+            }
+            return;
+        }
+        // Destinations refused are logged by the router, which decided.
+        if let Ending::Refused { decision: Decision::BadHead | Decision::HeadTimeout, reason } = ending {
+            if self.warnings.bad_head.admit(self.now, self.index) {
+                connection_span(conn, service).in_scope(|| {
+                    tracing::warn!(worker = self.index, %reason, "routed client closed: its head was refused");
                 });
             }
             return;

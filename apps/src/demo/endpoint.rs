@@ -28,18 +28,33 @@ pub struct HttpsEndpoint {
 impl HttpsEndpoint {
     /// Serves `document` at [`PATH`] on 127.0.0.1 (a free port).
     pub fn start(document: Vec<u8>) -> anyhow::Result<HttpsEndpoint> {
-        HttpsEndpoint::serve(document, certificates()?)
+        let names = ["localhost", "ip-ranges.amazonaws.com"].map(String::from).to_vec();
+        HttpsEndpoint::serve(SocketAddr::from(([127, 0, 0, 1], 0)), document, certificates(names)?)
+    }
+
+    /// Serves `document` at [`PATH`] on `bind`, with a certificate for
+    /// `names` (host names, or IP addresses as text).
+    pub fn start_at(
+        bind: SocketAddr,
+        names: Vec<String>,
+        document: Vec<u8>,
+    ) -> anyhow::Result<HttpsEndpoint> {
+        HttpsEndpoint::serve(bind, document, certificates(names)?)
     }
 
     /// Like [`HttpsEndpoint::start`], with the mistake `openssl req -x509`
     /// invites: one self-signed certificate marked as a CA, presented as the
     /// server's own (its PEM is the "CA" to trust).
     pub fn start_with_a_ca_as_server_certificate(document: Vec<u8>) -> anyhow::Result<HttpsEndpoint> {
-        HttpsEndpoint::serve(document, ca_as_server_certificate()?)
+        HttpsEndpoint::serve(SocketAddr::from(([127, 0, 0, 1], 0)), document, ca_as_server_certificate()?)
     }
 
-    fn serve(document: Vec<u8>, (ca_pem, tls): (String, Arc<ServerConfig>)) -> anyhow::Result<HttpsEndpoint> {
-        let listener = TcpListener::bind(("127.0.0.1", 0)).context("cannot listen on 127.0.0.1")?;
+    fn serve(
+        bind: SocketAddr,
+        document: Vec<u8>,
+        (ca_pem, tls): (String, Arc<ServerConfig>),
+    ) -> anyhow::Result<HttpsEndpoint> {
+        let listener = TcpListener::bind(bind).with_context(|| format!("cannot listen on {bind}"))?;
         let local = listener.local_addr()?;
         let requests = Arc::new(AtomicU64::new(0));
         let stopping = Arc::new(AtomicBool::new(false));
@@ -63,6 +78,10 @@ impl HttpsEndpoint {
             }
         })?;
         Ok(HttpsEndpoint { local, ca_pem, requests, failing, stopping })
+    }
+
+    pub fn address(&self) -> SocketAddr {
+        self.local
     }
 
     pub fn port(&self) -> u16 {
@@ -92,17 +111,14 @@ impl Drop for HttpsEndpoint {
     }
 }
 
-/// A CA, and a server configuration with a `localhost` certificate it signed.
-fn certificates() -> anyhow::Result<(String, Arc<ServerConfig>)> {
+/// A CA, and a server configuration with a certificate for `names` it signed.
+fn certificates(names: Vec<String>) -> anyhow::Result<(String, Arc<ServerConfig>)> {
     use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
     let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
     ca_params.distinguished_name.push(DnType::CommonName, "vsock-relay demo CA");
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate()?)?;
     let key = KeyPair::generate()?;
-    // Also the real name, for tests that map it to the stand-in (the
-    // enclave image's entry script in the guest).
-    let names = vec!["localhost".to_string(), "ip-ranges.amazonaws.com".to_string()];
     let leaf = CertificateParams::new(names)?.signed_by(&key, &ca)?;
     let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
     Ok((ca.pem(), server_config(vec![leaf.der().clone(), ca.der().clone()], key_der)?))
