@@ -996,4 +996,144 @@ mod tests {
         assert!(matches!(action, Action::Wait([None, None])));
         assert_eq!(conn.state, ConnState::Relaying);
     }
+
+    /// A routed connection's client and its peer, reading a head of `kind`.
+    fn routed(kind: crate::route::RouteKind, deadline: Instant) -> (Connection, UnixStream) {
+        let (client, client_peer) = pair();
+        (Connection::routed(7, client, Head::new(kind), deadline), client_peer)
+    }
+
+    fn allowed(address: &str) -> Event {
+        Event::Decided(Verdict::Allowed { address: address.parse().unwrap(), rule: "rule".into() })
+    }
+
+    /// Attaches a connected Unix pair as the upstream; its peer.
+    fn attach_connected(conn: &mut Connection) -> UnixStream {
+        let (upstream, upstream_peer) = pair();
+        conn.attach(upstream, [DataPath::Copy; 2], Instant::now() + FAR);
+        upstream_peer
+    }
+
+    #[test]
+    fn a_connect_head_in_pieces_is_decided_then_answered_200_with_the_pipelined_bytes_sent_first() {
+        let mut pools = Pools::new(0, 4);
+        let (mut conn, mut client_peer) = routed(crate::route::RouteKind::Connect, Instant::now() + FAR);
+        client_peer.write_all(b"CONNECT api.example.com:443 HTTP/1.1\r\n").unwrap();
+        assert!(matches!(conn.handle(Event::ClientReadable, &mut io(&mut pools)), Action::AwaitHead));
+        assert!(matches!(conn.state, ConnState::ReadingHead { .. }));
+        client_peer.write_all(b"Host: api.example.com\r\n\r\nclient hello").unwrap();
+        let action = conn.handle(Event::ClientReadable, &mut io(&mut pools));
+        let Action::Decide { host, port } = action else { panic!("{action:?}") };
+        assert_eq!((host, port), (Host::Name("api.example.com".into()), 443));
+        assert!(matches!(conn.state, ConnState::Deciding { .. }));
+        assert_eq!(conn.destination.as_deref(), Some("api.example.com:443"));
+        // Allowed: connect to the address the router checked.
+        let action = conn.handle(allowed("192.0.2.1:443"), &mut io(&mut pools));
+        let Action::Connect(address) = action else { panic!("{action:?}") };
+        assert_eq!(address.as_socket(), Some("192.0.2.1:443".parse().unwrap()));
+        let mut upstream_peer = attach_connected(&mut conn);
+        let mut io = io(&mut pools);
+        let action = conn.handle(Event::UpstreamWritable, &mut io);
+        assert!(matches!(action, Action::Wait(_)), "{action:?}");
+        assert_eq!(conn.state, ConnState::Relaying);
+        let mut answer = [0u8; 39];
+        client_peer.read_exact(&mut answer).unwrap();
+        assert_eq!(&answer, b"HTTP/1.1 200 Connection established\r\n\r\n");
+        let mut first = [0u8; 12];
+        upstream_peer.read_exact(&mut first).unwrap();
+        assert_eq!(&first, b"client hello", "bytes after the head go upstream first");
+        // Then it relays as any connection does.
+        client_peer.write_all(b"more").unwrap();
+        conn.handle(Event::Ready(Direction::ToUpstream), &mut io);
+        let mut more = [0u8; 4];
+        upstream_peer.read_exact(&mut more).unwrap();
+        assert_eq!((&more, io.moved[0]), (b"more", 4));
+    }
+
+    #[test]
+    fn a_refused_destination_is_answered_403_and_closed_without_a_reset() {
+        let mut pools = Pools::new(0, 4);
+        let (mut conn, mut client_peer) = routed(crate::route::RouteKind::Connect, Instant::now() + FAR);
+        client_peer.write_all(b"CONNECT evil.example:443 HTTP/1.1\r\n\r\n").unwrap();
+        assert!(matches!(conn.handle(Event::ClientReadable, &mut io(&mut pools)), Action::Decide { .. }));
+        let verdict = Verdict::Refused { outcome: Outcome::NotAllowed, reason: "no entry".into() };
+        let action = conn.handle(Event::Decided(verdict), &mut io(&mut pools));
+        let Action::Close(Ending::Refused { decision: Decision::NotAllowed, reason }) = action else {
+            panic!("{action:?}")
+        };
+        assert_eq!(reason, "no entry");
+        assert_eq!(conn.client.linger().unwrap(), None, "not reset: the client reads the answer");
+        drop(conn);
+        let mut answer = String::new();
+        client_peer.read_to_string(&mut answer).unwrap();
+        assert!(
+            answer.starts_with("HTTP/1.1 403 Forbidden\r\n") && answer.ends_with("no entry\n"),
+            "{answer}"
+        );
+    }
+
+    #[test]
+    fn an_unreachable_upstream_is_answered_502_by_socks_code_and_a_late_verdict_is_ignored() {
+        let mut pools = Pools::new(0, 4);
+        let (mut conn, mut client_peer) = routed(crate::route::RouteKind::Socks5, Instant::now() + FAR);
+        client_peer.write_all(&[5, 1, 0]).unwrap();
+        assert!(matches!(conn.handle(Event::ClientReadable, &mut io(&mut pools)), Action::AwaitHead));
+        let mut choice = [0u8; 2];
+        client_peer.read_exact(&mut choice).unwrap();
+        assert_eq!(choice, [5, 0], "the greeting is answered: no authentication");
+        client_peer.write_all(&[5, 1, 0, 1, 192, 0, 2, 1, 0, 80]).unwrap();
+        let action = conn.handle(Event::ClientReadable, &mut io(&mut pools));
+        assert!(matches!(action, Action::Decide { host: Host::Ip(_), port: 80 }), "{action:?}");
+        conn.handle(allowed("192.0.2.1:80"), &mut io(&mut pools));
+        // A refused connect: told as SOCKS reply 0x05, no reset of the client.
+        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        conn.attach(tcp_socket(), [DataPath::Copy; 2], Instant::now() + FAR);
+        let mut action = conn.start(&port.into(), &mut io(&mut pools));
+        if let Action::AwaitConnect = action {
+            std::thread::sleep(Duration::from_millis(50));
+            action = conn.handle(Event::UpstreamWritable, &mut io(&mut pools));
+        }
+        assert_eq!(failed(action).op, Op::Connect);
+        let mut reply = [0u8; 10];
+        client_peer.read_exact(&mut reply).unwrap();
+        assert_eq!(reply[..2], [5, 0x05], "connection refused");
+        assert_eq!(conn.client.linger().unwrap(), None);
+        let late = conn.handle(allowed("192.0.2.1:80"), &mut io(&mut pools));
+        assert!(matches!(late, Action::Wait([None, None])), "{late:?}");
+    }
+
+    #[test]
+    fn a_head_not_whole_by_its_deadline_is_closed_and_a_bad_one_at_once() {
+        let mut pools = Pools::new(0, 4);
+        let (mut conn, mut client_peer) = routed(crate::route::RouteKind::Connect, Instant::now() + FAR);
+        client_peer.write_all(b"CONNECT a.example:443").unwrap();
+        assert!(matches!(conn.handle(Event::ClientReadable, &mut io(&mut pools)), Action::AwaitHead));
+        // The deadline has not passed: nothing happens.
+        let action = conn.handle(Event::DeadlinePassed, &mut io(&mut pools));
+        assert!(matches!(action, Action::Wait([None, None])), "{action:?}");
+        let (mut late, _late_peer) = routed(crate::route::RouteKind::Connect, Instant::now());
+        let action = late.handle(Event::DeadlinePassed, &mut io(&mut pools));
+        assert!(
+            matches!(action, Action::Close(Ending::Refused { decision: Decision::HeadTimeout, .. })),
+            "{action:?}"
+        );
+        // Not TLS on an SNI route: closed at once, with nothing sent.
+        let (mut sni, mut sni_peer) =
+            routed(crate::route::RouteKind::Sni { port: 443 }, Instant::now() + FAR);
+        sni_peer.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+        let action = sni.handle(Event::ClientReadable, &mut io(&mut pools));
+        assert!(
+            matches!(action, Action::Close(Ending::Refused { decision: Decision::BadHead, .. })),
+            "{action:?}"
+        );
+        drop(sni);
+        let mut rest = Vec::new();
+        sni_peer.read_to_end(&mut rest).unwrap();
+        assert!(rest.is_empty());
+        // A client that connects and closes without a word is no failure.
+        let (mut probe, probe_peer) = routed(crate::route::RouteKind::Connect, Instant::now() + FAR);
+        probe_peer.shutdown(Shutdown::Write).unwrap();
+        let action = probe.handle(Event::ClientReadable, &mut io(&mut pools));
+        assert!(matches!(action, Action::Close(Ending::Finished)), "{action:?}");
+    }
 }
