@@ -46,7 +46,7 @@ pub(crate) fn value(metrics: &str, series: &str) -> u64 {
 
 /// Scrapes until `series` has `expected` (the relay counts a close a moment
 /// after the client sees it); fails after 10 s.
-fn wait_for_value(metrics: &Path, series: &str, expected: u64) -> String {
+pub(crate) fn wait_for_value(metrics: &Path, series: &str, expected: u64) -> String {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let text = scrape(metrics);
@@ -155,6 +155,8 @@ fn metrics_count_exactly_on(backend: &str) {
     // During traffic: one connection open, 4 bytes each way.
     let mut open = Stream::connect(&echo_arg.parse().unwrap()).unwrap();
     assert!(ping_on(&mut open).unwrap());
+    // The relay counts bytes a moment after the client has them.
+    wait_for_value(&metrics, r#"vsock_relay_bytes_total{service="echo",direction="to_client"}"#, 4);
     let during = wait_for_value(&metrics, r#"vsock_relay_connections_active{service="echo"}"#, 1);
     assert_eq!(value(&during, r#"vsock_relay_connections_accepted_total{service="echo"}"#), 1);
     assert_eq!(value(&during, r#"vsock_relay_bytes_total{service="echo",direction="to_upstream"}"#), 4);

@@ -511,6 +511,143 @@ fn whole_channel_over_vsock() {
     }
 }
 
+/// Routed egress and the client's address into the enclave, over real
+/// vsock: the enclave's sample server fetches through its forwarder and the
+/// parent's `proxy --route connect` (by name, resolved on the parent side),
+/// and a parent TCP port relays clients to it with a PROXY protocol v2
+/// header: the server logs each client's real address. Both backends.
+#[test]
+#[ignore = "needs the vsock guest: tests/vm/run.sh"]
+fn routed_egress_and_the_clients_address_over_vsock() {
+    use vsock_relay_apps::demo::{HttpsEndpoint, SAMPLE_DOCUMENT};
+    use vsock_relay_testkit::names::{Answer, NameServer};
+    require_vsock_guest();
+    let endpoint = HttpsEndpoint::start(SAMPLE_DOCUMENT.to_vec()).unwrap();
+    let names = NameServer::start();
+    names.set("ip-ranges.amazonaws.com", Answer::Addresses(vec!["127.0.0.1".parse().unwrap()]));
+    let dir = std::env::temp_dir().join("routed-egress");
+    std::fs::create_dir_all(&dir).unwrap();
+    let (ca_file, allowlist) = (dir.join("ca.pem"), dir.join("egress.yaml"));
+    std::fs::write(&ca_file, endpoint.ca_pem()).unwrap();
+    let port = endpoint.port();
+    let entries = format!(
+        "- {{address: ip-ranges.amazonaws.com, port: {port}}}\n- {{address: 127.0.0.0/8, port: {port}}}"
+    );
+    std::fs::write(&allowlist, format!("allowlist:\n{entries}\n")).unwrap();
+    for (i, backend) in backends().into_iter().enumerate() {
+        let backend = match backend {
+            BackendChoice::Uring => "uring",
+            BackendChoice::Portable => "portable",
+            BackendChoice::Auto => "auto",
+        };
+        let base = 17_100 + 10 * i as u32;
+        let (proxy_port, server_port, forward_port, ingress_port) = (base, base + 5, 4_450 + i, 4_460 + i);
+        let server_log = dir.join(format!("serve-{backend}.log"));
+        let spawn = |args: &[&str], log: Option<&std::path::Path>| {
+            let stderr = match log {
+                Some(path) => Stdio::from(std::fs::File::create(path).unwrap()),
+                None => Stdio::null(),
+            };
+            Command::new(vsock_relay_testkit::binary("vsock-relay"))
+                .args(args)
+                .args(["--backend", backend])
+                .env("RUST_LOG", "info")
+                .stderr(stderr)
+                .spawn()
+                .unwrap()
+        };
+        let url = format!("https://ip-ranges.amazonaws.com:{port}/ip-ranges.json");
+        let (dns, forward_proxy) = (names.addr().to_string(), format!("http://127.0.0.1:{forward_port}"));
+        let mut children = KillOnDrop(vec![
+            // parent: one routed port for every allowed host
+            spawn(
+                &[
+                    "proxy",
+                    "--listen",
+                    &format!("vsock:any:{proxy_port}"),
+                    "--route",
+                    "connect",
+                    "--config",
+                    allowlist.to_str().unwrap(),
+                    "--dns-server",
+                    &dns,
+                ],
+                None,
+            ),
+            // enclave: the forwarder to it, and the server using it as its proxy
+            spawn(
+                &[
+                    "forward",
+                    "--listen",
+                    &format!("tcp:127.0.0.1:{forward_port}"),
+                    "--to",
+                    &format!("vsock:1:{proxy_port}"),
+                ],
+                None,
+            ),
+            spawn(
+                &[
+                    "serve",
+                    "--listen",
+                    &format!("vsock:any:{server_port}"),
+                    "--url",
+                    &url,
+                    "--ca-file",
+                    ca_file.to_str().unwrap(),
+                    "--proxy",
+                    &forward_proxy,
+                    "--proxy-protocol",
+                ],
+                Some(&server_log),
+            ),
+            // parent: a TCP port into the enclave's server, with the client's address
+            spawn(
+                &[
+                    "relay",
+                    "--listen",
+                    &format!("tcp:127.0.0.1:{ingress_port}"),
+                    "--to",
+                    &format!("vsock:1:{server_port}"),
+                    "--proxy-protocol",
+                    "v2",
+                ],
+                None,
+            ),
+        ]);
+        drop(connect_when_listening(&mut children.0[0], &vsock(proxy_port)));
+        drop(connect_when_listening(
+            &mut children.0[1],
+            &format!("tcp:127.0.0.1:{forward_port}").parse().unwrap(),
+        ));
+        drop(connect_when_listening(
+            &mut children.0[3],
+            &format!("tcp:127.0.0.1:{ingress_port}").parse().unwrap(),
+        ));
+        let mut client = Stream::connect(&format!("tcp:127.0.0.1:{ingress_port}").parse().unwrap()).unwrap();
+        let Stream::Tcp(tcp) = &client else { unreachable!() };
+        let client_address = tcp.local_addr().unwrap();
+        client.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        client.write_all(b"us-east-1").unwrap();
+        let mut answer = String::new();
+        client.read_to_string(&mut answer).unwrap();
+        assert_eq!(answer, "[\"3.5.0.0/19\", \"16.182.0.0/16\", \"52.216.0.0/15\"]\n", "{backend}");
+        let log = std::fs::read_to_string(&server_log).unwrap();
+        assert!(
+            log.contains(&format!("client=127.0.0.1:{}", client_address.port()))
+                && log.contains("client address from the PROXY protocol header"),
+            "{backend}: the server did not log the client's address {client_address}:\n{log}"
+        );
+        for child in &mut children.0 {
+            assert!(child.try_wait().unwrap().is_none(), "{backend}: an app exited");
+        }
+    }
+    assert_eq!(
+        endpoint.requests(),
+        backends().len() as u64,
+        "one fetch per server, each through the routed port"
+    );
+}
+
 /// The enclave image's entry script (dist/enclave/entry.sh) as the guest's
 /// init (tests/vm/init, role `enclave`, execs it as PID 1 with
 /// PARENT_CID=1): this test is the parent around it. It stands in for

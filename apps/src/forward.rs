@@ -39,6 +39,12 @@ pub struct ForwardArgs {
     #[arg(long = "hosts", value_name = "NAME")]
     pub hosts: Vec<String>,
 
+    /// Bring the loopback interface up (the enclave boots with it down);
+    /// --hosts does too. For a forwarder on 127.0.0.1 without a hosts line,
+    /// such as a routed egress port (HTTPS_PROXY=http://127.0.0.1:3128).
+    #[arg(long)]
+    pub loopback_up: bool,
+
     /// The hosts file --hosts edits.
     #[arg(long, default_value = "/etc/hosts", value_name = "FILE")]
     pub hosts_file: PathBuf,
@@ -73,12 +79,14 @@ impl ForwardArgs {
     /// Does what --hosts asks, then starts one relay serving every forwarding.
     pub fn start(self) -> anyhow::Result<Running> {
         let (mappings, args) = self.mappings()?;
-        if !args.hosts.is_empty() {
-            if vsock_relay_engine::bring_up_loopback()
+        let wants_loopback = !args.hosts.is_empty() || args.loopback_up;
+        if wants_loopback
+            && vsock_relay_engine::bring_up_loopback()
                 .context("cannot bring the loopback interface up (run as root)")?
-            {
-                tracing::info!("loopback interface brought up");
-            }
+        {
+            tracing::info!("loopback interface brought up");
+        }
+        if !args.hosts.is_empty() {
             let added = ensure_hosts(&args.hosts_file, [127, 0, 0, 1].into(), &args.hosts)
                 .map_err(anyhow::Error::msg)?;
             if !added.is_empty() {
