@@ -113,6 +113,7 @@ fn pair(index: u32, name: &str) -> Pair {
 /// Runs `workload` on `to` for `iters` iterations; the time they took.
 fn run(workload: &str, to: &Endpoint, iters: u64) -> Duration {
     let count = usize::try_from(iters).unwrap_or(usize::MAX);
+    let to = &load::Dial::direct(to);
     let seconds = |rate: f64, done: usize| Duration::from_secs_f64(done as f64 / rate);
     let bulk = |streams: usize| {
         let mut took = Duration::ZERO;

@@ -5,7 +5,9 @@
 # Dockerfile says. Settings: EIF (vsock-relay.eif), ENCLAVE_CID (16),
 # CONFIG (/etc/nitro_enclaves/vsock-proxy.yaml: must allow
 # ip-ranges.amazonaws.com:443), VSOCK_PROXY (/usr/local/bin/vsock-proxy),
-# VSOCK_RELAY (/usr/local/bin/vsock-relay).
+# VSOCK_RELAY (/usr/local/bin/vsock-relay), ROUTE (empty: the proxy of the
+# one destination; connect or socks5: one routed port for every allowed
+# host, for an enclave built with EGRESS=connect or socks5).
 set -eu
 EIF=${EIF:-vsock-relay.eif}
 ENCLAVE_CID=${ENCLAVE_CID:-16}
@@ -13,7 +15,12 @@ CONFIG=${CONFIG:-/etc/nitro_enclaves/vsock-proxy.yaml}
 VSOCK_PROXY=${VSOCK_PROXY:-/usr/local/bin/vsock-proxy}
 VSOCK_RELAY=${VSOCK_RELAY:-/usr/local/bin/vsock-relay}
 
-"$VSOCK_PROXY" 8001 ip-ranges.amazonaws.com 443 --config "$CONFIG" &
+ROUTE=${ROUTE:-}
+if [ -n "$ROUTE" ]; then
+    "$VSOCK_RELAY" proxy --listen vsock:any:8001 --route "$ROUTE" --config "$CONFIG" &
+else
+    "$VSOCK_PROXY" 8001 ip-ranges.amazonaws.com 443 --config "$CONFIG" &
+fi
 nitro-cli run-enclave --eif-path "$EIF" --cpu-count 2 --memory 512 --enclave-cid "$ENCLAVE_CID"
 # The server answers once the enclave booted: ask until it does (a minute).
 tries=0

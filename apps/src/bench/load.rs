@@ -18,8 +18,47 @@ use crate::client;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const WRITE_BYTES: usize = 256 * 1024;
 
-fn open(to: &Endpoint, mode: u8) -> io::Result<Socket> {
-    let mut stream = client::connect(to, CONNECT_TIMEOUT)?;
+/// Where the load goes: an endpoint (the sink, or a relay before it), and
+/// optionally an HTTP CONNECT tunnel through it (a routed proxy) to the sink.
+#[derive(Clone, Debug)]
+pub struct Dial {
+    pub to: Endpoint,
+    /// `HOST:PORT` asked for in a CONNECT head before any load byte.
+    pub tunnel: Option<String>,
+}
+
+impl Dial {
+    pub fn direct(to: &Endpoint) -> Dial {
+        Dial { to: to.clone(), tunnel: None }
+    }
+}
+
+impl std::fmt::Display for Dial {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.tunnel {
+            Some(tunnel) => write!(f, "{tunnel} (CONNECT through {})", self.to),
+            None => self.to.fmt(f),
+        }
+    }
+}
+
+fn open(dial: &Dial, mode: u8) -> io::Result<Socket> {
+    let mut stream = client::connect(&dial.to, CONNECT_TIMEOUT)?;
+    if let Some(tunnel) = &dial.tunnel {
+        // As a client does: the head, then wait for the tunnel to open.
+        stream.write_all(format!("CONNECT {tunnel} HTTP/1.1\r\nHost: {tunnel}\r\n\r\n").as_bytes())?;
+        let mut head = Vec::with_capacity(64);
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            if stream.read(&mut byte)? == 0 || head.len() > 4096 {
+                return Err(io::Error::other(format!("no tunnel: {}", String::from_utf8_lossy(&head))));
+            }
+            head.push(byte[0]);
+        }
+        if !head.starts_with(b"HTTP/1.1 200") {
+            return Err(io::Error::other(format!("no tunnel: {}", String::from_utf8_lossy(&head).trim())));
+        }
+    }
     stream.write_all(&[mode])?;
     Ok(stream)
 }
@@ -81,7 +120,7 @@ pub struct BulkResult {
 
 /// `streams` connections, each announcing and sending `bytes` and waiting
 /// for the sink's count: throughput counts only bytes the far end confirmed.
-pub fn bulk(to: &Endpoint, streams: usize, bytes: u64) -> anyhow::Result<BulkResult> {
+pub fn bulk(to: &Dial, streams: usize, bytes: u64) -> anyhow::Result<BulkResult> {
     let to = to.clone();
     let (per_stream, took) = in_parallel(streams, move |_| {
         let started = Instant::now();
@@ -128,7 +167,7 @@ pub struct RpcResult {
 
 /// `connections` connections each doing `requests` round trips of `size`
 /// bytes (write, then read the echo).
-pub fn rpc(to: &Endpoint, connections: usize, requests: usize, size: usize) -> anyhow::Result<RpcResult> {
+pub fn rpc(to: &Dial, connections: usize, requests: usize, size: usize) -> anyhow::Result<RpcResult> {
     let to = to.clone();
     let (results, took) = in_parallel(connections, move |_| {
         let opened = Instant::now();
@@ -167,7 +206,7 @@ pub struct ChurnResult {
 }
 
 /// `connections` times: connect, exchange 64 bytes, close; `parallel` at a time.
-pub fn churn(to: &Endpoint, connections: usize, parallel: usize) -> anyhow::Result<ChurnResult> {
+pub fn churn(to: &Dial, connections: usize, parallel: usize) -> anyhow::Result<ChurnResult> {
     let to = to.clone();
     let (samples, took) = in_parallel(parallel, move |i| {
         let mine = connections / parallel + usize::from(i < connections % parallel);
@@ -207,12 +246,7 @@ pub struct IdleResult {
 /// echo, holds them `hold`, and meanwhile checks that new connections are
 /// served. Connections the far end does not confirm within `limit` count as
 /// unconfirmed (a relay with a thread per connection serves few of them).
-pub fn idle(
-    to: &Endpoint,
-    connections: usize,
-    hold: Duration,
-    limit: Duration,
-) -> anyhow::Result<IdleResult> {
+pub fn idle(to: &Dial, connections: usize, hold: Duration, limit: Duration) -> anyhow::Result<IdleResult> {
     let _ = vsock_relay_engine::raise_open_files_limit();
     let started = Instant::now();
     let mut held = Vec::with_capacity(connections);

@@ -84,6 +84,11 @@ pub struct Common {
     /// The sink, or a relay in front of it.
     #[arg(long, value_name = "ENDPOINT")]
     to: Endpoint,
+    /// Open every connection as an HTTP CONNECT tunnel to HOST:PORT (the
+    /// sink) through --to (a `proxy --route connect`), waiting for its
+    /// `200` as a client does: what routing costs.
+    #[arg(long, value_name = "HOST:PORT")]
+    tunnel: Option<String>,
     /// One JSON object on stdout instead of text.
     #[arg(long)]
     json: bool,
@@ -117,6 +122,7 @@ pub fn run(bench: Bench) -> anyhow::Result<()> {
             println!("{text}");
         }
     };
+    let dial = |common: &Common| load::Dial { to: common.to.clone(), tunnel: common.tunnel.clone() };
     match bench {
         Bench::Sink { listen } => {
             let local = sink::start(&listen)?;
@@ -125,12 +131,12 @@ pub fn run(bench: Bench) -> anyhow::Result<()> {
             crate::run::serve_until_signal(&local)?;
         }
         Bench::Bulk { common, streams, bytes } => {
-            let r = load::bulk(&common.to, streams.into(), bytes)?;
+            let r = load::bulk(&dial(&common), streams.into(), bytes)?;
             let per_stream: Vec<String> = r.per_stream_gib_per_s.iter().map(|g| format!("{g:.2}")).collect();
             let text = format!(
                 "bulk: {streams} stream(s) x {} to {}: {:.3} GiB/s in total ({:.2} s); per stream GiB/s: {}",
                 human_bytes(bytes),
-                common.to,
+                dial(&common),
                 r.total_gib_per_s,
                 r.seconds,
                 per_stream.join(" ")
@@ -138,21 +144,21 @@ pub fn run(bench: Bench) -> anyhow::Result<()> {
             print(&common, serde_json::json!({"bulk": r}), text);
         }
         Bench::Rpc { common, connections, requests, size } => {
-            let r = load::rpc(&common.to, connections.into(), requests as usize, size as usize)?;
+            let r = load::rpc(&dial(&common), connections.into(), requests as usize, size as usize)?;
             let text = format!(
                 "rpc: {connections} connection(s) x {requests} round trips of {} to {}: {:.0} requests/s; latency {}",
                 human_bytes(size),
-                common.to,
+                dial(&common),
                 r.requests_per_s,
                 latency_text(&r.latency)
             );
             print(&common, serde_json::json!({"rpc": r}), text);
         }
         Bench::Churn { common, connections, parallel } => {
-            let r = load::churn(&common.to, connections as usize, parallel.into())?;
+            let r = load::churn(&dial(&common), connections as usize, parallel.into())?;
             let text = format!(
                 "churn: {connections} connections, {parallel} at a time, to {}: {:.0} connections/s; latency {}",
-                common.to,
+                dial(&common),
                 r.connections_per_s,
                 latency_text(&r.latency)
             );
@@ -160,14 +166,14 @@ pub fn run(bench: Bench) -> anyhow::Result<()> {
         }
         Bench::Idle { common, connections, hold, limit } => {
             let r = load::idle(
-                &common.to,
+                &dial(&common),
                 connections as usize,
                 Duration::from_secs_f64(hold),
                 Duration::from_secs_f64(limit),
             )?;
             let text = format!(
                 "idle: {} connections to {} ({} answered within {limit} s, {:.2} s to open); new connections served while held: {} of {}",
-                r.connections, common.to, r.confirmed, r.open_seconds, r.new_served, r.new_tried
+                r.connections, dial(&common), r.confirmed, r.open_seconds, r.new_served, r.new_tried
             );
             print(&common, serde_json::json!({"idle": r}), text);
         }

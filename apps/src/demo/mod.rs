@@ -200,8 +200,8 @@ pub fn run(args: &DemoArgs, out: &mut impl Write) -> anyhow::Result<()> {
 
     if args.throughput_mib > 0 {
         let bytes = args.throughput_mib << 20;
-        let direct = bench::load::bulk(&loopback(sink_port), 1, bytes)?;
-        let chain = bench::load::bulk(bulk_forwarder.local_endpoint(), 1, bytes)?;
+        let direct = bench::load::bulk(&bench::load::Dial::direct(&loopback(sink_port)), 1, bytes)?;
+        let chain = bench::load::bulk(&bench::load::Dial::direct(bulk_forwarder.local_endpoint()), 1, bytes)?;
         writeln!(out)?;
         writeln!(out,
             "throughput: {} MiB through forwarder + proxy ({} hop): {:.2} GiB/s, {:.2}x direct TCP in the same run ({:.2} GiB/s)",
