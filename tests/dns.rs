@@ -5,63 +5,15 @@
 //! every move.
 
 use std::io::Read;
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, UdpSocket};
-use std::sync::{Arc, Mutex};
+use std::net::{Ipv4Addr, TcpListener};
 use std::time::{Duration, Instant};
 
-use hickory_proto::op::{Message, MessageType, ResponseCode};
-use hickory_proto::rr::rdata::A;
-use hickory_proto::rr::{RData, Record, RecordType};
+use vsock_relay_testkit::names::{Answer, NameServer};
 use vsock_relay_testkit::servers::Stream;
 
 use crate::util::{backend_arg, wait_for_unix, Proc, TempDir, BACKENDS};
 
 const NAME: &str = "upstream.relay.test";
-
-/// What the test name server answers for NAME.
-#[derive(Clone, Debug)]
-enum Answer {
-    Addresses(Vec<Ipv4Addr>),
-    ServerFailure,
-}
-
-/// A one-name DNS server on loopback UDP, TTL 1 second.
-fn name_server(answer: Arc<Mutex<Answer>>) -> SocketAddr {
-    let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
-    let addr = socket.local_addr().unwrap();
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 1500];
-        while let Ok((n, from)) = socket.recv_from(&mut buf) {
-            let Ok(query) = Message::from_vec(&buf[..n]) else {
-                continue;
-            };
-            let mut reply = Message::new(query.metadata.id, MessageType::Response, query.metadata.op_code);
-            reply.metadata.recursion_desired = query.metadata.recursion_desired;
-            reply.metadata.recursion_available = true;
-            reply.metadata.authoritative = true;
-            for q in &query.queries {
-                reply.add_query(q.clone());
-            }
-            match &*answer.lock().unwrap() {
-                Answer::ServerFailure => reply.metadata.response_code = ResponseCode::ServFail,
-                Answer::Addresses(ips) => {
-                    for q in &query.queries {
-                        let asked = q.name().to_string();
-                        if q.query_type() == RecordType::A && asked.trim_end_matches('.') == NAME {
-                            for ip in ips {
-                                reply.add_answer(Record::from_rdata(q.name().clone(), 1, RData::A(A(*ip))));
-                            }
-                        }
-                    }
-                }
-            }
-            if let Ok(bytes) = reply.to_vec() {
-                let _ = socket.send_to(&bytes, from);
-            }
-        }
-    });
-    addr
-}
 
 /// A server on `ip:port` that answers every connection with `name`.
 fn named_server(ip: Ipv4Addr, port: u16, name: &'static str) -> TcpListener {
@@ -93,11 +45,11 @@ const B_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 3);
 fn start_proxy(
     dir: &TempDir,
     backend: &str,
-    answer: &Arc<Mutex<Answer>>,
+    names: &NameServer,
     allowed: &str,
     port: u16,
 ) -> Result<(Proc, vsock_relay_engine::Endpoint), (Option<i32>, String)> {
-    let dns = name_server(Arc::clone(answer));
+    let dns = names.addr();
     let cfg = dir.path("allow.yaml");
     std::fs::write(&cfg, format!("allowlist:\n- {{address: {allowed}, port: {port}}}\n")).unwrap();
     let listen = dir.path("proxy.sock");
@@ -137,9 +89,10 @@ fn start_proxy(
 /// proxy used to pass when any address matched).
 #[test]
 fn a_name_whose_used_address_is_not_allowed_is_refused_at_start() {
-    let answer = Arc::new(Mutex::new(Answer::Addresses(vec![A_IP, B_IP])));
+    let names = NameServer::start();
+    names.set(NAME, Answer::Addresses(vec![A_IP.into(), B_IP.into()]));
     let dir = TempDir::new("dns");
-    let Err((code, stderr)) = start_proxy(&dir, "auto", &answer, &B_IP.to_string(), 9) else {
+    let Err((code, stderr)) = start_proxy(&dir, "auto", &names, &B_IP.to_string(), 9) else {
         panic!("the proxy started although 127.0.0.2 is not allowlisted");
     };
     assert_eq!(code, Some(1), "{stderr}");
@@ -150,8 +103,8 @@ fn a_name_whose_used_address_is_not_allowed_is_refused_at_start() {
         "{stderr}"
     );
     // The allowlisted address first: allowed.
-    *answer.lock().unwrap() = Answer::Addresses(vec![B_IP, A_IP]);
-    let (proxy, _) = start_proxy(&dir, "auto", &answer, &B_IP.to_string(), 9).unwrap();
+    names.set(NAME, Answer::Addresses(vec![B_IP.into(), A_IP.into()]));
+    let (proxy, _) = start_proxy(&dir, "auto", &names, &B_IP.to_string(), 9).unwrap();
     assert!(proxy.stderr().contains("allowed: address matches"), "{}", proxy.stderr());
 }
 
@@ -163,12 +116,13 @@ fn a_dns_move_to_an_address_no_entry_allows_is_refused() {
         let a = named_server(A_IP, 0, "A");
         let port = a.local_addr().unwrap().port();
         let _b = named_server(B_IP, port, "B");
-        let answer = Arc::new(Mutex::new(Answer::Addresses(vec![A_IP])));
+        let names = NameServer::start();
+        names.set(NAME, Answer::Addresses(vec![A_IP.into()]));
         let dir = TempDir::new("dns");
         let (mut proxy, endpoint) =
-            start_proxy(&dir, backend_arg(backend), &answer, &A_IP.to_string(), port).unwrap();
+            start_proxy(&dir, backend_arg(backend), &names, &A_IP.to_string(), port).unwrap();
         assert_eq!(ask(&endpoint), "A");
-        *answer.lock().unwrap() = Answer::Addresses(vec![B_IP]);
+        names.set(NAME, Answer::Addresses(vec![B_IP.into()]));
         proxy.wait_for_log("refusing the upstream's new address", Duration::from_secs(15));
         for _ in 0..3 {
             assert_eq!(ask(&endpoint), "A", "the last allowed address stays in use");
@@ -177,7 +131,7 @@ fn a_dns_move_to_an_address_no_entry_allows_is_refused() {
         assert!(log.contains("address=127.0.0.3 reason=the given address and port are not allowed"), "{log}");
         assert!(!log.contains("upstream address changed"), "{log}");
         // Back to an allowed address: nothing to refuse, still served.
-        *answer.lock().unwrap() = Answer::Addresses(vec![A_IP]);
+        names.set(NAME, Answer::Addresses(vec![A_IP.into()]));
         std::thread::sleep(Duration::from_millis(1500));
         assert_eq!(ask(&endpoint), "A");
         assert_eq!(log.matches("refusing the upstream's new address").count(), 1, "logged once: {log}");
@@ -195,19 +149,20 @@ fn follows_dns(backend: &str) {
     let a = named_server(Ipv4Addr::new(127, 0, 0, 2), 0, "A");
     let port = a.local_addr().unwrap().port();
     let _b = named_server(Ipv4Addr::new(127, 0, 0, 3), port, "B");
-    let answer = Arc::new(Mutex::new(Answer::Addresses(vec![A_IP])));
+    let names = NameServer::start();
+    names.set(NAME, Answer::Addresses(vec![A_IP.into()]));
     let dir = TempDir::new("dns");
-    let (mut proxy, endpoint) = start_proxy(&dir, backend, &answer, NAME, port).unwrap();
+    let (mut proxy, endpoint) = start_proxy(&dir, backend, &names, NAME, port).unwrap();
     assert_eq!(ask(&endpoint), "A");
 
-    *answer.lock().unwrap() = Answer::Addresses(vec![B_IP]);
+    names.set(NAME, Answer::Addresses(vec![B_IP.into()]));
     let deadline = Instant::now() + Duration::from_secs(10);
     while ask(&endpoint) != "B" {
         assert!(Instant::now() < deadline, "the proxy never followed the new address:\n{}", proxy.stderr());
         std::thread::sleep(Duration::from_millis(200));
     }
 
-    *answer.lock().unwrap() = Answer::ServerFailure;
+    names.set(NAME, Answer::ServerFailure);
     proxy.wait_for_log("keeping the last good address", Duration::from_secs(15));
     assert_eq!(ask(&endpoint), "B", "the last good address is still used");
     assert!(proxy.child.try_wait().unwrap().is_none(), "the proxy is still running");

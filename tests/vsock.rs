@@ -623,6 +623,8 @@ fn routed_egress_and_the_clients_address_over_vsock() {
             &mut children.0[3],
             &format!("tcp:127.0.0.1:{ingress_port}").parse().unwrap(),
         ));
+        // The server (probed without a header: it only logs that).
+        drop(connect_when_listening(&mut children.0[2], &vsock(server_port)));
         let mut client = Stream::connect(&format!("tcp:127.0.0.1:{ingress_port}").parse().unwrap()).unwrap();
         let Stream::Tcp(tcp) = &client else { unreachable!() };
         let client_address = tcp.local_addr().unwrap();
