@@ -624,7 +624,13 @@ fn a_routed_tunnel_sends_the_proxy_protocol_header_with_the_clients_address_firs
         });
         let names = NameServer::start();
         let dir = TempDir::new("route-ppv2");
-        let (proxy, port) = connect_proxy(backend, &names, &dir, upstream_port, &["--proxy-protocol", "v2"]);
+        let (mut proxy, port) = connect_proxy(
+            backend,
+            &names,
+            &dir,
+            upstream_port,
+            &["--proxy-protocol", "v2", "--log-format", "json"],
+        );
         let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
         stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         stream
@@ -639,5 +645,17 @@ fn a_routed_tunnel_sends_the_proxy_protocol_header_with_the_clients_address_firs
         let (client, local) = header.addresses.expect("TCP addresses");
         assert_eq!(client, stream.local_addr().unwrap(), "the client's own address");
         assert_eq!(local, SocketAddr::from(([127, 0, 0, 1], port)), "the proxy's listening address");
+        // The decision, logged as JSON: destination, address used, entry.
+        let destination = format!("127.0.0.1:{upstream_port}");
+        proxy.wait_for_log("\"decision\":\"allowed\"", Duration::from_secs(5));
+        let log = proxy.stderr();
+        let line: serde_json::Value = log
+            .lines()
+            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+            .find(|line| line["message"] == "routed")
+            .unwrap_or_else(|| panic!("no routed line in:\n{log}"));
+        assert_eq!(line["destination"], destination.as_str(), "{line}");
+        assert_eq!(line["address"], destination.as_str(), "{line}");
+        assert_eq!(line["rule"], format!("127.0.0.0/8:{upstream_port}").as_str(), "{line}");
     }
 }

@@ -241,13 +241,17 @@ pub fn run_capturing(binary: &str, args: &[&str], limit: Duration) -> Output {
 }
 
 impl Proc {
-    /// The TCP port a relay logged it listens on (it was asked for port 0).
+    /// The TCP port a relay logged it listens on (it was asked for port 0),
+    /// from a text or a JSON log line.
     pub fn logged_tcp_port(&mut self) -> u16 {
-        const MARK: &str = "listen=tcp:127.0.0.1:";
-        self.wait_for_log(MARK, Duration::from_secs(20));
+        const MARKS: [&str; 2] = ["listen=tcp:127.0.0.1:", "\"listen\":\"tcp:127.0.0.1:"];
+        self.wait_for_log("relay listening", Duration::from_secs(20));
         let log = self.stderr();
-        let digits: String =
-            log[log.find(MARK).unwrap() + MARK.len()..].chars().take_while(char::is_ascii_digit).collect();
+        let (at, mark) = MARKS
+            .iter()
+            .find_map(|mark| log.find(mark).map(|at| (at, mark)))
+            .unwrap_or_else(|| panic!("no listening TCP port in:\n{log}"));
+        let digits: String = log[at + mark.len()..].chars().take_while(char::is_ascii_digit).collect();
         digits.parse().unwrap()
     }
 

@@ -199,7 +199,7 @@ impl Shared {
         let destination = format!("{}:{}", job.host, job.port);
         match &verdict {
             Verdict::Allowed { address, rule } => {
-                tracing::debug!(%service, %destination, %address, %rule, decision = "allowed", "routed")
+                tracing::info!(%service, %destination, %address, %rule, decision = "allowed", "routed")
             }
             Verdict::Refused { outcome, reason } => {
                 tracing::info!(%service, %destination, decision = ?outcome, %reason, "routed client refused")
