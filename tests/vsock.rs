@@ -550,7 +550,8 @@ fn routed_egress_and_the_clients_address_over_vsock() {
             };
             Command::new(vsock_relay_testkit::binary("vsock-relay"))
                 .args(args)
-                .args(["--backend", backend])
+                // Every relaying command (the server is none).
+                .args(if args[0] == "serve" { vec![] } else { vec!["--backend", backend] })
                 .env("RUST_LOG", "info")
                 .stderr(stderr)
                 .spawn()

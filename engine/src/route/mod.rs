@@ -222,44 +222,59 @@ impl Outcome {
 /// A routed connection's head, read and parsed as it arrives.
 #[derive(Debug)]
 pub(crate) struct Head {
-    kind: RouteKind,
     /// The bytes read so far (the SOCKS5 greeting dropped once answered).
     pub bytes: Vec<u8>,
-    /// SOCKS5: the greeting was answered; the request comes next.
-    greeted: bool,
-    sni: Option<Box<sni::SniPeek>>,
+    parser: Parser,
+}
+
+/// Where a head's parse stands, per route.
+#[derive(Debug)]
+enum Parser {
+    Connect,
+    /// `greeted`: the greeting was answered; the request comes next.
+    Socks5 {
+        greeted: bool,
+    },
+    /// rustls's acceptor keeps what it was fed; the bytes stay for the replay.
+    Sni {
+        port: u16,
+        peek: Box<sni::SniPeek>,
+    },
 }
 
 impl Head {
     pub fn new(kind: RouteKind) -> Head {
-        let sni = matches!(kind, RouteKind::Sni { .. }).then(Box::default);
-        Head { kind, bytes: Vec::new(), greeted: false, sni }
+        let parser = match kind {
+            RouteKind::Connect => Parser::Connect,
+            RouteKind::Socks5 => Parser::Socks5 { greeted: false },
+            RouteKind::Sni { port } => Parser::Sni { port, peek: Box::default() },
+        };
+        Head { bytes: Vec::new(), parser }
     }
 
     /// Parses what was read so far.
     pub fn parse(&mut self) -> Parse {
-        match (self.kind, self.sni.as_mut()) {
-            (RouteKind::Connect, _) => connect::parse(&self.bytes),
-            (RouteKind::Socks5, _) if !self.greeted => match socks5::parse_greeting(&self.bytes) {
+        match &mut self.parser {
+            Parser::Connect => connect::parse(&self.bytes),
+            Parser::Socks5 { greeted: false } => match socks5::parse_greeting(&self.bytes) {
                 Parse::Answer { consumed, reply } => {
-                    self.greeted = true;
+                    self.parser = Parser::Socks5 { greeted: true };
                     self.bytes.drain(..consumed.min(self.bytes.len()));
                     Parse::Answer { consumed, reply }
                 }
                 other => other,
             },
-            (RouteKind::Socks5, _) => socks5::parse_request(&self.bytes),
-            (RouteKind::Sni { port }, Some(peek)) => peek.parse(&self.bytes, port),
-            (RouteKind::Sni { .. }, None) => Parse::Refuse { reply: Vec::new(), reason: "no peek".into() },
+            Parser::Socks5 { greeted: true } => socks5::parse_request(&self.bytes),
+            Parser::Sni { port, peek } => peek.parse(&self.bytes, *port),
         }
     }
 
     /// What the client is told of the outcome (empty: nothing, for SNI).
     pub fn reply(&self, outcome: Outcome, detail: &str, bound: Option<SocketAddr>) -> Vec<u8> {
-        match self.kind {
-            RouteKind::Connect => connect::reply(outcome, detail),
-            RouteKind::Socks5 => socks5::reply(outcome, bound),
-            RouteKind::Sni { .. } => Vec::new(),
+        match self.parser {
+            Parser::Connect => connect::reply(outcome, detail),
+            Parser::Socks5 { .. } => socks5::reply(outcome, bound),
+            Parser::Sni { .. } => Vec::new(),
         }
     }
 }
