@@ -98,7 +98,7 @@ const RESERVED: [(&str, &str); 7] = [
     ("::1/128", "loopback"),
     ("::/128", "unspecified"),
     ("fe80::/10", "link-local"),
-    ("fd00:ec2::254/128", "instance metadata service"),
+    ("fd00:ec2::/64", "AWS instance services' (metadata, DNS, time)"),
 ];
 
 /// The reserved block holding `ip` (canonical), and what it is.
@@ -211,20 +211,9 @@ impl Allowlist {
     /// `address`, allowed? The rule of [`Allowlist::admits`], and safe by
     /// default (see the module docs). `Ok`: the entry that allowed it, as
     /// `address:port` (one metrics label per entry, never per host).
+    /// `resolve` gives an entry name's addresses; it is called only when no
+    /// entry allows the destination by itself.
     pub fn admits_routed(
-        &self,
-        host: &Host,
-        port: u16,
-        address: IpAddr,
-        resolver: &Resolver,
-    ) -> Result<String, AllowlistError> {
-        self.admits_routed_with(host, port, address, &mut |name| match resolver.resolve(name) {
-            Ok(resolution) => resolution.addresses,
-            Err(_) => Vec::new(),
-        })
-    }
-
-    fn admits_routed_with(
         &self,
         host: &Host,
         port: u16,
@@ -504,7 +493,7 @@ mod tests {
         let name = |text: &str| Host::Name(text.into());
         let mut nothing = |_: &str| Vec::new();
         let mut check =
-            |host: &Host, port, address| list.admits_routed_with(host, port, ip(address), &mut nothing);
+            |host: &Host, port, address| list.admits_routed(host, port, ip(address), &mut nothing);
         // An ordinary address: the usual rule, the entry as the label.
         assert_eq!(check(&name("a.example.com"), 80, "192.0.2.1"), Ok("*.example.com:80".into()));
         assert_eq!(check(&Host::Ip(ip("192.0.2.1")), 80, "192.0.2.1"), Ok("0.0.0.0/0:80".into()));
@@ -522,6 +511,7 @@ mod tests {
         assert!(check(&Host::Ip(ip("169.254.169.254")), 80, "169.254.169.254").is_err());
         assert!(check(&name("x.internal"), 80, "fe80::1").is_err());
         assert!(check(&Host::Ip(ip("fd00:ec2::254")), 80, "fd00:ec2::254").is_err());
+        assert!(check(&name("dns.internal"), 80, "fd00:ec2::253").is_err(), "the VPC resolver");
         assert!(check(&Host::Ip(ip("0.0.0.0")), 80, "0.0.0.0").is_err());
         assert!(check(&name("a.example.com"), 80, "::ffff:127.0.0.1").is_err(), "mapped loopback");
         // Named by an address or a range within the block: allowed.

@@ -242,8 +242,13 @@ fn routed_service(
     );
     let shared = Arc::clone(allowlist);
     let policy: Policy = Arc::new(move |host: &Host, port, address| {
-        let resolver = resolver.lock().unwrap_or_else(|e| e.into_inner());
-        read(&shared).admits_routed(host, port, address, &resolver).map_err(|e| e.to_string())
+        // The resolver is asked only for entries given by name, and only
+        // when no entry allows the destination by itself.
+        let mut resolve = |name: &str| {
+            let resolver = resolver.lock().unwrap_or_else(|e| e.into_inner());
+            resolver.resolve(name).map(|found| found.addresses).unwrap_or_default()
+        };
+        read(&shared).admits_routed(host, port, address, &mut resolve).map_err(|e| e.to_string())
     });
     let mut route = Route::new(kind, policy);
     route.head_timeout = Duration::from_secs_f64(head_timeout);

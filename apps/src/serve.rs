@@ -191,7 +191,8 @@ fn serve_one(mut client: Socket, source: &Source, peer: &str, proxy_protocol: bo
     // The workshop's client sends once and waits without closing its write
     // side, so the query is what the first read returns (after the PROXY
     // header, if one is expected).
-    let mut n = client.read(&mut buf[..MAX_QUERY_BYTES])?;
+    let first = if proxy_protocol { MAX_PROXY_HEADER_BYTES } else { MAX_QUERY_BYTES };
+    let mut n = client.read(&mut buf[..first])?;
     let mut start = 0;
     let mut peer = peer.to_string();
     if proxy_protocol {
@@ -219,7 +220,8 @@ fn serve_one(mut client: Socket, source: &Source, peer: &str, proxy_protocol: bo
         }
         start = header.length;
         if start == n {
-            n += client.read(&mut buf[n..n + MAX_QUERY_BYTES])?;
+            let end = buf.len().min(n + MAX_QUERY_BYTES);
+            n += client.read(&mut buf[n..end])?;
         }
     }
     let query = String::from_utf8_lossy(&buf[start..n]);

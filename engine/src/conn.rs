@@ -224,6 +224,8 @@ pub struct Connection {
     pub upstream: Option<Socket>,
     pub state: ConnState,
     pub opened: Instant,
+    /// When the upstream connect began (for the connect-time histogram).
+    pub connect_started: Instant,
     /// The client's address as text, for the log line (empty unless debug
     /// logging is on: it costs a system call per connection).
     pub client_name: String,
@@ -233,6 +235,9 @@ pub struct Connection {
     /// Bytes sent upstream before the client's (a PROXY protocol header,
     /// bytes the client sent after its head).
     prelude: Vec<u8>,
+    /// How many of the prelude's first bytes are not the client's (the
+    /// PROXY protocol header): the rest counts as bytes delivered upstream.
+    prelude_ours: usize,
     /// The client was answered (a routed refusal): close without a reset.
     answered: bool,
     edge_triggered: bool,
@@ -274,9 +279,11 @@ impl Connection {
             upstream: None,
             state,
             opened: Instant::now(),
+            connect_started: Instant::now(),
             head,
             destination: None,
             prelude: Vec::new(),
+            prelude_ours: 0,
             answered: false,
             edge_triggered: false,
             movers: [
@@ -291,6 +298,7 @@ impl Connection {
     pub fn attach(&mut self, upstream: Socket, paths: [DataPath; 2], deadline: Instant) {
         self.upstream = Some(upstream);
         self.state = ConnState::Connecting { deadline };
+        self.connect_started = Instant::now();
         self.movers = [
             Mover::new(Side::Client, Side::Upstream, paths[0]),
             Mover::new(Side::Upstream, Side::Client, paths[1]),
@@ -300,9 +308,10 @@ impl Connection {
         }
     }
 
-    /// Bytes to send upstream first, before anything the client sends after
-    /// its head.
+    /// Bytes of ours (a PROXY protocol header) to send upstream first,
+    /// before anything of the client's.
     pub fn set_prelude(&mut self, prelude: Vec<u8>) {
+        self.prelude_ours = prelude.len();
         self.prelude = prelude;
     }
 
@@ -359,6 +368,9 @@ impl Connection {
             match upstream.send(&self.prelude) {
                 Ok(sent) => {
                     self.prelude.drain(..sent);
+                    // The client's bytes among them were delivered.
+                    io.moved[0] += (sent.saturating_sub(self.prelude_ours)) as u64;
+                    self.prelude_ours = self.prelude_ours.saturating_sub(sent);
                     if !self.prelude.is_empty() {
                         return Ok(Wait::Writable);
                     }
@@ -422,6 +434,7 @@ impl Connection {
                 Action::Connect(SockAddr::from(address))
             }
             (ConnState::Deciding { .. }, Event::Decided(Verdict::Refused { outcome, reason })) => {
+                // Not allowed by the policy; else the lookup (or the router) failed.
                 let decision = match outcome {
                     Outcome::NotAllowed => Decision::NotAllowed,
                     _ => Decision::Unresolved,
@@ -491,7 +504,10 @@ impl Connection {
                     ended = true;
                     break;
                 }
-                Ok(n) => head.bytes.extend_from_slice(&chunk[..n]),
+                Ok(n) => {
+                    head.bytes.extend_from_slice(&chunk[..n]);
+                    head.seen += n;
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return self.fail(ConnError::new(Side::Client, Op::Read, e), io),
@@ -501,7 +517,7 @@ impl Connection {
             let Some(head) = self.head.as_mut() else { return Action::AwaitHead };
             match head.parse() {
                 // Connected and closed without a word (a port probe): no failure.
-                Parse::More if ended && head.bytes.is_empty() => return self.close(Ending::Finished, io),
+                Parse::More if ended && head.seen == 0 => return self.close(Ending::Finished, io),
                 Parse::More if ended => {
                     let reason =
                         format!("the client closed after {} bytes, before its head ended", head.bytes.len());
@@ -540,12 +556,34 @@ impl Connection {
     }
 
     /// Sends a routed client its answer and its EOF; the close that follows
-    /// is not a reset, so the answer is read.
+    /// is not a reset, so the answer is read. What the client sent that was
+    /// not read yet is read and dropped first (a close with unread bytes
+    /// sends RST, which could overtake the answer), a bounded amount.
     fn answer(&mut self, reply: &[u8]) {
-        if !reply.is_empty() && send_whole(&self.client, reply).is_ok() {
-            let _ = self.client.shutdown(Shutdown::Write);
+        if !reply.is_empty() && send_whole(&self.client, reply).is_err() {
+            return;
+        }
+        let _ = self.client.shutdown(Shutdown::Write);
+        let mut sink = [0u8; 4096];
+        let mut dropped = 0;
+        while dropped < MAX_HEAD_BYTES * 4 {
+            match (&self.client).read(&mut sink) {
+                Ok(n) if n > 0 => dropped += n,
+                _ => break,
+            }
         }
         self.answered = true;
+    }
+
+    /// No upstream socket could be opened (out of descriptors): a routed
+    /// client is told, others are reset. The caller counts it.
+    pub fn give_up(&mut self) {
+        if let Some(head) = &self.head {
+            let reply = head.reply(Outcome::Failed, "the proxy is out of resources", None);
+            self.answer(&reply);
+        }
+        self.state = ConnState::Closed;
+        self.reset();
     }
 
     /// The upstream accepted: answer a routed client, then start both pumps
@@ -1047,7 +1085,7 @@ mod tests {
         conn.handle(Event::Ready(Direction::ToUpstream), &mut io);
         let mut more = [0u8; 4];
         upstream_peer.read_exact(&mut more).unwrap();
-        assert_eq!((&more, io.moved[0]), (b"more", 4));
+        assert_eq!((&more, io.moved[0]), (b"more", 12 + 4), "the client's bytes after its head count too");
     }
 
     #[test]

@@ -33,7 +33,7 @@ use crate::pool::Pools;
 use crate::proxy_header;
 use crate::pump::{DataPath, Wait};
 use crate::route::router::{Job, Mailbox, Router, Verdict};
-use crate::route::{Decision, Head};
+use crate::route::{Decision, Head, Route};
 use crate::socket;
 use crate::stats::{Failure, RefusedBy, Stats};
 use crate::throttle::Throttle;
@@ -378,12 +378,26 @@ impl<D: Driver> Worker<D> {
         let mut verdicts = std::mem::take(&mut self.verdicts);
         self.mailbox.take(&mut verdicts);
         for (key, verdict) in verdicts.drain(..) {
-            if self.slot(key).is_some_and(|slot| matches!(slot.conn.state, ConnState::Deciding { .. })) {
-                self.dispatch(key, Event::Decided(verdict))?;
+            let Some(slot) =
+                self.slot(key).filter(|slot| matches!(slot.conn.state, ConnState::Deciding { .. }))
+            else {
+                continue;
+            };
+            if let (Verdict::Allowed { rule, .. }, Some(route)) = (&verdict, self.route_of(slot.service)) {
+                route.counters.decided(Decision::Allowed);
+                route.counters.allowed_by(rule);
             }
+            self.dispatch(key, Event::Decided(verdict))?;
         }
         self.verdicts = verdicts;
         Ok(())
+    }
+
+    fn route_of(&self, service: usize) -> Option<&Route> {
+        match &self.config.services[service].upstream {
+            Upstream::Routed(route) => Some(route),
+            Upstream::Fixed(_) => None,
+        }
     }
 
     fn slot(&self, key: Key) -> Option<&Slot> {
@@ -567,11 +581,11 @@ impl<D: Driver> Worker<D> {
         let upstream = match socket::socket_for(&target, &self.config.socket) {
             Ok(upstream) => upstream,
             Err(e) => {
-                // Out of descriptors, most likely: reset this client, serve the others.
+                // Out of descriptors, most likely: give up on this client, serve the others.
                 if self.warnings.no_upstream_socket.admit(self.now, self.index) {
                     tracing::warn!(worker = self.index, error = %e, "cannot open an upstream socket; client reset");
                 }
-                slot.conn.reset();
+                slot.conn.give_up();
                 self.stats.cell(self.index, slot.service).dropped(Failure::Resources);
                 return self.forget(key);
             }
@@ -595,7 +609,7 @@ impl<D: Driver> Worker<D> {
             }
             Err(e) => {
                 slot.conn.reset();
-                (Action::Close(Ending::Failed(ConnError::new(Side::Client, Op::Read, e))), [0; 2])
+                (Action::Close(Ending::Failed(ConnError::new(Side::Upstream, Op::Connect, e))), [0; 2])
             }
         };
         if let Action::AwaitConnect = action {
@@ -619,7 +633,7 @@ impl<D: Driver> Worker<D> {
         let connecting = matches!(slot.conn.state, ConnState::Connecting { .. });
         let action = slot.conn.handle(event, &mut io);
         if connecting && slot.conn.state == ConnState::Relaying {
-            self.stats.cell(self.index, slot.service).connected(slot.conn.opened.elapsed());
+            self.stats.cell(self.index, slot.service).connected(slot.conn.connect_started.elapsed());
         }
         let moved = io.moved;
         self.carry_out(key, action, moved)
@@ -634,6 +648,9 @@ impl<D: Driver> Worker<D> {
         match action {
             Action::AwaitHead => self.driver.watch(key, &slot.conn.client, Side::Client, Readiness::READABLE),
             Action::Decide { host, port } => {
+                if let ConnState::Deciding { deadline } = slot.conn.state {
+                    self.deadlines.push(Reverse((deadline, key)));
+                }
                 let job = Job { worker: self.index, key, service: slot.service, host, port };
                 if let Some(router) = &self.router {
                     router.ask(job);
@@ -683,6 +700,9 @@ impl<D: Driver> Worker<D> {
         let lasted = conn.opened.elapsed();
         self.stats.cell(self.index, *service).closed(failure_of(ending), lasted);
         let service = &self.config.services[*service];
+        if let (Ending::Refused { decision, .. }, Upstream::Routed(route)) = (ending, &service.upstream) {
+            route.counters.decided(*decision);
+        }
         if let Ending::Failed(ConnError { side: Side::Upstream, op: Op::Connect, source }) = ending {
             if self.warnings.unreachable.admit(self.now, self.index) {
                 connection_span(conn, service).in_scope(|| {

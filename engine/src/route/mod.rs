@@ -224,6 +224,8 @@ impl Outcome {
 pub(crate) struct Head {
     /// The bytes read so far (the SOCKS5 greeting dropped once answered).
     pub bytes: Vec<u8>,
+    /// Every byte read, the dropped ones included.
+    pub seen: usize,
     parser: Parser,
 }
 
@@ -249,7 +251,7 @@ impl Head {
             RouteKind::Socks5 => Parser::Socks5 { greeted: false },
             RouteKind::Sni { port } => Parser::Sni { port, peek: Box::default() },
         };
-        Head { bytes: Vec::new(), parser }
+        Head { bytes: Vec::new(), seen: 0, parser }
     }
 
     /// Parses what was read so far.

@@ -20,7 +20,7 @@ use std::time::Duration;
 use hickory_resolver::TokioResolver;
 use tokio::sync::mpsc;
 
-use super::{Decision, Outcome, Policy, Route};
+use super::{Outcome, Policy, Route};
 use crate::config::{RelayConfig, Upstream};
 use crate::dns::{self, DnsError, IpFamily};
 use crate::driver::Key;
@@ -32,6 +32,8 @@ use crate::error::Error;
 pub const MAX_IN_FLIGHT: usize = 256;
 /// Longest a destination's lookup may take, all attempts together.
 pub const LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest a policy check may take (it may resolve allowlist entries).
+pub const POLICY_TIMEOUT: Duration = Duration::from_secs(2);
 /// Threads that may run policy checks at once.
 const POLICY_THREADS: usize = 8;
 
@@ -130,7 +132,7 @@ impl Router {
     /// Asks for a decision; the answer arrives in the job's worker's mailbox.
     pub fn ask(&self, job: Job) {
         // Fails only after the router thread ended (the relay is stopping):
-        // the connection then meets its head deadline.
+        // the connection then meets its decision deadline.
         let _ = self.jobs.send(job);
     }
 }
@@ -158,27 +160,22 @@ impl Shared {
             Host::Ip(ip) => *ip,
             Host::Name(name) => match self.resolve(name).await {
                 Ok(ip) => ip,
-                Err((outcome, reason)) => {
-                    route.counters.decided(Decision::Unresolved);
-                    return Verdict::Refused { outcome, reason };
-                }
+                Err((outcome, reason)) => return Verdict::Refused { outcome, reason },
             },
         };
         let (policy, host, port): (Policy, Host, u16) =
             (Arc::clone(&route.policy), job.host.clone(), job.port);
-        match tokio::task::spawn_blocking(move || policy(&host, port, address)).await {
-            Ok(Ok(rule)) => {
-                route.counters.decided(Decision::Allowed);
-                route.counters.allowed_by(&rule);
-                Verdict::Allowed { address: SocketAddr::new(address, job.port), rule }
-            }
-            Ok(Err(reason)) => {
-                route.counters.decided(Decision::NotAllowed);
-                Verdict::Refused { outcome: Outcome::NotAllowed, reason }
-            }
-            Err(e) => {
+        let check = tokio::task::spawn_blocking(move || policy(&host, port, address));
+        match tokio::time::timeout(POLICY_TIMEOUT, check).await {
+            Ok(Ok(Ok(rule))) => Verdict::Allowed { address: SocketAddr::new(address, job.port), rule },
+            Ok(Ok(Err(reason))) => Verdict::Refused { outcome: Outcome::NotAllowed, reason },
+            Ok(Err(e)) => {
                 Verdict::Refused { outcome: Outcome::Failed, reason: format!("the policy check failed: {e}") }
             }
+            Err(_) => Verdict::Refused {
+                outcome: Outcome::LookupFailed,
+                reason: format!("no policy decision within {POLICY_TIMEOUT:?} (an allowlist entry's name did not resolve)"),
+            },
         }
     }
 
