@@ -241,14 +241,24 @@ fn routed_service(
         Resolver::new(&settings.engine.dns(settings.family)).context("cannot set up DNS resolution")?,
     );
     let shared = Arc::clone(allowlist);
-    let policy: Policy = Arc::new(move |host: &Host, port, address| {
+    let policy: Policy = Arc::new(move |host: &Host, port, address, may_block| {
         // The resolver is asked only for entries given by name, and only
-        // when no entry allows the destination by itself.
+        // when no entry allows the destination by itself; on a worker
+        // (`may_block` false) that means: decide on the router's threads.
+        let mut blocked = false;
         let mut resolve = |name: &str| {
+            if !may_block {
+                blocked = true;
+                return Vec::new();
+            }
             let resolver = resolver.lock().unwrap_or_else(|e| e.into_inner());
             resolver.resolve(name).map(|found| found.addresses).unwrap_or_default()
         };
-        read(&shared).admits_routed(host, port, address, &mut resolve).map_err(|e| e.to_string())
+        let verdict = read(&shared).admits_routed(host, port, address, &mut resolve);
+        match verdict {
+            Err(_) if blocked => None,
+            verdict => Some(verdict.map_err(|e| e.to_string())),
+        }
     });
     let mut route = Route::new(kind, policy);
     route.head_timeout = Duration::from_secs_f64(head_timeout);

@@ -378,19 +378,23 @@ impl<D: Driver> Worker<D> {
         let mut verdicts = std::mem::take(&mut self.verdicts);
         self.mailbox.take(&mut verdicts);
         for (key, verdict) in verdicts.drain(..) {
-            let Some(slot) =
-                self.slot(key).filter(|slot| matches!(slot.conn.state, ConnState::Deciding { .. }))
-            else {
-                continue;
-            };
-            if let (Verdict::Allowed { rule, .. }, Some(route)) = (&verdict, self.route_of(slot.service)) {
-                route.counters.decided(Decision::Allowed);
-                route.counters.allowed_by(rule);
+            if self.slot(key).is_some_and(|slot| matches!(slot.conn.state, ConnState::Deciding { .. })) {
+                self.decided(key, verdict)?;
             }
-            self.dispatch(key, Event::Decided(verdict))?;
         }
         self.verdicts = verdicts;
         Ok(())
+    }
+
+    /// A verdict for a connection waiting for one: counted when it allows
+    /// (refusals are counted when the connection closes), then carried out.
+    fn decided(&mut self, key: Key, verdict: Verdict) -> io::Result<()> {
+        let service = self.conns[key.index as usize].service;
+        if let (Verdict::Allowed { rule, .. }, Some(route)) = (&verdict, self.route_of(service)) {
+            route.counters.decided(Decision::Allowed);
+            route.counters.allowed_by(rule);
+        }
+        self.dispatch(key, Event::Decided(verdict))
     }
 
     fn route_of(&self, service: usize) -> Option<&Route> {
@@ -648,13 +652,15 @@ impl<D: Driver> Worker<D> {
         match action {
             Action::AwaitHead => self.driver.watch(key, &slot.conn.client, Side::Client, Readiness::READABLE),
             Action::Decide { host, port } => {
-                if let ConnState::Deciding { deadline } = slot.conn.state {
+                let (service, state) = (slot.service, slot.conn.state);
+                let Some(router) = self.router.clone() else { return Ok(()) };
+                if let Some(verdict) = router.decide_now(service, &host, port) {
+                    return self.decided(key, verdict);
+                }
+                if let ConnState::Deciding { deadline } = state {
                     self.deadlines.push(Reverse((deadline, key)));
                 }
-                let job = Job { worker: self.index, key, service: slot.service, host, port };
-                if let Some(router) = &self.router {
-                    router.ask(job);
-                }
+                router.ask(Job { worker: self.index, key, service, host, port });
                 Ok(())
             }
             Action::Connect(target) => self.connect_to(key, target),

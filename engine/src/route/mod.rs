@@ -30,10 +30,13 @@ pub const DEFAULT_HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Decides whether a routed client may reach `host:port` at `address` (the
 /// address the connect will use): `Ok` names the rule that allowed it (a
-/// metrics label: one per rule, never per host), `Err` says why not. Runs
-/// on the router's threads, never on a worker: it may block (an allowlist
-/// entry given by name is resolved).
-pub type Policy = Arc<dyn Fn(&Host, u16, IpAddr) -> Result<String, String> + Send + Sync>;
+/// metrics label: one per rule, never per host), `Err` says why not.
+///
+/// The last argument says whether it may block (an allowlist entry given by
+/// name may need a lookup). `false`: it runs on a worker thread and must not
+/// block; it returns `None` when it cannot decide without blocking, and is
+/// asked again on the router's threads with `true`, where it must decide.
+pub type Policy = Arc<dyn Fn(&Host, u16, IpAddr, bool) -> Option<Result<String, String>> + Send + Sync>;
 
 /// A routed service's upstream: how clients name their destination, and
 /// who decides.

@@ -9,13 +9,19 @@
 //! and the answer goes back to the worker's [`Mailbox`], waking it. A slow
 //! name server delays only the clients waiting for its names. Lookups in
 //! flight are bounded, and each is bounded in time.
+//!
+//! Most destinations need none of that: an address, or a name looked up
+//! recently (kept in the router's own small cache for its TTL), with a
+//! policy that decides without a lookup of its own. The worker then decides
+//! at once ([`Router::decide_now`]), without a hop to another thread.
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::io::Write;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use hickory_resolver::TokioResolver;
 use tokio::sync::mpsc;
@@ -84,6 +90,7 @@ impl Mailbox {
 /// The router of a relay; dropping it ends its thread.
 pub(crate) struct Router {
     jobs: mpsc::UnboundedSender<Job>,
+    shared: Arc<Shared>,
 }
 
 impl Router {
@@ -102,7 +109,14 @@ impl Router {
                 .map_err(|source| Error::Resolve { name: "(routed destinations)".into(), source })?
         };
         let (jobs, mut incoming) = mpsc::unbounded_channel::<Job>();
-        let shared = Arc::new(Shared { resolver, family: config.dns.family, config, mailboxes });
+        let shared = Arc::new(Shared {
+            resolver,
+            family: config.dns.family,
+            config,
+            mailboxes,
+            recent: RwLock::default(),
+        });
+        let router_shared = Arc::clone(&shared);
         std::thread::Builder::new()
             .name("router".into())
             .spawn(move || {
@@ -126,7 +140,24 @@ impl Router {
                 runtime.shutdown_timeout(Duration::from_secs(1));
             })
             .map_err(Error::Start)?;
-        Ok(Router { jobs })
+        Ok(Router { jobs, shared: router_shared })
+    }
+
+    /// Decides on the calling (worker) thread when that needs no lookup: the
+    /// destination is an address or a name resolved recently, and the policy
+    /// decides without blocking. `None`: ask the router ([`Router::ask`]).
+    pub fn decide_now(&self, service: usize, host: &Host, port: u16) -> Option<Verdict> {
+        let route = self.shared.route(service)?;
+        let address = match host {
+            Host::Ip(ip) => *ip,
+            Host::Name(name) => self.shared.recent_address(name)?,
+        };
+        let verdict = match (route.policy)(host, port, address, false)? {
+            Ok(rule) => Verdict::Allowed { address: SocketAddr::new(address, port), rule },
+            Err(reason) => Verdict::Refused { outcome: Outcome::NotAllowed, reason },
+        };
+        self.shared.log(service, host, port, &verdict);
+        Some(verdict)
     }
 
     /// Asks for a decision; the answer arrives in the job's worker's mailbox.
@@ -142,6 +173,8 @@ struct Shared {
     family: IpFamily,
     config: Arc<RelayConfig>,
     mailboxes: Vec<Arc<Mailbox>>,
+    /// Names looked up lately: the address used and until when it may be.
+    recent: RwLock<HashMap<String, (IpAddr, Instant)>>,
 }
 
 impl Shared {
@@ -165,10 +198,11 @@ impl Shared {
         };
         let (policy, host, port): (Policy, Host, u16) =
             (Arc::clone(&route.policy), job.host.clone(), job.port);
-        let check = tokio::task::spawn_blocking(move || policy(&host, port, address));
+        let check = tokio::task::spawn_blocking(move || policy(&host, port, address, true));
         match tokio::time::timeout(POLICY_TIMEOUT, check).await {
-            Ok(Ok(Ok(rule))) => Verdict::Allowed { address: SocketAddr::new(address, job.port), rule },
-            Ok(Ok(Err(reason))) => Verdict::Refused { outcome: Outcome::NotAllowed, reason },
+            Ok(Ok(Some(Ok(rule)))) => Verdict::Allowed { address: SocketAddr::new(address, job.port), rule },
+            Ok(Ok(Some(Err(reason)))) => Verdict::Refused { outcome: Outcome::NotAllowed, reason },
+            Ok(Ok(None)) => Verdict::Refused { outcome: Outcome::Failed, reason: "the policy did not decide".into() },
             Ok(Err(e)) => {
                 Verdict::Refused { outcome: Outcome::Failed, reason: format!("the policy check failed: {e}") }
             }
@@ -182,7 +216,11 @@ impl Shared {
     /// The address a destination's name resolves to (the first of its family).
     async fn resolve(&self, name: &str) -> Result<IpAddr, (Outcome, String)> {
         match tokio::time::timeout(LOOKUP_TIMEOUT, dns::lookup(&self.resolver, self.family, name)).await {
-            Ok(Ok(resolution)) => Ok(resolution.addresses[0]),
+            Ok(Ok(resolution)) => {
+                let address = resolution.addresses[0];
+                self.remember(name, address, resolution.valid_until);
+                Ok(address)
+            }
             Ok(Err(e @ (DnsError::NoSuchName(_) | DnsError::NoAddress | DnsError::WrongFamily(_)))) => {
                 Err((Outcome::NoSuchName, format!("{name}: {e}")))
             }
@@ -191,10 +229,30 @@ impl Shared {
         }
     }
 
-    fn answer(&self, job: Job, verdict: Verdict) {
-        let service = self.config.services.get(job.service).map_or("", |s| s.name.as_str());
-        let destination = format!("{}:{}", job.host, job.port);
-        match &verdict {
+    /// The address `name` resolved to, while its TTL lasts.
+    fn recent_address(&self, name: &str) -> Option<IpAddr> {
+        let recent = self.recent.read().unwrap_or_else(|e| e.into_inner());
+        recent.get(name).filter(|(_, until)| Instant::now() < *until).map(|(address, _)| *address)
+    }
+
+    fn remember(&self, name: &str, address: IpAddr, until: Instant) {
+        let mut recent = self.recent.write().unwrap_or_else(|e| e.into_inner());
+        if recent.len() >= dns::CACHE_ENTRIES as usize {
+            let now = Instant::now();
+            recent.retain(|_, (_, until)| now < *until);
+            if recent.len() >= dns::CACHE_ENTRIES as usize {
+                recent.clear();
+            }
+        }
+        recent.insert(name.to_string(), (address, until));
+    }
+
+    /// Logs a decision: the destination asked for, the address used, and the
+    /// entry that allowed it or why not.
+    fn log(&self, service: usize, host: &Host, port: u16, verdict: &Verdict) {
+        let service = self.config.services.get(service).map_or("", |s| s.name.as_str());
+        let destination = format!("{host}:{port}");
+        match verdict {
             Verdict::Allowed { address, rule } => {
                 tracing::info!(%service, %destination, %address, %rule, decision = "allowed", "routed")
             }
@@ -202,6 +260,10 @@ impl Shared {
                 tracing::info!(%service, %destination, decision = ?outcome, %reason, "routed client refused")
             }
         }
+    }
+
+    fn answer(&self, job: Job, verdict: Verdict) {
+        self.log(job.service, &job.host, job.port, &verdict);
         if let Some(mailbox) = self.mailboxes.get(job.worker) {
             mailbox.deliver(job.key, verdict);
         }
