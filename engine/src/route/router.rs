@@ -237,10 +237,11 @@ impl Shared {
 
     fn remember(&self, name: &str, address: IpAddr, until: Instant) {
         let mut recent = self.recent.write().unwrap_or_else(|e| e.into_inner());
-        if recent.len() >= dns::CACHE_ENTRIES as usize {
+        let bound = usize::try_from(dns::CACHE_ENTRIES).unwrap_or(usize::MAX);
+        if recent.len() >= bound {
             let now = Instant::now();
             recent.retain(|_, (_, until)| now < *until);
-            if recent.len() >= dns::CACHE_ENTRIES as usize {
+            if recent.len() >= bound {
                 recent.clear();
             }
         }
