@@ -69,9 +69,10 @@ pub struct ProxyCommand {
     pub head_timeout: f64,
 
     /// Serve every service listed under `services:` in this YAML file (each
-    /// with listen, address, port and optional name, allow_cid,
-    /// max_connections, idle_timeout), with one set of workers, instead of
-    /// --listen REMOTE_ADDR REMOTE_PORT. It may be the --config file itself.
+    /// with listen, and address and port or a route, and optional name,
+    /// allow_cid, max_connections, idle_timeout, head_timeout,
+    /// proxy_protocol), with one set of workers, instead of --listen
+    /// REMOTE_ADDR REMOTE_PORT. It may be the --config file itself.
     #[arg(long, value_name = "FILE")]
     pub services: Option<PathBuf>,
 
