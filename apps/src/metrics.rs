@@ -211,14 +211,8 @@ impl Collector for RelayMetrics {
             MetricType::Counter,
             per_service(&|i| Sample::Counter(dns[i].moves_refused)),
         )?;
-        let routes: Vec<(&str, &Route)> = self
-            .services
-            .iter()
-            .filter_map(|s| match &s.upstream {
-                Upstream::Routed(route) => Some((s.name.as_str(), route)),
-                Upstream::Fixed(_) => None,
-            })
-            .collect();
+        let routes: Vec<(&str, &Route)> =
+            self.services.iter().filter_map(|s| Some((s.name.as_str(), s.route()?))).collect();
         if routes.is_empty() {
             return Ok(());
         }

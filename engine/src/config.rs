@@ -96,6 +96,14 @@ impl Service {
         Service::with_upstream(listen, Upstream::Routed(route))
     }
 
+    /// The service's route, if its clients name their destination.
+    pub fn route(&self) -> Option<&Route> {
+        match &self.upstream {
+            Upstream::Routed(route) => Some(route),
+            Upstream::Fixed(_) => None,
+        }
+    }
+
     fn with_upstream(listen: Endpoint, upstream: Upstream) -> Self {
         Service {
             name: listen.to_string(),

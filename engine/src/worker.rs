@@ -33,7 +33,7 @@ use crate::pool::Pools;
 use crate::proxy_header;
 use crate::pump::{DataPath, Wait};
 use crate::route::router::{Job, Mailbox, Router, Verdict};
-use crate::route::{Decision, Head, Route};
+use crate::route::{Decision, Head};
 use crate::socket;
 use crate::stats::{Failure, RefusedBy, Stats};
 use crate::throttle::Throttle;
@@ -390,18 +390,13 @@ impl<D: Driver> Worker<D> {
     /// (refusals are counted when the connection closes), then carried out.
     fn decided(&mut self, key: Key, verdict: Verdict) -> io::Result<()> {
         let service = self.conns[key.index as usize].service;
-        if let (Verdict::Allowed { rule, .. }, Some(route)) = (&verdict, self.route_of(service)) {
+        if let (Verdict::Allowed { rule, .. }, Some(route)) =
+            (&verdict, self.config.services[service].route())
+        {
             route.counters.decided(Decision::Allowed);
             route.counters.allowed_by(rule);
         }
         self.dispatch(key, Event::Decided(verdict))
-    }
-
-    fn route_of(&self, service: usize) -> Option<&Route> {
-        match &self.config.services[service].upstream {
-            Upstream::Routed(route) => Some(route),
-            Upstream::Fixed(_) => None,
-        }
     }
 
     fn slot(&self, key: Key) -> Option<&Slot> {

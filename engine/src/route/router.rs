@@ -27,7 +27,7 @@ use hickory_resolver::TokioResolver;
 use tokio::sync::mpsc;
 
 use super::{Outcome, Policy, Route};
-use crate::config::{RelayConfig, Upstream};
+use crate::config::RelayConfig;
 use crate::dns::{self, DnsError, IpFamily};
 use crate::driver::Key;
 use crate::endpoint::Host;
@@ -179,10 +179,7 @@ struct Shared {
 
 impl Shared {
     fn route(&self, service: usize) -> Option<&Route> {
-        match &self.config.services.get(service)?.upstream {
-            Upstream::Routed(route) => Some(route),
-            Upstream::Fixed(_) => None,
-        }
+        self.config.services.get(service)?.route()
     }
 
     async fn decide(&self, job: &Job) -> Verdict {
