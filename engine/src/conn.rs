@@ -224,8 +224,10 @@ pub struct Connection {
     pub upstream: Option<Socket>,
     pub state: ConnState,
     pub opened: Instant,
-    /// When the upstream connect began (for the connect-time histogram).
-    pub connect_started: Instant,
+    /// When the upstream connect began, and how long it took once it is
+    /// established (taken once, for the connect-time histogram).
+    connect_started: Instant,
+    connect_took: Option<Duration>,
     /// The client's address as text, for the log line (empty unless debug
     /// logging is on: it costs a system call per connection).
     pub client_name: String,
@@ -280,6 +282,7 @@ impl Connection {
             state,
             opened: Instant::now(),
             connect_started: Instant::now(),
+            connect_took: None,
             head,
             destination: None,
             prelude: Vec::new(),
@@ -416,6 +419,13 @@ impl Connection {
             Ok(false) => Action::AwaitConnect,
             Err(e) => self.fail(ConnError::new(Side::Upstream, Op::Connect, e), io),
         }
+    }
+
+    /// How long the upstream connect took, once, after the transition that
+    /// established it (whether the connect completed at once in
+    /// [`Connection::start`] or later).
+    pub fn take_connect_time(&mut self) -> Option<Duration> {
+        self.connect_took.take()
     }
 
     /// Every transition after the start.
@@ -590,6 +600,7 @@ impl Connection {
     /// (either side may already have sent bytes or even EOF).
     fn connected(&mut self, io: &mut Io<'_>) -> Action {
         self.state = ConnState::Relaying;
+        self.connect_took = Some(self.connect_started.elapsed());
         if let Some(head) = self.head.take() {
             let bound = self.upstream.as_ref().and_then(|u| u.local_addr().ok()).and_then(|a| a.as_socket());
             let reply = head.reply(Outcome::Connected, "", bound);
@@ -735,6 +746,9 @@ mod tests {
         let action = conn.start(&SockAddr::unix(&path).unwrap(), &mut io(&mut pools));
         assert!(matches!(action, Action::Wait([Some(Wait::Readable), Some(Wait::Readable)])), "{action:?}");
         assert_eq!(conn.state, ConnState::Relaying);
+        // The connect time is reported once, even without a later event.
+        assert!(conn.take_connect_time().is_some());
+        assert_eq!(conn.take_connect_time(), None);
         drop(listener);
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -628,19 +628,18 @@ impl<D: Driver> Worker<D> {
     /// Runs a connection's state machine on `event` and carries out its answer.
     fn dispatch(&mut self, key: Key, event: Event) -> io::Result<()> {
         let mut io = Io::new(&mut self.pools, self.driver.ring_ops(), key);
-        let slot = &mut self.conns[key.index as usize];
-        let connecting = matches!(slot.conn.state, ConnState::Connecting { .. });
-        let action = slot.conn.handle(event, &mut io);
-        if connecting && slot.conn.state == ConnState::Relaying {
-            self.stats.cell(self.index, slot.service).connected(slot.conn.connect_started.elapsed());
-        }
+        let action = self.conns[key.index as usize].conn.handle(event, &mut io);
         let moved = io.moved;
         self.carry_out(key, action, moved)
     }
 
     fn carry_out(&mut self, key: Key, action: Action, moved: [u64; 2]) -> io::Result<()> {
         let slot = &mut self.conns[key.index as usize];
-        self.stats.cell(self.index, slot.service).moved(moved[0], moved[1]);
+        let cell = self.stats.cell(self.index, slot.service);
+        cell.moved(moved[0], moved[1]);
+        if let Some(took) = slot.conn.take_connect_time() {
+            cell.connected(took);
+        }
         if moved != [0, 0] {
             slot.last_active = self.now;
         }
