@@ -9,8 +9,8 @@ use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use vsock_relay_apps::client::{self, Reply};
-use vsock_relay_apps::demo::HttpsEndpoint;
+use vsock_relay_apps::sample::client::{self, Reply};
+use vsock_relay_apps::sample::demo::HttpsEndpoint;
 use vsock_relay_engine::Endpoint;
 
 use crate::util::{backend_arg, run_capturing, run_to_exit, wait_for_unix, Proc, TempDir, BACKENDS};
@@ -375,8 +375,8 @@ fn source_trusting(
     endpoint: &HttpsEndpoint,
     dir: &TempDir,
     cache_for: Duration,
-) -> vsock_relay_apps::ipranges::Source {
-    use vsock_relay_apps::ipranges::{Source, SourceSettings};
+) -> vsock_relay_apps::sample::ipranges::Source {
+    use vsock_relay_apps::sample::ipranges::{Source, SourceSettings};
     let ca = dir.path("ca.pem");
     std::fs::write(&ca, endpoint.ca_pem()).unwrap();
     Source::new(SourceSettings {
@@ -395,7 +395,7 @@ fn source_trusting(
 #[test]
 fn serve_keeps_answering_from_the_last_good_copy_while_refetches_fail() {
     use std::sync::Arc;
-    use vsock_relay_apps::ipranges::RETRY_AFTER_FAILURE;
+    use vsock_relay_apps::sample::ipranges::RETRY_AFTER_FAILURE;
 
     let endpoint = HttpsEndpoint::start(document()).unwrap();
     let dir = TempDir::new("serve-cache");

@@ -13,8 +13,8 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use vsock_relay_apps::demo::{HttpsEndpoint, SAMPLE_DOCUMENT};
-use vsock_relay_apps::ipranges::{Source, SourceSettings};
+use vsock_relay_apps::sample::demo::{HttpsEndpoint, SAMPLE_DOCUMENT};
+use vsock_relay_apps::sample::ipranges::{Source, SourceSettings};
 use vsock_relay_testkit::names::{Answer, NameServer};
 use vsock_relay_testkit::servers::{echo, Server};
 use vsock_relay_testkit::traffic::{expected_hash, Data};

@@ -469,7 +469,7 @@ fn client_answer(port: u32, region: &str) -> String {
 #[test]
 #[ignore = "needs the vsock guest: tests/vm/run.sh"]
 fn whole_channel_over_vsock() {
-    use vsock_relay_apps::demo::{HttpsEndpoint, SAMPLE_DOCUMENT};
+    use vsock_relay_apps::sample::demo::{HttpsEndpoint, SAMPLE_DOCUMENT};
     require_vsock_guest();
     let endpoint = HttpsEndpoint::start(SAMPLE_DOCUMENT.to_vec()).unwrap();
     let dir = std::env::temp_dir().join("whole-channel");
@@ -519,7 +519,7 @@ fn whole_channel_over_vsock() {
 #[test]
 #[ignore = "needs the vsock guest: tests/vm/run.sh"]
 fn routed_egress_and_the_clients_address_over_vsock() {
-    use vsock_relay_apps::demo::{HttpsEndpoint, SAMPLE_DOCUMENT};
+    use vsock_relay_apps::sample::demo::{HttpsEndpoint, SAMPLE_DOCUMENT};
     use vsock_relay_testkit::names::{Answer, NameServer};
     require_vsock_guest();
     let endpoint = HttpsEndpoint::start(SAMPLE_DOCUMENT.to_vec()).unwrap();
@@ -662,7 +662,7 @@ fn routed_egress_and_the_clients_address_over_vsock() {
 #[test]
 #[ignore = "runs only in the enclave-entry guest: tests/vm/run.sh"]
 fn enclave_entry_script_as_init_answers_through_forwarder_and_proxy() {
-    use vsock_relay_apps::demo::{HttpsEndpoint, SAMPLE_DOCUMENT};
+    use vsock_relay_apps::sample::demo::{HttpsEndpoint, SAMPLE_DOCUMENT};
     require_vsock_guest();
     let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap();
     assert!(

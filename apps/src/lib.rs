@@ -1,18 +1,17 @@
-//! The apps on the relay engine: argument parsing and validation, the
-//! allowlist, and glue that starts a relay and stops it on a signal. The
-//! binaries in `bin/` are thin: parse, validate, hand to the engine.
+//! The apps on the relay engine. Two folders keep the product and the
+//! sample apart:
+//!
+//! - [`relay`]: the product, the relaying commands (`vsock-proxy`, `proxy`,
+//!   `forward`) and their rules (allowlist, services file, options,
+//!   metrics, signals);
+//! - [`sample`]: the workshop's sample application (`serve`, `client`, the
+//!   IP-ranges data, `demo`), which shows the product at work;
+//!
+//! and [`bench`], the load generator and sink both sides use. The binaries
+//! in `bin/` are thin: parse, validate, hand to the engine.
 
 #![forbid(unsafe_code)]
 
-pub mod allowlist;
 pub mod bench;
-pub mod client;
-pub mod demo;
-pub mod forward;
-pub mod ipranges;
-pub mod metrics;
-pub mod options;
-pub mod proxy;
-pub mod run;
-pub mod serve;
-pub mod services;
+pub mod relay;
+pub mod sample;

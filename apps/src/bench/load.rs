@@ -13,7 +13,7 @@ use socket2::Socket;
 use vsock_relay_engine::Endpoint;
 
 use super::sink::{COUNT, ECHO};
-use crate::client;
+use crate::sample::client;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const WRITE_BYTES: usize = 256 * 1024;

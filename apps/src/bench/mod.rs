@@ -71,10 +71,10 @@ pub enum Bench {
         #[arg(long, default_value_t = 1000)]
         connections: u32,
         /// Seconds to hold them.
-        #[arg(long, default_value_t = 5.0, value_parser = crate::options::parse_seconds)]
+        #[arg(long, default_value_t = 5.0, value_parser = crate::relay::options::parse_seconds)]
         hold: f64,
         /// Seconds allowed for every connection to answer its echo.
-        #[arg(long, default_value_t = 10.0, value_parser = crate::options::parse_seconds)]
+        #[arg(long, default_value_t = 10.0, value_parser = crate::relay::options::parse_seconds)]
         limit: f64,
     },
 }
@@ -128,7 +128,7 @@ pub fn run(bench: Bench) -> anyhow::Result<()> {
             let local = sink::start(&listen)?;
             // The ready line, on stdout: scripts wait for it.
             println!("sink listening on {local}");
-            crate::run::serve_until_signal(&local)?;
+            crate::relay::run::serve_until_signal(&local)?;
         }
         Bench::Bulk { common, streams, bytes } => {
             let r = load::bulk(&dial(&common), streams.into(), bytes)?;

@@ -6,10 +6,10 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use vsock_relay_apps::options::{parse_remote_host, parse_workers};
-use vsock_relay_apps::proxy::{self, ProxyArgs};
-use vsock_relay_apps::run::{self, LogFormat};
-use vsock_relay_apps::services::{ServiceSpec, SpecUpstream};
+use vsock_relay_apps::relay::options::{parse_remote_host, parse_workers};
+use vsock_relay_apps::relay::proxy::{self, ProxyArgs};
+use vsock_relay_apps::relay::run::{self, LogFormat};
+use vsock_relay_apps::relay::services::{ServiceSpec, SpecUpstream};
 use vsock_relay_engine::endpoint::VSOCK_CID_ANY;
 use vsock_relay_engine::{Endpoint, Host};
 

@@ -9,13 +9,13 @@ use std::process::ExitCode;
 use clap::{CommandFactory, Parser, Subcommand};
 
 use vsock_relay_apps::bench::{self, Bench};
-use vsock_relay_apps::client::ClientArgs;
-use vsock_relay_apps::demo::{self, DemoArgs};
-use vsock_relay_apps::forward::ForwardArgs;
-use vsock_relay_apps::options::{RelayArgs, UsageError};
-use vsock_relay_apps::proxy::ProxyCommand;
-use vsock_relay_apps::run::{self, LogFormat};
-use vsock_relay_apps::serve::ServeArgs;
+use vsock_relay_apps::relay::forward::ForwardArgs;
+use vsock_relay_apps::relay::options::{RelayArgs, UsageError};
+use vsock_relay_apps::relay::proxy::ProxyCommand;
+use vsock_relay_apps::relay::run::{self, LogFormat};
+use vsock_relay_apps::sample::client::ClientArgs;
+use vsock_relay_apps::sample::demo::{self, DemoArgs};
+use vsock_relay_apps::sample::serve::ServeArgs;
 
 /// Fast relays between AF_VSOCK, TCP and Unix sockets for AWS Nitro Enclaves.
 ///

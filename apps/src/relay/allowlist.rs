@@ -571,7 +571,7 @@ mod tests {
     fn allows(entry: &str, host: &str, ip: &str) -> bool {
         let allowlist =
             Allowlist { entries: vec![Entry { address: entry.into(), port: 443 }], path: "t.yaml".into() };
-        let host = crate::options::parse_remote_host(host).unwrap_or_else(|_| Host::Name(host.into()));
+        let host = crate::relay::options::parse_remote_host(host).unwrap_or_else(|_| Host::Name(host.into()));
         allowlist.admits_with(&host, 443, ip.parse().unwrap(), &mut |_| Vec::new()).is_ok()
     }
 

@@ -10,7 +10,7 @@ use signal_hook::iterator::Signals;
 use tracing_subscriber::EnvFilter;
 use vsock_relay_engine::{Endpoint, Failure, Relay};
 
-use crate::metrics::MetricsServer;
+use crate::relay::metrics::MetricsServer;
 
 /// How log lines are written.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]

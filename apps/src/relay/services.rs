@@ -32,8 +32,8 @@ use serde::{Deserialize, Deserializer};
 use serde_norway::Value;
 use vsock_relay_engine::{Endpoint, Host, RouteKind};
 
-use crate::allowlist::{read_config, AllowlistError};
-use crate::options::{parse_idle_seconds, parse_remote_host, parse_seconds};
+use crate::relay::allowlist::{read_config, AllowlistError};
+use crate::relay::options::{parse_idle_seconds, parse_remote_host, parse_seconds};
 
 /// One proxied service: where to listen, which allowlisted TCP service to
 /// reach (or how its clients name theirs), and rules for its clients

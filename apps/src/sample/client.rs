@@ -11,7 +11,7 @@ use socket2::Socket;
 use vsock_relay_engine::socket::{self, SocketOptions};
 use vsock_relay_engine::Endpoint;
 
-use crate::options::{parse_seconds, UsageError};
+use crate::relay::options::{parse_seconds, UsageError};
 
 /// `vsock-relay client`'s options.
 #[derive(Args, Clone, Debug)]

@@ -18,8 +18,8 @@ use socket2::Socket;
 use vsock_relay_engine::socket::{self, SocketOptions};
 use vsock_relay_engine::{proxy_header, Endpoint};
 
-use crate::ipranges::{self, Source, SourceSettings};
-use crate::options::parse_seconds;
+use crate::relay::options::parse_seconds;
+use crate::sample::ipranges::{self, Source, SourceSettings};
 
 /// The workshop's server port.
 pub const DEFAULT_PORT: u32 = 5005;
@@ -93,7 +93,7 @@ impl ServeArgs {
         let listen = self.listen();
         let proxy_protocol = self.proxy_protocol;
         let server = Server::start_with(&listen, Source::new(self.source_settings())?, proxy_protocol)?;
-        crate::run::serve_until_signal(server.local_endpoint())
+        crate::relay::run::serve_until_signal(server.local_endpoint())
     }
 
     /// `--listen`, else vsock `PORT` (default 5005) on any CID.

@@ -26,10 +26,10 @@ use vsock_relay_engine::route;
 use vsock_relay_engine::target::Vet;
 use vsock_relay_engine::{Endpoint, Host, IpFamily, Policy, Route, RouteKind, Service, Target, Upstream};
 
-use crate::allowlist::{Allowed, Allowlist};
-use crate::options::{parse_remote_host, parse_seconds, EngineArgs, Workers};
-use crate::run::{Reload, Running};
-use crate::services::{self, ServiceSpec, SpecUpstream};
+use crate::relay::allowlist::{Allowed, Allowlist};
+use crate::relay::options::{parse_remote_host, parse_seconds, EngineArgs, Workers};
+use crate::relay::run::{Reload, Running};
+use crate::relay::services::{self, ServiceSpec, SpecUpstream};
 
 /// `vsock-relay proxy`: the allowlisted proxy of `vsock-proxy`, listening on
 /// any endpoint; or many such services from a `--services` file.

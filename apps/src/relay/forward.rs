@@ -11,8 +11,8 @@ use clap::Args;
 use vsock_relay_engine::endpoint::{Endpoint, Host};
 use vsock_relay_engine::{IpFamily, Target};
 
-use crate::options::{EngineArgs, UsageError, Workers};
-use crate::run::Running;
+use crate::relay::options::{EngineArgs, UsageError, Workers};
+use crate::relay::run::Running;
 
 /// `vsock-relay forward`'s options.
 #[derive(Args, Clone, Debug)]

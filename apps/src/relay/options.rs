@@ -10,8 +10,8 @@ use vsock_relay_engine::{
     BackendChoice, DataPath, DnsOptions, Endpoint, IpFamily, Relay, RelayConfig, Route, Service, Target,
 };
 
-use crate::metrics::MetricsServer;
-use crate::run::Running;
+use crate::relay::metrics::MetricsServer;
+use crate::relay::run::Running;
 
 /// `-w/--workers` of `vsock-relay`'s relaying commands.
 #[derive(Args, Clone, Copy, Debug)]

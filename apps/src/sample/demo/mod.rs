@@ -17,12 +17,12 @@ use vsock_relay_engine::endpoint::VSOCK_CID_ANY;
 use vsock_relay_engine::{Endpoint, Host, IpFamily, Relay, Target};
 
 use crate::bench;
-use crate::client::{self, Reply};
-use crate::ipranges::{Source, SourceSettings};
-use crate::options::EngineArgs;
-use crate::proxy::{self, ProxySettings};
-use crate::serve::{self, Server};
-use crate::services::{ServiceSpec, SpecUpstream};
+use crate::relay::options::EngineArgs;
+use crate::relay::proxy::{self, ProxySettings};
+use crate::relay::services::{ServiceSpec, SpecUpstream};
+use crate::sample::client::{self, Reply};
+use crate::sample::ipranges::{Source, SourceSettings};
+use crate::sample::serve::{self, Server};
 pub use endpoint::HttpsEndpoint;
 
 /// The bundled ip-ranges.json: the real schema, a handful of made-up-for-

@@ -1,0 +1,12 @@
+//! The product: the relaying commands (`vsock-proxy` and `vsock-relay
+//! proxy` on the parent, `forward` in the enclave) and what they stand on:
+//! the allowlist, the services file, the shared options, metrics, and the
+//! glue that runs a relay until a signal stops it.
+
+pub mod allowlist;
+pub mod forward;
+pub mod metrics;
+pub mod options;
+pub mod proxy;
+pub mod run;
+pub mod services;
