@@ -8,10 +8,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::conn::pump::DataPath;
 use crate::dns::DnsOptions;
 use crate::driver::BackendChoice;
 use crate::endpoint::Endpoint;
-use crate::pump::DataPath;
 use crate::route::Route;
 use crate::socket::SocketOptions;
 use crate::target::Target;

@@ -6,8 +6,8 @@ use std::fmt;
 use std::io;
 
 use crate::dns::DnsError;
+use crate::driver::ring::Unavailable;
 use crate::endpoint::Endpoint;
-use crate::ring::Unavailable;
 
 /// The two sides of a relayed connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

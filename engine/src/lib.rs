@@ -29,7 +29,6 @@
     clippy::cast_lossless
 )]
 
-mod buffers;
 mod config;
 mod conn;
 pub mod dns;
@@ -38,28 +37,26 @@ pub mod endpoint;
 pub mod error;
 mod pool;
 pub mod proxy_header;
-mod pump;
 mod relay;
-mod ring;
-mod ringpump;
 pub mod route;
 pub mod socket;
 pub mod stats;
 mod sys;
 pub mod target;
 mod throttle;
+mod vocab;
 mod worker;
 
 pub use config::{
     Gate, RelayConfig, Service, Upstream, DEFAULT_CONNECT_TIMEOUT, DEFAULT_DRAIN_TIMEOUT, DEFAULT_PIPE_BYTES,
 };
+pub use conn::pump::DataPath;
 pub use dns::{DnsOptions, IpFamily};
+pub use driver::ring::Unavailable as UringUnavailable;
 pub use driver::{Backend, BackendChoice};
 pub use endpoint::{Endpoint, Host};
 pub use error::{ConnError, Error, Side};
-pub use pump::DataPath;
 pub use relay::{Relay, StopHandle};
-pub use ring::Unavailable as UringUnavailable;
 pub use route::{Decision, Policy, Route, RouteKind};
 pub use stats::{Failure, RefusedBy, Stats, StatsSnapshot};
 pub use target::Target;

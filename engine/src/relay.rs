@@ -10,10 +10,10 @@ use std::thread::JoinHandle;
 use socket2::Socket;
 
 use crate::config::{RelayConfig, Service, Upstream};
+use crate::conn::pump::DataPath;
 use crate::driver::{self, Backend};
 use crate::endpoint::Endpoint;
 use crate::error::Error;
-use crate::pump::DataPath;
 use crate::route::router::{Mailbox, Router};
 use crate::socket;
 use crate::stats::Stats;

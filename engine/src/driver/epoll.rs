@@ -16,8 +16,9 @@ use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 use socket2::Socket;
 
-use super::{Driver, DriverEvent, Key, Readiness};
+use super::{Driver, DriverEvent};
 use crate::error::Side;
+use crate::vocab::{Key, Readiness};
 
 const WAKE: Token = Token(usize::MAX);
 /// Listeners count down from here (service 0 first); connection tokens
@@ -130,7 +131,7 @@ impl Driver for EpollDriver {
         Ok(true)
     }
 
-    fn ring_ops(&mut self) -> Option<&mut dyn super::RingOps> {
+    fn ring_ops(&mut self) -> Option<&mut dyn crate::vocab::RingOps> {
         None
     }
 

@@ -15,10 +15,10 @@ use std::time::Duration;
 
 use socket2::Socket;
 
-use super::{BufferSlice, Completed, Driver, DriverEvent, Key, Readiness, RingOps};
-use crate::conn::Direction;
+use super::ring::{self, Completion, Ring};
+use super::{Driver, DriverEvent};
 use crate::error::Side;
-use crate::ring::{self, Completion, Ring};
+use crate::vocab::{BufferSlice, Completed, Direction, Key, Readiness, RingOps};
 
 /// Submission queue size; completions get eight times as many slots.
 const RING_ENTRIES: u32 = 512;

@@ -29,9 +29,9 @@ use tokio::sync::mpsc;
 use super::{Outcome, Policy, Route};
 use crate::config::RelayConfig;
 use crate::dns::{self, DnsError, IpFamily};
-use crate::driver::Key;
 use crate::endpoint::Host;
 use crate::error::Error;
+use crate::vocab::Key;
 
 /// Lookups (and policy checks) in flight at most; a client beyond is told
 /// the lookup failed.

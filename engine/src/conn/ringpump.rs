@@ -23,9 +23,9 @@ use std::net::Shutdown;
 
 use socket2::Socket;
 
-use crate::driver::{BufferIo, BufferSlice};
+use super::pump::Wait;
 use crate::error::{ConnError, Op, Side};
-use crate::pump::Wait;
+use crate::vocab::{BufferIo, BufferSlice, Completed};
 
 /// Buffers one direction may hold (received, not yet sent).
 const MAX_HELD: usize = 2;
@@ -46,15 +46,6 @@ pub struct RingPump {
     pub half_close: bool,
     /// Bytes delivered to the destination so far.
     pub bytes: u64,
-}
-
-/// What a completion reported.
-#[derive(Clone, Copy, Debug)]
-pub enum Completed {
-    /// A receive: bytes (or a negative errno) and the buffer it filled.
-    Received { result: i32, buffer: Option<u16> },
-    /// A send: bytes sent (or a negative errno).
-    Sent { result: i32 },
 }
 
 fn os_error(result: i32) -> io::Error {

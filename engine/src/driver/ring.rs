@@ -18,7 +18,7 @@ use std::time::Duration;
 use io_uring::{cqueue, opcode, squeue, types, IoUring, Probe};
 use socket2::Socket;
 
-use crate::buffers::BufferRing;
+use super::buffers::BufferRing;
 
 /// One completed operation.
 #[derive(Clone, Copy, Debug)]

@@ -25,18 +25,23 @@ use std::time::{Duration, Instant};
 use slab::Slab;
 use socket2::{Domain, SockAddr, Socket};
 
-use crate::config::{RelayConfig, Service, Upstream};
-use crate::conn::{Action, ConnState, Connection, Direction, Ending, Event, Io};
-use crate::driver::{Backend, Completed, Driver, DriverEvent, EpollDriver, Key, Readiness, UringDriver};
+use crate::config::{RelayConfig, Upstream};
+use crate::conn::pump::{DataPath, Wait};
+use crate::conn::{Action, ConnState, Connection, Ending, Event, Io};
+use crate::driver::{Backend, Driver, DriverEvent, EpollDriver, UringDriver};
 use crate::error::{ConnError, Error, Op, Side};
 use crate::pool::Pools;
 use crate::proxy_header;
-use crate::pump::{DataPath, Wait};
 use crate::route::router::{Job, Mailbox, Router, Verdict};
 use crate::route::{Decision, Head};
 use crate::socket;
-use crate::stats::{Failure, RefusedBy, Stats};
-use crate::throttle::Throttle;
+use crate::stats::{Failure, Stats};
+use crate::vocab::{Completed, Direction, Key, Readiness};
+use admission::Refusal;
+use log::Warnings;
+
+mod admission;
+mod log;
 
 /// Pause before accepting again after running out of descriptors.
 const ACCEPT_RETRY: Duration = Duration::from_millis(100);
@@ -133,59 +138,6 @@ struct Slot {
     waits: [Option<Wait>; 2],
     /// When a byte last moved (kept only with an idle timeout).
     last_active: Instant,
-}
-
-/// The warnings a worker throttles (see [`Throttle`]).
-struct Warnings {
-    unreachable: Throttle,
-    refused: Throttle,
-    no_upstream_socket: Throttle,
-    accept: Throttle,
-    bad_head: Throttle,
-}
-
-impl Warnings {
-    fn new() -> Self {
-        Warnings {
-            unreachable: Throttle::new("cannot reach the upstream"),
-            refused: Throttle::new("client refused"),
-            no_upstream_socket: Throttle::new("cannot open an upstream socket"),
-            accept: Throttle::new("cannot accept: out of resources"),
-            bad_head: Throttle::new("routed client closed: its head was refused"),
-        }
-    }
-
-    fn all(&mut self) -> [&mut Throttle; 5] {
-        [
-            &mut self.unreachable,
-            &mut self.refused,
-            &mut self.no_upstream_socket,
-            &mut self.accept,
-            &mut self.bad_head,
-        ]
-    }
-
-    fn next_deadline(&mut self) -> Option<Instant> {
-        self.all().into_iter().filter_map(|t| t.deadline()).min()
-    }
-}
-
-/// Why a client is reset right after its accept.
-enum Refusal {
-    Closed,
-    Cid(u32),
-    UnknownCid,
-    OverLimit(u64),
-}
-
-impl Refusal {
-    fn counted_as(&self) -> RefusedBy {
-        match self {
-            Refusal::Closed => RefusedBy::Allowlist,
-            Refusal::Cid(_) | Refusal::UnknownCid => RefusedBy::Cid,
-            Refusal::OverLimit(_) => RefusedBy::Limit,
-        }
-    }
 }
 
 /// The counter a connection's ending goes to (`None`: not a failure).
@@ -480,52 +432,26 @@ impl<D: Driver> Worker<D> {
         Ok(())
     }
 
-    /// Whether the access rules of `service` refuse this client.
-    fn refusal(&self, service: usize, client: &Socket) -> Option<Refusal> {
-        let rules = &self.config.services[service];
-        if !rules.gate.is_open() {
-            return Some(Refusal::Closed);
-        }
-        if let Some(max) = rules.max_connections {
-            if self.stats.active(service) >= max {
-                return Some(Refusal::OverLimit(max));
-            }
-        }
-        let allowed = rules.allow_cids.as_ref()?;
-        match client.peer_addr().ok().and_then(|peer| peer.as_vsock_address()) {
-            Some((cid, _)) if allowed.contains(&cid) => None,
-            Some((cid, _)) => Some(Refusal::Cid(cid)),
-            None => Some(Refusal::UnknownCid),
-        }
-    }
-
     /// Resets a refused client, counts it, and logs why (throttled).
     fn refuse(&mut self, service: usize, client: &Socket, refusal: &Refusal) {
         socket::reset(client);
         self.stats.cell(self.index, service).refused(refusal.counted_as());
         if self.warnings.refused.admit(self.now, self.index) {
-            let client_name = peer_name(client);
+            let client = log::peer_name(client);
             let service = &self.config.services[service].name;
-            match refusal {
-                Refusal::Closed => tracing::warn!(worker = self.index, client = %client_name, %service,
-                    "client refused: the service's target is no longer allowed (since a reload)"),
-                Refusal::Cid(cid) => {
-                    tracing::warn!(worker = self.index, client = %client_name, %service, cid,
-                    "client refused: its CID is not in --allow-cid")
-                }
-                Refusal::UnknownCid => tracing::warn!(worker = self.index, client = %client_name, %service,
-                    "client refused: its CID is unknown and --allow-cid is set"),
-                Refusal::OverLimit(max) => {
-                    tracing::warn!(worker = self.index, client = %client_name, %service, max,
-                    "client refused: --max-connections reached")
-                }
-            }
+            let (cid, max) = match *refusal {
+                Refusal::Cid(cid) => (Some(cid), None),
+                Refusal::OverLimit(max) => (None, Some(max)),
+                Refusal::Closed | Refusal::UnknownCid => (None, None),
+            };
+            tracing::warn!(worker = self.index, %client, %service, cid, max, "{}", refusal.reason());
         }
     }
 
     /// A new client of `service`: open the upstream socket and start the connect.
     fn open(&mut self, service: usize, client: Socket) -> io::Result<()> {
-        if let Some(refusal) = self.refusal(service, &client) {
+        let rules = &self.config.services[service];
+        if let Some(refusal) = admission::refusal(rules, self.stats.active(service), &client) {
             self.refuse(service, &client, &refusal);
             return Ok(());
         }
@@ -682,7 +608,7 @@ impl<D: Driver> Worker<D> {
                 Ok(())
             }
             Action::Close(ending) => {
-                self.log_closed(key, &ending);
+                self.count_closed(key, &ending);
                 if self.driver.release(key)? {
                     self.conns.remove(key.index as usize);
                 }
@@ -691,11 +617,8 @@ impl<D: Driver> Worker<D> {
         }
     }
 
-    /// Counts a closed connection and logs its one line: a warning when the
-    /// upstream could not be reached (the operator's first question when a
-    /// chain of relays fails), else at debug level. Either line is in the
-    /// connection's span (id, service, client, upstream).
-    fn log_closed(&mut self, key: Key, ending: &Ending) {
+    /// Counts a closed connection (and its routing decision) and logs it.
+    fn count_closed(&mut self, key: Key, ending: &Ending) {
         let Slot { conn, service, .. } = &self.conns[key.index as usize];
         let lasted = conn.opened.elapsed();
         self.stats.cell(self.index, *service).closed(failure_of(ending), lasted);
@@ -703,36 +626,7 @@ impl<D: Driver> Worker<D> {
         if let (Ending::Refused { decision, .. }, Upstream::Routed(route)) = (ending, &service.upstream) {
             route.counters.decided(*decision);
         }
-        if let Ending::Failed(ConnError { side: Side::Upstream, op: Op::Connect, source }) = ending {
-            if self.warnings.unreachable.admit(self.now, self.index) {
-                connection_span(conn, service).in_scope(|| {
-                    tracing::warn!(worker = self.index, error = %source, "cannot reach the upstream; client reset");
-                });
-            }
-            return;
-        }
-        // Destinations refused are logged by the router, which decided.
-        if let Ending::Refused { decision: Decision::BadHead | Decision::HeadTimeout, reason } = ending {
-            if self.warnings.bad_head.admit(self.now, self.index) {
-                connection_span(conn, service).in_scope(|| {
-                    tracing::warn!(worker = self.index, %reason, "routed client closed: its head was refused");
-                });
-            }
-            return;
-        }
-        if tracing::enabled!(tracing::Level::DEBUG) {
-            let (to_upstream, to_client) = conn.bytes();
-            let outcome = match ending {
-                Ending::Finished => "finished".to_string(),
-                Ending::Refused { decision, reason } => format!("refused ({}): {reason}", decision.label()),
-                Ending::Failed(e) => e.to_string(),
-                Ending::Idle(idle) => format!("reset: idle for {idle:?} (--idle-timeout)"),
-            };
-            let ms = u64::try_from(lasted.as_millis()).unwrap_or(u64::MAX);
-            connection_span(conn, service).in_scope(|| {
-                tracing::debug!(worker = self.index, to_upstream, to_client, ms, %outcome, "connection closed");
-            });
-        }
+        log::closed(conn, service, ending, lasted, &mut self.warnings, self.now, self.index);
     }
 
     /// Stop accepting; open connections get the drain time to finish, or
@@ -772,26 +666,6 @@ impl<D: Driver> Worker<D> {
 /// connection is reset between 1 and 1.25 times the timeout after its last byte.
 fn sweep_interval(idle: Duration) -> Duration {
     (idle / 4).max(Duration::from_millis(10))
-}
-
-/// A client's address for a log line (a system call: off the common path).
-fn peer_name(client: &Socket) -> String {
-    socket::peer_name(client).unwrap_or_else(|| "(unknown)".to_string())
-}
-
-/// The span a connection's log lines are in: its id, service, client and
-/// upstream on every line. Made only when a line is logged.
-fn connection_span(conn: &Connection, service: &Service) -> tracing::Span {
-    let client = match conn.client_name.as_str() {
-        "" => peer_name(&conn.client),
-        name => name.to_string(),
-    };
-    match &conn.destination {
-        Some(destination) => tracing::info_span!("conn", id = conn.id, service = %service.name, %client,
-            upstream = %destination),
-        None => tracing::info_span!("conn", id = conn.id, service = %service.name, %client,
-            upstream = %service.upstream),
-    }
 }
 
 /// The driver's key for the connection in slot `index`.

@@ -1,0 +1,508 @@
+//! Every transition, on real sockets put in each state: Unix pairs for
+//! relaying, a loopback listener that never accepts for a connect in
+//! progress, a closed port for a refused connect.
+
+use super::*;
+use crate::vocab::BufferSlice;
+use socket2::{Domain, Type};
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener};
+use std::os::unix::net::UnixStream;
+
+const FAR: Duration = Duration::from_secs(60);
+
+fn io(pools: &mut Pools) -> Io<'_> {
+    Io::new(pools, None, Key { index: 0, generation: 0 })
+}
+
+fn pair() -> (Socket, UnixStream) {
+    let (ours, theirs) = Socket::pair(Domain::UNIX, Type::STREAM, None).unwrap();
+    ours.set_nonblocking(true).unwrap();
+    (ours, UnixStream::from(std::os::fd::OwnedFd::from(theirs)))
+}
+
+fn tcp_socket() -> Socket {
+    Socket::new(Domain::IPV4, Type::STREAM.nonblocking(), None).unwrap()
+}
+
+/// A connection in the given state of its connect, with the client's peer.
+fn connecting(upstream: Socket, deadline: Instant) -> (Connection, UnixStream) {
+    let (client, client_peer) = pair();
+    (Connection::new(1, client, upstream, [DataPath::Splice; 2], deadline), client_peer)
+}
+
+/// A listener whose accept queue is full, so a new connect stays in progress.
+fn unanswering_listener() -> (TcpListener, Vec<Socket>, SockAddr) {
+    let listener = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+    listener.bind(&"127.0.0.1:0".parse::<std::net::SocketAddr>().unwrap().into()).unwrap();
+    listener.listen(0).unwrap();
+    let addr = listener.local_addr().unwrap();
+    // Fill the queue; further SYNs are dropped and their connects wait.
+    let fillers: Vec<Socket> = (0..2)
+        .map(|_| {
+            let s = tcp_socket();
+            let _ = s.connect(&addr);
+            s
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(50));
+    (listener.into(), fillers, addr)
+}
+
+/// A connection relaying between two Unix pairs, and both peers.
+fn relaying(pools: &mut Pools) -> (Connection, UnixStream, UnixStream) {
+    let (client, client_peer) = pair();
+    let (upstream, upstream_peer) = pair();
+    let mut conn = Connection::new(7, client, upstream, [DataPath::Copy; 2], Instant::now() + FAR);
+    match conn.handle(Event::UpstreamWritable, &mut io(pools)) {
+        Action::Wait([Some(Wait::Readable), Some(Wait::Readable)]) => {}
+        other => panic!("expected both directions waiting to read, got {other:?}"),
+    }
+    assert_eq!(conn.state, ConnState::Relaying);
+    (conn, client_peer, upstream_peer)
+}
+
+fn failed(action: Action) -> ConnError {
+    match action {
+        Action::Close(Ending::Failed(e)) => e,
+        other => panic!("expected a failure, got {other:?}"),
+    }
+}
+
+#[test]
+fn start_with_an_immediate_connect_starts_relaying() {
+    let dir = std::env::temp_dir().join(format!("conn-test-{}", std::process::id()));
+    let _ = std::fs::create_dir_all(&dir);
+    let path = dir.join("upstream.sock");
+    let _ = std::fs::remove_file(&path);
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    let upstream = Socket::new(Domain::UNIX, Type::STREAM.nonblocking(), None).unwrap();
+    let (mut conn, _peer) = connecting(upstream, Instant::now() + FAR);
+    let mut pools = Pools::new(0, 4);
+    let action = conn.start(&SockAddr::unix(&path).unwrap(), &mut io(&mut pools));
+    assert!(matches!(action, Action::Wait([Some(Wait::Readable), Some(Wait::Readable)])), "{action:?}");
+    assert_eq!(conn.state, ConnState::Relaying);
+    // The connect time is reported once, even without a later event.
+    assert!(conn.take_connect_time().is_some());
+    assert_eq!(conn.take_connect_time(), None);
+    drop(listener);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn start_in_progress_awaits_then_writable_but_unconnected_waits_again() {
+    let (_listener, _fillers, addr) = unanswering_listener();
+    let (mut conn, _peer) = connecting(tcp_socket(), Instant::now() + FAR);
+    let mut pools = Pools::new(0, 4);
+    assert!(matches!(conn.start(&addr, &mut io(&mut pools)), Action::AwaitConnect));
+    // A (spurious) writable report while the connect is still in flight.
+    let action = conn.handle(Event::UpstreamWritable, &mut io(&mut pools));
+    assert!(matches!(action, Action::AwaitConnect), "{action:?}");
+    assert!(matches!(conn.state, ConnState::Connecting { .. }));
+}
+
+#[test]
+fn writable_but_unconnected_after_the_deadline_times_out() {
+    let (_listener, _fillers, addr) = unanswering_listener();
+    let (mut conn, _peer) = connecting(tcp_socket(), Instant::now());
+    let mut pools = Pools::new(0, 4);
+    assert!(matches!(conn.start(&addr, &mut io(&mut pools)), Action::AwaitConnect));
+    let e = failed(conn.handle(Event::UpstreamWritable, &mut io(&mut pools)));
+    assert_eq!((e.side, e.op, e.source.kind()), (Side::Upstream, Op::Connect, io::ErrorKind::TimedOut));
+    assert_eq!(conn.state, ConnState::Closed);
+}
+
+#[test]
+fn deadline_passed_while_connecting_times_out_with_the_timeout_in_the_message() {
+    let (_listener, _fillers, addr) = unanswering_listener();
+    let opened = Instant::now() - Duration::from_secs(3);
+    let (mut conn, _peer) = connecting(tcp_socket(), opened + Duration::from_secs(3));
+    conn.opened = opened;
+    let mut pools = Pools::new(0, 4);
+    assert!(matches!(conn.start(&addr, &mut io(&mut pools)), Action::AwaitConnect));
+    let e = failed(conn.handle(Event::DeadlinePassed, &mut io(&mut pools)));
+    assert_eq!(e.to_string(), "upstream connect failed: no answer within 3s");
+    assert_eq!(conn.state, ConnState::Closed);
+}
+
+#[test]
+fn a_deadline_event_before_the_deadline_is_ignored() {
+    // Deadlines of earlier states (the head's) come up after the state moved on.
+    let (_listener, _fillers, addr) = unanswering_listener();
+    let (mut conn, _peer) = connecting(tcp_socket(), Instant::now() + FAR);
+    let mut pools = Pools::new(0, 4);
+    assert!(matches!(conn.start(&addr, &mut io(&mut pools)), Action::AwaitConnect));
+    let action = conn.handle(Event::DeadlinePassed, &mut io(&mut pools));
+    assert!(matches!(action, Action::Wait([None, None])), "{action:?}");
+    assert!(matches!(conn.state, ConnState::Connecting { .. }));
+}
+
+#[test]
+fn refused_connect_fails_on_the_upstream_side() {
+    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let (mut conn, _peer) = connecting(tcp_socket(), Instant::now() + FAR);
+    let mut pools = Pools::new(0, 4);
+    let action = match conn.start(&port.into(), &mut io(&mut pools)) {
+        Action::AwaitConnect => {
+            std::thread::sleep(Duration::from_millis(50));
+            conn.handle(Event::UpstreamWritable, &mut io(&mut pools))
+        }
+        action => action,
+    };
+    let e = failed(action);
+    assert_eq!(
+        (e.side, e.op, e.source.kind()),
+        (Side::Upstream, Op::Connect, io::ErrorKind::ConnectionRefused)
+    );
+    assert_eq!(conn.state, ConnState::Closed);
+}
+
+#[test]
+fn connect_result_after_the_end_is_ignored() {
+    let mut pools = Pools::new(0, 4);
+    let (mut conn, client_peer, upstream_peer) = relaying(&mut pools);
+    drop((client_peer, upstream_peer));
+    let mut io = io(&mut pools);
+    assert!(matches!(conn.handle(Event::Ready(Direction::ToUpstream), &mut io), Action::Wait(_)));
+    assert!(matches!(
+        conn.handle(Event::Ready(Direction::ToClient), &mut io),
+        Action::Close(Ending::Finished)
+    ));
+    for event in [Event::UpstreamWritable, Event::DeadlinePassed, Event::Ready(Direction::ToClient)] {
+        assert!(matches!(conn.handle(event, &mut io), Action::Wait([None, None])));
+    }
+    assert_eq!(conn.state, ConnState::Closed);
+}
+
+#[test]
+fn readiness_while_connecting_is_ignored() {
+    let (_listener, _fillers, addr) = unanswering_listener();
+    let (mut conn, _peer) = connecting(tcp_socket(), Instant::now() + FAR);
+    let mut pools = Pools::new(0, 4);
+    assert!(matches!(conn.start(&addr, &mut io(&mut pools)), Action::AwaitConnect));
+    let action = conn.handle(Event::Ready(Direction::ToUpstream), &mut io(&mut pools));
+    assert!(matches!(action, Action::Wait([None, None])));
+    assert!(matches!(conn.state, ConnState::Connecting { .. }));
+}
+
+#[test]
+fn relaying_moves_bytes_counts_them_and_ends_after_both_eofs() {
+    let mut pools = Pools::new(0, 4);
+    let (mut conn, mut client_peer, mut upstream_peer) = relaying(&mut pools);
+    let mut io = io(&mut pools);
+    client_peer.write_all(b"ping").unwrap();
+    let action = conn.handle(Event::Ready(Direction::ToUpstream), &mut io);
+    assert!(matches!(action, Action::Wait([Some(Wait::Readable), None])), "{action:?}");
+    let mut got = [0u8; 4];
+    upstream_peer.read_exact(&mut got).unwrap();
+    assert_eq!((&got, io.moved), (b"ping", [4, 0]));
+
+    // Half-close from the client: passed on, the other direction still runs.
+    client_peer.shutdown(Shutdown::Write).unwrap();
+    let action = conn.handle(Event::Ready(Direction::ToUpstream), &mut io);
+    assert!(matches!(action, Action::Wait([Some(Wait::Finished), None])), "{action:?}");
+    assert_eq!(upstream_peer.read(&mut got).unwrap(), 0, "EOF passed upstream");
+    upstream_peer.write_all(b"pong").unwrap();
+    upstream_peer.shutdown(Shutdown::Write).unwrap();
+    // A short read emptied the socket: the EOF behind it comes with the next readiness.
+    let action = conn.handle(Event::Ready(Direction::ToClient), &mut io);
+    assert!(matches!(action, Action::Wait([None, Some(Wait::Readable)])), "{action:?}");
+    let action = conn.handle(Event::Ready(Direction::ToClient), &mut io);
+    assert!(matches!(action, Action::Close(Ending::Finished)), "{action:?}");
+    assert_eq!((io.moved, conn.bytes()), ([4, 4], (4, 4)));
+    assert_eq!(conn.state, ConnState::Closed);
+    // The second EOF is passed on by closing the sockets, not by a shutdown before.
+    client_peer.set_nonblocking(true).unwrap();
+    let mut reply = [0u8; 8];
+    assert_eq!(client_peer.read(&mut reply).unwrap(), 4);
+    assert_eq!(&reply[..4], b"pong");
+    let pending = client_peer.read(&mut reply).unwrap_err();
+    assert_eq!(pending.kind(), io::ErrorKind::WouldBlock, "no shutdown before the close");
+    drop(conn);
+    assert_eq!(client_peer.read(&mut reply).unwrap(), 0, "EOF at the close");
+}
+
+#[test]
+fn a_failing_side_resets_both() {
+    let mut pools = Pools::new(0, 4);
+    let (client, mut client_peer) = pair();
+    let (upstream, upstream_peer) = pair();
+    let mut conn = Connection::new(9, client, upstream, [DataPath::Copy; 2], Instant::now() + FAR);
+    conn.handle(Event::UpstreamWritable, &mut io(&mut pools));
+    drop(upstream_peer);
+    client_peer.write_all(&[0u8; 64 << 10]).unwrap();
+    // The upstream is gone: writing to it fails and the whole connection ends.
+    let mut action = conn.handle(Event::Ready(Direction::ToUpstream), &mut io(&mut pools));
+    for _ in 0..3 {
+        if matches!(action, Action::Close(_)) {
+            break;
+        }
+        action = conn.handle(Event::Ready(Direction::ToUpstream), &mut io(&mut pools));
+    }
+    let e = failed(action);
+    assert_eq!((e.side, e.op), (Side::Upstream, Op::Write));
+    assert_eq!(conn.client.linger().unwrap(), Some(Duration::ZERO), "the client is reset");
+    assert_eq!(
+        conn.upstream.as_ref().unwrap().linger().unwrap(),
+        Some(Duration::ZERO),
+        "the upstream is reset"
+    );
+}
+
+/// The driver side of the ring path, faked: records what the pumps
+/// submit; the test plays the kernel and feeds completions back.
+#[derive(Default)]
+struct FakeRing {
+    /// Whether a send's completion is still the kernel's.
+    in_kernel: bool,
+    received: Vec<Direction>,
+    sent: Vec<(Direction, u16, u32, u32)>,
+    given_back: Vec<u16>,
+}
+
+impl RingOps for FakeRing {
+    fn receive(&mut self, _key: Key, direction: Direction, _src: &Socket) -> io::Result<()> {
+        self.received.push(direction);
+        Ok(())
+    }
+
+    fn send(&mut self, _key: Key, direction: Direction, _dst: &Socket, slice: BufferSlice) -> io::Result<()> {
+        self.sent.push((direction, slice.buffer, slice.offset, slice.len));
+        Ok(())
+    }
+
+    fn give_back(&mut self, buffer: u16) {
+        self.given_back.push(buffer);
+    }
+
+    fn sending(&self, _key: Key, _direction: Direction) -> bool {
+        self.in_kernel
+    }
+}
+
+fn ring_io<'a>(pools: &'a mut Pools, ring: &'a mut FakeRing) -> Io<'a> {
+    Io::new(pools, Some(ring), Key { index: 0, generation: 0 })
+}
+
+#[test]
+fn ring_path_receives_sends_in_order_gives_buffers_back_and_half_closes() {
+    let (mut pools, mut ring) = (Pools::new(0, 4), FakeRing::default());
+    let (client, _client_peer) = pair();
+    let (upstream, mut upstream_peer) = pair();
+    let mut conn = Connection::new(3, client, upstream, [DataPath::Ring; 2], Instant::now() + FAR);
+    let action = conn.handle(Event::UpstreamWritable, &mut ring_io(&mut pools, &mut ring));
+    assert!(matches!(action, Action::Wait([Some(Wait::Completion), Some(Wait::Completion)])), "{action:?}");
+    assert_eq!(ring.received, [Direction::ToUpstream, Direction::ToClient], "both directions receive");
+
+    let up = Direction::ToUpstream;
+    let received = |result, buffer| Event::Completed(up, Completed::Received { result, buffer });
+    // Two buffers arrive: one send in flight at a time, oldest first;
+    // with two held, no further receive.
+    conn.handle(received(100, Some(7)), &mut ring_io(&mut pools, &mut ring));
+    conn.handle(received(50, Some(9)), &mut ring_io(&mut pools, &mut ring));
+    assert_eq!(ring.sent, [(up, 7, 0, 100)]);
+    assert_eq!(ring.received.len(), 3, "a receive after the first buffer, none with two held");
+    // A short send: the rest of the same buffer goes next.
+    let mut io = ring_io(&mut pools, &mut ring);
+    conn.handle(Event::Completed(up, Completed::Sent { result: 60 }), &mut io);
+    assert_eq!(io.moved, [60, 0]);
+    assert_eq!(ring.sent.last(), Some(&(up, 7, 60, 40)));
+    assert!(ring.given_back.is_empty());
+    conn.handle(Event::Completed(up, Completed::Sent { result: 40 }), &mut ring_io(&mut pools, &mut ring));
+    assert_eq!((ring.given_back.as_slice(), ring.sent.last()), (&[7][..], Some(&(up, 9, 0, 50))));
+    assert_eq!(ring.received.len(), 4, "one buffer held again: receive");
+    // EOF while a send is in flight: the half-close waits for it.
+    conn.handle(received(0, None), &mut ring_io(&mut pools, &mut ring));
+    let mut got = [0u8; 1];
+    upstream_peer.set_nonblocking(true).unwrap();
+    assert!(upstream_peer.read(&mut got).is_err(), "no EOF before the last send completed");
+    let action = conn
+        .handle(Event::Completed(up, Completed::Sent { result: 50 }), &mut ring_io(&mut pools, &mut ring));
+    assert!(matches!(action, Action::Wait([Some(Wait::Finished), None])), "{action:?}");
+    assert_eq!(upstream_peer.read(&mut got).unwrap(), 0, "EOF passed upstream");
+    assert_eq!((ring.given_back.as_slice(), conn.bytes()), (&[7, 9][..], (150, 0)));
+}
+
+#[test]
+fn ring_path_failure_resets_and_gives_back_what_no_send_uses() {
+    let (mut pools, mut ring) = (Pools::new(0, 4), FakeRing::default());
+    let (client, _client_peer) = pair();
+    let (upstream, _upstream_peer) = pair();
+    let mut conn = Connection::new(4, client, upstream, [DataPath::Ring; 2], Instant::now() + FAR);
+    conn.handle(Event::UpstreamWritable, &mut ring_io(&mut pools, &mut ring));
+    let down = Direction::ToClient;
+    let received = |result, buffer| Event::Completed(down, Completed::Received { result, buffer });
+    conn.handle(received(10, Some(1)), &mut ring_io(&mut pools, &mut ring));
+    conn.handle(received(10, Some(2)), &mut ring_io(&mut pools, &mut ring));
+    // A send whose completion is still in the kernel keeps its buffer at
+    // close; one already reaped gives it back (the driver's part is the first).
+    let (client, _peer_a) = pair();
+    let (upstream, _peer_b) = pair();
+    let mut other = Connection::new(5, client, upstream, [DataPath::Ring; 2], Instant::now() + FAR);
+    let mut other_ring = FakeRing { in_kernel: true, ..FakeRing::default() };
+    other.handle(Event::UpstreamWritable, &mut ring_io(&mut pools, &mut other_ring));
+    other.handle(received(10, Some(4)), &mut ring_io(&mut pools, &mut other_ring));
+    other.handle(received(10, Some(6)), &mut ring_io(&mut pools, &mut other_ring));
+    let e = Event::Completed(
+        Direction::ToUpstream,
+        Completed::Received { result: -libc::ECONNRESET, buffer: None },
+    );
+    failed(other.handle(e, &mut ring_io(&mut pools, &mut other_ring)));
+    assert_eq!(other_ring.given_back, [6], "buffer 4 is still being sent");
+    // The client side fails a send: the whole connection ends with a reset.
+    let sent = Event::Completed(down, Completed::Sent { result: -libc::EPIPE });
+    let e = failed(conn.handle(sent, &mut ring_io(&mut pools, &mut ring)));
+    assert_eq!((e.side, e.op), (Side::Client, Op::Write));
+    assert_eq!(ring.given_back, [1, 2], "both buffers back (the failed send is over)");
+    assert_eq!(conn.client.linger().unwrap(), Some(Duration::ZERO));
+    assert_eq!(conn.state, ConnState::Closed);
+}
+
+#[test]
+fn a_finished_direction_ignores_readiness() {
+    let mut pools = Pools::new(0, 4);
+    let (mut conn, client_peer, _upstream_peer) = relaying(&mut pools);
+    client_peer.shutdown(Shutdown::Write).unwrap();
+    let mut io = io(&mut pools);
+    let action = conn.handle(Event::Ready(Direction::ToUpstream), &mut io);
+    assert!(matches!(action, Action::Wait([Some(Wait::Finished), None])));
+    let action = conn.handle(Event::Ready(Direction::ToUpstream), &mut io);
+    assert!(matches!(action, Action::Wait([None, None])));
+    assert_eq!(conn.state, ConnState::Relaying);
+}
+
+/// A routed connection's client and its peer, reading a head of `kind`.
+fn routed(kind: crate::route::RouteKind, deadline: Instant) -> (Connection, UnixStream) {
+    let (client, client_peer) = pair();
+    (Connection::routed(7, client, Head::new(kind), deadline), client_peer)
+}
+
+fn allowed(address: &str) -> Event {
+    Event::Decided(Verdict::Allowed { address: address.parse().unwrap(), rule: "rule".into() })
+}
+
+/// Attaches a connected Unix pair as the upstream; its peer.
+fn attach_connected(conn: &mut Connection) -> UnixStream {
+    let (upstream, upstream_peer) = pair();
+    conn.attach(upstream, [DataPath::Copy; 2], Instant::now() + FAR);
+    upstream_peer
+}
+
+#[test]
+fn a_connect_head_in_pieces_is_decided_then_answered_200_with_the_pipelined_bytes_sent_first() {
+    let mut pools = Pools::new(0, 4);
+    let (mut conn, mut client_peer) = routed(crate::route::RouteKind::Connect, Instant::now() + FAR);
+    client_peer.write_all(b"CONNECT api.example.com:443 HTTP/1.1\r\n").unwrap();
+    assert!(matches!(conn.handle(Event::ClientReadable, &mut io(&mut pools)), Action::AwaitHead));
+    assert!(matches!(conn.state, ConnState::ReadingHead { .. }));
+    client_peer.write_all(b"Host: api.example.com\r\n\r\nclient hello").unwrap();
+    let action = conn.handle(Event::ClientReadable, &mut io(&mut pools));
+    let Action::Decide { host, port } = action else { panic!("{action:?}") };
+    assert_eq!((host, port), (Host::Name("api.example.com".into()), 443));
+    assert!(matches!(conn.state, ConnState::Deciding { .. }));
+    assert_eq!(conn.destination.as_deref(), Some("api.example.com:443"));
+    // Allowed: connect to the address the router checked.
+    let action = conn.handle(allowed("192.0.2.1:443"), &mut io(&mut pools));
+    let Action::Connect(address) = action else { panic!("{action:?}") };
+    assert_eq!(address.as_socket(), Some("192.0.2.1:443".parse().unwrap()));
+    let mut upstream_peer = attach_connected(&mut conn);
+    let mut io = io(&mut pools);
+    let action = conn.handle(Event::UpstreamWritable, &mut io);
+    assert!(matches!(action, Action::Wait(_)), "{action:?}");
+    assert_eq!(conn.state, ConnState::Relaying);
+    let mut answer = [0u8; 39];
+    client_peer.read_exact(&mut answer).unwrap();
+    assert_eq!(&answer, b"HTTP/1.1 200 Connection established\r\n\r\n");
+    let mut first = [0u8; 12];
+    upstream_peer.read_exact(&mut first).unwrap();
+    assert_eq!(&first, b"client hello", "bytes after the head go upstream first");
+    // Then it relays as any connection does.
+    client_peer.write_all(b"more").unwrap();
+    conn.handle(Event::Ready(Direction::ToUpstream), &mut io);
+    let mut more = [0u8; 4];
+    upstream_peer.read_exact(&mut more).unwrap();
+    assert_eq!((&more, io.moved[0]), (b"more", 12 + 4), "the client's bytes after its head count too");
+}
+
+#[test]
+fn a_refused_destination_is_answered_403_and_closed_without_a_reset() {
+    let mut pools = Pools::new(0, 4);
+    let (mut conn, mut client_peer) = routed(crate::route::RouteKind::Connect, Instant::now() + FAR);
+    client_peer.write_all(b"CONNECT evil.example:443 HTTP/1.1\r\n\r\n").unwrap();
+    assert!(matches!(conn.handle(Event::ClientReadable, &mut io(&mut pools)), Action::Decide { .. }));
+    let verdict = Verdict::Refused { outcome: Outcome::NotAllowed, reason: "no entry".into() };
+    let action = conn.handle(Event::Decided(verdict), &mut io(&mut pools));
+    let Action::Close(Ending::Refused { decision: Decision::NotAllowed, reason }) = action else {
+        panic!("{action:?}")
+    };
+    assert_eq!(reason, "no entry");
+    assert_eq!(conn.client.linger().unwrap(), None, "not reset: the client reads the answer");
+    drop(conn);
+    let mut answer = String::new();
+    client_peer.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 403 Forbidden\r\n") && answer.ends_with("no entry\n"), "{answer}");
+}
+
+#[test]
+fn an_unreachable_upstream_is_answered_502_by_socks_code_and_a_late_verdict_is_ignored() {
+    let mut pools = Pools::new(0, 4);
+    let (mut conn, mut client_peer) = routed(crate::route::RouteKind::Socks5, Instant::now() + FAR);
+    client_peer.write_all(&[5, 1, 0]).unwrap();
+    assert!(matches!(conn.handle(Event::ClientReadable, &mut io(&mut pools)), Action::AwaitHead));
+    let mut choice = [0u8; 2];
+    client_peer.read_exact(&mut choice).unwrap();
+    assert_eq!(choice, [5, 0], "the greeting is answered: no authentication");
+    client_peer.write_all(&[5, 1, 0, 1, 192, 0, 2, 1, 0, 80]).unwrap();
+    let action = conn.handle(Event::ClientReadable, &mut io(&mut pools));
+    assert!(matches!(action, Action::Decide { host: Host::Ip(_), port: 80 }), "{action:?}");
+    conn.handle(allowed("192.0.2.1:80"), &mut io(&mut pools));
+    // A refused connect: told as SOCKS reply 0x05, no reset of the client.
+    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    conn.attach(tcp_socket(), [DataPath::Copy; 2], Instant::now() + FAR);
+    let mut action = conn.start(&port.into(), &mut io(&mut pools));
+    if let Action::AwaitConnect = action {
+        std::thread::sleep(Duration::from_millis(50));
+        action = conn.handle(Event::UpstreamWritable, &mut io(&mut pools));
+    }
+    assert_eq!(failed(action).op, Op::Connect);
+    let mut reply = [0u8; 10];
+    client_peer.read_exact(&mut reply).unwrap();
+    assert_eq!(reply[..2], [5, 0x05], "connection refused");
+    assert_eq!(conn.client.linger().unwrap(), None);
+    let late = conn.handle(allowed("192.0.2.1:80"), &mut io(&mut pools));
+    assert!(matches!(late, Action::Wait([None, None])), "{late:?}");
+}
+
+#[test]
+fn a_head_not_whole_by_its_deadline_is_closed_and_a_bad_one_at_once() {
+    let mut pools = Pools::new(0, 4);
+    let (mut conn, mut client_peer) = routed(crate::route::RouteKind::Connect, Instant::now() + FAR);
+    client_peer.write_all(b"CONNECT a.example:443").unwrap();
+    assert!(matches!(conn.handle(Event::ClientReadable, &mut io(&mut pools)), Action::AwaitHead));
+    // The deadline has not passed: nothing happens.
+    let action = conn.handle(Event::DeadlinePassed, &mut io(&mut pools));
+    assert!(matches!(action, Action::Wait([None, None])), "{action:?}");
+    let (mut late, _late_peer) = routed(crate::route::RouteKind::Connect, Instant::now());
+    let action = late.handle(Event::DeadlinePassed, &mut io(&mut pools));
+    assert!(
+        matches!(action, Action::Close(Ending::Refused { decision: Decision::HeadTimeout, .. })),
+        "{action:?}"
+    );
+    // Not TLS on an SNI route: closed at once, with nothing sent.
+    let (mut sni, mut sni_peer) = routed(crate::route::RouteKind::Sni { port: 443 }, Instant::now() + FAR);
+    sni_peer.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+    let action = sni.handle(Event::ClientReadable, &mut io(&mut pools));
+    assert!(
+        matches!(action, Action::Close(Ending::Refused { decision: Decision::BadHead, .. })),
+        "{action:?}"
+    );
+    drop(sni);
+    let mut rest = Vec::new();
+    sni_peer.read_to_end(&mut rest).unwrap();
+    assert!(rest.is_empty());
+    // A client that connects and closes without a word is no failure.
+    let (mut probe, probe_peer) = routed(crate::route::RouteKind::Connect, Instant::now() + FAR);
+    probe_peer.shutdown(Shutdown::Write).unwrap();
+    let action = probe.handle(Event::ClientReadable, &mut io(&mut pools));
+    assert!(matches!(action, Action::Close(Ending::Finished)), "{action:?}");
+}
