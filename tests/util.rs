@@ -99,12 +99,13 @@ impl Proc {
     /// whose loopback interface is down; `None` when namespaces cannot be
     /// made here (not root).
     pub fn spawn_in_new_netns(binary: &str, args: &[&str]) -> Option<Proc> {
-        let probe = Command::new("unshare").args(["-n", "true"]).status();
-        if !probe.is_ok_and(|s| s.success()) {
-            return None;
-        }
+        // As root, a network namespace alone; otherwise inside a user
+        // namespace of our own too, where we hold CAP_NET_ADMIN over it.
+        let flags = ["-n", "-rn"].into_iter().find(|flags| {
+            Command::new("unshare").args([flags, "true"]).status().is_ok_and(|s| s.success())
+        })?;
         let mut command = Command::new("unshare");
-        command.arg("-n").arg(vsock_relay_testkit::binary(binary)).args(args);
+        command.arg(flags).arg(vsock_relay_testkit::binary(binary)).args(args);
         Some(Proc::launch(command))
     }
 

@@ -123,11 +123,13 @@ impl Service {
 pub struct RelayConfig {
     /// At least one; each gets its own listener, all share the workers.
     pub services: Vec<Service>,
-    /// Worker threads, each with its own ring; 0 means one per core.
+    /// Worker threads, each with its own driver (an io_uring ring, or
+    /// epoll); 0 means one per core.
     pub workers: usize,
     pub backend: BackendChoice,
-    /// How each direction moves bytes: `Auto` (by the source's family),
-    /// `Splice`, `Copy` or `Ring` everywhere.
+    /// How each direction moves bytes: `Auto` (by the families of both its
+    /// sides: adaptive where either is vsock, else splice), `Splice`, `Copy`
+    /// or `Ring` everywhere.
     pub data_path: DataPath,
     pub pipe_bytes: usize,
     pub connect_timeout: Duration,

@@ -56,15 +56,6 @@ impl Endpoint {
     pub fn tcp(addr: SocketAddr) -> Self {
         Endpoint::Tcp { host: Host::Ip(addr.ip()), port: addr.port() }
     }
-
-    /// A short name of the family, as in the text form.
-    pub fn family(&self) -> &'static str {
-        match self {
-            Endpoint::Vsock { .. } => "vsock",
-            Endpoint::Tcp { .. } => "tcp",
-            Endpoint::Unix { .. } => "unix",
-        }
-    }
 }
 
 impl fmt::Display for Host {

@@ -1,6 +1,6 @@
 //! A relay: one or more services (a listener and a target each) and worker
-//! threads (one ring each) that accept, connect upstream and pump bytes for
-//! all of them. Apps describe a relay with [`RelayConfig`] and hand it here;
+//! threads (each with its own driver: an io_uring ring, or epoll) that
+//! accept, connect upstream and pump bytes for all of them. Apps describe a relay with [`RelayConfig`] and hand it here;
 //! they hold no socket loops of their own.
 
 use std::fs::File;

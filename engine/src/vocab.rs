@@ -2,13 +2,15 @@
 //! which connection ([`Key`]), which way ([`Direction`]), what a socket is
 //! ready for ([`Readiness`]), what a ring operation reported
 //! ([`Completed`]), and the ring data path's operations ([`RingOps`]).
-//! It imports nothing of the engine but [`Side`], so every other module
-//! points down to it: worker -> conn -> movers -> vocab <- drivers.
+//! It imports nothing of the engine but [`Side`] and the ring buffer's
+//! token (from the leaf `driver/buffers.rs`), so every other module points
+//! down to it: worker -> conn -> movers -> vocab <- drivers.
 
 use std::io;
 
 use socket2::Socket;
 
+pub(crate) use crate::driver::buffers::RingBuffer;
 use crate::error::Side;
 
 /// The two directions of a connection.
@@ -62,38 +64,33 @@ impl Readiness {
     pub const BOTH: Readiness = Readiness { readable: true, writable: true };
 }
 
-/// What a completion reported.
-#[derive(Clone, Copy, Debug)]
+/// What a completion of the ring data path reported. It owns the buffer it
+/// names: dropping it gives the buffer back to the ring.
+#[derive(Debug)]
 pub enum Completed {
     /// A receive: bytes (or a negative errno) and the buffer it filled.
-    Received { result: i32, buffer: Option<u16> },
-    /// A send: bytes sent (or a negative errno).
-    Sent { result: i32 },
+    Received { result: i32, buffer: Option<RingBuffer> },
+    /// A send: bytes sent (or a negative errno), and the slice it was
+    /// given, handed back.
+    Sent { result: i32, slice: BufferSlice },
 }
 
 /// The ring data path's operations (io_uring with a provided-buffer ring).
-/// The same contract as [`Driver::watch`] holds for the sockets; a buffer
-/// named in a send must not be given back before the send completed.
+/// The same contract as [`crate::driver::Driver::watch`] holds for the
+/// sockets; a send takes its buffer and its completion hands it back.
 pub(crate) trait RingOps {
     /// Receives from `src` into a buffer the kernel picks; reported as
-    /// [`DriverEvent::Completed`] with [`Completed::Received`].
+    /// [`Completed::Received`].
     fn receive(&mut self, key: Key, direction: Direction, src: &Socket) -> io::Result<()>;
 
     /// Sends the bytes of `slice` to `dst`; reported as [`Completed::Sent`].
     fn send(&mut self, key: Key, direction: Direction, dst: &Socket, slice: BufferSlice) -> io::Result<()>;
-
-    /// Puts a buffer its owner is done with back in the ring.
-    fn give_back(&mut self, buffer: u16);
-
-    /// Whether this direction's send is still the kernel's (its completion
-    /// not reaped yet): the driver then gives its buffer back when it is.
-    fn sending(&self, key: Key, direction: Direction) -> bool;
 }
 
-/// Bytes in one buffer of the ring: `len` of them from `offset`.
-#[derive(Clone, Copy, Debug)]
+/// Bytes in one buffer of the ring, owned: `len` of them from `offset`.
+#[derive(Debug)]
 pub(crate) struct BufferSlice {
-    pub buffer: u16,
+    pub buffer: RingBuffer,
     pub offset: u32,
     pub len: u32,
 }
@@ -112,13 +109,5 @@ impl BufferIo<'_> {
 
     pub fn send(&mut self, dst: &Socket, slice: BufferSlice) -> io::Result<()> {
         self.ops.send(self.key, self.direction, dst, slice)
-    }
-
-    pub fn give_back(&mut self, buffer: u16) {
-        self.ops.give_back(buffer);
-    }
-
-    pub fn sending(&self) -> bool {
-        self.ops.sending(self.key, self.direction)
     }
 }

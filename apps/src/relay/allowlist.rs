@@ -184,11 +184,6 @@ impl Allowlist {
         Ok(Allowlist { entries, path: path.into() })
     }
 
-    /// The config file this allowlist was read from.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     /// Is connecting to `address` for `host:port` allowed (see the module
     /// docs)? Entries given by name are resolved with `resolver`.
     pub fn admits(

@@ -178,7 +178,8 @@ fn host_text(host: &Host) -> String {
     }
 }
 
-/// A validated proxy description.
+/// A proxy description from the command line or a services file, parsed
+/// but not yet checked: [`start`] checks the targets against the allowlist.
 #[derive(Clone, Debug)]
 pub struct ProxySettings {
     pub services: Vec<ServiceSpec>,

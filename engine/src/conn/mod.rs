@@ -38,10 +38,11 @@ use crate::pool::Pools;
 use crate::route::router::Verdict;
 use crate::route::{Decision, Head, Outcome, Parse, MAX_HEAD_BYTES};
 use crate::socket;
-use crate::vocab::{BufferIo, Completed, Direction, Key, RingOps};
+use crate::vocab::{BufferIo, Completed, Direction, Key, Readiness, RingOps};
 use pump::{DataPath, Pump, Wait};
 use ringpump::RingPump;
 
+mod half_close;
 pub(crate) mod pump;
 mod ringpump;
 
@@ -150,8 +151,8 @@ impl Mover {
     /// and closing the sockets passes it on (no `shutdown` first).
     fn end_with_close(&mut self) {
         match self {
-            Mover::Pump(pump) => pump.half_close = false,
-            Mover::Ring(ring) => ring.half_close = false,
+            Mover::Pump(pump) => pump.half_close.end_with_close(),
+            Mover::Ring(ring) => ring.half_close.end_with_close(),
         }
     }
 }
@@ -218,6 +219,8 @@ pub struct Connection {
     answered: bool,
     edge_triggered: bool,
     movers: [Mover; 2],
+    /// What each direction waits for (`None`: not started).
+    waits: [Option<Wait>; 2],
 }
 
 impl Connection {
@@ -263,6 +266,7 @@ impl Connection {
             prelude_ours: 0,
             answered: false,
             edge_triggered: false,
+            waits: [None, None],
             movers: [
                 Mover::new(Side::Client, Side::Upstream, DataPath::Copy),
                 Mover::new(Side::Upstream, Side::Client, DataPath::Copy),
@@ -384,6 +388,12 @@ impl Connection {
 
     /// Starts the upstream connect to `addr` (after [`Connection::attach`]).
     pub fn start(&mut self, addr: &SockAddr, io: &mut Io<'_>) -> Action {
+        let action = self.start_connect(addr, io);
+        self.note_waits(&action);
+        action
+    }
+
+    fn start_connect(&mut self, addr: &SockAddr, io: &mut Io<'_>) -> Action {
         let Some(upstream) = &self.upstream else {
             let e = io::Error::other("no upstream socket attached");
             return self.fail(ConnError::new(Side::Upstream, Op::Connect, e), io);
@@ -404,6 +414,51 @@ impl Connection {
 
     /// Every transition after the start.
     pub fn handle(&mut self, event: Event, io: &mut Io<'_>) -> Action {
+        let action = self.transition(event, io);
+        self.note_waits(&action);
+        action
+    }
+
+    /// What each direction waits for now (`None`: not started).
+    pub fn waiting(&self, direction: Direction) -> Option<Wait> {
+        self.waits[direction as usize]
+    }
+
+    /// What `readiness` of the connection's `side` socket means to it: the
+    /// events to handle, in order (a second one only while the connection
+    /// is still open after the first).
+    pub fn on_ready(&self, side: Side, readiness: Readiness) -> [Option<Event>; 2] {
+        match self.state {
+            ConnState::ReadingHead { .. } if side == Side::Client && readiness.readable => {
+                [Some(Event::ClientReadable), None]
+            }
+            ConnState::Connecting { .. } if side == Side::Upstream && readiness.writable => {
+                [Some(Event::UpstreamWritable), None]
+            }
+            // Early client bytes wait: the pumps start after the connect.
+            ConnState::Relaying => Direction::BOTH.map(|direction| {
+                let waits_here = match self.waits[direction as usize] {
+                    Some(Wait::Readable) => direction.source() == side && readiness.readable,
+                    Some(Wait::Writable) => direction.destination() == side && readiness.writable,
+                    _ => false,
+                };
+                waits_here.then_some(Event::Ready(direction))
+            }),
+            _ => [None, None],
+        }
+    }
+
+    fn note_waits(&mut self, action: &Action) {
+        if let Action::Wait(waits) = action {
+            for (noted, wait) in self.waits.iter_mut().zip(waits) {
+                if wait.is_some() {
+                    *noted = *wait;
+                }
+            }
+        }
+    }
+
+    fn transition(&mut self, event: Event, io: &mut Io<'_>) -> Action {
         match (self.state, event) {
             // More of the head: parse it; a whole head goes to the router.
             (ConnState::ReadingHead { .. }, Event::ClientReadable) => self.read_head(io),
@@ -620,11 +675,10 @@ impl Connection {
     /// dropped.
     fn close(&mut self, ending: Ending, io: &mut Io<'_>) -> Action {
         self.state = ConnState::Closed;
-        for (mover, direction) in self.movers.iter_mut().zip(Direction::BOTH) {
-            match (mover, io.ring.as_deref_mut()) {
-                (Mover::Pump(pump), _) => pump.release(io.pools),
-                (Mover::Ring(ring), Some(ops)) => ring.release(&mut BufferIo { ops, key: io.key, direction }),
-                (Mover::Ring(_), None) => {}
+        for mover in &mut self.movers {
+            match mover {
+                Mover::Pump(pump) => pump.release(io.pools),
+                Mover::Ring(ring) => ring.release(),
             }
         }
         if let Ending::Failed(_) | Ending::Idle(_) = ending {

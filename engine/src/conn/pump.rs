@@ -19,11 +19,11 @@
 //!   the size of each read.
 
 use std::io::{self, Read};
-use std::net::Shutdown;
 use std::os::fd::AsFd;
 
 use socket2::{Domain, Socket};
 
+use super::half_close::HalfClose;
 use crate::error::{ConnError, Op, Side};
 use crate::pool::{Buffer, Pipe, Pools};
 use crate::sys;
@@ -144,12 +144,7 @@ pub struct Pump {
     /// Readiness is reported while it lasts (io_uring polls), not once per
     /// change (epoll's edges): then a short read needs no confirming read.
     pub level_triggered: bool,
-    eof: bool,
-    finished: bool,
-    /// Pass EOF on with `shutdown(SHUT_WR)`; off once the other direction
-    /// finished, as the connection then closes both sockets at once and the
-    /// close ends the stream (on vsock, one packet instead of two).
-    pub half_close: bool,
+    pub half_close: HalfClose,
     /// Bytes delivered to the destination so far.
     pub bytes: u64,
     /// Test seam: act as if the source's family refused splice (as vsock
@@ -175,9 +170,7 @@ impl Pump {
             streaming: path == DataPath::Splice,
             drained: false,
             level_triggered: true,
-            eof: false,
-            finished: false,
-            half_close: true,
+            half_close: HalfClose::new(),
             bytes: 0,
             #[cfg(test)]
             refuse_splice: false,
@@ -185,7 +178,7 @@ impl Pump {
     }
 
     pub fn is_finished(&self) -> bool {
-        self.finished
+        self.half_close.is_finished()
     }
 
     #[cfg(test)]
@@ -209,8 +202,8 @@ impl Pump {
             }
             // Everything read so far is delivered.
             self.release(pools);
-            if self.eof {
-                return self.pass_on_eof(dst).map(|()| (Wait::Finished, moved));
+            if self.half_close.delivered(dst, self.to)? {
+                return Ok((Wait::Finished, moved));
             }
             if moved >= RUN_BUDGET_BYTES {
                 return Ok((Wait::Yield, moved));
@@ -224,10 +217,10 @@ impl Pump {
                 return Ok((Wait::Readable, moved));
             }
             match self.fill(src, pools) {
-                Ok(0) => self.eof = true,
+                Ok(0) => self.half_close.source_ended(),
                 // A vsock socket whose peer closed can answer ENOTCONN
                 // instead of 0: the same end of stream.
-                Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => self.eof = true,
+                Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => self.half_close.source_ended(),
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     self.release(pools);
@@ -303,19 +296,6 @@ impl Pump {
                 }
                 result
             }
-        }
-    }
-
-    fn pass_on_eof(&mut self, dst: &Socket) -> Result<(), ConnError> {
-        self.finished = true;
-        if !self.half_close {
-            return Ok(());
-        }
-        match dst.shutdown(Shutdown::Write) {
-            // The destination already went away entirely: nothing left to tell it.
-            Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(()),
-            Err(e) => Err(ConnError::new(self.to, Op::Shutdown, e)),
-            Ok(()) => Ok(()),
         }
     }
 
@@ -485,7 +465,7 @@ mod tests {
     }
 
     #[test]
-    fn closed_source_finishes_without_taking_a_pipe() {
+    fn closed_source_finishes_and_gives_its_pipe_back() {
         let (src, src_peer) = pair();
         let (dst, mut dst_peer) = pair();
         drop(src_peer);

@@ -11,18 +11,18 @@
 //!   (backpressure) and cannot drain the worker's ring.
 //! - One send in flight per direction, from the oldest buffer: bytes leave
 //!   in the order they came.
-//! - A buffer goes back to the ring once its last byte was sent; at close,
-//!   every buffer not used by a send still in the kernel goes back (the
-//!   driver returns that one when the send completes). A receive completion
-//!   that reaches a connection after its close brings a buffer nobody else
-//!   owns: the worker gives it back.
+//! - Buffers are owned tokens (`driver/buffers.rs`): a receive's completion
+//!   brings one, a send takes the oldest and its completion hands it back
+//!   with what is left to send. A buffer wholly sent, or still held when the
+//!   connection closes, is dropped, which gives it back to the ring; nothing
+//!   here gives buffers back by hand.
 
 use std::collections::VecDeque;
 use std::io;
-use std::net::Shutdown;
 
 use socket2::Socket;
 
+use super::half_close::{HalfClose, Stage};
 use super::pump::Wait;
 use crate::error::{ConnError, Op, Side};
 use crate::vocab::{BufferIo, BufferSlice, Completed};
@@ -30,20 +30,22 @@ use crate::vocab::{BufferIo, BufferSlice, Completed};
 /// Buffers one direction may hold (received, not yet sent).
 const MAX_HELD: usize = 2;
 
+/// A direction's operation in flight, if any, of each kind.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct InFlight {
+    receive: bool,
+    send: bool,
+}
+
 #[derive(Debug)]
 pub struct RingPump {
     from: Side,
     to: Side,
-    /// Buffers received and not wholly sent, oldest first: (id, length).
-    held: VecDeque<(u16, u32)>,
-    /// Bytes of the oldest buffer already sent.
-    sent: u32,
-    receiving: bool,
-    sending: bool,
-    eof: bool,
-    finished: bool,
-    /// Pass EOF on with `shutdown(SHUT_WR)` (see `Pump::half_close`).
-    pub half_close: bool,
+    /// Bytes received and not yet sent, oldest first (the one a send in
+    /// flight took is the driver's until its completion).
+    held: VecDeque<BufferSlice>,
+    in_flight: InFlight,
+    pub half_close: HalfClose,
     /// Bytes delivered to the destination so far.
     pub bytes: u64,
 }
@@ -58,47 +60,40 @@ impl RingPump {
             from,
             to,
             held: VecDeque::with_capacity(MAX_HELD),
-            sent: 0,
-            receiving: false,
-            sending: false,
-            eof: false,
-            finished: false,
-            half_close: true,
+            in_flight: InFlight::default(),
+            half_close: HalfClose::new(),
             bytes: 0,
         }
     }
 
     pub fn is_finished(&self) -> bool {
-        self.finished
+        self.half_close.is_finished()
+    }
+
+    /// Buffers this direction holds, the one a send in flight took included.
+    fn holding(&self) -> usize {
+        self.held.len() + usize::from(self.in_flight.send)
     }
 
     /// Submits what can be submitted now: the next send, the next receive,
     /// or, with everything delivered after EOF, the half-close.
     pub fn step(&mut self, src: &Socket, dst: &Socket, io: &mut BufferIo<'_>) -> Result<Wait, ConnError> {
-        if self.finished {
+        if self.is_finished() {
             return Ok(Wait::Finished);
         }
-        if let (false, Some(&(buffer, len))) = (self.sending, self.held.front()) {
-            let slice = BufferSlice { buffer, offset: self.sent, len: len - self.sent };
-            io.send(dst, slice).map_err(|e| ConnError::new(self.to, Op::Write, e))?;
-            self.sending = true;
-        }
-        if !self.receiving && !self.eof && self.held.len() < MAX_HELD {
-            io.receive(src).map_err(|e| ConnError::new(self.from, Op::Read, e))?;
-            self.receiving = true;
-        }
-        if self.eof && self.held.is_empty() && !self.sending {
-            self.finished = true;
-            if !self.half_close {
-                return Ok(Wait::Finished);
+        if !self.in_flight.send {
+            if let Some(slice) = self.held.pop_front() {
+                io.send(dst, slice).map_err(|e| ConnError::new(self.to, Op::Write, e))?;
+                self.in_flight.send = true;
             }
-            return match dst.shutdown(Shutdown::Write) {
-                // The destination already went away entirely: nothing left to tell it.
-                Err(e) if e.kind() != io::ErrorKind::NotConnected => {
-                    Err(ConnError::new(self.to, Op::Shutdown, e))
-                }
-                _ => Ok(Wait::Finished),
-            };
+        }
+        let open = self.half_close.stage() == Stage::Open;
+        if !self.in_flight.receive && open && self.holding() < MAX_HELD {
+            io.receive(src).map_err(|e| ConnError::new(self.from, Op::Read, e))?;
+            self.in_flight.receive = true;
+        }
+        if self.holding() == 0 && self.half_close.delivered(dst, self.to)? {
+            return Ok(Wait::Finished);
         }
         Ok(Wait::Completion)
     }
@@ -115,17 +110,14 @@ impl RingPump {
         let mut delivered = 0;
         match completed {
             Completed::Received { result, buffer } => {
-                self.receiving = false;
+                self.in_flight.receive = false;
                 match (result, buffer) {
-                    (1.., Some(buffer)) => self.held.push_back((buffer, result.unsigned_abs())),
-                    (0, _) => {
-                        self.eof = true;
-                        if let Some(buffer) = buffer {
-                            io.give_back(buffer);
-                        }
+                    (1.., Some(buffer)) => {
+                        self.held.push_back(BufferSlice { buffer, offset: 0, len: result.unsigned_abs() });
                     }
+                    (0, _) => self.half_close.source_ended(),
                     // A vsock socket whose peer closed can answer ENOTCONN.
-                    (_, _) if result == -libc::ENOTCONN => self.eof = true,
+                    (_, _) if result == -libc::ENOTCONN => self.half_close.source_ended(),
                     (_, _) if result == -libc::ENOBUFS => {
                         // Every buffer of the ring is in use: try again after the others.
                         return Ok((Wait::Yield, 0));
@@ -137,25 +129,23 @@ impl RingPump {
                     _ => return Err(ConnError::new(self.from, Op::Read, os_error(result))),
                 }
             }
-            Completed::Sent { result } => {
-                self.sending = false;
-                let Some(&(buffer, len)) = self.held.front() else {
-                    return Err(ConnError::new(
-                        self.to,
-                        Op::Write,
-                        io::Error::other("a send completed unasked"),
-                    ));
-                };
+            Completed::Sent { result, mut slice } => {
+                if !self.in_flight.send {
+                    let e = io::Error::other("a send completed unasked");
+                    return Err(ConnError::new(self.to, Op::Write, e));
+                }
+                self.in_flight.send = false;
                 match result {
                     1.. => {
-                        let n = result.unsigned_abs();
-                        self.sent += n;
+                        let n = result.unsigned_abs().min(slice.len);
                         self.bytes += u64::from(n);
                         delivered = u64::from(n);
-                        if self.sent >= len {
-                            self.held.pop_front();
-                            self.sent = 0;
-                            io.give_back(buffer);
+                        slice.offset += n;
+                        slice.len -= n;
+                        // The rest goes first next; a buffer wholly sent is
+                        // dropped here, which gives it back to the ring.
+                        if slice.len > 0 {
+                            self.held.push_front(slice);
                         }
                     }
                     0 => {
@@ -169,13 +159,9 @@ impl RingPump {
         self.step(src, dst, io).map(|wait| (wait, delivered))
     }
 
-    /// At close: gives back every buffer no send in flight uses. A send
-    /// whose completion the driver reaped but this pump has not seen yet is
-    /// over: its buffer goes back too.
-    pub fn release(&mut self, io: &mut BufferIo<'_>) {
-        let keep = usize::from(self.sending && io.sending());
-        for (buffer, _) in self.held.drain(keep..) {
-            io.give_back(buffer);
-        }
+    /// At close: drops the buffers held, which gives them back to the ring
+    /// now (the one a send in flight took goes back with its completion).
+    pub fn release(&mut self) {
+        self.held.clear();
     }
 }

@@ -3,11 +3,13 @@
 //! progress, a closed port for a refused connect.
 
 use super::*;
+use crate::driver::buffers::Returns;
 use crate::vocab::BufferSlice;
 use socket2::{Domain, Type};
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener};
 use std::os::unix::net::UnixStream;
+use std::rc::Rc;
 
 const FAR: Duration = Duration::from_secs(60);
 
@@ -250,14 +252,35 @@ fn a_failing_side_resets_both() {
 }
 
 /// The driver side of the ring path, faked: records what the pumps
-/// submit; the test plays the kernel and feeds completions back.
+/// submit and keeps the slices sends took; the test plays the kernel and
+/// feeds completions back.
 #[derive(Default)]
 struct FakeRing {
-    /// Whether a send's completion is still the kernel's.
-    in_kernel: bool,
+    returns: Rc<Returns>,
     received: Vec<Direction>,
     sent: Vec<(Direction, u16, u32, u32)>,
+    /// What sends in flight took, oldest first (the kernel's until completed).
+    sending: Vec<BufferSlice>,
     given_back: Vec<u16>,
+}
+
+impl FakeRing {
+    /// A receive's completion into buffer `id`, `result` bytes.
+    fn received(&self, direction: Direction, result: i32, id: Option<u16>) -> Event {
+        let buffer = id.map(|id| self.returns.lend_for_test(id));
+        Event::Completed(direction, Completed::Received { result, buffer })
+    }
+
+    /// The completion of the oldest send in flight.
+    fn sent(&mut self, direction: Direction, result: i32) -> Event {
+        Event::Completed(direction, Completed::Sent { result, slice: self.sending.remove(0) })
+    }
+
+    /// Every buffer given back so far (a token dropped), in order.
+    fn given_back(&mut self) -> &[u16] {
+        self.given_back.extend(self.returns.take());
+        &self.given_back
+    }
 }
 
 impl RingOps for FakeRing {
@@ -267,16 +290,9 @@ impl RingOps for FakeRing {
     }
 
     fn send(&mut self, _key: Key, direction: Direction, _dst: &Socket, slice: BufferSlice) -> io::Result<()> {
-        self.sent.push((direction, slice.buffer, slice.offset, slice.len));
+        self.sent.push((direction, slice.buffer.id(), slice.offset, slice.len));
+        self.sending.push(slice);
         Ok(())
-    }
-
-    fn give_back(&mut self, buffer: u16) {
-        self.given_back.push(buffer);
-    }
-
-    fn sending(&self, _key: Key, _direction: Direction) -> bool {
-        self.in_kernel
     }
 }
 
@@ -295,32 +311,38 @@ fn ring_path_receives_sends_in_order_gives_buffers_back_and_half_closes() {
     assert_eq!(ring.received, [Direction::ToUpstream, Direction::ToClient], "both directions receive");
 
     let up = Direction::ToUpstream;
-    let received = |result, buffer| Event::Completed(up, Completed::Received { result, buffer });
     // Two buffers arrive: one send in flight at a time, oldest first;
     // with two held, no further receive.
-    conn.handle(received(100, Some(7)), &mut ring_io(&mut pools, &mut ring));
-    conn.handle(received(50, Some(9)), &mut ring_io(&mut pools, &mut ring));
+    let event = ring.received(up, 100, Some(7));
+    conn.handle(event, &mut ring_io(&mut pools, &mut ring));
+    let event = ring.received(up, 50, Some(9));
+    conn.handle(event, &mut ring_io(&mut pools, &mut ring));
     assert_eq!(ring.sent, [(up, 7, 0, 100)]);
     assert_eq!(ring.received.len(), 3, "a receive after the first buffer, none with two held");
     // A short send: the rest of the same buffer goes next.
+    let event = ring.sent(up, 60);
     let mut io = ring_io(&mut pools, &mut ring);
-    conn.handle(Event::Completed(up, Completed::Sent { result: 60 }), &mut io);
+    conn.handle(event, &mut io);
     assert_eq!(io.moved, [60, 0]);
     assert_eq!(ring.sent.last(), Some(&(up, 7, 60, 40)));
-    assert!(ring.given_back.is_empty());
-    conn.handle(Event::Completed(up, Completed::Sent { result: 40 }), &mut ring_io(&mut pools, &mut ring));
-    assert_eq!((ring.given_back.as_slice(), ring.sent.last()), (&[7][..], Some(&(up, 9, 0, 50))));
+    assert!(ring.given_back().is_empty());
+    let event = ring.sent(up, 40);
+    conn.handle(event, &mut ring_io(&mut pools, &mut ring));
+    assert_eq!(ring.sent.last(), Some(&(up, 9, 0, 50)));
+    assert_eq!(ring.given_back(), [7], "a buffer wholly sent goes back");
     assert_eq!(ring.received.len(), 4, "one buffer held again: receive");
     // EOF while a send is in flight: the half-close waits for it.
-    conn.handle(received(0, None), &mut ring_io(&mut pools, &mut ring));
+    let event = ring.received(up, 0, None);
+    conn.handle(event, &mut ring_io(&mut pools, &mut ring));
     let mut got = [0u8; 1];
     upstream_peer.set_nonblocking(true).unwrap();
     assert!(upstream_peer.read(&mut got).is_err(), "no EOF before the last send completed");
-    let action = conn
-        .handle(Event::Completed(up, Completed::Sent { result: 50 }), &mut ring_io(&mut pools, &mut ring));
+    let event = ring.sent(up, 50);
+    let action = conn.handle(event, &mut ring_io(&mut pools, &mut ring));
     assert!(matches!(action, Action::Wait([Some(Wait::Finished), None])), "{action:?}");
     assert_eq!(upstream_peer.read(&mut got).unwrap(), 0, "EOF passed upstream");
-    assert_eq!((ring.given_back.as_slice(), conn.bytes()), (&[7, 9][..], (150, 0)));
+    assert_eq!(conn.bytes(), (150, 0));
+    assert_eq!(ring.given_back(), [7, 9]);
 }
 
 #[test]
@@ -331,29 +353,31 @@ fn ring_path_failure_resets_and_gives_back_what_no_send_uses() {
     let mut conn = Connection::new(4, client, upstream, [DataPath::Ring; 2], Instant::now() + FAR);
     conn.handle(Event::UpstreamWritable, &mut ring_io(&mut pools, &mut ring));
     let down = Direction::ToClient;
-    let received = |result, buffer| Event::Completed(down, Completed::Received { result, buffer });
-    conn.handle(received(10, Some(1)), &mut ring_io(&mut pools, &mut ring));
-    conn.handle(received(10, Some(2)), &mut ring_io(&mut pools, &mut ring));
-    // A send whose completion is still in the kernel keeps its buffer at
-    // close; one already reaped gives it back (the driver's part is the first).
+    let event = ring.received(down, 10, Some(1));
+    conn.handle(event, &mut ring_io(&mut pools, &mut ring));
+    let event = ring.received(down, 10, Some(2));
+    conn.handle(event, &mut ring_io(&mut pools, &mut ring));
+    // At close, a send still in the kernel keeps its buffer (its token is
+    // the driver's) until its completion; the held ones go back at once.
     let (client, _peer_a) = pair();
     let (upstream, _peer_b) = pair();
     let mut other = Connection::new(5, client, upstream, [DataPath::Ring; 2], Instant::now() + FAR);
-    let mut other_ring = FakeRing { in_kernel: true, ..FakeRing::default() };
+    let mut other_ring = FakeRing::default();
     other.handle(Event::UpstreamWritable, &mut ring_io(&mut pools, &mut other_ring));
-    other.handle(received(10, Some(4)), &mut ring_io(&mut pools, &mut other_ring));
-    other.handle(received(10, Some(6)), &mut ring_io(&mut pools, &mut other_ring));
-    let e = Event::Completed(
-        Direction::ToUpstream,
-        Completed::Received { result: -libc::ECONNRESET, buffer: None },
-    );
+    let event = other_ring.received(down, 10, Some(4));
+    other.handle(event, &mut ring_io(&mut pools, &mut other_ring));
+    let event = other_ring.received(down, 10, Some(6));
+    other.handle(event, &mut ring_io(&mut pools, &mut other_ring));
+    let e = other_ring.received(Direction::ToUpstream, -libc::ECONNRESET, None);
     failed(other.handle(e, &mut ring_io(&mut pools, &mut other_ring)));
-    assert_eq!(other_ring.given_back, [6], "buffer 4 is still being sent");
+    assert_eq!(other_ring.given_back(), [6], "buffer 4 is still being sent");
+    drop(other_ring.sent(down, 10));
+    assert_eq!(other_ring.given_back(), [6, 4], "back with its send's completion");
     // The client side fails a send: the whole connection ends with a reset.
-    let sent = Event::Completed(down, Completed::Sent { result: -libc::EPIPE });
+    let sent = ring.sent(down, -libc::EPIPE);
     let e = failed(conn.handle(sent, &mut ring_io(&mut pools, &mut ring)));
     assert_eq!((e.side, e.op), (Side::Client, Op::Write));
-    assert_eq!(ring.given_back, [1, 2], "both buffers back (the failed send is over)");
+    assert_eq!(ring.given_back(), [1, 2], "both buffers back (the failed send is over)");
     assert_eq!(conn.client.linger().unwrap(), Some(Duration::ZERO));
     assert_eq!(conn.state, ConnState::Closed);
 }

@@ -5,18 +5,74 @@
 //! connections. With `ring.rs` and `sys.rs`, one of the engine's unsafe
 //! fences.
 //!
-//! Ownership: a buffer is the kernel's while it sits in the ring; a receive
-//! completion hands it to the connection that received into it; the
-//! connection hands it back (`give_back`) once a send of its bytes completed.
+//! Ownership, as compio's buffer pools do it: a buffer is the kernel's while
+//! it sits in the ring; a receive completion hands it out as a
+//! [`RingBuffer`], a token that is neither `Copy` nor `Clone`, so one owner
+//! holds it at a time: the ring pump that received into it, then the driver
+//! while a send reads it (the send takes the token by value and its
+//! completion hands it back). Dropping the token is the one way a buffer
+//! returns: it goes on the ring's [`Returns`] list, and the ring publishes
+//! the list to the kernel before its next wait ([`BufferRing::publish`]).
 
+use std::cell::RefCell;
+use std::fmt;
 use std::io;
 use std::ptr::NonNull;
+use std::rc::Rc;
 use std::sync::atomic::{AtomicU16, Ordering};
 
 use io_uring::types::BufRingEntry;
 
 /// The ring entries must start on a page boundary.
 const PAGE_BYTES: usize = 4096;
+
+/// Buffers whose tokens were dropped since the ring last published them.
+#[derive(Debug, Default)]
+pub struct Returns(RefCell<Vec<u16>>);
+
+impl Returns {
+    /// A token for buffer `id`, which a completion just handed out. Only
+    /// the ring lends (and tests, with a list of their own).
+    pub(in crate::driver) fn lend(self: &Rc<Self>, id: u16) -> RingBuffer {
+        RingBuffer { id, returns: Rc::clone(self) }
+    }
+
+    #[cfg(test)]
+    pub(crate) fn lend_for_test(self: &Rc<Self>, id: u16) -> RingBuffer {
+        self.lend(id)
+    }
+
+    /// The buffers returned since the last call, in the order they came.
+    pub fn take(&self) -> Vec<u16> {
+        std::mem::take(&mut *self.0.borrow_mut())
+    }
+}
+
+/// One buffer of the ring, owned (see the module's doc). Dropping it gives
+/// the buffer back.
+pub(crate) struct RingBuffer {
+    id: u16,
+    returns: Rc<Returns>,
+}
+
+impl RingBuffer {
+    #[cfg(test)]
+    pub fn id(&self) -> u16 {
+        self.id
+    }
+}
+
+impl fmt::Debug for RingBuffer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "RingBuffer({})", self.id)
+    }
+}
+
+impl Drop for RingBuffer {
+    fn drop(&mut self) {
+        self.returns.0.borrow_mut().push(self.id);
+    }
+}
 
 pub struct BufferRing {
     /// One anonymous mapping: the ring's entries on the first page(s), then
@@ -30,6 +86,7 @@ pub struct BufferRing {
     buffer_bytes: u32,
     /// The next tail to publish (the kernel reads it, we write it).
     tail: u16,
+    returns: Rc<Returns>,
 }
 
 impl BufferRing {
@@ -68,9 +125,10 @@ impl BufferRing {
             count,
             buffer_bytes,
             tail: 0,
+            returns: Rc::default(),
         };
         for id in 0..count {
-            ring.give_back(id);
+            ring.put(id);
         }
         Ok(ring)
     }
@@ -88,8 +146,27 @@ impl BufferRing {
         self.buffer_bytes
     }
 
-    /// Where buffer `id`'s bytes start, plus `offset`.
-    pub fn address(&self, id: u16, offset: u32) -> *const u8 {
+    /// A token for buffer `id`, named by a receive's completion: the
+    /// kernel took it from the ring, so nobody else holds it.
+    pub fn lend(&self, id: u16) -> RingBuffer {
+        self.returns.lend(id)
+    }
+
+    /// Puts every buffer whose token was dropped back in the ring, for the
+    /// kernel to fill again. The ring calls it before each wait: with
+    /// DEFER_TASKRUN the kernel fills buffers only inside that wait.
+    pub fn publish(&mut self) {
+        for id in self.returns.take() {
+            self.put(id);
+        }
+    }
+
+    /// Where buffer `buffer`'s bytes start, plus `offset`.
+    pub fn address_of(&self, buffer: &RingBuffer, offset: u32) -> *const u8 {
+        self.address(buffer.id, offset)
+    }
+
+    fn address(&self, id: u16, offset: u32) -> *const u8 {
         let at = usize::from(id % self.count) * self.buffer_bytes as usize
             + offset.min(self.buffer_bytes) as usize;
         // SAFETY: `at` is within the allocation (id is reduced modulo count,
@@ -97,9 +174,9 @@ impl BufferRing {
         unsafe { self.memory.as_ptr().add(at) }
     }
 
-    /// Puts buffer `id` back in the ring for the kernel to fill again. The
-    /// caller must own it (no operation in flight uses it).
-    pub fn give_back(&mut self, id: u16) {
+    /// Puts buffer `id` in the ring: at the start, or once its token was
+    /// dropped (no owner, no operation in flight uses it).
+    fn put(&mut self, id: u16) {
         let mask = self.count - 1;
         let slot = usize::from(self.tail & mask);
         let address = self.address(id, 0) as u64;

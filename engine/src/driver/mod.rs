@@ -19,7 +19,7 @@ use crate::error::{Error, Side};
 use crate::vocab::{Completed, Direction, Key, Readiness, RingOps};
 use ring::{Ring, Unavailable};
 
-mod buffers;
+pub(crate) mod buffers;
 mod epoll;
 pub(crate) mod ring;
 mod uring;

@@ -6,9 +6,10 @@
 //! sends of the ring data path), which live as long as the ring. What the
 //! kernel does keep after a submission is a descriptor number (and, for a
 //! send, which buffer), so the functions that submit one are `unsafe fn`:
-//! the caller promises the descriptor stays open (and the buffer stays
-//! unreturned) until the operation's last completion has been reaped (the
-//! io_uring driver keeps that promise; see `driver::Driver`).
+//! the caller promises the descriptor stays open until the operation's last
+//! completion has been reaped (the io_uring driver keeps that promise; see
+//! `driver::Driver`). A send's buffer cannot return to the ring early: the
+//! send takes its token, which the driver holds until the completion.
 
 use std::fmt;
 use std::io;
@@ -18,17 +19,18 @@ use std::time::Duration;
 use io_uring::{cqueue, opcode, squeue, types, IoUring, Probe};
 use socket2::Socket;
 
-use super::buffers::BufferRing;
+use super::buffers::{BufferRing, RingBuffer};
 
-/// One completed operation.
-#[derive(Clone, Copy, Debug)]
+/// One completed operation. Neither `Copy` nor `Clone`: it may own a ring
+/// buffer, or (an accept's) a descriptor, taken once by [`accepted_socket`].
+#[derive(Debug)]
 pub struct Completion {
     pub user_data: u64,
     pub result: i32,
     /// A multishot operation stays armed and will complete again.
     pub more: bool,
     /// The provided buffer a receive filled.
-    pub buffer: Option<u16>,
+    pub buffer: Option<RingBuffer>,
 }
 
 /// The opcodes the driver needs, probed at start.
@@ -152,16 +154,16 @@ impl Ring {
         self.push(&entry)
     }
 
-    /// Sends `len` bytes of buffer `buffer`, from `offset`, to `fd`.
+    /// Sends `len` bytes of `buffer`, from `offset`, to `fd`.
     ///
     /// # Safety
     ///
-    /// `fd` must stay open, and `buffer` must not be given back, until this
-    /// send's completion has been reaped.
+    /// `fd` must stay open, and `buffer`'s token must be kept (not dropped),
+    /// until this send's completion has been reaped.
     pub unsafe fn send(
         &mut self,
         fd: BorrowedFd<'_>,
-        buffer: u16,
+        buffer: &RingBuffer,
         offset: u32,
         len: u32,
         user_data: u64,
@@ -170,18 +172,11 @@ impl Ring {
             return Err(io::Error::new(io::ErrorKind::Unsupported, "no buffer ring"));
         };
         let len = len.min(buffers.buffer_bytes().saturating_sub(offset));
-        let entry = opcode::Send::new(types::Fd(fd.as_raw_fd()), buffers.address(buffer, offset), len)
+        let entry = opcode::Send::new(types::Fd(fd.as_raw_fd()), buffers.address_of(buffer, offset), len)
             .flags(libc::MSG_NOSIGNAL)
             .build()
             .user_data(user_data);
         self.push(&entry)
-    }
-
-    /// Puts a buffer back in the ring (its owner is done with it).
-    pub fn give_back(&mut self, buffer: u16) {
-        if let Some(buffers) = &mut self.buffers {
-            buffers.give_back(buffer);
-        }
     }
 
     /// Checks that this kernel lets us set up a ring with every opcode and
@@ -208,9 +203,12 @@ impl Ring {
 
     fn push(&mut self, entry: &squeue::Entry) -> io::Result<()> {
         loop {
-            // SAFETY: every entry built in this module references no user
-            // memory; the descriptors it names are kept open by the callers
-            // of the `unsafe fn`s below, as their contracts say.
+            // SAFETY: the memory an entry built in this module references
+            // is the ring's own: a send's bytes in the provided-buffer ring,
+            // mapped as long as the ring, whose token the caller keeps until
+            // the completion (`Ring::send`); a receive's buffer is picked by
+            // the kernel from those it was given. Descriptors are kept open
+            // by the callers of the `unsafe fn`s, as their contracts say.
             if unsafe { self.ring.submission().push(entry) }.is_ok() {
                 return Ok(());
             }
@@ -254,6 +252,9 @@ impl Ring {
     /// kernel post finished work (with DEFER_TASKRUN it does so only when
     /// asked) and never sleeps.
     pub fn wait(&mut self, timeout: Option<Duration>) -> io::Result<()> {
+        if let Some(buffers) = &mut self.buffers {
+            buffers.publish();
+        }
         let result = match timeout {
             None => self.ring.submit_and_wait(1).map(drop),
             Some(Duration::ZERO) => self.ring.submit().and_then(|_| {
@@ -276,21 +277,30 @@ impl Ring {
         }
     }
 
-    /// Moves every available completion into `out`.
+    /// Moves every available completion into `out`; a receive's buffer
+    /// comes as a token its owner holds.
     pub fn reap(&mut self, out: &mut Vec<Completion>) {
-        out.extend(self.ring.completion().map(|cqe| Completion {
-            user_data: cqe.user_data(),
-            result: cqe.result(),
-            more: cqueue::more(cqe.flags()),
-            buffer: cqueue::buffer_select(cqe.flags()),
+        let buffers = &self.buffers;
+        out.extend(self.ring.completion().map(|cqe| {
+            Completion {
+                user_data: cqe.user_data(),
+                result: cqe.result(),
+                more: cqueue::more(cqe.flags()),
+                buffer: cqueue::buffer_select(cqe.flags())
+                    .and_then(|id| buffers.as_ref().map(|buffers| buffers.lend(id))),
+            }
         }));
     }
 }
 
-/// The socket created by a successful accept completion.
-pub fn accepted_socket(completion: &Completion) -> Socket {
-    debug_assert!(completion.result >= 0);
+/// The socket created by a successful accept completion. It takes the
+/// completion: one completion, one owner of its descriptor.
+pub fn accepted_socket(completion: Completion) -> io::Result<Socket> {
+    if completion.result < 0 {
+        return Err(io::Error::from_raw_os_error(-completion.result));
+    }
     // SAFETY: a non-negative accept result is a descriptor the kernel just
-    // created for this process; nothing else owns it.
-    Socket::from(unsafe { OwnedFd::from_raw_fd(completion.result) })
+    // created for this process; the completion it came in is consumed here,
+    // so nothing else can take it.
+    Ok(Socket::from(unsafe { OwnedFd::from_raw_fd(completion.result) }))
 }

@@ -132,14 +132,15 @@ fn listener_key(service: usize) -> Key {
 }
 
 /// The operations in flight on one connection slot.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Debug, Default)]
 struct Ops {
     generation: u32,
     in_flight: u16,
     released: bool,
-    /// The buffer each direction's send in flight sends from: given back
-    /// here if the connection is released before the send completes.
-    sending: [Option<u16>; 2],
+    /// What each direction's send in flight sends: held here while the
+    /// kernel reads it, handed back with the completion (or dropped, so
+    /// given back, if the connection was released meanwhile).
+    sending: [Option<BufferSlice>; 2],
 }
 
 /// A service's listener and its multishot accept.
@@ -219,16 +220,11 @@ impl UringDriver {
         match tag {
             Tag::Accept => {
                 let service = key.index as usize;
-                if completion.result >= 0 {
-                    events.push(DriverEvent::Accepted {
-                        service,
-                        client: Ok(ring::accepted_socket(&completion)),
-                    });
-                } else if completion.result != -libc::ECANCELED {
-                    let error = io::Error::from_raw_os_error(-completion.result);
-                    events.push(DriverEvent::Accepted { service, client: Err(error) });
+                let more = completion.more;
+                if completion.result != -libc::ECANCELED {
+                    events.push(DriverEvent::Accepted { service, client: ring::accepted_socket(completion) });
                 }
-                if let Some(listening) = self.listeners.get_mut(service).filter(|_| !completion.more) {
+                if let Some(listening) = self.listeners.get_mut(service).filter(|_| !more) {
                     listening.armed = false;
                     if self.stopping {
                         listening.socket = None;
@@ -252,29 +248,35 @@ impl UringDriver {
                     return Ok(());
                 };
                 ops.in_flight &= !op.bit();
-                let sent_from = match op.transfer() {
+                let sent = match op.transfer() {
                     Some((direction, true)) => ops.sending[direction as usize].take(),
                     _ => None,
                 };
                 if ops.released {
-                    // Nobody owns these buffers any more: back to the ring.
-                    let received_into = op.transfer().and(completion.buffer);
-                    for buffer in sent_from.into_iter().chain(received_into) {
-                        self.ring.give_back(buffer);
-                    }
+                    // Nobody owns the buffers named here any more: dropped,
+                    // they go back to the ring.
+                    drop((sent, completion.buffer));
                     if ops.in_flight == 0 {
                         events.push(DriverEvent::Released(key));
                     }
                     return Ok(());
                 }
                 let result = completion.result;
-                match (op.transfer(), op.poll_target()) {
+                let completed = match (op.transfer(), sent) {
                     (Some((direction, false)), _) => {
-                        let completed = Completed::Received { result, buffer: completion.buffer };
-                        events.push(DriverEvent::Completed { key, direction, completed });
+                        Some((direction, Completed::Received { result, buffer: completion.buffer }))
                     }
-                    (Some((direction, true)), _) => {
-                        let completed = Completed::Sent { result };
+                    (Some((direction, true)), Some(slice)) => {
+                        Some((direction, Completed::Sent { result, slice }))
+                    }
+                    (Some((_, true)), None) => {
+                        tracing::warn!(?key, "send completion without its buffer ignored");
+                        None
+                    }
+                    (None, _) => None,
+                };
+                match (completed, op.poll_target()) {
+                    (Some((direction, completed)), _) => {
                         events.push(DriverEvent::Completed { key, direction, completed });
                     }
                     (None, Some((side, _, readiness))) if result != -libc::ECANCELED => {
@@ -300,7 +302,7 @@ impl Driver for UringDriver {
     fn register(&mut self, key: Key, _client: &Socket) -> io::Result<()> {
         let index = key.index as usize;
         if self.ops.len() <= index {
-            self.ops.resize(index + 1, Ops::default());
+            self.ops.resize_with(index + 1, Ops::default);
         }
         self.ops[index] = Ops { generation: key.generation, ..Ops::default() };
         Ok(())
@@ -381,23 +383,13 @@ impl RingOps for UringDriver {
 
     fn send(&mut self, key: Key, direction: Direction, dst: &Socket, slice: BufferSlice) -> io::Result<()> {
         let tag = Tag::send(direction);
-        // SAFETY: the socket as for `receive`; the buffer is owned by the
-        // sending ring pump, which gives it back only after this send's
-        // completion, or by this driver after a release (`Ops::sending`).
-        unsafe { self.ring.send(dst.as_fd(), slice.buffer, slice.offset, slice.len, tag.user_data(key))? };
+        // SAFETY: the socket as for `receive`; the buffer's token is held in
+        // `Ops::sending` until this send's completion is reaped (see
+        // `complete`), so the buffer cannot return to the ring before.
+        unsafe { self.ring.send(dst.as_fd(), &slice.buffer, slice.offset, slice.len, tag.user_data(key))? };
         let ops = &mut self.ops[key.index as usize];
         ops.in_flight |= tag.bit();
-        ops.sending[direction as usize] = Some(slice.buffer);
+        ops.sending[direction as usize] = Some(slice);
         Ok(())
-    }
-
-    fn give_back(&mut self, buffer: u16) {
-        self.ring.give_back(buffer);
-    }
-
-    fn sending(&self, key: Key, direction: Direction) -> bool {
-        self.ops
-            .get(key.index as usize)
-            .is_some_and(|ops| ops.generation == key.generation && ops.sending[direction as usize].is_some())
     }
 }

@@ -36,7 +36,7 @@ use crate::route::router::{Job, Mailbox, Router, Verdict};
 use crate::route::{Decision, Head};
 use crate::socket;
 use crate::stats::{Failure, Stats};
-use crate::vocab::{Completed, Direction, Key, Readiness};
+use crate::vocab::{Direction, Key, Readiness};
 use admission::Refusal;
 use log::Warnings;
 
@@ -134,9 +134,8 @@ struct Slot {
     conn: Connection,
     /// Index of its service in the config.
     service: usize,
-    /// What each direction waits for (`None`: not started).
-    waits: [Option<Wait>; 2],
-    /// When a byte last moved (kept only with an idle timeout).
+    /// When a byte last moved (set on every move; read by the idle sweep,
+    /// which runs only with an idle timeout).
     last_active: Instant,
 }
 
@@ -235,7 +234,7 @@ impl<D: Driver> Worker<D> {
             self.expire(Instant::now())?;
             std::mem::swap(&mut ready, &mut self.ready);
             for (key, direction) in ready.drain(..) {
-                if self.slot(key).is_some_and(|slot| slot.waits[direction as usize] == Some(Wait::Yield)) {
+                if self.slot(key).is_some_and(|slot| slot.conn.waiting(direction) == Some(Wait::Yield)) {
                     self.dispatch(key, Event::Ready(direction))?;
                 }
             }
@@ -307,13 +306,10 @@ impl<D: Driver> Worker<D> {
                 if self.slot(key).is_some_and(|slot| slot.conn.state == ConnState::Relaying) {
                     return self.dispatch(key, Event::Completed(direction, completed));
                 }
-                // Reaped before its connection closed, seen after: what it
-                // received belongs to nobody now.
-                if let (Completed::Received { buffer: Some(buffer), .. }, Some(ring)) =
-                    (completed, self.driver.ring_ops())
-                {
-                    ring.give_back(buffer);
-                }
+                // Reaped before its connection closed, seen after: the
+                // buffer it names belongs to nobody now, and goes back to
+                // the ring as the completion is dropped here.
+                drop(completed);
                 Ok(())
             }
             DriverEvent::Released(key) => {
@@ -359,29 +355,11 @@ impl<D: Driver> Worker<D> {
     /// that socket for that readiness run.
     fn on_ready(&mut self, key: Key, side: Side, readiness: Readiness) -> io::Result<()> {
         let Some(slot) = self.slot(key) else { return Ok(()) };
-        match slot.conn.state {
-            ConnState::ReadingHead { .. } if side == Side::Client && readiness.readable => {
-                return self.dispatch(key, Event::ClientReadable);
+        for event in slot.conn.on_ready(side, readiness).into_iter().flatten() {
+            if self.slot(key).is_none_or(|slot| slot.conn.state == ConnState::Closed) {
+                break;
             }
-            ConnState::Connecting { .. } if side == Side::Upstream && readiness.writable => {
-                return self.dispatch(key, Event::UpstreamWritable);
-            }
-            // Early client bytes wait: the pumps start after the connect.
-            ConnState::Relaying => {}
-            _ => return Ok(()),
-        }
-        for direction in Direction::BOTH {
-            let Some(slot) = self.slot(key).filter(|slot| slot.conn.state == ConnState::Relaying) else {
-                return Ok(());
-            };
-            let waits_here = match slot.waits[direction as usize] {
-                Some(Wait::Readable) => direction.source() == side && readiness.readable,
-                Some(Wait::Writable) => direction.destination() == side && readiness.writable,
-                _ => false,
-            };
-            if waits_here {
-                self.dispatch(key, Event::Ready(direction))?;
-            }
+            self.dispatch(key, event)?;
         }
         Ok(())
     }
@@ -490,7 +468,7 @@ impl<D: Driver> Worker<D> {
         }
         let entry = self.conns.vacant_entry();
         let key = key_of(entry.key(), &conn)?;
-        let slot = entry.insert(Slot { conn, service, waits: [None, None], last_active: self.now });
+        let slot = entry.insert(Slot { conn, service, last_active: self.now });
         if let Err(e) = self.driver.register(key, &slot.conn.client) {
             slot.conn.reset();
             let ending = Ending::Failed(ConnError::new(Side::Client, Op::Read, e));
@@ -591,7 +569,6 @@ impl<D: Driver> Worker<D> {
             Action::Wait(waits) => {
                 for (direction, wait) in Direction::BOTH.into_iter().zip(waits) {
                     let Some(wait) = wait else { continue };
-                    slot.waits[direction as usize] = Some(wait);
                     let (side, wanted) = match wait {
                         Wait::Readable => (direction.source(), Readiness::READABLE),
                         Wait::Writable => (direction.destination(), Readiness::WRITABLE),
