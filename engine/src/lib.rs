@@ -12,13 +12,16 @@
 //!   ([`Relay`]): services (a listener and a target each), worker threads.
 //! - `worker`: the one event loop each worker thread runs, over a driver
 //!   (`driver/`: io_uring or epoll) that only waits and reports events.
-//! - `conn` and `pump`: what a worker does with a connection (its states,
-//!   and each direction's splice or copy), the same for every driver.
+//! - `conn`: what a worker does with a connection (its states, and each
+//!   direction's mover: splice or copy, or the io_uring buffer ring), the
+//!   same for every driver.
+//! - `vocab`: the words worker, connections and drivers share; imports
+//!   point one way, down to it (`.ci/module-cycles` checks).
 //! - `pool`: pipes and buffers lent to pumps only while bytes are in flight.
 //! - [`stats`] and [`error`]: counters, and errors that say which side failed.
 //!
-//! `unsafe` lives in `ring` (io_uring submission), `buffers` (the provided
-//! buffer ring) and `sys` (raw syscalls);
+//! `unsafe` lives in `driver/ring.rs` (io_uring submission),
+//! `driver/buffers.rs` (the provided buffer ring) and `sys` (raw syscalls);
 //! the io_uring driver calls the ring's `unsafe fn`s under the contract of
 //! the driver trait.
 

@@ -1,6 +1,6 @@
 //! Raw system calls that neither `std` nor `socket2` wrap: pipes, splice,
 //! eventfd, the vsock buffer option, the open-files limit and bringing a
-//! network interface up. With `ring.rs`
+//! network interface up. With `driver/ring.rs` and `driver/buffers.rs`
 //! this is the engine's unsafe fence: every function here is safe to call and
 //! each `unsafe` block says which invariant holds.
 

@@ -1,5 +1,5 @@
 //! Drivers: how a worker learns that something happened. The worker loop
-//! (`worker.rs`) exists once; a driver only arms interest, waits and hands
+//! (`worker/`) exists once; a driver only arms interest, waits and hands
 //! back [`DriverEvent`]s. `uring` is the fast path (io_uring polls and
 //! multishot accepts); `epoll` runs where io_uring is missing or refused:
 //! the Linux 4.14 enclave kernel, Docker's default seccomp profile,
