@@ -371,15 +371,17 @@ impl Reloader {
             let verdict = used.map(|ip| fresh.admits(host, *port, ip, &self.resolver));
             let remote = host_text(host);
             match verdict {
+                // The gate moves before the line is logged: what the line
+                // says holds once it can be read.
                 Some(Ok(_)) if !gate.is_open() => {
-                    tracing::info!(service = %name, %remote, port, "allowed again: serving new clients");
                     gate.set_open(true);
+                    tracing::info!(service = %name, %remote, port, "allowed again: serving new clients");
                 }
                 Some(Ok(_)) => {}
                 Some(Err(e)) if gate.is_open() => {
+                    gate.set_open(false);
                     tracing::error!(service = %name, error = %e,
                         "no longer allowed: new clients are refused, open connections go on");
-                    gate.set_open(false);
                 }
                 Some(Err(_)) | None => gate.set_open(false),
             }
