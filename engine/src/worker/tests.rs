@@ -317,8 +317,9 @@ fn readiness_with_a_stale_generation_is_ignored() {
 /// A completion for a connection that closed earlier in the same batch,
 /// its slot taken in that batch by a new connection, is dropped.
 /// Catches: the `Completed` arm looking the slot up by index alone
-/// (`self.conns.get(key.index)` instead of `self.slot(key)`): the new
-/// connection's direction then runs and waits once more.
+/// (`self.conns.get(key.index)` instead of `self.slot(key)`), or `slot()`
+/// without its generation check: the new connection's direction then runs
+/// and waits once more.
 #[test]
 fn a_completion_after_its_connection_closed_is_dropped() {
     let mut h = Harness::new(|_| {});
@@ -336,8 +337,12 @@ fn a_completion_after_its_connection_closed_is_dropped() {
     assert_eq!(new_key.index, old_key.index, "the slot was reused in the batch");
     assert_ne!(new_key, old_key);
     let calls = h.calls_since(from);
-    // The new connection's start: each direction waits to read, once.
+    // The new connection's start: each direction waits to read, once; the
+    // slot is watched for nothing else.
     assert_eq!(watches_of(&calls, new_key), 2, "{calls:?}");
+    let on_the_slot =
+        calls.iter().filter(|call| matches!(call, Call::Watch(k, ..) if k.index == new_key.index));
+    assert_eq!(on_the_slot.count(), 2, "{calls:?}");
     assert_eq!(h.worker.conns.len(), 1);
 }
 
@@ -423,12 +428,9 @@ fn a_stop_stops_accepting_and_lets_open_connections_finish() {
     let stop = stop(&h.control, Control::stop);
     open.client.write_all(b"after the stop").unwrap();
     let key = open.key;
-    let (closing, _) = {
-        h.run_to_end(vec![stop, Step::Events(vec![late, readable(key, Side::Client)])])
-            .expect_err("still open");
-        receives(&mut open.upstream, b"after the stop");
-        finish(open)
-    };
+    h.run(vec![stop, Step::Events(vec![late, readable(key, Side::Client)])]);
+    receives(&mut open.upstream, b"after the stop");
+    let (closing, _) = finish(open);
     h.run_to_end(vec![Step::Events(closing)]).expect("the drain ends once the last connection closed");
 
     let calls = h.calls();
