@@ -210,11 +210,13 @@ mod tests {
             prop_assert_eq!(decode(token(key, side(upstream))), (key, side(upstream)));
         }
 
+        /// Every service's listener token, the first one's included.
         #[test]
         fn a_listener_token_names_its_service(services in 1usize..1 << 16, pick in any::<usize>()) {
-            let service = pick % services;
-            prop_assert_eq!(listener_of(listener_token(service), services), Some(service));
-            prop_assert_ne!(listener_token(service), WAKE);
+            for service in [0, services - 1, pick % services] {
+                prop_assert_eq!(listener_of(listener_token(service), services), Some(service));
+                prop_assert_ne!(listener_token(service), WAKE);
+            }
         }
 
         /// With the generations the worker makes (24 bits, `worker::generation`),
