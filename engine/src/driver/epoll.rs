@@ -183,3 +183,54 @@ impl Driver for EpollDriver {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn side(upstream: bool) -> Side {
+        if upstream {
+            Side::Upstream
+        } else {
+            Side::Client
+        }
+    }
+
+    proptest! {
+        /// Any slot index below 2^31 (the token has 31 bits for it) and any
+        /// generation come back as packed.
+        #[test]
+        fn a_connection_token_decodes_to_its_key_and_side(
+            index in 0u32..1 << 31,
+            generation in any::<u32>(),
+            upstream in any::<bool>(),
+        ) {
+            let key = Key { index, generation };
+            prop_assert_eq!(decode(token(key, side(upstream))), (key, side(upstream)));
+        }
+
+        /// Every service's listener token, the first one's included.
+        #[test]
+        fn a_listener_token_names_its_service(services in 1usize..1 << 16, pick in any::<usize>()) {
+            for service in [0, services - 1, pick % services] {
+                prop_assert_eq!(listener_of(listener_token(service), services), Some(service));
+                prop_assert_ne!(listener_token(service), WAKE);
+            }
+        }
+
+        /// With the generations the worker makes (24 bits, `worker::generation`),
+        /// a connection's token is never a listener's nor the waker's.
+        #[test]
+        fn a_connection_token_is_never_a_listener_or_the_waker(
+            index in 0u32..1 << 31,
+            generation in 0u32..1 << 24,
+            upstream in any::<bool>(),
+            services in 1usize..1 << 16,
+        ) {
+            let token = token(Key { index, generation }, side(upstream));
+            prop_assert_eq!(listener_of(token, services), None);
+            prop_assert_ne!(token, WAKE);
+        }
+    }
+}

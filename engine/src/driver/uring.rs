@@ -393,3 +393,46 @@ impl RingOps for UringDriver {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Every tag: the three that name no connection, then the operations.
+    fn every_tag() -> Vec<Tag> {
+        [Tag::Accept, Tag::Wake, Tag::Cancel].into_iter().chain(Tag::OPS).collect()
+    }
+
+    #[test]
+    fn each_tag_has_a_bit_of_its_own_in_the_in_flight_mask() {
+        let tags = every_tag();
+        let mut seen = 0u16;
+        for tag in &tags {
+            assert_eq!(seen & tag.bit(), 0, "{tag:?} shares its bit");
+            seen |= tag.bit();
+        }
+        assert_eq!(seen.count_ones() as usize, tags.len());
+    }
+
+    proptest! {
+        /// Any slot index and any generation the worker makes (the low 24
+        /// bits of a connection's id, `worker::generation`) come back as packed.
+        #[test]
+        fn user_data_decodes_to_its_tag_and_key(
+            tag in proptest::sample::select(every_tag()),
+            index in any::<u32>(),
+            generation in 0u32..1 << 24,
+        ) {
+            let key = Key { index, generation };
+            prop_assert_eq!(Tag::decode(tag.user_data(key)), Some((tag, key)));
+        }
+
+        /// A low byte that is no tag is refused, whatever is above it.
+        #[test]
+        fn user_data_without_a_tag_decodes_to_nothing(low in any::<u8>(), high in any::<u64>()) {
+            prop_assume!(!every_tag().iter().any(|tag| *tag as u8 == low));
+            prop_assert_eq!(Tag::decode(high << 8 | u64::from(low)), None);
+        }
+    }
+}

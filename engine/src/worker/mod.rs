@@ -42,6 +42,8 @@ use log::Warnings;
 
 mod admission;
 mod log;
+#[cfg(test)]
+mod tests;
 
 /// Pause before accepting again after running out of descriptors.
 const ACCEPT_RETRY: Duration = Duration::from_millis(100);
