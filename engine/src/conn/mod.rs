@@ -388,12 +388,6 @@ impl Connection {
 
     /// Starts the upstream connect to `addr` (after [`Connection::attach`]).
     pub fn start(&mut self, addr: &SockAddr, io: &mut Io<'_>) -> Action {
-        let action = self.start_connect(addr, io);
-        self.note_waits(&action);
-        action
-    }
-
-    fn start_connect(&mut self, addr: &SockAddr, io: &mut Io<'_>) -> Action {
         let Some(upstream) = &self.upstream else {
             let e = io::Error::other("no upstream socket attached");
             return self.fail(ConnError::new(Side::Upstream, Op::Connect, e), io);
@@ -410,13 +404,6 @@ impl Connection {
     /// [`Connection::start`] or later).
     pub fn take_connect_time(&mut self) -> Option<Duration> {
         self.connect_took.take()
-    }
-
-    /// Every transition after the start.
-    pub fn handle(&mut self, event: Event, io: &mut Io<'_>) -> Action {
-        let action = self.transition(event, io);
-        self.note_waits(&action);
-        action
     }
 
     /// What each direction waits for now (`None`: not started).
@@ -448,7 +435,9 @@ impl Connection {
         }
     }
 
-    fn note_waits(&mut self, action: &Action) {
+    /// Notes what the directions wait for, as `action` (being carried out)
+    /// says: [`Connection::on_ready`] and the yield queue read it.
+    pub fn note_waits(&mut self, action: &Action) {
         if let Action::Wait(waits) = action {
             for (noted, wait) in self.waits.iter_mut().zip(waits) {
                 if wait.is_some() {
@@ -458,7 +447,8 @@ impl Connection {
         }
     }
 
-    fn transition(&mut self, event: Event, io: &mut Io<'_>) -> Action {
+    /// Every transition after the start.
+    pub fn handle(&mut self, event: Event, io: &mut Io<'_>) -> Action {
         match (self.state, event) {
             // More of the head: parse it; a whole head goes to the router.
             (ConnState::ReadingHead { .. }, Event::ClientReadable) => self.read_head(io),

@@ -546,6 +546,7 @@ impl<D: Driver> Worker<D> {
         if let Some(took) = slot.conn.take_connect_time() {
             cell.connected(took);
         }
+        slot.conn.note_waits(&action);
         if moved != [0, 0] {
             slot.last_active = self.now;
         }

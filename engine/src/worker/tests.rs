@@ -14,9 +14,12 @@ use std::path::PathBuf;
 use std::sync::atomic::AtomicUsize;
 
 use super::*;
+use crate::driver::buffers::Returns;
 use crate::endpoint::{Endpoint, Host};
 use crate::sys;
 use crate::target::Target;
+use crate::vocab::{BufferSlice, Completed};
+use std::rc::Rc;
 
 /// The longest a scripted idle wait may sleep: a worker that asks for more
 /// (or for no timeout at all) would hang a real driver's test.
@@ -328,7 +331,9 @@ fn a_completion_after_its_connection_closed_is_dropped() {
     let (mut batch, _old_client) = finish(old);
     let (accepted, _new_client) = client();
     batch.push(accepted);
-    let completed = Completed::Sent { result: 5 };
+    let returns = Rc::new(Returns::default());
+    let slice = BufferSlice { buffer: returns.lend_for_test(3), offset: 0, len: 5 };
+    let completed = Completed::Sent { result: 5, slice };
     batch.push(DriverEvent::Completed { key: old_key, direction: Direction::ToUpstream, completed });
     let from = h.worker.driver.calls.len();
     h.run(vec![Step::Events(batch)]);
@@ -344,6 +349,7 @@ fn a_completion_after_its_connection_closed_is_dropped() {
         calls.iter().filter(|call| matches!(call, Call::Watch(k, ..) if k.index == new_key.index));
     assert_eq!(on_the_slot.count(), 2, "{calls:?}");
     assert_eq!(h.worker.conns.len(), 1);
+    assert_eq!(returns.take(), [3], "the stray completion's buffer went back to the ring");
 }
 
 /// With io_uring's answer to `release` (operations still in flight), the
