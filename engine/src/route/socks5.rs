@@ -13,13 +13,18 @@ const NO_AUTHENTICATION: u8 = 0x00;
 const NO_ACCEPTABLE_METHOD: u8 = 0xFF;
 const CONNECT: u8 = 0x01;
 
-/// Reply codes (REP) of RFC 1928, section 6.
-const GENERAL_FAILURE: u8 = 0x01;
-const NOT_ALLOWED: u8 = 0x02;
-const HOST_UNREACHABLE: u8 = 0x04;
-const CONNECTION_REFUSED: u8 = 0x05;
-const COMMAND_NOT_SUPPORTED: u8 = 0x07;
-const ADDRESS_TYPE_NOT_SUPPORTED: u8 = 0x08;
+/// The reply codes (REP) of RFC 1928, section 6, that the relay sends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+enum Reply {
+    Succeeded = 0x00,
+    GeneralFailure = 0x01,
+    NotAllowed = 0x02,
+    HostUnreachable = 0x04,
+    ConnectionRefused = 0x05,
+    CommandNotSupported = 0x07,
+    AddressTypeNotSupported = 0x08,
+}
 
 /// Reads the greeting (VER NMETHODS METHODS) and selects "no authentication".
 pub(crate) fn parse_greeting(head: &[u8]) -> Parse {
@@ -45,20 +50,20 @@ pub(crate) fn parse_greeting(head: &[u8]) -> Parse {
 pub(crate) fn parse_request(head: &[u8]) -> Parse {
     let &[version, command, _reserved, address_type, ref rest @ ..] = head else { return Parse::More };
     if version != VERSION {
-        return refuse(GENERAL_FAILURE, format!("request version {version:#04x}, not 5"));
+        return refuse(Reply::GeneralFailure, format!("request version {version:#04x}, not 5"));
     }
     if command != CONNECT {
-        return refuse(COMMAND_NOT_SUPPORTED, format!("command {command:#04x} is not CONNECT"));
+        return refuse(Reply::CommandNotSupported, format!("command {command:#04x} is not CONNECT"));
     }
     let address_len = match address_type {
         1 => 4,
         4 => 16,
         3 => match rest.first() {
             None => return Parse::More,
-            Some(0) => return refuse(HOST_UNREACHABLE, "empty domain name".into()),
+            Some(0) => return refuse(Reply::HostUnreachable, "empty domain name".into()),
             Some(&len) => 1 + usize::from(len),
         },
-        other => return refuse(ADDRESS_TYPE_NOT_SUPPORTED, format!("address type {other:#04x}")),
+        other => return refuse(Reply::AddressTypeNotSupported, format!("address type {other:#04x}")),
     };
     let (Some(address), Some(&[port_hi, port_lo])) =
         (rest.get(..address_len), rest.get(address_len..address_len + 2))
@@ -70,12 +75,12 @@ pub(crate) fn parse_request(head: &[u8]) -> Parse {
         (_, Ok(v6)) if address_type == 4 => Host::Ip(v6.into()),
         _ => match domain(address.get(1..).unwrap_or_default()) {
             Ok(host) => host,
-            Err(reason) => return refuse(HOST_UNREACHABLE, reason),
+            Err(reason) => return refuse(Reply::HostUnreachable, reason),
         },
     };
     let port = u16::from_be_bytes([port_hi, port_lo]);
     if port == 0 {
-        return refuse(GENERAL_FAILURE, "destination port 0".into());
+        return refuse(Reply::GeneralFailure, "destination port 0".into());
     }
     Parse::Destination { host, port, consumed: 4 + address_len + 2 }
 }
@@ -85,20 +90,20 @@ pub(crate) fn parse_request(head: &[u8]) -> Parse {
 /// connection, when there is one.
 pub(crate) fn reply(outcome: Outcome, bound: Option<SocketAddr>) -> Vec<u8> {
     let code = match outcome {
-        Outcome::Connected => 0x00,
-        Outcome::NotAllowed => NOT_ALLOWED,
+        Outcome::Connected => Reply::Succeeded,
+        Outcome::NotAllowed => Reply::NotAllowed,
         Outcome::NoSuchName | Outcome::LookupFailed | Outcome::Unreachable | Outcome::TimedOut => {
-            HOST_UNREACHABLE
+            Reply::HostUnreachable
         }
-        Outcome::Refused => CONNECTION_REFUSED,
-        Outcome::Failed => GENERAL_FAILURE,
+        Outcome::Refused => Reply::ConnectionRefused,
+        Outcome::Failed => Reply::GeneralFailure,
     };
     build_reply(code, bound)
 }
 
-fn build_reply(code: u8, bound: Option<SocketAddr>) -> Vec<u8> {
+fn build_reply(code: Reply, bound: Option<SocketAddr>) -> Vec<u8> {
     let bound = bound.unwrap_or_else(|| SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), 0));
-    let mut reply = vec![VERSION, code, 0];
+    let mut reply = vec![VERSION, code as u8, 0];
     match bound.ip() {
         IpAddr::V4(ip) => {
             reply.push(1);
@@ -113,7 +118,7 @@ fn build_reply(code: u8, bound: Option<SocketAddr>) -> Vec<u8> {
     reply
 }
 
-fn refuse(code: u8, reason: String) -> Parse {
+fn refuse(code: Reply, reason: String) -> Parse {
     Parse::Refuse { reply: build_reply(code, None), reason }
 }
 
