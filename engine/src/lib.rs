@@ -54,7 +54,7 @@ pub use config::{
     Gate, RelayConfig, Service, Upstream, DEFAULT_CONNECT_TIMEOUT, DEFAULT_DRAIN_TIMEOUT, DEFAULT_PIPE_BYTES,
 };
 pub use dns::{DnsOptions, IpFamily};
-pub use driver::{Backend, BackendChoice};
+pub use driver::{probe_uring, Backend, BackendChoice};
 pub use endpoint::{Endpoint, Host};
 pub use error::{ConnError, Error, Side};
 pub use pump::DataPath;
