@@ -426,3 +426,52 @@ fn completions_print_each_shells_script() {
     assert_eq!(out.code, 2, "{}", out.stderr);
     assert!(out.stderr.contains("invalid value 'tcsh'"), "{}", out.stderr);
 }
+
+/// `--generate-docs DIR` (dist/build's) writes a manual page for
+/// vsock-relay, each subcommand and the drop-in proxy, and the completion
+/// scripts `completions` prints; without DIR it is a usage error.
+#[test]
+fn generate_docs_writes_pages_and_completions() {
+    let dir = TempDir::new("docs");
+    let out_dir = dir.path("out");
+    let out = run_capturing(
+        "vsock-relay",
+        &["--generate-docs", &out_dir.display().to_string()],
+        Duration::from_secs(10),
+    );
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let mut pages: Vec<String> = std::fs::read_dir(out_dir.join("man"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    pages.sort();
+    let mut expected: Vec<String> =
+        ["", "-bench", "-bench-bulk", "-bench-churn", "-bench-idle", "-bench-rpc"]
+            .iter()
+            .chain(&[
+                "-bench-sink",
+                "-client",
+                "-completions",
+                "-demo",
+                "-forward",
+                "-proxy",
+                "-relay",
+                "-serve",
+            ])
+            .chain(&["-vsock-proxy"])
+            .map(|s| format!("vsock-relay{s}.1"))
+            .collect();
+    expected.sort();
+    assert_eq!(pages, expected);
+    let page = std::fs::read_to_string(out_dir.join("man/vsock-relay-vsock-proxy.1")).unwrap();
+    assert!(page.contains(".TH vsock-relay-vsock-proxy 1"), "{page}");
+    assert!(page.contains("/usr/libexec/vsock\\-relay/vsock\\-proxy"), "{page}");
+    for (shell, file) in [("bash", "vsock-relay.bash"), ("zsh", "_vsock-relay"), ("fish", "vsock-relay.fish")]
+    {
+        let printed = run_capturing("vsock-relay", &["completions", shell], Duration::from_secs(10));
+        let written = std::fs::read_to_string(out_dir.join("completions").join(file)).unwrap();
+        assert_eq!(written, printed.stdout, "{shell}");
+    }
+    let out = run_capturing("vsock-relay", &["--generate-docs"], Duration::from_secs(10));
+    assert_eq!((out.code, out.stderr.trim()), (2, "usage: vsock-relay --generate-docs DIR"));
+}

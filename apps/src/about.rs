@@ -3,10 +3,12 @@
 //! use: the first question of a bug report), the manual pages and the shell
 //! completions, all derived from the clap definitions so they cannot drift
 //! from `--help`. The packages (`dist/build`) ship the pages and
-//! completions that `vsock-relay generate-docs` writes.
+//! completions that `vsock-relay --generate-docs DIR` writes.
 
+use std::ffi::OsStr;
 use std::io::{self, Write};
 use std::path::Path;
+use std::process::ExitCode;
 
 use clap::error::ErrorKind;
 use clap::{Command, CommandFactory, Parser};
@@ -19,8 +21,8 @@ pub const COMMIT: &str = env!("VSOCK_RELAY_COMMIT");
 /// The target triple it was built for.
 pub const TARGET: &str = env!("VSOCK_RELAY_TARGET");
 
-/// The shells `completions` and `generate-docs` write for, with the file
-/// name each shell looks for.
+/// The shells whose completion scripts [`generate_docs`] writes, with the
+/// file name each shell looks for.
 pub const SHELLS: [(Shell, &str); 3] =
     [(Shell::Bash, "vsock-relay.bash"), (Shell::Zsh, "_vsock-relay"), (Shell::Fish, "vsock-relay.fish")];
 
@@ -55,6 +57,37 @@ pub fn parse<P: Parser>() -> P {
 pub fn completions(shell: Shell, command: &mut Command, out: &mut dyn Write) {
     let name = command.get_name().to_string();
     clap_complete::generate(shell, command, name, out);
+}
+
+/// The first argument that makes `vsock-relay` write its pages and
+/// completions (dist/build). Looked for before clap parses, so that no
+/// help text, page or completion script offers it (clap_complete's bash
+/// script would offer even a hidden subcommand).
+pub const GENERATE_DOCS: &str = "--generate-docs";
+
+/// With `--generate-docs DIR` as the whole command line: writes
+/// [`generate_docs`] of `relay()` into DIR and says the exit code; `None`
+/// for any other command line.
+pub fn generate_docs_if_asked(relay: impl FnOnce() -> Command) -> Option<ExitCode> {
+    let args: Vec<_> = std::env::args_os().skip(1).collect();
+    if args.first().map(|a| a.as_os_str()) != Some(OsStr::new(GENERATE_DOCS)) {
+        return None;
+    }
+    let [_, dir] = args.as_slice() else {
+        eprintln!("usage: vsock-relay {GENERATE_DOCS} DIR");
+        return Some(ExitCode::from(2));
+    };
+    let dir = Path::new(dir);
+    Some(match generate_docs(relay(), dir) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!(
+                "vsock-relay: cannot write the manual pages and completions into {}: {e}",
+                dir.display()
+            );
+            ExitCode::FAILURE
+        }
+    })
 }
 
 /// Writes into `dir`: `man/` with a page for `relay` (the `vsock-relay`

@@ -4,7 +4,6 @@
 
 #![forbid(unsafe_code)]
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser, Subcommand};
@@ -78,13 +77,6 @@ enum Command {
         #[arg(value_name = "SHELL")]
         shell: Shell,
     },
-    /// Writes the manual pages (DIR/man/) and completion scripts
-    /// (DIR/completions/) that the packages ship (dist/build runs it).
-    #[command(hide = true)]
-    GenerateDocs {
-        /// The folder to write into (created if missing).
-        dir: PathBuf,
-    },
 }
 
 impl Command {
@@ -110,7 +102,6 @@ impl Command {
             Command::Bench(_) => "bench",
             Command::Relay(_) => "relay",
             Command::Completions { .. } => "completions",
-            Command::GenerateDocs { .. } => "generate-docs",
         }
     }
 
@@ -126,11 +117,6 @@ impl Command {
                 about::completions(shell, &mut Cli::command(), &mut std::io::stdout().lock());
                 return Ok(ExitCode::SUCCESS);
             }
-            Command::GenerateDocs { dir } => {
-                about::generate_docs(Cli::command(), &dir)
-                    .map_err(|e| anyhow::anyhow!("cannot write into {}: {e}", dir.display()))?;
-                return Ok(ExitCode::SUCCESS);
-            }
             Command::Proxy(args) => args.start()?,
             Command::Relay(args) => args.start()?,
             Command::Forward(args) => args.start()?,
@@ -141,6 +127,9 @@ impl Command {
 }
 
 fn main() -> ExitCode {
+    if let Some(code) = about::generate_docs_if_asked(Cli::command) {
+        return code;
+    }
     let cli = about::parse::<Cli>();
     match &cli.command {
         // The demo's output is its story; the client's is its answer.
