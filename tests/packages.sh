@@ -144,13 +144,12 @@ self_test() {
 }
 
 # runs ARCH BINARY ARGS...: runs an installed binary of ARCH, under
-# qemu-user when ARCH is not this machine's.
+# qemu-user when ARCH is not this machine's (installed by the main part).
 runs() {
     local arch=$1; shift
     if [ "$arch" = "$(uname -m)" ]; then
         "$@"
     else
-        need "qemu-$arch" qemu-user || return 1
         "qemu-$arch" "$@"
     fi
 }
@@ -304,6 +303,13 @@ rpms=("$DIR"/vsock-relay-"$version"-1.*.rpm)
 debs=("$DIR"/vsock-relay_"$version"-1_*.deb)
 [ ${#rpms[@]} -gt 0 ] || fail "no rpm" "no vsock-relay-$version-1.*.rpm in $DIR (run dist/build)"
 [ ${#debs[@]} -gt 0 ] || fail "no deb" "no vsock-relay_$version-1_*.deb in $DIR (run dist/build)"
+# Another architecture's binaries run under qemu-user.
+for arch in x86_64 aarch64; do
+    [ "$arch" = "$(uname -m)" ] && continue
+    if printf '%s\n' "${rpms[@]}" "${debs[@]}" | grep -qE "\.$arch\.rpm$|_$([ "$arch" = x86_64 ] && echo amd64 || echo arm64)\.deb$"; then
+        need "qemu-$arch" qemu-user
+    fi
+done
 if [ ${#failed[@]} -eq 0 ]; then
     for pkg in "${rpms[@]}"; do check_rpm "$pkg"; done
     for pkg in "${debs[@]}"; do check_deb "$pkg"; done
