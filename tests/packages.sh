@@ -192,6 +192,9 @@ check_installed() {
         pages=$((pages + 1))
         [ -z "$out" ] || { warned=$((warned + 1)); fail "$format $arch man" "${page##*/}: $out"; }
     done
+    local listed
+    listed=$(grep -c ' /usr/share/man/man1/' <<<"$EXPECTED_COMMON")
+    [ "$pages" = "$listed" ] || fail "$format $arch man" "$pages manual pages installed, $listed expected"
     say "$format $arch: $pages manual pages rendered, $warned with warnings"
     # The bash completion completes the subcommands, and is what
     # `completions bash` prints.
