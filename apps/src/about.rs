@@ -46,17 +46,22 @@ pub fn parse<P: Parser>() -> P {
     match P::try_parse() {
         Ok(parsed) => parsed,
         Err(e) if e.kind() == ErrorKind::DisplayVersion => {
-            print!("{}", version_text(P::command().get_name()));
-            std::process::exit(0)
+            // A closed stdout is no reason to panic; the exit status says it.
+            let written = io::stdout().write_all(version_text(P::command().get_name()).as_bytes());
+            std::process::exit(i32::from(written.is_err()))
         }
         Err(e) => e.exit(),
     }
 }
 
-/// Writes `command`'s completion script for `shell` to `out`.
-pub fn completions(shell: Shell, command: &mut Command, out: &mut dyn Write) {
+/// Writes `command`'s completion script for `shell` to `out`. Generated in
+/// memory first: clap_complete panics on a failed write (a closed pipe).
+pub fn completions(shell: Shell, command: &mut Command, out: &mut dyn Write) -> io::Result<()> {
     let name = command.get_name().to_string();
-    clap_complete::generate(shell, command, name, out);
+    let mut script = Vec::new();
+    clap_complete::generate(shell, command, name, &mut script);
+    out.write_all(&script)?;
+    out.flush()
 }
 
 /// The first argument that makes `vsock-relay` write its pages and
@@ -101,9 +106,7 @@ pub fn generate_docs(relay: Command, dir: &Path) -> io::Result<()> {
     std::fs::create_dir_all(&man)?;
     std::fs::create_dir_all(&scripts)?;
     for (shell, file) in SHELLS {
-        let mut out = std::fs::File::create(scripts.join(file))?;
-        completions(shell, &mut relay.clone(), &mut out);
-        out.flush()?;
+        completions(shell, &mut relay.clone(), &mut std::fs::File::create(scripts.join(file))?)?;
     }
     // No pages for the `help` subcommands: each page already is the help.
     let relay = relay.disable_help_subcommand(true).mut_subcommands(|s| s.disable_help_subcommand(true));

@@ -114,7 +114,8 @@ impl Command {
                 return demo::run(&args, &mut std::io::stdout().lock()).map(|()| ExitCode::SUCCESS)
             }
             Command::Completions { shell } => {
-                about::completions(shell, &mut Cli::command(), &mut std::io::stdout().lock());
+                about::completions(shell, &mut Cli::command(), &mut std::io::stdout().lock())
+                    .map_err(|e| anyhow::anyhow!("cannot write the completion script: {e}"))?;
                 return Ok(ExitCode::SUCCESS);
             }
             Command::Proxy(args) => args.start()?,
