@@ -375,3 +375,103 @@ fn sink_and_demo_print_their_first_line() {
         demo.stdout
     );
 }
+
+/// `--version` (and `-V`) of both binaries: the version, the commit, the
+/// target and the backends this kernel allows, by the engine's probe.
+#[test]
+fn version_says_commit_target_and_backends() {
+    for binary in ["vsock-proxy", "vsock-relay"] {
+        for flag in ["--version", "-V"] {
+            let out = run_capturing(binary, &[flag], Duration::from_secs(10));
+            assert_eq!(out.code, 0, "{binary} {flag}: {}", out.stderr);
+            let lines: Vec<&str> = out.stdout.lines().collect();
+            assert_eq!(lines.first(), Some(&format!("{binary} {}", env!("CARGO_PKG_VERSION")).as_str()));
+            let field = |name: &str| lines.iter().find_map(|l| l.strip_prefix(name)).map(str::trim);
+            let commit =
+                field("commit:").unwrap_or_else(|| panic!("{binary} {flag}: no commit:\n{}", out.stdout));
+            assert!(
+                commit == "unknown" || (commit.len() == 12 && commit.bytes().all(|b| b.is_ascii_hexdigit())),
+                "{binary} {flag}: commit `{commit}`"
+            );
+            let target = field("target:").unwrap_or_default();
+            assert!(target.contains("-linux-"), "{binary} {flag}: target `{target}`");
+            let backends = field("backends:").unwrap_or_default();
+            assert!(
+                backends == "io_uring, portable (epoll)"
+                    || backends.starts_with("portable (epoll); io_uring unavailable: "),
+                "{binary} {flag}: backends `{backends}`"
+            );
+        }
+    }
+}
+
+/// `completions SHELL` prints each shell's script for vsock-relay, naming
+/// the subcommands; an unknown shell is a usage error.
+#[test]
+fn completions_print_each_shells_script() {
+    for (shell, start) in [
+        ("bash", "_vsock__relay() {"),
+        ("zsh", "#compdef vsock-relay"),
+        ("fish", "# Print an optspec for argparse"),
+    ] {
+        let out = run_capturing("vsock-relay", &["completions", shell], Duration::from_secs(10));
+        assert_eq!(out.code, 0, "{shell}: {}", out.stderr);
+        assert!(out.stdout.starts_with(start), "{shell}:\n{}", out.stdout);
+        for subcommand in ["proxy", "forward", "relay", "completions"] {
+            assert!(out.stdout.contains(subcommand), "{shell}: no `{subcommand}`");
+        }
+        assert!(!out.stdout.contains("generate-docs"), "{shell}: the hidden generator is completed");
+    }
+    let out = run_capturing("vsock-relay", &["completions", "tcsh"], Duration::from_secs(10));
+    assert_eq!(out.code, 2, "{}", out.stderr);
+    assert!(out.stderr.contains("invalid value 'tcsh'"), "{}", out.stderr);
+}
+
+/// `--generate-docs DIR` (dist/build's) writes a manual page for
+/// vsock-relay, each subcommand and the drop-in proxy, and the completion
+/// scripts `completions` prints; without DIR it is a usage error.
+#[test]
+fn generate_docs_writes_pages_and_completions() {
+    let dir = TempDir::new("docs");
+    let out_dir = dir.path("out");
+    let out = run_capturing(
+        "vsock-relay",
+        &["--generate-docs", &out_dir.display().to_string()],
+        Duration::from_secs(10),
+    );
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let mut pages: Vec<String> = std::fs::read_dir(out_dir.join("man"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    pages.sort();
+    let mut expected: Vec<String> =
+        ["", "-bench", "-bench-bulk", "-bench-churn", "-bench-idle", "-bench-rpc"]
+            .iter()
+            .chain(&[
+                "-bench-sink",
+                "-client",
+                "-completions",
+                "-demo",
+                "-forward",
+                "-proxy",
+                "-relay",
+                "-serve",
+            ])
+            .chain(&["-vsock-proxy"])
+            .map(|s| format!("vsock-relay{s}.1"))
+            .collect();
+    expected.sort();
+    assert_eq!(pages, expected);
+    let page = std::fs::read_to_string(out_dir.join("man/vsock-relay-vsock-proxy.1")).unwrap();
+    assert!(page.contains(".TH vsock-relay-vsock-proxy 1"), "{page}");
+    assert!(page.contains("/usr/libexec/vsock\\-relay/vsock\\-proxy"), "{page}");
+    for (shell, file) in [("bash", "vsock-relay.bash"), ("zsh", "_vsock-relay"), ("fish", "vsock-relay.fish")]
+    {
+        let printed = run_capturing("vsock-relay", &["completions", shell], Duration::from_secs(10));
+        let written = std::fs::read_to_string(out_dir.join("completions").join(file)).unwrap();
+        assert_eq!(written, printed.stdout, "{shell}");
+    }
+    let out = run_capturing("vsock-relay", &["--generate-docs"], Duration::from_secs(10));
+    assert_eq!((out.code, out.stderr.trim()), (2, "usage: vsock-relay --generate-docs DIR"));
+}

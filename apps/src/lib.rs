@@ -7,11 +7,13 @@
 //! - [`sample`]: the workshop's sample application (`serve`, `client`, the
 //!   IP-ranges data, `demo`), which shows the product at work;
 //!
-//! and [`bench`], the load generator and sink both sides use. The binaries
-//! in `bin/` are thin: parse, validate, hand to the engine.
+//! and [`bench`], the load generator and sink both sides use; [`about`]:
+//! `--version`, manual pages and shell completions. The binaries in `bin/`
+//! are thin: parse, validate, hand to the engine.
 
 #![forbid(unsafe_code)]
 
+pub mod about;
 pub mod bench;
 pub mod relay;
 pub mod sample;

@@ -56,7 +56,7 @@ pub use config::{
 pub use conn::pump::DataPath;
 pub use dns::{DnsOptions, IpFamily};
 pub use driver::ring::Unavailable as UringUnavailable;
-pub use driver::{Backend, BackendChoice};
+pub use driver::{probe_uring, Backend, BackendChoice};
 pub use endpoint::{Endpoint, Host};
 pub use error::{ConnError, Error, Side};
 pub use relay::{Relay, StopHandle};

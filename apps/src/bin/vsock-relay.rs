@@ -7,7 +7,9 @@
 use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser, Subcommand};
+use clap_complete::Shell;
 
+use vsock_relay_apps::about;
 use vsock_relay_apps::bench::{self, Bench};
 use vsock_relay_apps::relay::forward::ForwardArgs;
 use vsock_relay_apps::relay::options::{RelayArgs, UsageError};
@@ -67,6 +69,14 @@ enum Command {
     Bench(Bench),
     /// A plain relay between any two endpoints, without an allowlist.
     Relay(RelayArgs),
+    /// Prints the completion script for SHELL on stdout. The packages
+    /// install these already; by hand, e.g.
+    /// `vsock-relay completions bash > ~/.local/share/bash-completion/completions/vsock-relay`.
+    Completions {
+        /// The shell to complete in.
+        #[arg(value_name = "SHELL")]
+        shell: Shell,
+    },
 }
 
 impl Command {
@@ -91,6 +101,7 @@ impl Command {
             Command::Demo(_) => "demo",
             Command::Bench(_) => "bench",
             Command::Relay(_) => "relay",
+            Command::Completions { .. } => "completions",
         }
     }
 
@@ -102,6 +113,11 @@ impl Command {
             Command::Demo(args) => {
                 return demo::run(&args, &mut std::io::stdout().lock()).map(|()| ExitCode::SUCCESS)
             }
+            Command::Completions { shell } => {
+                about::completions(shell, &mut Cli::command(), &mut std::io::stdout().lock())
+                    .map_err(|e| anyhow::anyhow!("cannot write the completion script: {e}"))?;
+                return Ok(ExitCode::SUCCESS);
+            }
             Command::Proxy(args) => args.start()?,
             Command::Relay(args) => args.start()?,
             Command::Forward(args) => args.start()?,
@@ -112,7 +128,10 @@ impl Command {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    if let Some(code) = about::generate_docs_if_asked(Cli::command) {
+        return code;
+    }
+    let cli = about::parse::<Cli>();
     match &cli.command {
         // The demo's output is its story; the client's is its answer.
         Command::Demo(_) | Command::Client(_) | Command::Bench(_) => {

@@ -4,6 +4,7 @@
 //! glue that runs a relay until a signal stops it.
 
 pub mod allowlist;
+pub mod dropin;
 pub mod forward;
 pub mod metrics;
 pub mod options;

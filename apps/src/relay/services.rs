@@ -227,4 +227,38 @@ mod tests {
         let e = error("services:\n- {listen: 'vsock:any:1', address: a, port: 1, idle_timeout: -1}\n");
         assert!(e.contains("idle_timeout"), "{e}");
     }
+
+    /// The configuration the packages install (dist/systemd/default.yaml)
+    /// is a valid services file and allowlist as shipped, and so are its
+    /// commented examples once uncommented.
+    #[test]
+    fn the_packaged_default_configuration_reads() {
+        let shipped = include_str!("../../../dist/systemd/default.yaml");
+        let services = parse(shipped, p()).unwrap();
+        assert_eq!(services.len(), 1);
+        assert_eq!(
+            (services[0].name.as_deref(), services[0].listen.to_string()),
+            (Some("kms"), "vsock:any:8000".into())
+        );
+        let fixed = SpecUpstream::Fixed { host: Host::Name("kms.us-east-1.amazonaws.com".into()), port: 443 };
+        assert_eq!(services[0].upstream, fixed);
+        crate::relay::allowlist::Allowlist::parse(shipped, p()).unwrap();
+        // An example is a `# - ` line and the `#   ` lines right after it.
+        let mut in_example = false;
+        let mut examples = String::new();
+        for line in shipped.lines() {
+            in_example = line.starts_with("# - ") || (in_example && line.starts_with("#   "));
+            examples.push_str(if in_example { &line[2..] } else { line });
+            examples.push('\n');
+        }
+        let services = parse(&examples, p()).unwrap();
+        let names: Vec<_> = services.iter().map(|s| s.name.as_deref().unwrap_or("")).collect();
+        assert_eq!(names, ["kms", "s3", "egress"]);
+        assert_eq!(services[1].allow_cids, Some(vec![16]));
+        assert_eq!(
+            services[2].upstream,
+            SpecUpstream::Routed { route: RouteKind::Connect, head_timeout: None }
+        );
+        crate::relay::allowlist::Allowlist::parse(&examples, p()).unwrap();
+    }
 }

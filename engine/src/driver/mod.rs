@@ -68,22 +68,27 @@ impl FromStr for BackendChoice {
     }
 }
 
+/// Whether this kernel lets this process use the io_uring backend (setup,
+/// the opcodes it needs, timed waits, the minimum kernel), and if not why.
+/// What [`choose`] decides by, public so `--version` reports the same
+/// verdict without starting a relay. Opens no socket.
+pub fn probe_uring() -> Result<(), Unavailable> {
+    // Probe on a thread of its own: the kernel ties a ring to the thread that
+    // set it up, and tearing the probe ring down later would interrupt that
+    // thread's blocking system calls (EINTR) when it is the caller's.
+    match std::thread::Builder::new().name("io_uring-probe".into()).spawn(Ring::probe) {
+        Ok(thread) => thread.join().unwrap_or_else(|_| Err(Unavailable::ProbeThread("it panicked".into()))),
+        Err(e) => Err(Unavailable::ProbeThread(e.to_string())),
+    }
+}
+
 /// Probes the kernel and picks the backend; says in one log line which and why.
 pub fn choose(choice: BackendChoice) -> Result<Backend, Error> {
     if choice == BackendChoice::Portable {
         tracing::info!(backend = "portable", "backend chosen: portable (asked for)");
         return Ok(Backend::Portable);
     }
-    // Probe on a thread of its own: the kernel ties a ring to the thread that
-    // set it up, and tearing the probe ring down later would interrupt that
-    // thread's blocking system calls (EINTR) when it is the caller's.
-    let probe = std::thread::Builder::new()
-        .name("io_uring-probe".into())
-        .spawn(Ring::probe)
-        .map_err(Error::Start)?
-        .join()
-        .unwrap_or_else(|_| Err(Unavailable::ProbeThread("it panicked".into())));
-    match (probe, choice) {
+    match (probe_uring(), choice) {
         (Ok(()), _) => {
             tracing::info!(backend = "io_uring", "backend chosen: io_uring (setup and opcode probe passed)");
             Ok(Backend::Uring)
