@@ -9,6 +9,7 @@ mod cli;
 mod dns;
 mod faults;
 mod forward;
+mod hints;
 mod limits;
 mod ops;
 mod relay;

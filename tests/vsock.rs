@@ -88,11 +88,11 @@ fn connect_when_listening(child: &mut std::process::Child, to: &Endpoint) -> Str
 }
 
 fn vsock(port: u32) -> Endpoint {
-    Endpoint::Vsock { cid: 1, port }
+    Endpoint::vsock(1, port)
 }
 
 fn vsock_any(port: u32) -> Endpoint {
-    Endpoint::Vsock { cid: vsock_relay_engine::endpoint::VSOCK_CID_ANY, port }
+    Endpoint::vsock(vsock_relay_engine::endpoint::VSOCK_CID_ANY, port)
 }
 
 #[test]
@@ -778,7 +778,7 @@ fn allow_cid_serves_listed_cids_and_refuses_the_rest() {
             let second =
                 Relay::start(RelayConfig::new(vsock_any(port), Target::fixed(&vsock(13_509)).unwrap()));
             let err = second.err().expect("a second relay on the same vsock port").to_string();
-            assert!(err.contains("address in use"), "{err}");
+            assert!(err.contains("Address already in use"), "{err}");
 
             let mut client = Stream::connect(&vsock(port)).unwrap();
             client.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
