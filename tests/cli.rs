@@ -455,6 +455,7 @@ fn generate_docs_writes_pages_and_completions() {
                 "-client",
                 "-completions",
                 "-demo",
+                "-doctor",
                 "-forward",
                 "-proxy",
                 "-relay",
