@@ -52,7 +52,15 @@ const TABLE: &[Row] = &[
     Row { errno: libc::EAFNOSUPPORT, step: Step::Listen, scope: Scope::Vsock, hint: NO_TRANSPORT },
     Row { errno: libc::EAFNOSUPPORT, step: Step::Connect, scope: Scope::Vsock, hint: NO_TRANSPORT },
     Row { errno: libc::ENODEV, step: Step::Listen, scope: Scope::Vsock, hint: NO_TRANSPORT },
-    Row { errno: libc::ENODEV, step: Step::Connect, scope: Scope::Vsock, hint: NO_TRANSPORT },
+    Row {
+        errno: libc::ENODEV,
+        step: Step::Connect,
+        scope: Scope::Vsock,
+        hint:
+            "no loaded vsock transport reaches CID {cid}: a parent reaches its enclaves, and a VM its host, \
+            through vmw_vsock_virtio_transport (`modprobe vmw_vsock_virtio_transport`); `vsock-relay doctor` \
+            lists what is loaded",
+    },
     Row { errno: libc::EPERM, step: Step::Listen, scope: Scope::Vsock, hint: VSOCK_REFUSED },
     Row { errno: libc::EPERM, step: Step::Connect, scope: Scope::Vsock, hint: VSOCK_REFUSED },
     Row {
@@ -90,13 +98,12 @@ const TABLE: &[Row] = &[
     Row { errno: libc::ECONNREFUSED, step: Step::Connect, scope: Scope::VsockPeer, hint: VSOCK_NOBODY },
     Row { errno: libc::ECONNRESET, step: Step::Connect, scope: Scope::VsockPeer, hint: VSOCK_NOBODY },
     Row { errno: libc::ETIMEDOUT, step: Step::Connect, scope: Scope::VsockPeer, hint: VSOCK_NOBODY },
-    Row {
-        errno: libc::ECONNREFUSED,
-        step: Step::Connect,
-        scope: Scope::Vsock,
-        hint: "nothing listens on vsock port {port} at CID {cid}: is the relay there running?",
-    },
+    Row { errno: libc::ECONNREFUSED, step: Step::Connect, scope: Scope::Vsock, hint: VSOCK_LOCAL_NOBODY },
+    Row { errno: libc::ECONNRESET, step: Step::Connect, scope: Scope::Vsock, hint: VSOCK_LOCAL_NOBODY },
 ];
+
+const VSOCK_LOCAL_NOBODY: &str = "nothing listens on vsock port {port} at CID {cid}: is the relay or \
+    server there running?";
 
 const VSOCK_REFUSED: &str = "a seccomp filter or container refuses AF_VSOCK sockets: Docker's \
     default profile does (run with a profile that allows socket family 40, AF_VSOCK); a systemd \
@@ -210,6 +217,9 @@ mod tests {
         assert!(listen("vsock:any:8000", libc::EAFNOSUPPORT).unwrap().contains("no vsock transport"));
         assert!(listen("vsock:any:8000", libc::ENODEV).unwrap().contains("modprobe vhost_vsock"));
         assert!(connect("vsock:16:8000", libc::EAFNOSUPPORT).unwrap().contains("CONFIG_VIRTIO_VSOCKETS"));
+        assert!(connect("vsock:16:8000", libc::ENODEV)
+            .unwrap()
+            .contains("no loaded vsock transport reaches CID"));
         assert!(listen("vsock:any:8000", libc::EPERM).unwrap().contains("seccomp"));
         assert!(listen("vsock:5:8000", libc::EADDRNOTAVAIL).unwrap().contains("{local_cid}"));
         assert!(listen("tcp:10.9.9.9:80", libc::EADDRNOTAVAIL).unwrap().contains("no interface"));
@@ -222,7 +232,9 @@ mod tests {
         for errno in [libc::ECONNREFUSED, libc::ECONNRESET, libc::ETIMEDOUT] {
             assert!(connect("vsock:16:5005", errno).unwrap().contains("nitro-cli describe-enclaves"));
         }
-        assert!(connect("vsock:1:5005", libc::ECONNREFUSED).unwrap().contains("is the relay there"));
+        for errno in [libc::ECONNREFUSED, libc::ECONNRESET] {
+            assert!(connect("vsock:1:5005", errno).unwrap().contains("is the relay or server there running"));
+        }
         assert_eq!(connect("tcp:127.0.0.1:80", libc::ECONNREFUSED), None, "TCP says enough itself");
         assert_eq!(listen("vsock:any:8000", libc::ECONNREFUSED), None);
     }
