@@ -57,7 +57,7 @@ fn listen_on(family: &str, n: u32) -> Endpoint {
         }
         "vsock" => {
             vsock_relay_testkit::guest::require_vsock_guest();
-            Endpoint::Vsock { cid: vsock_relay_engine::endpoint::VSOCK_CID_ANY, port: 21_000 + n }
+            Endpoint::vsock(vsock_relay_engine::endpoint::VSOCK_CID_ANY, 21_000 + n)
         }
         other => panic!("unknown family `{other}`"),
     }
@@ -66,7 +66,7 @@ fn listen_on(family: &str, n: u32) -> Endpoint {
 /// Where a client connects to reach what listens on `local` (vsock: CID 1).
 fn reach(local: &Endpoint) -> Endpoint {
     match local {
-        Endpoint::Vsock { port, .. } => Endpoint::Vsock { cid: 1, port: *port },
+        Endpoint::Vsock { port, .. } => Endpoint::vsock(1, *port),
         other => other.clone(),
     }
 }

@@ -29,7 +29,7 @@ impl Stream {
                 TcpStream::connect(addr).map(Stream::Tcp)
             }
             Endpoint::Unix { path } => UnixStream::connect(path).map(Stream::Unix),
-            Endpoint::Vsock { cid, port } => {
+            Endpoint::Vsock { cid, port, .. } => {
                 crate::guest::require_vsock_guest();
                 let socket = socket2::Socket::new(socket2::Domain::VSOCK, socket2::Type::STREAM, None)?;
                 socket.connect(&socket2::SockAddr::vsock(*cid, *port))?;
@@ -138,7 +138,7 @@ impl Server {
         let endpoint = match &listener {
             Listener::Tcp(l) => Endpoint::tcp(l.local_addr().unwrap()),
             Listener::Unix(_, path) => Endpoint::Unix { path: path.clone() },
-            Listener::Vsock(_, port) => Endpoint::Vsock { cid: 1, port: *port },
+            Listener::Vsock(_, port) => Endpoint::vsock(1, *port),
         };
         let stop = Arc::new(AtomicBool::new(false));
         let handler = Arc::new(handler);

@@ -274,7 +274,7 @@ fn relay_rejects_bad_endpoints_with_exit_2() {
 }
 
 /// One owner per listening address: a second relay on the same TCP port or
-/// Unix path exits 1 with "address in use" (every TCP listener used
+/// Unix path exits 1 with "address in use", naming the first by PID (every TCP listener used
 /// SO_REUSEPORT, so a second instance silently took part of the clients),
 /// while the first, with several workers sharing the port, keeps serving.
 #[test]
@@ -293,14 +293,16 @@ fn a_second_instance_on_the_same_address_exits_1_address_in_use() {
         let mut first_unix =
             Proc::spawn("vsock-relay", &["relay", "--backend", backend, "--listen", &unix, "--to", &to]);
         first_unix.wait_for_log("relay listening", Duration::from_secs(20));
-        for listen in [&tcp, &unix] {
+        for (listen, holder) in [(&tcp, first.child.id()), (&unix, first_unix.child.id())] {
             let (code, stderr) =
                 run_to_exit("vsock-relay", &["relay", "--backend", backend, "--listen", listen, "--to", &to]);
             assert_eq!(code, 1, "{backend} {listen}: {stderr}");
-            assert!(
-                stderr.contains(&format!("error: cannot listen on {listen}: address in use")),
-                "{backend} {listen}: {stderr}"
+            // The OS error, then who holds the address (errno -> hint).
+            let expected = format!(
+                "error: cannot listen on {listen}: Address already in use (os error 98). \
+                 another process listens there: PID {holder} (vsock-relay); stop it, or listen on another port"
             );
+            assert!(stderr.contains(&expected), "{backend} {listen}: {stderr}");
         }
         for listen in [&tcp, &unix] {
             for _ in 0..8 {
@@ -453,6 +455,7 @@ fn generate_docs_writes_pages_and_completions() {
                 "-client",
                 "-completions",
                 "-demo",
+                "-doctor",
                 "-forward",
                 "-proxy",
                 "-relay",

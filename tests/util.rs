@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use vsock_relay_engine::{BackendChoice, DataPath, Endpoint, Relay, RelayConfig, Target};
+use vsock_relay_testkit::seccomp::Denials;
 use vsock_relay_testkit::servers::Stream;
 
 /// A fresh directory under the system temp dir, removed on drop.
@@ -72,8 +73,24 @@ pub fn relay(
 
 /// What every binary started on the host gets: AF_VSOCK refused (this
 /// machine's vsock leads to infrastructure that is not ours), no stdin.
+/// A command that [`vsock_refused_by_seccomp`] set up keeps its filter
+/// instead of the engine's switch.
 fn host_safe(command: &mut Command) -> &mut Command {
-    command.env(vsock_relay_engine::socket::NO_VSOCK_ENV, "1").stdin(Stdio::null())
+    let switch = vsock_relay_engine::socket::NO_VSOCK_ENV;
+    if !command.get_envs().any(|(name, _)| name == switch) {
+        command.env(switch, "1");
+    }
+    command.stdin(Stdio::null())
+}
+
+/// Makes `command` start under a seccomp filter that refuses every AF_VSOCK
+/// socket with `errno` (no transport: EAFNOSUPPORT; a container: EPERM), so
+/// that it meets the kernel's refusal instead of the engine's switch. The
+/// filter is in place from before exec: the process can never open one.
+pub fn vsock_refused_by_seccomp(command: &mut Command, errno: i32) {
+    let denials = Denials { vsock_socket: Some(errno), ..Denials::default() };
+    vsock_relay_testkit::seccomp::deny(command, denials);
+    command.env_remove(vsock_relay_engine::socket::NO_VSOCK_ENV);
 }
 
 /// A child process killed when dropped; its stderr is collected.
@@ -208,11 +225,19 @@ pub struct Output {
 /// Runs a binary to completion within `limit` (killed and failed after it),
 /// capturing both output streams.
 pub fn run_capturing(binary: &str, args: &[&str], limit: Duration) -> Output {
-    let mut child = host_safe(Command::new(vsock_relay_testkit::binary(binary)).args(args))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    run_capturing_with(binary, args, limit, |_| {})
+}
+
+/// Like [`run_capturing`], with a last say on the command.
+pub fn run_capturing_with(
+    binary: &str,
+    args: &[&str],
+    limit: Duration,
+    configure: impl FnOnce(&mut Command),
+) -> Output {
+    let mut command = Command::new(vsock_relay_testkit::binary(binary));
+    configure(command.args(args));
+    let mut child = host_safe(&mut command).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
     let read_all = |mut pipe: Box<dyn std::io::Read + Send>| {
         std::thread::spawn(move || {
             let mut text = String::new();
@@ -288,4 +313,21 @@ pub fn ping_on(stream: &mut Stream) -> io::Result<bool> {
         Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(false),
         Err(e) => Err(e),
     }
+}
+
+/// A process that is not a relay (python3) listening on a free TCP port of
+/// 127.0.0.1 for a minute: (the process, its port).
+pub fn foreign_listener() -> (Child, u16) {
+    let mut holder = Command::new("python3")
+        .args([
+            "-c",
+            "import socket, time\ns = socket.socket()\ns.bind(('127.0.0.1', 0))\ns.listen()\n\
+             print(s.getsockname()[1], flush=True)\ntime.sleep(60)",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3 runs");
+    let mut port = String::new();
+    BufReader::new(holder.stdout.take().unwrap()).read_line(&mut port).unwrap();
+    (holder, port.trim().parse().expect("python3 printed its port"))
 }

@@ -18,6 +18,9 @@ use vsock_relay_testkit::guest::require_vsock_guest;
 use vsock_relay_testkit::servers::{echo, twin, Ledger, Server, Stream};
 use vsock_relay_testkit::traffic;
 
+// doctor, the to-host flag and connect hints on real vsock (issue 29).
+mod vsock_doctor;
+
 const MIB: u64 = 1 << 20;
 
 /// Both backends where io_uring runs; where it cannot (disabled, or a kernel
@@ -88,11 +91,11 @@ fn connect_when_listening(child: &mut std::process::Child, to: &Endpoint) -> Str
 }
 
 fn vsock(port: u32) -> Endpoint {
-    Endpoint::Vsock { cid: 1, port }
+    Endpoint::vsock(1, port)
 }
 
 fn vsock_any(port: u32) -> Endpoint {
-    Endpoint::Vsock { cid: vsock_relay_engine::endpoint::VSOCK_CID_ANY, port }
+    Endpoint::vsock(vsock_relay_engine::endpoint::VSOCK_CID_ANY, port)
 }
 
 #[test]
@@ -778,7 +781,7 @@ fn allow_cid_serves_listed_cids_and_refuses_the_rest() {
             let second =
                 Relay::start(RelayConfig::new(vsock_any(port), Target::fixed(&vsock(13_509)).unwrap()));
             let err = second.err().expect("a second relay on the same vsock port").to_string();
-            assert!(err.contains("address in use"), "{err}");
+            assert!(err.contains("(os error 98)"), "address in use: {err}");
 
             let mut client = Stream::connect(&vsock(port)).unwrap();
             client.set_read_timeout(Some(Duration::from_secs(10))).unwrap();

@@ -1,6 +1,15 @@
 //! Endpoints: one type and one text form for every socket family the relay
 //! speaks, so that every app, config file and log line names a socket the
 //! same way: `vsock:CID:PORT`, `tcp:HOST:PORT`, `unix:PATH`.
+//!
+//! An outgoing vsock endpoint may end in `:to-host`: connect with
+//! `VMADDR_FLAG_TO_HOST` (Linux 5.11+), which sends the connection through
+//! the guest transport (virtio: the host, or on a Nitro parent its enclaves)
+//! even when the host transport (vhost_vsock, for VMs this machine runs) is
+//! loaded too: without it the kernel hands every CID above 2 to vhost_vsock.
+//! `:to-host=auto` sets the flag where it is right for an enclave's CID:
+//! on a Nitro parent (the nitro_enclaves driver is loaded: its enclaves are
+//! reached through the guest transport only) whose kernel knows the flag.
 
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
@@ -13,12 +22,25 @@ pub const VSOCK_CID_ANY: u32 = u32::MAX;
 /// A stream socket address in any family the relay supports.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Endpoint {
-    /// AF_VSOCK; `cid` may be [`VSOCK_CID_ANY`] (written `any`) on a listener.
-    Vsock { cid: u32, port: u32 },
+    /// AF_VSOCK; `cid` may be [`VSOCK_CID_ANY`] (written `any`) on a
+    /// listener; `to_host` applies to connects (see the module docs).
+    Vsock { cid: u32, port: u32, to_host: ToHost },
     /// TCP over IPv4 or IPv6; a host name is resolved before use.
     Tcp { host: Host, port: u16 },
     /// A Unix-domain stream socket at a filesystem path.
     Unix { path: PathBuf },
+}
+
+/// Whether a vsock connect asks for `VMADDR_FLAG_TO_HOST`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum ToHost {
+    /// No flag: the kernel picks the transport by CID (written as nothing).
+    #[default]
+    No,
+    /// The flag (`:to-host`).
+    Yes,
+    /// The flag on a Nitro parent whose kernel knows it (`:to-host=auto`).
+    Auto,
 }
 
 /// The host part of a TCP endpoint.
@@ -49,12 +71,20 @@ pub enum EndpointParseError {
     /// The Unix path is empty.
     #[error("`{0}`: empty unix socket path")]
     EmptyPath(String),
+    /// What follows a vsock port is not a known option.
+    #[error("`{0}`: unknown vsock option `{1}`; expected to-host or to-host=auto")]
+    BadVsockOption(String, String),
 }
 
 impl Endpoint {
     /// A TCP endpoint on a literal socket address.
     pub fn tcp(addr: SocketAddr) -> Self {
         Endpoint::Tcp { host: Host::Ip(addr.ip()), port: addr.port() }
+    }
+
+    /// A vsock endpoint without the to-host flag.
+    pub fn vsock(cid: u32, port: u32) -> Self {
+        Endpoint::Vsock { cid, port, to_host: ToHost::No }
     }
 }
 
@@ -71,11 +101,21 @@ impl fmt::Display for Host {
 impl fmt::Display for Endpoint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Endpoint::Vsock { cid: VSOCK_CID_ANY, port } => write!(f, "vsock:any:{port}"),
-            Endpoint::Vsock { cid, port } => write!(f, "vsock:{cid}:{port}"),
+            Endpoint::Vsock { cid: VSOCK_CID_ANY, port, to_host } => write!(f, "vsock:any:{port}{to_host}"),
+            Endpoint::Vsock { cid, port, to_host } => write!(f, "vsock:{cid}:{port}{to_host}"),
             Endpoint::Tcp { host, port } => write!(f, "tcp:{host}:{port}"),
             Endpoint::Unix { path } => write!(f, "unix:{}", path.display()),
         }
+    }
+}
+
+impl fmt::Display for ToHost {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ToHost::No => "",
+            ToHost::Yes => ":to-host",
+            ToHost::Auto => ":to-host=auto",
+        })
     }
 }
 
@@ -123,8 +163,16 @@ impl FromStr for Endpoint {
                     "any" => VSOCK_CID_ANY,
                     _ => cid.parse().map_err(|_| EndpointParseError::BadCid(text.into(), cid.into()))?,
                 };
+                let (port, to_host) = match port.split_once(':') {
+                    None => (port, ToHost::No),
+                    Some((port, "to-host")) => (port, ToHost::Yes),
+                    Some((port, "to-host=auto")) => (port, ToHost::Auto),
+                    Some((_, other)) => {
+                        return Err(EndpointParseError::BadVsockOption(text.into(), other.into()))
+                    }
+                };
                 let port = u32::try_from(parse_port(text, port, u32::MAX.into())?).unwrap_or(u32::MAX);
-                Ok(Endpoint::Vsock { cid, port })
+                Ok(Endpoint::Vsock { cid, port, to_host })
             }
             "tcp" => {
                 let (host, port) = rest.rsplit_once(':').ok_or_else(|| {
@@ -151,6 +199,8 @@ mod tests {
         for text in [
             "vsock:any:8001",
             "vsock:3:5005",
+            "vsock:16:5005:to-host",
+            "vsock:16:5005:to-host=auto",
             "tcp:127.0.0.1:443",
             "tcp:[::1]:8080",
             "tcp:kms.us-east-1.amazonaws.com:443",
@@ -179,6 +229,14 @@ mod tests {
         assert!(err("tcp:bad host:80").contains("bad host"));
         assert!(err("unix:").contains("empty unix socket path"));
         assert!(err("vsock:3").contains("bad port"));
+        assert_eq!(
+            err("vsock:16:5005:tohost"),
+            "`vsock:16:5005:tohost`: unknown vsock option `tohost`; expected to-host or to-host=auto"
+        );
+        assert_eq!(
+            "vsock:16:5005:to-host".parse::<Endpoint>(),
+            Ok(Endpoint::Vsock { cid: 16, port: 5005, to_host: ToHost::Yes })
+        );
     }
 
     mod properties {
@@ -194,7 +252,12 @@ mod tests {
 
         fn endpoint() -> impl Strategy<Value = Endpoint> {
             prop_oneof![
-                (any::<u32>(), any::<u32>()).prop_map(|(cid, port)| Endpoint::Vsock { cid, port }),
+                (
+                    any::<u32>(),
+                    any::<u32>(),
+                    prop_oneof![Just(ToHost::No), Just(ToHost::Yes), Just(ToHost::Auto)]
+                )
+                    .prop_map(|(cid, port, to_host)| Endpoint::Vsock { cid, port, to_host }),
                 (any::<u32>(), any::<u16>())
                     .prop_map(|(ip, port)| Endpoint::Tcp { host: Host::Ip(Ipv4Addr::from(ip).into()), port }),
                 (any::<u128>(), any::<u16>())

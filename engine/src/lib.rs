@@ -18,7 +18,9 @@
 //! - `vocab`: the words worker, connections and drivers share; imports
 //!   point one way, down to it (`.ci/module-cycles` checks).
 //! - `pool`: pipes and buffers lent to pumps only while bytes are in flight.
-//! - [`stats`] and [`error`]: counters, and errors that say which side failed.
+//! - [`stats`] and [`error`]: counters, and errors that say which side failed;
+//!   [`hint`]: what to do about a socket that would not open, bind or
+//!   connect, from what [`machine`] reads of this machine's vsock and sockets.
 //!
 //! `unsafe` lives in `driver/ring.rs` (io_uring submission),
 //! `driver/buffers.rs` (the provided buffer ring) and `sys` (raw syscalls);
@@ -38,6 +40,8 @@ pub mod dns;
 mod driver;
 pub mod endpoint;
 pub mod error;
+pub mod hint;
+pub mod machine;
 mod pool;
 pub mod proxy_header;
 mod relay;

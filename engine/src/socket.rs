@@ -9,7 +9,9 @@ use std::path::Path;
 
 use socket2::{Domain, SockAddr, Socket, Type};
 
-use crate::endpoint::{Endpoint, Host};
+use crate::endpoint::{Endpoint, Host, ToHost};
+use crate::hint::{self, Step};
+use crate::machine;
 use crate::sys;
 
 /// Options applied to every socket the relay opens or accepts.
@@ -34,7 +36,11 @@ impl Default for SocketOptions {
 /// system resolver for a TCP host name (start-up only, never on the data path).
 pub fn sockaddr(endpoint: &Endpoint) -> io::Result<SockAddr> {
     match endpoint {
-        Endpoint::Vsock { cid, port } => Ok(SockAddr::vsock(*cid, *port)),
+        Endpoint::Vsock { cid, port, to_host } => Ok(match to_host {
+            ToHost::Yes => sys::vsock_addr_to_host(*cid, *port),
+            ToHost::Auto if machine::to_host_auto() => sys::vsock_addr_to_host(*cid, *port),
+            ToHost::No | ToHost::Auto => SockAddr::vsock(*cid, *port),
+        }),
         Endpoint::Unix { path } => SockAddr::unix(path),
         Endpoint::Tcp { host: Host::Ip(ip), port } => Ok(SocketAddr::new(*ip, *port).into()),
         Endpoint::Tcp { host: Host::Name(name), port } => (name.as_str(), *port)
@@ -59,6 +65,17 @@ fn new_socket(addr: &SockAddr) -> io::Result<Socket> {
     }
     let socket = Socket::new(addr.domain(), Type::STREAM.nonblocking().cloexec(), None)?;
     Ok(socket)
+}
+
+/// Whether this process may make an AF_VSOCK socket: makes one, binds and
+/// connects nothing, and closes it. `vsock-relay doctor`'s probe; the
+/// error is the one a listener would meet (no transport, a seccomp filter,
+/// [`NO_VSOCK_ENV`]), with its hint.
+pub fn probe_vsock_socket() -> io::Result<()> {
+    let any = Endpoint::vsock(crate::endpoint::VSOCK_CID_ANY, 0);
+    new_socket(&SockAddr::vsock(crate::endpoint::VSOCK_CID_ANY, 0))
+        .map(drop)
+        .map_err(|e| hint::with_hint(Step::Listen, &any, e))
 }
 
 /// The socket family of an endpoint.
@@ -99,8 +116,13 @@ fn tune_family(socket: &Socket, family: Domain, options: &SocketOptions) -> io::
 
 /// Opens a listening socket on `endpoint`. Never with SO_REUSEPORT: the
 /// address has one owner, and a second listener gets "address in use"
-/// (threads share the one socket instead).
+/// (threads share the one socket instead). A failure keeps its OS error and
+/// adds what to do about it ([`hint`]).
 pub fn listen(endpoint: &Endpoint, options: &SocketOptions) -> io::Result<Socket> {
+    open_listener(endpoint, options).map_err(|e| hint::with_hint(Step::Listen, endpoint, e))
+}
+
+fn open_listener(endpoint: &Endpoint, options: &SocketOptions) -> io::Result<Socket> {
     let addr = sockaddr(endpoint)?;
     if let Endpoint::Unix { path } = endpoint {
         remove_stale_unix_socket(path)?;
@@ -116,12 +138,7 @@ pub fn listen(endpoint: &Endpoint, options: &SocketOptions) -> io::Result<Socket
         // Accepted vsock sockets inherit the listener's buffer size.
         tune_family(&socket, Domain::VSOCK, options)?;
     }
-    socket.bind(&addr).map_err(|e| match e.kind() {
-        io::ErrorKind::AddrInUse => {
-            io::Error::new(io::ErrorKind::AddrInUse, "address in use (another process listens there)")
-        }
-        _ => e,
-    })?;
+    socket.bind(&addr)?;
     socket.listen(options.backlog)?;
     Ok(socket)
 }
@@ -131,7 +148,7 @@ pub fn local_endpoint(listener: &Socket, requested: &Endpoint) -> io::Result<End
     let addr = listener.local_addr()?;
     Ok(match (requested, addr.as_socket(), addr.as_vsock_address()) {
         (Endpoint::Tcp { .. }, Some(sa), _) => Endpoint::tcp(sa),
-        (Endpoint::Vsock { .. }, _, Some((cid, port))) => Endpoint::Vsock { cid, port },
+        (Endpoint::Vsock { .. }, _, Some((cid, port))) => Endpoint::vsock(cid, port),
         _ => requested.clone(),
     })
 }
@@ -212,13 +229,16 @@ pub fn peer_name(socket: &Socket) -> Option<String> {
 
 /// A socket address as text, in the endpoint form where it has one.
 pub fn describe(addr: &SockAddr) -> String {
+    endpoint_of(addr).map_or_else(|| "unix:(unnamed)".to_string(), |endpoint| endpoint.to_string())
+}
+
+/// The endpoint of a socket address (`None` for an unnamed Unix socket).
+pub fn endpoint_of(addr: &SockAddr) -> Option<Endpoint> {
     if let Some(sa) = addr.as_socket() {
-        Endpoint::tcp(sa).to_string()
+        Some(Endpoint::tcp(sa))
     } else if let Some((cid, port)) = addr.as_vsock_address() {
-        Endpoint::Vsock { cid, port }.to_string()
-    } else if let Some(path) = addr.as_pathname() {
-        format!("unix:{}", path.display())
+        Some(Endpoint::vsock(cid, port))
     } else {
-        "unix:(unnamed)".to_string()
+        addr.as_pathname().map(|path| Endpoint::Unix { path: path.to_path_buf() })
     }
 }

@@ -1,5 +1,6 @@
 //! Raw system calls that neither `std` nor `socket2` wrap: pipes, splice,
-//! eventfd, the vsock buffer option, the open-files limit and bringing a
+//! eventfd, the vsock buffer option, the local vsock CID, vsock addresses
+//! with the to-host flag, the open-files limit and bringing a
 //! network interface up. With `driver/ring.rs` and `driver/buffers.rs`
 //! this is the engine's unsafe fence: every function here is safe to call and
 //! each `unsafe` block says which invariant holds.
@@ -120,4 +121,51 @@ pub fn interface_up(name: &str) -> io::Result<bool> {
     // SAFETY: SIOCSIFFLAGS reads the name and flags from the ifreq we own.
     check(unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCSIFFLAGS as _, &request) })?;
     Ok(true)
+}
+
+/// This machine's vsock CID from `/dev/vsock` (`IOCTL_VM_SOCKETS_GET_LOCAL_CID`):
+/// a character device, not a socket, so asking connects to nothing.
+/// `u32::MAX` (`VMADDR_CID_ANY`) when no transport gives this machine a CID.
+pub fn vsock_local_cid() -> io::Result<u32> {
+    const IOCTL_VM_SOCKETS_GET_LOCAL_CID: libc::c_ulong = 0x7b9;
+    let device = std::fs::File::open("/dev/vsock")?;
+    let mut cid: u32 = u32::MAX;
+    // SAFETY: this ioctl writes one u32 into the variable we pass, which
+    // lives across the call; the device stays open for it.
+    check(unsafe { libc::ioctl(device.as_raw_fd(), IOCTL_VM_SOCKETS_GET_LOCAL_CID as _, &mut cid) })?;
+    Ok(cid)
+}
+
+/// A vsock address with `VMADDR_FLAG_TO_HOST` set: connect through the guest
+/// transport even where a host transport (vhost_vsock) is loaded too.
+/// socket2's `SockAddr::vsock` leaves the flags zero and libc's
+/// `sockaddr_vm` still calls the flags byte `svm_zero[0]` (Linux 5.11 named
+/// it `svm_flags`), so the address is written here.
+pub fn vsock_addr_to_host(cid: u32, port: u32) -> socket2::SockAddr {
+    const VMADDR_FLAG_TO_HOST: u8 = 0x01;
+    let mut storage = socket2::SockAddrStorage::zeroed();
+    // SAFETY: sockaddr_vm is one of this platform's sockaddr types, which
+    // the zeroed storage is large and aligned enough to hold.
+    let address = unsafe { storage.view_as::<libc::sockaddr_vm>() };
+    address.svm_family = libc::sa_family_t::try_from(libc::AF_VSOCK).unwrap_or_default();
+    address.svm_cid = cid;
+    address.svm_port = port;
+    address.svm_zero[0] = VMADDR_FLAG_TO_HOST;
+    let length = libc::socklen_t::try_from(std::mem::size_of::<libc::sockaddr_vm>()).unwrap_or_default();
+    // SAFETY: the storage holds an initialised sockaddr_vm of that length.
+    unsafe { socket2::SockAddr::new(storage, length) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_to_host_address_differs_from_the_plain_one_in_its_flag_only() {
+        let flagged = vsock_addr_to_host(16, 5005);
+        let plain = socket2::SockAddr::vsock(16, 5005);
+        assert_eq!(flagged.as_vsock_address(), Some((16, 5005)));
+        assert_eq!(flagged.len(), plain.len());
+        assert_ne!(flagged, plain, "the flags byte is set");
+    }
 }

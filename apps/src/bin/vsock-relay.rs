@@ -11,6 +11,7 @@ use clap_complete::Shell;
 
 use vsock_relay_apps::about;
 use vsock_relay_apps::bench::{self, Bench};
+use vsock_relay_apps::relay::doctor::DoctorArgs;
 use vsock_relay_apps::relay::forward::ForwardArgs;
 use vsock_relay_apps::relay::options::{RelayArgs, UsageError};
 use vsock_relay_apps::relay::proxy::ProxyCommand;
@@ -69,6 +70,13 @@ enum Command {
     Bench(Bench),
     /// A plain relay between any two endpoints, without an allowlist.
     Relay(RelayArgs),
+    /// Checks this machine (vsock transports and CID, the backend, limits)
+    /// and, on the parent, the proxy's config and services files; in the
+    /// enclave, its forwardings and hosts file. One line per check, `ok`,
+    /// `warn` or `fail` with the one thing to do; exit 1 when one fails.
+    ///
+    /// Opens no vsock connection unless --connect asks it to.
+    Doctor(DoctorArgs),
     /// Prints the completion script for SHELL on stdout. The packages
     /// install these already; by hand, e.g.
     /// `vsock-relay completions bash > ~/.local/share/bash-completion/completions/vsock-relay`.
@@ -87,6 +95,7 @@ impl Command {
             Command::Demo(_) => "vsock-relay demo",
             Command::Serve(_) => "vsock-relay serve",
             Command::Bench(_) => "vsock-relay bench",
+            Command::Doctor(_) => "vsock-relay doctor",
             _ => "vsock-relay",
         }
     }
@@ -101,6 +110,7 @@ impl Command {
             Command::Demo(_) => "demo",
             Command::Bench(_) => "bench",
             Command::Relay(_) => "relay",
+            Command::Doctor(_) => "doctor",
             Command::Completions { .. } => "completions",
         }
     }
@@ -110,6 +120,7 @@ impl Command {
             Command::Client(args) => return args.run(),
             Command::Serve(args) => return args.run().map(|()| ExitCode::SUCCESS),
             Command::Bench(bench) => return bench::run(bench).map(|()| ExitCode::SUCCESS),
+            Command::Doctor(args) => return args.run(&mut std::io::stdout().lock()),
             Command::Demo(args) => {
                 return demo::run(&args, &mut std::io::stdout().lock()).map(|()| ExitCode::SUCCESS)
             }
@@ -134,7 +145,7 @@ fn main() -> ExitCode {
     let cli = about::parse::<Cli>();
     match &cli.command {
         // The demo's output is its story; the client's is its answer.
-        Command::Demo(_) | Command::Client(_) | Command::Bench(_) => {
+        Command::Demo(_) | Command::Client(_) | Command::Bench(_) | Command::Doctor(_) => {
             run::init_logging("warn", cli.log_format)
         }
         _ => run::init_logging("info", cli.log_format),

@@ -52,6 +52,17 @@ pub struct Entry {
     pub port: u16,
 }
 
+impl Entry {
+    /// The host name this entry names, if it is a plain name (not an
+    /// address, a range or a wildcard): the entries the proxy resolves.
+    pub fn host_name(&self) -> Option<&str> {
+        match Rule::of(&self.address) {
+            Ok(Rule::Name(name)) => Some(name),
+            _ => None,
+        }
+    }
+}
+
 /// Why the config could not be read, or a target is not allowed.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum AllowlistError {

@@ -64,7 +64,7 @@ impl Cli {
         let cli = self;
         run::init_logging("info", cli.log_format);
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let listen = Endpoint::Vsock { cid: VSOCK_CID_ANY, port: cli.local_port };
+        let listen = Endpoint::vsock(VSOCK_CID_ANY, cli.local_port);
         let upstream = SpecUpstream::Fixed { host: cli.remote_addr, port: cli.remote_port };
         let service = ServiceSpec::single(listen, upstream);
         let settings = cli.proxy.settings(vec![service], None, cli.num_workers.min(cores));

@@ -139,10 +139,7 @@ pub fn parse_positional(args: &[String]) -> Result<Mapping, String> {
     let remote_port: u32 = remote_port
         .parse()
         .map_err(|_| format!("REMOTE_PORT `{remote_port}` is not a vsock port (a number)"))?;
-    Ok(Mapping {
-        listen: Endpoint::Tcp { host: Host::Ip(ip), port },
-        to: Endpoint::Vsock { cid, port: remote_port },
-    })
+    Ok(Mapping { listen: Endpoint::Tcp { host: Host::Ip(ip), port }, to: Endpoint::vsock(cid, remote_port) })
 }
 
 /// Adds `address name` to a hosts file for every name it does not map to

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 use socket2::Socket;
+use vsock_relay_engine::hint::{self, Step};
 use vsock_relay_engine::socket::{self, SocketOptions};
 use vsock_relay_engine::Endpoint;
 
@@ -37,7 +38,7 @@ impl ClientArgs {
             ([cid, port, query], None) => {
                 let cid = cid.parse().map_err(|_| UsageError(format!("`{cid}` is not a vsock CID")))?;
                 let port = port.parse().map_err(|_| UsageError(format!("`{port}` is not a vsock port")))?;
-                Ok((Endpoint::Vsock { cid, port }, query.clone()))
+                Ok((Endpoint::vsock(cid, port), query.clone()))
             }
             (_, Some(_)) => Err(UsageError("with --to, give only QUERY".into())),
             (_, None) => Err(UsageError("expected CID PORT QUERY, or --to ENDPOINT QUERY".into())),
@@ -93,6 +94,10 @@ pub enum ClientError {
 /// the vsock buffer size). The connect waits at most `timeout` (TCP, Unix;
 /// vsock has its own connect timeout of 2 s).
 pub fn connect(to: &Endpoint, timeout: Duration) -> io::Result<Socket> {
+    try_connect(to, timeout).map_err(|e| hint::with_hint(Step::Connect, to, e))
+}
+
+fn try_connect(to: &Endpoint, timeout: Duration) -> io::Result<Socket> {
     let addr = socket::sockaddr(to)?;
     let options = SocketOptions::default();
     let stream = socket::socket_for(&addr, &options)?;

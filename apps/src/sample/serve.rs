@@ -98,10 +98,10 @@ impl ServeArgs {
 
     /// `--listen`, else vsock `PORT` (default 5005) on any CID.
     pub fn listen(&self) -> Endpoint {
-        self.listen.clone().unwrap_or(Endpoint::Vsock {
-            cid: vsock_relay_engine::endpoint::VSOCK_CID_ANY,
-            port: self.port.unwrap_or(DEFAULT_PORT),
-        })
+        self.listen.clone().unwrap_or(Endpoint::vsock(
+            vsock_relay_engine::endpoint::VSOCK_CID_ANY,
+            self.port.unwrap_or(DEFAULT_PORT),
+        ))
     }
 
     pub fn source_settings(self) -> SourceSettings {

@@ -8,9 +8,10 @@ use std::time::{Duration, Instant};
 
 use socket2::Socket;
 
-use crate::config::Service;
+use crate::config::{Service, Upstream};
 use crate::conn::{Connection, Ending};
 use crate::error::{ConnError, Op, Side};
+use crate::hint::{self, Step};
 use crate::route::Decision;
 use crate::socket;
 use crate::throttle::Throttle;
@@ -62,6 +63,15 @@ pub(super) fn closed(
 ) {
     if let Ending::Failed(ConnError { side: Side::Upstream, op: Op::Connect, source }) = ending {
         if warnings.unreachable.admit(now, worker) {
+            // What to do about it, where the table knows (a fixed vsock target).
+            let source = match &service.upstream {
+                Upstream::Fixed(target) => match socket::endpoint_of(&target.current()) {
+                    Some(endpoint) => hint::hint(Step::Connect, &endpoint, source)
+                        .map_or_else(|| source.to_string(), |hint| format!("{source}. {hint}")),
+                    None => source.to_string(),
+                },
+                Upstream::Routed(_) => source.to_string(),
+            };
             connection_span(conn, service).in_scope(|| {
                 tracing::warn!(worker, error = %source, "cannot reach the upstream; client reset");
             });

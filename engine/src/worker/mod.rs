@@ -30,6 +30,7 @@ use crate::conn::pump::{DataPath, Wait};
 use crate::conn::{Action, ConnState, Connection, Ending, Event, Io};
 use crate::driver::{Backend, Driver, DriverEvent, EpollDriver, UringDriver};
 use crate::error::{ConnError, Error, Op, Side};
+use crate::hint;
 use crate::pool::Pools;
 use crate::proxy_header;
 use crate::route::router::{Job, Mailbox, Router, Verdict};
@@ -488,6 +489,10 @@ impl<D: Driver> Worker<D> {
             Err(e) => {
                 // Out of descriptors, most likely: give up on this client, serve the others.
                 if self.warnings.no_upstream_socket.admit(self.now, self.index) {
+                    let e = match socket::endpoint_of(&target) {
+                        Some(endpoint) => hint::with_hint(hint::Step::Connect, &endpoint, e),
+                        None => e,
+                    };
                     tracing::warn!(worker = self.index, error = %e, "cannot open an upstream socket; client reset");
                 }
                 slot.conn.give_up();

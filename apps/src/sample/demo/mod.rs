@@ -97,8 +97,8 @@ impl Layout {
     fn hop(&self, vsock_port: u32, unix_name: &str) -> Hop {
         if self.vsock {
             Hop {
-                listen: Endpoint::Vsock { cid: VSOCK_CID_ANY, port: vsock_port },
-                connect: Endpoint::Vsock { cid: 1, port: vsock_port },
+                listen: Endpoint::vsock(VSOCK_CID_ANY, vsock_port),
+                connect: Endpoint::vsock(1, vsock_port),
             }
         } else {
             let path = self.dir.join(unix_name);
