@@ -140,6 +140,55 @@ fn sigterm_stops_the_proxy_with_exit_0_and_a_summary() {
     assert!(!dir.path("proxy.sock").exists(), "the unix socket file is removed on exit");
 }
 
+/// With stderr's reader gone (`vsock-relay ... 2>&1 | head -1`), every log
+/// line fails to be written; SIGTERM must still stop the relay, and its
+/// workers must keep relaying meanwhile (no thread may die of a failed log).
+#[test]
+fn a_closed_stderr_neither_kills_a_thread_nor_blocks_sigterm() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    let server = Server::tcp(echo);
+    let dir = TempDir::new("cli");
+    let listen = format!("unix:{}", dir.path("relay.sock").display());
+    let to = format!("tcp:127.0.0.1:{}", server.tcp_addr().port());
+    let mut child = Command::new(vsock_relay_testkit::binary("vsock-relay"))
+        .args(["relay", "--listen", &listen, "--to", &to])
+        .env(vsock_relay_engine::socket::NO_VSOCK_ENV, "1")
+        .env("RUST_LOG", "debug")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut first = String::new();
+    stderr.read_line(&mut first).unwrap();
+    drop(stderr); // as `head -1` does
+    wait_for_unix(&dir.path("relay.sock"), Duration::from_secs(20));
+    // Each connection logs lines that now fail to be written.
+    for _ in 0..3 {
+        let mut client = Stream::connect(&listen.parse().unwrap()).unwrap();
+        client.write_all(b"ping").unwrap();
+        let mut reply = [0u8; 4];
+        client.read_exact(&mut reply).unwrap();
+        assert_eq!(&reply, b"ping", "relayed while its stderr is closed");
+    }
+    let pid = child.id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("SIGTERM did not stop a relay whose stderr is closed (first line: {first})");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(0), "first line: {first}");
+}
+
 #[test]
 fn host_not_allowed_exits_1() {
     let dir = TempDir::new("cli");

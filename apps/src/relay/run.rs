@@ -2,7 +2,7 @@
 //! relay until SIGINT/SIGTERM with SIGHUP as reload, and the exit code of a
 //! failure.
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
 
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
@@ -25,9 +25,16 @@ pub enum LogFormat {
 }
 
 /// Logs to stderr in `format`; `RUST_LOG` filters (default `level`).
+/// A line that cannot be written (stderr's reader gone, as after
+/// `| head -1`) is dropped: tracing-subscriber would otherwise report it with
+/// `eprintln!`, which panics on that same stderr and took the signal thread
+/// with it (the relay then ignored SIGTERM).
 pub fn init_logging(level: &str, format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .log_internal_errors(false);
     let _ = match format {
         LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).try_init(),
         LogFormat::Json => {
@@ -123,6 +130,7 @@ pub fn fail(program: &str, error: anyhow::Error) -> ExitCode {
             line.push_str(&text);
         }
     }
-    eprintln!("{program}: error: {line}");
+    // Not eprintln!: it panics when stderr is closed.
+    let _ = writeln!(std::io::stderr(), "{program}: error: {line}");
     ExitCode::from(1)
 }
