@@ -14,4 +14,5 @@ mod ops;
 mod relay;
 mod route;
 mod scale;
+mod soak;
 mod util;
