@@ -205,14 +205,19 @@ impl Accounting {
                 relays: relays.proxy("upstream"),
             },
             // A refused CONNECT is counted by the cause behind it (connect
-            // when the upstream is down, route when DNS fails).
+            // when the upstream is down, route when DNS fails). The proxy's
+            // `client` failures belong here too: the soak's clients never
+            // abort on their own, and the proxy counts `client` when the
+            // forwarder's hop closed before the upstream was reached (seen
+            // under the descriptor bursts, when the proxy accepts late).
             Match {
                 what: "never reached upstream or CONNECT refused, less resets before a header (clients; \
-                       failed{connect,resources,route} of the proxy, failed{connect,resources} of the forwarder, refusals)",
+                       failed{connect,resources,route,client} of the proxy, failed{connect,resources} of the forwarder, refusals)",
                 clients: (cause(Cause::NotConnected) + cause(Cause::RouteRefused)).saturating_sub(anonymous_resets),
                 relays: relays.proxy("connect")
                     + relays.proxy("resources")
                     + relays.proxy("route")
+                    + relays.proxy("client")
                     + relays.forward("connect")
                     + relays.forward("resources")
                     + relays.forward_refused

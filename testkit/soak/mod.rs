@@ -598,6 +598,14 @@ pub fn run(options: &Options) -> Result<Outcome, String> {
     let counts = RelayCounts::from_metrics(&forward_text, &proxy_text);
     let records = live.records.lock().unwrap_or_else(|p| p.into_inner()).clone();
     let upstream = upstream.lock().unwrap_or_else(|p| p.into_inner());
+    // Every connection that did not end byte-exact, with both sides' view.
+    let mut failures = String::from("id,kind,routed,client_end,upstream_saw\n");
+    for record in records.iter().filter(|r| r.end != clients::End::Complete) {
+        let end = format!("{:?}", record.end).replace(',', ";");
+        let seen = format!("{:?}", upstream.seen(record.id)).replace(',', ";");
+        let _ = writeln!(failures, "{},{},{},{end},{seen}", record.id, record.kind.label(), record.routed);
+    }
+    std::fs::write(options.out.join("failures.csv"), failures).map_err(|e| e.to_string())?;
     let accounting =
         Accounting::new(&records, |id| upstream.seen(id), &counts, upstream.anonymous_resets(), 1);
     let mut problems = accounting.problems();
