@@ -425,9 +425,11 @@ pub fn run(options: &Options) -> Result<Outcome, String> {
     let stop_traffic = Arc::new(AtomicBool::new(false));
     let faults_done = Arc::new(AtomicU64::new(0));
 
-    // Sampler: one CSV row a second.
+    // Sampler: one CSV row a second, appended to samples.csv as it comes
+    // (a long run can be watched).
     let sampling = Arc::new(AtomicBool::new(true));
-    let samples_path = options.out.join("samples.csv");
+    let mut samples_file =
+        std::fs::File::create(options.out.join("samples.csv")).map_err(|e| e.to_string())?;
     let sampler = {
         let (live, sampling, faults_done) =
             (Arc::clone(&live), Arc::clone(&sampling), Arc::clone(&faults_done));
@@ -439,6 +441,7 @@ pub fn run(options: &Options) -> Result<Outcome, String> {
                 "t_s,proxy_rss_kib,proxy_fds,proxy_threads,forward_rss_kib,forward_fds,forward_threads,client_bytes,connections,failed,faults,log_lines,upstream_open"
                     .to_string(),
             ];
+            let _ = writeln!(samples_file, "{}", rows[0]);
             let mut next = Instant::now();
             while sampling.load(Ordering::SeqCst) {
                 let (p, f) = (sample(pids[0]), sample(pids[1]));
@@ -458,6 +461,7 @@ pub fn run(options: &Options) -> Result<Outcome, String> {
                     faults_done.load(Ordering::Relaxed),
                     lines[0].load(Ordering::Relaxed) + lines[1].load(Ordering::Relaxed),
                 ));
+                let _ = writeln!(samples_file, "{}", rows[rows.len() - 1]);
                 next += Duration::from_secs(1);
                 std::thread::sleep(next.saturating_duration_since(Instant::now()));
             }
@@ -475,10 +479,9 @@ pub fn run(options: &Options) -> Result<Outcome, String> {
         (Kind::SlowReader, 1, 500),
     ];
     let mut threads = Vec::new();
-    for (lane, (kind, count, pause_ms)) in
-        lanes.iter().flat_map(|(k, n, p)| (0..*n).map(move |_| (*k, *n, *p))).enumerate()
+    for (lane, (kind, pause_ms)) in
+        lanes.iter().flat_map(|(k, n, p)| (0..*n).map(move |_| (*k, *p))).enumerate()
     {
-        let _ = count;
         let (live, stop, ports) = (Arc::clone(&live), Arc::clone(&stop_traffic), ports.clone());
         let pause = Duration::from_millis((pause_ms as f64 / options.rate) as u64);
         let seed = options.seed.wrapping_mul(1000).wrapping_add(lane as u64);
@@ -590,7 +593,6 @@ pub fn run(options: &Options) -> Result<Outcome, String> {
     std::fs::write(options.out.join("proxy-metrics.txt"), &proxy_text).map_err(|e| e.to_string())?;
     sampling.store(false, Ordering::SeqCst);
     let rows = sampler.join().unwrap_or_default();
-    std::fs::write(&samples_path, rows.join("\n") + "\n").map_err(|e| e.to_string())?;
     let proxy_exit = proxy.stop();
     let forward_exit = forward.stop();
     let _ = std::fs::remove_dir_all(&sockets);
