@@ -13,6 +13,7 @@ pub mod names;
 pub mod netns;
 pub mod seccomp;
 pub mod servers;
+pub mod soak;
 pub mod traffic;
 
 use std::path::PathBuf;

@@ -241,6 +241,44 @@ fn metrics_count_exactly_on(backend: &str) {
 
 /// `--log-format json`: every line is one JSON object; a connection's
 /// lines carry its span (id, service, client, upstream).
+/// Many clients that connect to `--metrics` and send nothing (as a port
+/// scanner or a stuck scraper does) must not delay a real scrape: each is
+/// served on its own with a deadline, and past the bound the oldest ones
+/// are closed.
+#[test]
+fn a_scrape_is_answered_within_a_second_while_256_silent_clients_are_connected() {
+    let server = Server::tcp(echo);
+    let dir = TempDir::new("silent-scrapers");
+    let metrics = dir.path("metrics.sock");
+    let metrics_arg = format!("unix:{}", metrics.display());
+    let listen = format!("unix:{}", dir.path("relay.sock").display());
+    let to = format!("tcp:{}", server.tcp_addr());
+    let _relay = Proc::spawn(
+        "vsock-relay",
+        &["relay", "--listen", &listen, "--to", &to, "--metrics", &metrics_arg, "-w", "1"],
+    );
+    wait_for_unix(&metrics, Duration::from_secs(10));
+    let silent: Vec<UnixStream> = (0..256).map(|_| UnixStream::connect(&metrics).unwrap()).collect();
+    // Let the endpoint accept them all before the scrape queues behind them.
+    std::thread::sleep(Duration::from_millis(200));
+    let started = Instant::now();
+    let body = scrape(&metrics);
+    let took = started.elapsed();
+    assert!(body.contains("vsock_relay_connections_accepted"), "{body}");
+    assert!(took < Duration::from_secs(1), "a scrape took {took:?} with 256 silent clients connected");
+    // The oldest silent clients were closed to stay within the bound: the
+    // first one reads an end of stream (or a reset), well before the 5 s
+    // deadline would have closed it.
+    let mut first = &silent[0];
+    first.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let mut byte = [0u8; 1];
+    match first.read(&mut byte) {
+        Ok(0) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        other => panic!("the oldest silent client was not closed at the bound: {other:?}"),
+    }
+}
+
 #[test]
 fn json_logs_are_one_object_per_line_with_the_connection_fields() {
     let dir = TempDir::new("json");

@@ -16,4 +16,5 @@ mod ops;
 mod relay;
 mod route;
 mod scale;
+mod soak;
 mod util;

@@ -805,3 +805,45 @@ fn allow_cid_serves_listed_cids_and_refuses_the_rest() {
         }
     }
 }
+
+/// The soak over real vsock (`VSOCK_VM_SOAK_SECONDS=600 tests/vm/run.sh`
+/// boots a guest for it alone; the suite's boots skip it): two chains side
+/// by side, forwarder -> vsock -> proxy on the io_uring backend and on the
+/// portable one, each under its own chaos schedule, at a quarter of the
+/// host's traffic rate (the guest's CPU is emulated). Each prints one
+/// `SOAK-SUMMARY` line (JSON) for perf/soak-report.
+#[test]
+#[ignore = "needs the vsock guest: VSOCK_VM_SOAK_SECONDS=600 tests/vm/run.sh"]
+fn soak_over_vsock_both_backends() {
+    require_vsock_guest();
+    let seconds: u64 = std::fs::read_to_string("/proc/cmdline")
+        .unwrap_or_default()
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("vsock_relay_soak_seconds=")?.parse().ok())
+        .unwrap_or(600);
+    let runs: Vec<_> = [("uring", 17200u16, 11u64), ("portable", 17400, 12)]
+        .into_iter()
+        .map(|(backend, port_base, seed)| {
+            std::thread::spawn(move || {
+                let mut options = vsock_relay_testkit::soak::Options::new(
+                    seconds,
+                    seed,
+                    std::env::temp_dir().join(format!("soak-{backend}")),
+                );
+                options.backend = backend.into();
+                options.port_base = port_base;
+                options.vsock = true;
+                options.rate = 0.25;
+                let outcome = vsock_relay_testkit::soak::run(&options).expect("the soak runs");
+                println!("SOAK-SUMMARY {backend} {}", outcome.summary);
+                (backend, outcome.problems)
+            })
+        })
+        .collect();
+    let mut problems = Vec::new();
+    for run in runs {
+        let (backend, found) = run.join().expect("soak thread");
+        problems.extend(found.into_iter().map(|p| format!("{backend}: {p}")));
+    }
+    assert!(problems.is_empty(), "soak problems:\n{}", problems.join("\n"));
+}

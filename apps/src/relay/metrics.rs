@@ -4,13 +4,22 @@
 //! Nothing here touches the data path: workers keep their own counters
 //! (`engine::stats`), and a scrape sums them and encodes the sums with
 //! prometheus-client's text encoder (format 0.0.4, what Prometheus and
-//! `promtool check metrics` read). The HTTP side is one route served by one
-//! thread, written here because it must also listen on Unix sockets, which
-//! the small HTTP server crates do not.
+//! `promtool check metrics` read). The HTTP side is one route, written here
+//! because it must also listen on Unix sockets, which the small HTTP server
+//! crates do not.
+//!
+//! Each scrape connection is served on a thread of its own with a deadline
+//! for the whole exchange, so a silent or slow client holds only itself. At
+//! most [`MAX_CONNECTIONS`] are open: past that, the *oldest* is closed to
+//! make room. A scrape is answered in milliseconds, so the oldest
+//! connections are the ones that send nothing; closing the newest instead
+//! would let a few hundred silent clients lock every real scrape out.
 
-use std::io::{self, BufRead, BufReader, Write};
-use std::sync::Arc;
-use std::time::Duration;
+use std::collections::VecDeque;
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::Shutdown;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use prometheus_client::collector::Collector;
@@ -23,8 +32,11 @@ use vsock_relay_engine::{
     socket, Decision, Endpoint, Failure, RefusedBy, Relay, Route, Service, Stats, Upstream,
 };
 
-/// A scrape that sends nothing for this long is dropped.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// A scrape connection is closed this long after its accept, whatever it
+/// sent: the whole request read and the answer written within it.
+const CONNECTION_DEADLINE: Duration = Duration::from_secs(5);
+/// Scrape connections open at once; a new one past this closes the oldest.
+pub const MAX_CONNECTIONS: usize = 64;
 /// The longest request head read.
 const MAX_REQUEST_BYTES: u64 = 8 * 1024;
 
@@ -288,14 +300,19 @@ impl Drop for MetricsServer {
     }
 }
 
+/// The open scrape connections, oldest first: a handle to close each one,
+/// under an id its thread removes when done.
+#[derive(Default)]
+struct Open {
+    next_id: u64,
+    connections: VecDeque<(u64, Socket)>,
+}
+
 fn serve(listener: &Socket, metrics: &Arc<RelayMetrics>) {
+    let open = Arc::new(Mutex::new(Open::default()));
     loop {
         match listener.accept() {
-            Ok((client, _)) => {
-                if let Err(e) = answer(client, metrics) {
-                    tracing::debug!(error = %e, "metrics request failed");
-                }
-            }
+            Ok((client, _)) => start_answer(client, metrics, &open),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => {
                 tracing::warn!(error = %e, "metrics: cannot accept; retrying in a second");
@@ -305,12 +322,87 @@ fn serve(listener: &Socket, metrics: &Arc<RelayMetrics>) {
     }
 }
 
-/// Answers one HTTP/1.x request and closes.
+/// Registers `client` (closing the oldest connection when at the bound) and
+/// answers it on a thread of its own.
+fn start_answer(client: Socket, metrics: &Arc<RelayMetrics>, open: &Arc<Mutex<Open>>) {
+    let Ok(handle) = client.try_clone() else {
+        tracing::debug!("metrics: cannot duplicate a scrape socket; closed");
+        return;
+    };
+    let id = {
+        let mut open = open.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if open.connections.len() >= MAX_CONNECTIONS {
+            if let Some((_, oldest)) = open.connections.pop_front() {
+                // Wakes its thread's read with an end of stream.
+                let _ = oldest.shutdown(Shutdown::Both);
+                tracing::debug!(
+                    limit = MAX_CONNECTIONS,
+                    "metrics: too many scrape connections; closed the oldest"
+                );
+            }
+        }
+        open.next_id += 1;
+        let id = open.next_id;
+        open.connections.push_back((id, handle));
+        id
+    };
+    let (metrics, registry) = (Arc::clone(metrics), Arc::clone(open));
+    let answering =
+        std::thread::Builder::new().name("metrics-scrape".into()).stack_size(128 * 1024).spawn(move || {
+            if let Err(e) = answer(client, &metrics) {
+                tracing::debug!(error = %e, "metrics request failed");
+            }
+            let mut open = registry.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            open.connections.retain(|(other, _)| *other != id);
+        });
+    if let Err(e) = answering {
+        tracing::warn!(error = %e, "metrics: cannot start a thread for a scrape; closed");
+        let mut open = open.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        open.connections.retain(|(other, _)| *other != id);
+    }
+}
+
+/// A socket whose reads and writes all end by one deadline.
+struct Deadlined<'a> {
+    socket: &'a Socket,
+    deadline: Instant,
+}
+
+impl Deadlined<'_> {
+    /// Sets both timeouts to what is left before the deadline.
+    fn arm(&self) -> io::Result<()> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(io::ErrorKind::TimedOut, "scrape deadline passed"));
+        }
+        self.socket.set_read_timeout(Some(left))?;
+        self.socket.set_write_timeout(Some(left))
+    }
+}
+
+impl Read for Deadlined<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.arm()?;
+        (&*self.socket).read(buf)
+    }
+}
+
+impl Write for Deadlined<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.arm()?;
+        (&*self.socket).write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Answers one HTTP/1.x request and closes, all within [`CONNECTION_DEADLINE`].
 fn answer(client: Socket, metrics: &Arc<RelayMetrics>) -> io::Result<()> {
     client.set_nonblocking(false)?;
-    client.set_read_timeout(Some(REQUEST_TIMEOUT))?;
-    client.set_write_timeout(Some(REQUEST_TIMEOUT))?;
-    let mut head = BufReader::new(io::Read::take(&client, MAX_REQUEST_BYTES));
+    let mut client = Deadlined { socket: &client, deadline: Instant::now() + CONNECTION_DEADLINE };
+    let mut head = BufReader::new(Read::take(&mut client, MAX_REQUEST_BYTES));
     let mut request_line = String::new();
     head.read_line(&mut request_line)?;
     // Read the headers to their end, so the client sees no reset.
@@ -318,6 +410,7 @@ fn answer(client: Socket, metrics: &Arc<RelayMetrics>) -> io::Result<()> {
     while head.read_line(&mut line)? > 2 {
         line.clear();
     }
+    drop(head);
     let mut parts = request_line.split_whitespace();
     let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
     let path = path.split('?').next().unwrap_or("");
@@ -335,5 +428,5 @@ fn answer(client: Socket, metrics: &Arc<RelayMetrics>) -> io::Result<()> {
     if method != "HEAD" {
         response.push_str(&body);
     }
-    (&client).write_all(response.as_bytes())
+    client.write_all(response.as_bytes())
 }
