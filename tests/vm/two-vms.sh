@@ -46,7 +46,7 @@ source tests/vm/lib.sh
 # features, and the no-vsock wrapper; sets DEVICE and NO_VSOCK.
 device_build() {
     local root="$TARGET_DIR/tools/vhost-device-vsock-$DEVICE_VERSION"
-    DEVICE="$root/bin/vhost-device-vsock"
+    DEVICE=${VSOCK_TWO_VMS_DEVICE:-$root/bin/vhost-device-vsock}
     if [ ! -x "$DEVICE" ]; then
         step "build vhost-device-vsock $DEVICE_VERSION (cargo install --locked --no-default-features)"
         cargo install --locked --version "$DEVICE_VERSION" --no-default-features vhost-device-vsock --root "$root"
@@ -74,6 +74,8 @@ boot_pair() {
     echo "\$ ${device_cmd[*]}" > "$log-device.log"
     RUST_LOG=${VSOCK_TWO_VMS_DEVICE_LOG:-info} "${device_cmd[@]}" >> "$log-device.log" 2>&1 &
     local device=$!
+    # Stopped with the script, whatever ends it.
+    trap 'kill $(jobs -p) 2> /dev/null || true' EXIT
     local waited=0
     until [ -S "$dir/parent.sock" ] && [ -S "$dir/enclave.sock" ]; do
         if ! kill -0 "$device" 2>/dev/null || [ $waited -ge 100 ]; then

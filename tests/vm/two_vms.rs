@@ -285,6 +285,8 @@ fn panic_text(panic: &Box<dyn std::any::Any + Send>) -> String {
 fn parent_suite() {
     require_role("two-vms-parent-suite");
     let listener = vsock_listener(CONTROL_PORT);
+    // Bounded: an enclave that stops asking fails this side too.
+    listener.set_read_timeout(Some(PEER_BOOT)).unwrap();
     println!("[parent] control port {CONTROL_PORT} listening");
     let mut served = Vec::new();
     let mut failures = Vec::new();
@@ -327,6 +329,18 @@ fn base_port(scenario: &str, backend: BackendChoice) -> u32 {
 }
 
 const EXACT_MAX: u64 = 2 * MIB;
+/// Connections of the byte-exact check at once: all 64 at once through the
+/// device under emulation lost connections (some clients read an empty
+/// stream) and delayed other connects past vsock's 2 s connect timeout.
+const EXACT_AT_ONCE: usize = 8;
+
+/// The byte-exact check's clients, [`EXACT_AT_ONCE`] at a time.
+fn in_batches(to: &Endpoint, cases: Vec<vsock_relay_testkit::exact::Case>) {
+    let mut cases = cases.into_iter().peekable();
+    while cases.peek().is_some() {
+        run_clients(to, cases.by_ref().take(EXACT_AT_ONCE).collect());
+    }
+}
 
 /// The parent's side of one scenario (panics on a failed check).
 fn parent_scenario(scenario: &str, backend: BackendChoice, control: &mut Control) {
@@ -349,7 +363,7 @@ fn parent_scenario(scenario: &str, backend: BackendChoice, control: &mut Control
             let port = control.expect("ready").parse::<u32>().unwrap();
             let to = Endpoint::Vsock { cid: ENCLAVE_CID, port };
             let relay = relay("tcp:127.0.0.1:0".parse().unwrap(), &to, backend, DataPath::Auto);
-            run_clients(relay.local_endpoint(), cases(EXACT_MAX, 22));
+            in_batches(relay.local_endpoint(), cases(EXACT_MAX, 22));
             assert_eq!(relay.stats().snapshot().failed(), 0);
         }
         // Half-close both ways: the client's first (it still gets the
@@ -438,7 +452,7 @@ fn enclave_scenario(scenario: &str, backend: &str, control: &mut Control) {
     match scenario {
         "exact-up" => {
             let port = control.expect("ready").parse().unwrap();
-            run_clients(&parent(port), cases(EXACT_MAX, 21));
+            in_batches(&parent(port), cases(EXACT_MAX, 21));
             control.send("done");
         }
         "exact-down" => {
