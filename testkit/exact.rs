@@ -37,9 +37,25 @@ pub fn cases(max: u64, seed: u64) -> Vec<Case> {
     cases
 }
 
+/// What one connection's client sent upstream: (case id, bytes, SHA-256).
+pub type Upload = (u64, u64, [u8; 32]);
+
+/// The seed of case `id`'s upstream bytes: a server in another VM derives
+/// what the client sent from the case list alone.
+fn up_seed(id: u64) -> u64 {
+    id * 104_729 + 2
+}
+
 /// Runs `cases` concurrently through `relay_endpoint` to a twin server and
 /// compares SHA-256 both ways.
 pub fn check_byte_exact(relay_endpoint: &Endpoint, ledger: &Ledger, cases: Vec<Case>) {
+    let sent = run_clients(relay_endpoint, cases);
+    check_uploads(ledger, &sent);
+}
+
+/// The client side of the check alone: every case's connection at once,
+/// each asserting the SHA-256 of what came back; returns what each sent.
+pub fn run_clients(relay_endpoint: &Endpoint, cases: Vec<Case>) -> Vec<Upload> {
     let threads: Vec<_> = cases
         .into_iter()
         .map(|case| {
@@ -53,9 +69,8 @@ pub fn check_byte_exact(relay_endpoint: &Endpoint, ledger: &Ledger, cases: Vec<C
                 }
                 stream.write_all(&header).unwrap();
                 let mut writer = stream.try_clone().unwrap();
-                let up_seed = case.id * 104_729 + 2;
                 let sender = std::thread::spawn(move || {
-                    let hash = traffic::send(&mut writer, case.up, up_seed).expect("send upstream");
+                    let hash = traffic::send(&mut writer, case.up, up_seed(case.id)).expect("send upstream");
                     writer.shutdown(Shutdown::Write).unwrap();
                     hash
                 });
@@ -72,8 +87,19 @@ pub fn check_byte_exact(relay_endpoint: &Endpoint, ledger: &Ledger, cases: Vec<C
             })
         })
         .collect();
-    for thread in threads {
-        let (id, up, sent) = thread.join().expect("client thread");
+    threads.into_iter().map(|thread| thread.join().expect("client thread")).collect()
+}
+
+/// What the clients of `cases` send upstream, known without them (the
+/// server's side of the check when the clients run elsewhere).
+pub fn expected_uploads(cases: &[Case]) -> Vec<Upload> {
+    cases.iter().map(|c| (c.id, c.up, traffic::expected_hash(c.up, up_seed(c.id)))).collect()
+}
+
+/// The server's side: the twin server's ledger holds exactly `sent` (each
+/// connection is waited for 30 s at most).
+pub fn check_uploads(ledger: &Ledger, sent: &[Upload]) {
+    for &(id, up, sha256) in sent {
         let deadline = Instant::now() + Duration::from_secs(30);
         let received = loop {
             if let Some(r) = ledger.lock().unwrap().get(&id) {
@@ -82,10 +108,6 @@ pub fn check_byte_exact(relay_endpoint: &Endpoint, ledger: &Ledger, cases: Vec<C
             assert!(Instant::now() < deadline, "server never finished connection {id}");
             std::thread::sleep(Duration::from_millis(10));
         };
-        assert_eq!(
-            received,
-            Ok(Received { bytes: up, sha256: sent }),
-            "connection {id}: what upstream received"
-        );
+        assert_eq!(received, Ok(Received { bytes: up, sha256 }), "connection {id}: what upstream received");
     }
 }

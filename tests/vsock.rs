@@ -4,7 +4,8 @@
 //! `vsock_loopback` (CID 1) and no way out. Everywhere else they are ignored,
 //! and if forced to run (`--ignored`) they refuse before opening AF_VSOCK.
 //! tests/vm/run.sh runs them with `--ignored` on each of its kernels, once
-//! normally and once with `kernel.io_uring_disabled=2` where the kernel has it.
+//! normally and once with `kernel.io_uring_disabled=2` where the kernel has it;
+//! tests/vm/two-vms.sh runs the `two_vms` ones, one side in each of two VMs.
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::Shutdown;
@@ -22,6 +23,11 @@ use vsock_relay_testkit::traffic;
 mod vsock_doctor;
 
 const MIB: u64 = 1 << 20;
+
+/// Two VMs joined by vhost-device-vsock (tests/vm/two-vms.sh), not the one
+/// guest of tests/vm/run.sh: the parent's and the enclave's sides.
+#[path = "vm/two_vms.rs"]
+mod two_vms;
 
 /// Both backends where io_uring runs; where it cannot (disabled, or a kernel
 /// without what the engine needs), `auto` only, which must pick portable.

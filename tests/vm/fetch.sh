@@ -2,7 +2,11 @@
 # Fetches what the vsock guest needs into a cache folder, with apt's download
 # and unpack only (nothing is installed system-wide):
 #   $WORK/root     QEMU (Debian's qemu-system-x86), its libraries, static busybox
-#   $WORK/kernel-$NAME/{vmlinux,modules/}   a Debian kernel and the vsock modules
+#   $WORK/kernel-$NAME/{vmlinux,modules/}   a Debian kernel and the vsock modules:
+#       the core and both guest transports (vsock_loopback for one guest,
+#       vmw_vsock_virtio_transport for tests/vm/two-vms.sh) and the host
+#       side, vhost_vsock (with vhost, vhost_iotlb), for a parent VM that is
+#       also a vsock host
 # Usage: fetch.sh WORK   (prints each step; a second run uses the cache)
 set -euo pipefail
 mkdir -p "$1"
@@ -38,12 +42,18 @@ if [ ! -x "$WORK/root-arm64/bin/busybox" ]; then
 fi
 say "$(LD_LIBRARY_PATH=$qemu_libs "$WORK/root/usr/bin/qemu-system-aarch64" --version | head -1)"
 
+MODULES="vsock vmw_vsock_virtio_transport_common vsock_loopback vmw_vsock_virtio_transport vhost_iotlb vhost vhost_vsock"
+all_modules_in() { # DIR
+    local m
+    for m in $MODULES; do [ -f "$1/$m.ko" ] || return 1; done
+}
+
 # fetch_kernel NAME SUITE PATTERN [ARCH]: newest linux-image-*-ARCH-unsigned
 # matching PATTERN (ARCH: amd64, the default, or arm64).
 fetch_kernel() {
     local name=$1 suite=$2 pattern=$3 arch=${4:-amd64}
     local out="$WORK/kernel-$name"
-    if [ -f "$out/vmlinux" ] && [ -d "$out/modules" ]; then
+    if [ -f "$out/vmlinux" ] && all_modules_in "$out/modules"; then
         say "kernel $name: cached ($(cat "$out/version"))"
         return
     fi
@@ -68,7 +78,7 @@ fetch_kernel() {
         cp "$vmlinuz" "$out/vmlinux"
     fi
     mkdir -p "$out/modules"
-    for m in vsock vmw_vsock_virtio_transport_common vsock_loopback; do
+    for m in $MODULES; do
         local ko
         ko=$(find "$out/pkg" -name "$m.ko*" -path "*/modules/*" | head -1)
         [ -n "$ko" ] || { say "module $m not found in $pkg"; exit 1; }

@@ -1,0 +1,197 @@
+#!/usr/bin/env bash
+# Two QEMU guests joined as an enclave and its parent are on Nitro: a parent
+# VM (CID 3) and an enclave VM (CID 16), each with the virtio-vsock driver
+# (vmw_vsock_virtio_transport, no vsock_loopback) on a vhost-user-vsock-pci
+# device, both served by one rust-vmm vhost-device-vsock process whose Unix
+# backend puts them in one group: a connection from either VM to the other's
+# CID crosses both guest kernels and the device, and nothing else.
+#
+#   tests/vm/two-vms.sh            the workshop's channel, then the cross-VM tests
+#   tests/vm/two-vms.sh channel    the channel only: the enclave VM runs
+#                                  dist/enclave/entry.sh as PID 1, the parent VM
+#                                  vsock-proxy, the HTTPS stand-in and the client
+#   tests/vm/two-vms.sh suite      the cross-VM tests (tests/vm/two_vms.rs)
+#   tests/vm/two-vms.sh boot-pair NAME PARENT_INITRD ENCLAVE_INITRD PARENT_APPEND ENCLAVE_APPEND UNTIL
+#                                  one pair of boots with the caller's images
+#                                  (perf/compare-vsock --two-vms); UNTIL is the
+#                                  VM whose end ends the pair: parent, enclave or both
+#
+# Settings: VSOCK_VM_KERNEL (6.12: the Debian kernel of both VMs, as
+# tests/vm/fetch.sh names them), VSOCK_TWO_VMS_PARENT_VHOST=1 (the parent VM
+# also loads vhost_vsock, as a parent instance that is itself a vsock host:
+# there a connect to CID 16 needs VMADDR_FLAG_TO_HOST to leave the VM; the
+# channel's client does not set it, so leave this off for `channel`),
+# VSOCK_VM_TIMEOUT (seconds per boot), CARGO_TARGET_DIR, VSOCK_VM_WORK.
+#
+# The device is the machine's only new process that could touch AF_VSOCK,
+# so it is built and run so that it cannot: vhost-device-vsock 0.2.0 has
+# only the Unix backend (0.3.0 added --forward-cid, an AF_VSOCK backend
+# behind its default feature `backend_vsock`, and does not compile without
+# that feature), it is built with --no-default-features all the same, and it
+# runs under target/debug/no-vsock (testkit/bin/no-vsock.rs), which installs
+# a seccomp filter refusing socket(AF_VSOCK) and io_uring before it execs
+# the device; its first log line says so. Exits 0 when every VM passed.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+KERNEL=${VSOCK_VM_KERNEL:-6.12}
+DEVICE_VERSION=0.2.0
+PARENT_CID=3
+ENCLAVE_CID=16
+
+# step, fetch, stage, pack, qemu_command (shared with tests/vm/run.sh).
+# shellcheck source=tests/vm/lib.sh
+source tests/vm/lib.sh
+
+# device_build: vhost-device-vsock at the pinned version without default
+# features, and the no-vsock wrapper; sets DEVICE and NO_VSOCK.
+device_build() {
+    local root="$TARGET_DIR/tools/vhost-device-vsock-$DEVICE_VERSION"
+    DEVICE=${VSOCK_TWO_VMS_DEVICE:-$root/bin/vhost-device-vsock}
+    if [ ! -x "$DEVICE" ]; then
+        step "build vhost-device-vsock $DEVICE_VERSION (cargo install --locked --no-default-features)"
+        cargo install --locked --version "$DEVICE_VERSION" --no-default-features vhost-device-vsock --root "$root"
+    fi
+    step "build the AF_VSOCK-refusing wrapper (cargo build --bin no-vsock)"
+    cargo build --locked --bin no-vsock
+    NO_VSOCK="$TARGET_DIR/debug/no-vsock"
+}
+
+# boot_pair NAME PARENT_INITRD ENCLAVE_INITRD PARENT_APPEND ENCLAVE_APPEND UNTIL:
+# the device under no-vsock, then both VMs, their consoles in
+# $WORK/two-vms-NAME-{parent,enclave,device}.log (shown as they come, each
+# line tagged); ends when UNTIL (parent, enclave or both) powered off, then
+# stops the rest.
+boot_pair() {
+    local name=$1 parent_initrd=$2 enclave_initrd=$3 parent_append=$4 enclave_append=$5 until=$6
+    local dir="$WORK/two-vms" log="$WORK/two-vms-$name"
+    mkdir -p "$dir"
+    rm -f "$dir"/*.sock "$dir"/*.vsock*
+    local vm="groups=nitro"
+    local device_cmd=("$NO_VSOCK" "$DEVICE"
+        --vm "guest-cid=$PARENT_CID,socket=$dir/parent.sock,uds-path=$dir/parent.vsock,$vm"
+        --vm "guest-cid=$ENCLAVE_CID,socket=$dir/enclave.sock,uds-path=$dir/enclave.vsock,$vm")
+    step "$name: start the device: ${device_cmd[*]}"
+    echo "\$ ${device_cmd[*]}" > "$log-device.log"
+    RUST_LOG=${VSOCK_TWO_VMS_DEVICE_LOG:-info} "${device_cmd[@]}" >> "$log-device.log" 2>&1 &
+    local device=$!
+    # Stopped with the script, whatever ends it.
+    trap 'kill $(jobs -p) 2> /dev/null || true' EXIT
+    local waited=0
+    until [ -S "$dir/parent.sock" ] && [ -S "$dir/enclave.sock" ]; do
+        if ! kill -0 "$device" 2>/dev/null || [ $waited -ge 100 ]; then
+            echo "[vm] the device did not come up:"
+            cat "$log-device.log"
+            kill "$device" 2>/dev/null || true
+            return 1
+        fi
+        sleep 0.1
+        waited=$((waited + 1))
+    done
+    sed 's/^/[device] /' "$log-device.log"
+
+    local pids=() tails=() who initrd append
+    for who in parent enclave; do
+        if [ "$who" = parent ]; then initrd=$parent_initrd append=$parent_append; else initrd=$enclave_initrd append=$enclave_append; fi
+        qemu_command "$KERNEL" "$initrd" "$append"
+        # The guest's RAM is a shared memfd: the device maps it to reach the rings.
+        # shellcheck disable=SC2054 # commas are QEMU's
+        QEMU+=(-object "memory-backend-memfd,id=mem,size=1024M,share=on" -machine memory-backend=mem
+            -chardev "socket,id=vsock,path=$dir/$who.sock" -device vhost-user-vsock-pci,chardev=vsock)
+        : > "$log-$who.log"
+        LD_LIBRARY_PATH=$qemu_libs "${QEMU[@]}" < /dev/null > "$log-$who.log" 2>&1 &
+        pids+=($!)
+        tail -n +1 -F "$log-$who.log" 2> /dev/null > >(sed -u "s/^/[$who] /") &
+        tails+=($!)
+        # The parent VM first, as on Nitro. A packet for a VM whose driver
+        # is not up yet stalls device 0.2.0's way into that VM for good
+        # (seen here: every later connect timed out), so the enclave VM
+        # starts once the parent's init printed `[guest] Linux ...` (its
+        # vsock modules loaded), and the parent's side never sends to the
+        # enclave before the enclave reached it (tests/vm/two_vms.rs).
+        if [ "$who" = parent ]; then
+            waited=0
+            until grep -qa '\[guest\] Linux' "$log-parent.log"; do
+                if ! kill -0 "${pids[0]}" 2>/dev/null || [ $waited -ge 1200 ]; then
+                    echo "[vm] $name: the parent VM did not come up"
+                    break
+                fi
+                sleep 0.1
+                waited=$((waited + 1))
+            done
+        fi
+    done
+    case "$until" in
+        parent) wait "${pids[0]}" || true ;;
+        enclave) wait "${pids[1]}" || true ;;
+        both) wait "${pids[0]}" "${pids[1]}" || true ;;
+    esac
+    kill "${pids[@]}" 2> /dev/null || true
+    wait "${pids[@]}" 2> /dev/null || true
+    sleep 0.5
+    kill "${tails[@]}" "$device" 2> /dev/null || true
+    wait "$device" 2> /dev/null || true
+}
+
+# passed NAME WHO...: 0 when each VM's console has a PASS result line.
+passed() {
+    local name=$1 who status=0
+    shift
+    for who in "$@"; do
+        local line
+        line=$(grep -a '^VSOCK-GUEST-RESULT' "$WORK/two-vms-$name-$who.log" || echo 'no result line')
+        printf '[vm] two VMs, %s, %s VM: %s\n' "$name" "$who" "$line"
+        case "$line" in "VSOCK-GUEST-RESULT: PASS"*) ;; *) status=1 ;; esac
+    done
+    return $status
+}
+
+common_append() { # ROLE
+    local append="quiet panic=-1 vsock_relay_guest=1 vsock_relay_transport=virtio vsock_relay_role=$1"
+    append="$append guest_timeout=$GUEST_TIMEOUT_S"
+    if [ "${VSOCK_TWO_VMS_PARENT_VHOST:-0}" = 1 ] && [[ $1 == two-vms-parent-* ]]; then
+        append="$append vsock_relay_vhost=1"
+    fi
+    echo "$append"
+}
+
+# two_vms MODE: one boot pair of tests/vm/init's roles two-vms-*-MODE.
+two_vms() {
+    local mode=$1 until=both
+    [ "$mode" = channel ] && until=parent # the enclave serves until stopped
+    local image="$WORK/initramfs-$KERNEL.cpio.gz"
+    step "two VMs on Linux $(cat "$WORK/kernel-$KERNEL/version"): $mode"
+    boot_pair "$mode" "$image" "$image" "$(common_append "two-vms-parent-$mode")" \
+        "$(common_append "two-vms-enclave-$mode")" "$until"
+    if [ "$mode" = channel ]; then
+        passed "$mode" parent
+    else
+        passed "$mode" parent enclave
+    fi
+}
+
+fetch
+device_build
+mode=${1:-all}
+case "$mode" in
+    boot-pair)
+        shift
+        [ $# -eq 6 ] || { echo "usage: two-vms.sh boot-pair NAME PARENT_INITRD ENCLAVE_INITRD PARENT_APPEND ENCLAVE_APPEND UNTIL" >&2; exit 2; }
+        boot_pair "$@"
+        exit 0
+        ;;
+    all | channel | suite) ;;
+    *)
+        echo "usage: two-vms.sh [all | channel | suite | boot-pair ...]" >&2
+        exit 2
+        ;;
+esac
+stage "$(arch_of "$KERNEL")"
+pack "$KERNEL"
+failed=0
+for m in channel suite; do
+    if [ "$mode" = all ] || [ "$mode" = "$m" ]; then
+        two_vms "$m" || failed=1
+    fi
+done
+step "done"
+exit $failed
