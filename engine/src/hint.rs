@@ -58,8 +58,9 @@ const TABLE: &[Row] = &[
         scope: Scope::Vsock,
         hint:
             "no loaded vsock transport reaches CID {cid}: a parent reaches its enclaves, and a VM its host, \
-            through vmw_vsock_virtio_transport (`modprobe vmw_vsock_virtio_transport`); `vsock-relay doctor` \
-            lists what is loaded",
+            through vmw_vsock_virtio_transport (`modprobe vmw_vsock_virtio_transport`); where vhost_vsock is \
+            loaded too, a CID from 3 means this machine's own VMs: reach an enclave with \
+            vsock:{cid}:{port}:to-host; `vsock-relay doctor` lists what is loaded",
     },
     Row { errno: libc::EPERM, step: Step::Listen, scope: Scope::Vsock, hint: VSOCK_REFUSED },
     Row { errno: libc::EPERM, step: Step::Connect, scope: Scope::Vsock, hint: VSOCK_REFUSED },

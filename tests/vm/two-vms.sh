@@ -19,8 +19,9 @@
 # Settings: VSOCK_VM_KERNEL (6.12: the Debian kernel of both VMs, as
 # tests/vm/fetch.sh names them), VSOCK_TWO_VMS_PARENT_VHOST=1 (the parent VM
 # also loads vhost_vsock, as a parent instance that is itself a vsock host:
-# there a connect to CID 16 needs VMADDR_FLAG_TO_HOST to leave the VM; the
-# channel's client does not set it, so leave this off for `channel`),
+# there a connect to CID 16 needs VMADDR_FLAG_TO_HOST to leave the VM: the
+# channel's client then asks with `:to-host` and checks that a connect
+# without it fails and that doctor warns),
 # VSOCK_VM_TIMEOUT (seconds per boot), CARGO_TARGET_DIR, VSOCK_VM_WORK.
 #
 # The device is the machine's only new process that could touch AF_VSOCK,

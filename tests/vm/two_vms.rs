@@ -202,11 +202,18 @@ fn parent_channel() {
         ("eu-west-1", "[\"3.5.64.0/21\", \"52.218.0.0/17\"]\n"),
         ("mars-north-1", "[]\n"),
     ];
+    // A parent that is also a vsock host (vhost_vsock loaded) reaches the
+    // enclave only with the to-host flag; a plain parent, as Nitro's, without.
+    let vhost = parent_is_vsock_host();
+    let to = match vhost {
+        true => format!("vsock:{ENCLAVE_CID}:5005:to-host"),
+        false => format!("vsock:{ENCLAVE_CID}:5005"),
+    };
     for (i, (region, expected)) in answers.into_iter().enumerate() {
         // The first waits for the entry script's server.
         let within = if i == 0 { Duration::from_secs(120) } else { Duration::from_secs(30) };
-        let answer = client_answer(ENCLAVE_CID, 5005, region, within);
-        println!("[parent] client {ENCLAVE_CID} 5005 {region}: {}", answer.trim_end());
+        let answer = client_answer(&to, region, within);
+        println!("[parent] client --to {to} {region}: {}", answer.trim_end());
         assert_eq!(answer, expected, "{region}");
     }
     assert_eq!(
@@ -214,22 +221,66 @@ fn parent_channel() {
         1,
         "the enclave's server fetched once, through its forwarder and the proxy"
     );
+    if vhost {
+        to_host_is_needed_and_doctor_says_so();
+    }
 }
 
-/// `vsock-relay client CID PORT QUERY`'s answer, asked until the server
+fn parent_is_vsock_host() -> bool {
+    std::fs::read_to_string("/proc/cmdline")
+        .unwrap()
+        .split_whitespace()
+        .any(|word| word == "vsock_relay_vhost=1")
+}
+
+/// With vhost_vsock loaded beside the guest transport, a connect to CID 16
+/// without the flag goes to this VM's own (absent) guests and fails; with
+/// `:to-host` it reached the enclave above; `:to-host=auto` sets the flag
+/// only on a Nitro parent (nitro_enclaves loaded), so here it fails too; and
+/// `doctor` warns that connections to an enclave need the flag.
+fn to_host_is_needed_and_doctor_says_so() {
+    for to in [format!("vsock:{ENCLAVE_CID}:5005"), format!("vsock:{ENCLAVE_CID}:5005:to-host=auto")] {
+        let out = Command::new(vsock_relay_testkit::binary("vsock-relay"))
+            .args(["client", "--timeout", "10", "--to", &to, "us-east-1"])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        println!(
+            "[parent] client --to {to} (vhost_vsock loaded): {:?} {}",
+            out.status.code(),
+            stderr.trim_end()
+        );
+        assert!(!out.status.success(), "{to} reached the enclave without the to-host flag: {stderr}");
+    }
+    let out = Command::new(vsock_relay_testkit::binary("vsock-relay"))
+        .args(["doctor", "--side", "parent"])
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&out.stdout);
+    println!("[parent] vsock-relay doctor --side parent:\n{report}");
+    let routing = report
+        .lines()
+        .find(|line| line.contains("routing"))
+        .unwrap_or_else(|| panic!("no routing line:\n{report}"));
+    assert!(routing.trim_start().starts_with("warn"), "{routing}");
+    assert!(report.contains("vsock:CID:PORT:to-host"), "the fix named:\n{report}");
+    assert!(report.contains("vhost_vsock"), "the transports named:\n{report}");
+}
+
+/// `vsock-relay client --to TO QUERY`'s answer, asked until the server
 /// listens (for `within`).
-fn client_answer(cid: u32, port: u32, query: &str, within: Duration) -> String {
+fn client_answer(to: &str, query: &str, within: Duration) -> String {
     let deadline = Instant::now() + within;
     loop {
         let out = Command::new(vsock_relay_testkit::binary("vsock-relay"))
-            .args(["client", &cid.to_string(), &port.to_string(), query])
+            .args(["client", "--to", to, query])
             .output()
             .unwrap();
         if out.status.success() {
             return String::from_utf8(out.stdout).unwrap();
         }
         let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(Instant::now() < deadline, "client {cid} {port} {query}: {stderr}");
+        assert!(Instant::now() < deadline, "client --to {to} {query}: {stderr}");
         std::thread::sleep(Duration::from_secs(1));
     }
 }
