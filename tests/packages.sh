@@ -206,7 +206,7 @@ check_installed() {
         COMP_WORDS=(vsock-relay ""); COMP_CWORD=1; COMP_LINE="vsock-relay "; COMP_POINT=${#COMP_LINE}
         "$fn" vsock-relay "" vsock-relay
         printf "%s\n" "${COMPREPLY[@]}" | grep -v "^-"' _ "$root")
-    compare "$format $arch bash completion" "$(printf '%s\n' proxy forward serve client demo bench relay completions help)" "$words" \
+    compare "$format $arch bash completion" "$(printf '%s\n' proxy forward serve client doctor demo bench relay completions help)" "$words" \
         && say "$format $arch: bash completes vsock-relay <Tab> to: $(tr '\n' ' ' <<<"$words")"
     if [ "$arch" = "$(uname -m)" ]; then
         cmp -s <("$root/usr/bin/vsock-relay" completions bash) "$root/usr/share/bash-completion/completions/vsock-relay" \
