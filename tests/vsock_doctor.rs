@@ -19,13 +19,18 @@ fn run(args: &[&str]) -> (i32, String, String) {
 }
 
 /// Doctor's verdicts in the guest: every line `ok`, except io_uring's,
-/// which warns (naming the sysctl) in the pass with io_uring disabled.
+/// which warns where the io_uring backend cannot run: naming the sysctl in
+/// the pass with io_uring disabled, the kernel's lack on an older kernel
+/// (5.10: no multishot accept).
 fn assert_all_ok(report: &serde_json::Value) {
     for check in report["checks"].as_array().unwrap() {
         let io_uring = check["check"] == "io_uring";
         if io_uring && io_uring_disabled() {
             assert_eq!(check["status"], "warn", "{check}");
             assert!(check["detail"].as_str().unwrap().contains("kernel.io_uring_disabled is 2"), "{check}");
+        } else if io_uring && super::uring_unavailable().is_some() {
+            assert_eq!(check["status"], "warn", "{check}");
+            assert!(check["detail"].as_str().unwrap().contains("the kernel is older"), "{check}");
         } else {
             assert_eq!(check["status"], "ok", "{check}");
         }
@@ -117,6 +122,15 @@ fn doctor_on_both_sides_is_all_ok_with_the_guests_transports_and_cid() {
 #[ignore = "needs the vsock guest: tests/vm/run.sh"]
 fn the_to_host_flag_is_accepted_and_connects() {
     require_vsock_guest();
+    // VMADDR_FLAG_TO_HOST is Linux 5.11's (5.10's guest took the flag on a
+    // blocking connect but its relay's upstream read an empty stream).
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    let mut numbers = release.trim().split(['.', '-']).map(|n| n.parse::<u32>().unwrap_or(0));
+    let version = (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0));
+    if version < (5, 11) {
+        eprintln!("SKIPPED here: the to-host flag needs Linux 5.11 or newer; this is {}", release.trim());
+        return;
+    }
     let _server = Server::vsock(29_110, echo);
     for to in ["vsock:1:29110:to-host", "vsock:1:29110:to-host=auto"] {
         let mut client = Stream::connect(&to.parse().unwrap()).unwrap_or_else(|e| panic!("{to}: {e}"));
@@ -167,8 +181,10 @@ fn connect_failures_carry_their_hints() {
         // The OS text is musl's here ("Address not available").
         stderr.contains("cannot listen on vsock:7:29122: ")
             && stderr.contains(
-                " (os error 99). CID 7 is not this machine's (the local CID is 1): listen on vsock:any:29122"
-            ),
+                " (os error 99). CID 7 is not this machine's ("
+            )
+            // 6.x names the loopback's CID 1 as the local one; 5.10 has none.
+            && stderr.contains("): listen on vsock:any:29122"),
         "{stderr}"
     );
 }
