@@ -8,8 +8,13 @@ pub const GUEST_FLAG: &str = "vsock_relay_guest=1";
 
 /// Whether this process runs inside the tests/vm guest.
 pub fn in_vsock_guest() -> bool {
-    std::fs::read_to_string("/proc/cmdline")
-        .is_ok_and(|line| line.split_whitespace().any(|w| w == GUEST_FLAG))
+    on_kernel_command_line(GUEST_FLAG)
+}
+
+/// Whether `word` (`name=value`) is one of the kernel command line's words:
+/// how tests/vm tells a guest its role and settings.
+pub fn on_kernel_command_line(word: &str) -> bool {
+    std::fs::read_to_string("/proc/cmdline").is_ok_and(|line| line.split_whitespace().any(|w| w == word))
 }
 
 /// Panics unless inside the guest: a vsock test asked to run elsewhere

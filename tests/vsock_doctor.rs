@@ -127,9 +127,7 @@ fn the_to_host_flag_is_accepted_and_connects() {
     // VMADDR_FLAG_TO_HOST is Linux 5.11's (5.10's guest took the flag on a
     // blocking connect but its relay's upstream read an empty stream).
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
-    let mut numbers = release.trim().split(['.', '-']).map(|n| n.parse::<u32>().unwrap_or(0));
-    let version = (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0));
-    if version < (5, 11) {
+    if vsock_relay_engine::machine::kernel_version(&release) < (5, 11) {
         eprintln!("SKIPPED here: the to-host flag needs Linux 5.11 or newer; this is {}", release.trim());
         return;
     }

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use vsock_relay_engine::{BackendChoice, DataPath, Endpoint, RelayConfig, Target};
 use vsock_relay_testkit::exact::{cases, check_uploads, expected_uploads, run_clients};
-use vsock_relay_testkit::guest::require_vsock_guest;
+use vsock_relay_testkit::guest::{on_kernel_command_line, require_vsock_guest};
 use vsock_relay_testkit::servers::{echo, twin, Ledger, Server, Stream};
 use vsock_relay_testkit::traffic;
 
@@ -46,10 +46,10 @@ const BACKENDS: [&str; 2] = ["uring", "portable"];
 
 fn require_role(role: &str) {
     require_vsock_guest();
-    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap();
     assert!(
-        cmdline.split_whitespace().any(|w| w == format!("vsock_relay_role={role}")),
-        "not the {role} VM of tests/vm/two-vms.sh: {cmdline}"
+        on_kernel_command_line(&format!("vsock_relay_role={role}")),
+        "not the {role} VM of tests/vm/two-vms.sh: {}",
+        std::fs::read_to_string("/proc/cmdline").unwrap_or_default()
     );
 }
 
@@ -227,10 +227,7 @@ fn parent_channel() {
 }
 
 fn parent_is_vsock_host() -> bool {
-    std::fs::read_to_string("/proc/cmdline")
-        .unwrap()
-        .split_whitespace()
-        .any(|word| word == "vsock_relay_vhost=1")
+    on_kernel_command_line("vsock_relay_vhost=1")
 }
 
 /// With vhost_vsock loaded beside the guest transport, a connect to CID 16
