@@ -248,17 +248,20 @@ impl Netem {
 }
 
 /// Test only: a TCP hop that passes every connection on to `to`, flipping
-/// one bit of the third connection's 1000th byte towards the client.
+/// one bit of byte 999 towards the client of the first connection whose
+/// answer gets that far (whichever it is: which client connects when
+/// depends on the machine's timing, and some carry fewer bytes).
 fn corrupting_hop(listen: SocketAddr, to: SocketAddr) -> Result<(), String> {
+    const FLIP_AT: u64 = 999;
     let listener = TcpListener::bind(listen).map_err(|e| format!("corrupting hop on {listen}: {e}"))?;
+    let flipped = Arc::new(AtomicBool::new(false));
     std::thread::spawn(move || {
-        for (n, client) in listener.incoming().enumerate() {
+        for client in listener.incoming() {
             let Ok(client) = client else { continue };
             let Ok(server) = TcpStream::connect(to) else { continue };
-            let flip_at = if n == 2 { Some(999u64) } else { None };
             for (from, into, flip) in [
                 (client.try_clone(), server.try_clone(), None),
-                (server.try_clone(), client.try_clone(), flip_at),
+                (server.try_clone(), client.try_clone(), Some(flipped.clone())),
             ] {
                 let (Ok(mut from), Ok(mut into)) = (from, into) else { continue };
                 std::thread::spawn(move || {
@@ -268,9 +271,10 @@ fn corrupting_hop(listen: SocketAddr, to: SocketAddr) -> Result<(), String> {
                         if n == 0 {
                             break;
                         }
-                        if let Some(flip) = flip {
-                            if (at..at + n as u64).contains(&flip) {
-                                buf[(flip - at) as usize] ^= 0x01;
+                        if let Some(flipped) = &flip {
+                            if (at..at + n as u64).contains(&FLIP_AT) && !flipped.swap(true, Ordering::SeqCst)
+                            {
+                                buf[(FLIP_AT - at) as usize] ^= 0x01;
                             }
                         }
                         at += n as u64;
@@ -397,7 +401,7 @@ pub fn run(options: &Options) -> Result<Outcome, String> {
         corrupting_hop(hop, fixed_addr)?;
         ports.fixed = hop;
         say(format!(
-            "test only: a hop on {hop} flips a bit of the third connection's byte 999 towards the client"
+            "test only: a hop on {hop} flips a bit of byte 999 towards the client, in the first connection whose answer gets that far"
         ));
     }
 
