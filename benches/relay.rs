@@ -15,10 +15,15 @@
 //!   path (`uring-splice`, `uring-copy`, `uring-ring`, `portable-splice`,
 //!   `portable-copy`, and `uring-auto`/`portable-auto` where vsock makes
 //!   `auto` differ), and `aws-design`: the baseline relay built like AWS's
-//!   vsock-proxy (thread per connection, 8 KiB copies, 4 workers).
+//!   vsock-proxy (thread per connection, 8 KiB copies, 4 workers). In
+//!   `vsock-tcp`, where AWS's proxy itself fits, also `aws-w4` and
+//!   `aws-w64`: AWS's released vsock-proxy at its default 4 workers and at
+//!   64, when `VSOCK_RELAY_BENCH_AWS_PROXY` names the binary (a build that
+//!   listens on any CID; perf/criterion-vsock packs it), else skipped with
+//!   a message.
 //!
 //! After the runs (under `cargo bench`) it prints, per group, each case's
-//! rate and its ratio to `direct` and to `aws-design`, read from criterion's
+//! rate and its ratio to `direct`, to `aws-design` and to `aws-w4`, read from criterion's
 //! estimates.
 
 use std::time::Duration;
@@ -43,6 +48,51 @@ struct Pair {
     name: String,
     cases: Vec<(String, Endpoint)>,
     _relays: Vec<Relay>,
+    _processes: Vec<Process>,
+}
+
+/// A relay of another program, stopped with the run.
+struct Process(std::process::Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// AWS's released vsock-proxy at `workers` threads, listening on `listen`
+/// (vsock) and proxying to the TCP `sink`, with an allowlist of the sink
+/// alone; `None`, said once, when `VSOCK_RELAY_BENCH_AWS_PROXY` names none.
+fn aws_proxy(listen: &Endpoint, sink: &Endpoint, workers: u32) -> Option<(Endpoint, Process)> {
+    let Some(binary) = std::env::var_os("VSOCK_RELAY_BENCH_AWS_PROXY").filter(|b| !b.is_empty()) else {
+        if workers == 4 {
+            eprintln!(
+                "AWS's released vsock-proxy: VSOCK_RELAY_BENCH_AWS_PROXY is not set; its cases are skipped"
+            );
+        }
+        return None;
+    };
+    let (Endpoint::Vsock { port, .. }, Endpoint::Tcp { port: sink_port, .. }) = (listen, sink) else {
+        return None;
+    };
+    let allowlist = std::env::temp_dir().join(format!("aws-allowlist-{}.yaml", std::process::id()));
+    std::fs::write(&allowlist, format!("allowlist: [{{address: 127.0.0.1, port: {sink_port}}}]\n")).unwrap();
+    let child = std::process::Command::new(&binary)
+        .args(["-w", &workers.to_string(), "--config"])
+        .arg(&allowlist)
+        .args([port.to_string(), "127.0.0.1".to_string(), sink_port.to_string()])
+        .spawn()
+        .unwrap_or_else(|e| panic!("{}: {e}", std::path::Path::new(&binary).display()));
+    let reach = reach(listen);
+    // It listens a moment after its start.
+    for _ in 0..100 {
+        if load::rpc(&load::Dial::direct(&reach), 1, 1, MESSAGE).is_ok() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Some((reach, Process(child)))
 }
 
 /// A listen endpoint of `family` (`tcp`, `unix`, `vsock`); `n` tells apart
@@ -107,7 +157,16 @@ fn pair(index: u32, name: &str) -> Pair {
     let baseline =
         Baseline::serve(&listen_on(client_family, 99), &sink, 4).expect("start the AWS-design relay");
     cases.push(("aws-design".to_string(), reach(&baseline.endpoint)));
-    Pair { name: name.to_string(), cases, _relays: relays }
+    let mut processes = Vec::new();
+    if name == "vsock-tcp" {
+        for (n, workers) in [(97, 4), (98, 64)] {
+            if let Some((endpoint, process)) = aws_proxy(&listen_on("vsock", n), &sink, workers) {
+                cases.push((format!("aws-w{workers}"), endpoint));
+                processes.push(process);
+            }
+        }
+    }
+    Pair { name: name.to_string(), cases, _relays: relays, _processes: processes }
 }
 
 /// Runs `workload` on `to` for `iters` iterations; the time they took.
@@ -166,7 +225,10 @@ fn mean_seconds(group: &str, case: &str) -> Option<f64> {
 /// Each case's rate and ratios, per group of this run.
 fn summary(pairs: &[Pair]) {
     println!("\nsummary (rates from criterion's mean; x: ratio of rates)");
-    println!("{:<22} {:<16} {:>14} {:>9} {:>13}", "group", "case", "rate", "x direct", "x aws-design");
+    println!(
+        "{:<22} {:<16} {:>14} {:>9} {:>13} {:>9}",
+        "group", "case", "rate", "x direct", "x aws-design", "x aws-w4"
+    );
     for pair in pairs {
         for workload in WORKLOADS {
             let group = format!("{}/{workload}", pair.name);
@@ -177,15 +239,16 @@ fn summary(pairs: &[Pair]) {
             };
             let unit = if workload.starts_with("bulk") { "MiB/s" } else { "/s" };
             let rate = |case: &str| mean_seconds(&group, case).map(|s| per_iteration / s);
-            let (direct, aws) = (rate("direct"), rate("aws-design"));
+            let (direct, aws, released) = (rate("direct"), rate("aws-design"), rate("aws-w4"));
             for (case, _) in &pair.cases {
                 let Some(r) = rate(case) else { continue };
                 let ratio = |base: Option<f64>| base.map_or("-".into(), |b| format!("{:.2}", r / b));
                 println!(
-                    "{group:<22} {case:<16} {:>14} {:>9} {:>13}",
+                    "{group:<22} {case:<16} {:>14} {:>9} {:>13} {:>9}",
                     format!("{r:.0} {unit}"),
                     ratio(direct),
-                    ratio(aws)
+                    ratio(aws),
+                    ratio(released)
                 );
             }
         }

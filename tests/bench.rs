@@ -60,6 +60,11 @@ fn every_workload_directly_and_through_a_relay() {
         let churn = bench(&["churn", "--to", to, "--connections", "300", "--parallel", "3"]);
         assert_eq!(churn["connections"], 300);
         assert_latency(&churn["latency"]);
+        // The parts of a connection, each no longer than the whole.
+        for part in ["connect", "first_reply", "close"] {
+            assert_latency(&churn[part]);
+            assert!(churn[part]["p50_us"].as_f64() <= churn["latency"]["max_us"].as_f64(), "{churn}");
+        }
 
         let idle = bench(&["idle", "--to", to, "--connections", "500", "--hold", "0.5"]);
         assert_eq!(idle["confirmed"], 500, "{idle}");

@@ -204,11 +204,14 @@ pub fn start_connect(socket: &Socket, addr: &SockAddr) -> io::Result<bool> {
 }
 
 /// After a pending connect became writable: did it succeed? `None` when it
-/// is still in progress: a connecting vsock socket can report writable
-/// before it is connected, so the caller waits again.
-pub fn finish_connect(socket: &Socket) -> Option<io::Result<()>> {
+/// is still in progress. A connecting vsock socket can report writable
+/// before it is connected, so for vsock (`ask_peer`) the peer is asked too:
+/// a system call per connection that TCP needs not make (it reports
+/// writable only once connected or failed).
+pub fn finish_connect(socket: &Socket, ask_peer: bool) -> Option<io::Result<()>> {
     match socket.take_error() {
         Err(e) | Ok(Some(e)) => Some(Err(e)),
+        Ok(None) if !ask_peer => Some(Ok(())),
         Ok(None) => match socket.peer_addr() {
             Err(e) if e.kind() == io::ErrorKind::NotConnected => None,
             result => Some(result.map(drop)),

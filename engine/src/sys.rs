@@ -1,5 +1,5 @@
 //! Raw system calls that neither `std` nor `socket2` wrap: pipes, splice,
-//! eventfd, the vsock buffer option, the local vsock CID, vsock addresses
+//! a non-blocking accept, an exclusive epoll watch, eventfd, the vsock buffer option, the local vsock CID, vsock addresses
 //! with the to-host flag, the open-files limit and bringing a
 //! network interface up. With `driver/ring.rs` and `driver/buffers.rs`
 //! this is the engine's unsafe fence: every function here is safe to call and
@@ -49,6 +49,39 @@ pub fn splice(from: BorrowedFd<'_>, to: BorrowedFd<'_>, len: usize) -> io::Resul
     };
     // A negative count is the error return; the rest fits in usize.
     usize::try_from(n).map_err(|_| io::Error::last_os_error())
+}
+
+/// Accepts a client of `listener` as a non-blocking, close-on-exec socket
+/// in one system call (`accept4`; socket2's accept needs two `fcntl` more
+/// per client to make it non-blocking).
+pub fn accept_nonblocking(listener: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+    // SAFETY: null address pointers ask for no peer address; the listener is
+    // borrowed and so stays open for the duration of the call.
+    let fd = check(unsafe {
+        libc::accept4(
+            listener.as_raw_fd(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+        )
+    })?;
+    // SAFETY: accept4 succeeded, so `fd` is open and owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Watches `fd` in the epoll instance `epoll` for readable edges, reported
+/// as `data`, with EPOLLEXCLUSIVE: a listener shared by every worker then
+/// wakes one waiting worker per client, not all of them (mio has no flag
+/// for it; it reads any registration's events alike).
+pub fn epoll_add_exclusive(epoll: &impl AsRawFd, fd: BorrowedFd<'_>, data: u64) -> io::Result<()> {
+    // The flags are bit masks; the cast keeps their bits.
+    #[allow(clippy::cast_sign_loss)]
+    let events = (libc::EPOLLIN | libc::EPOLLET | libc::EPOLLEXCLUSIVE) as u32;
+    let mut event = libc::epoll_event { events, u64: data };
+    // SAFETY: `event` is a valid epoll_event the kernel only reads; both
+    // descriptors are borrowed (a wrong one is the kernel's EBADF, no more).
+    check(unsafe { libc::epoll_ctl(epoll.as_raw_fd(), libc::EPOLL_CTL_ADD, fd.as_raw_fd(), &mut event) })?;
+    Ok(())
 }
 
 /// A non-blocking, close-on-exec eventfd, used to wake a worker.
@@ -159,6 +192,7 @@ pub fn vsock_addr_to_host(cid: u32, port: u32) -> socket2::SockAddr {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::fd::AsFd;
 
     #[test]
     fn a_to_host_address_differs_from_the_plain_one_in_its_flag_only() {
@@ -167,5 +201,18 @@ mod tests {
         assert_eq!(flagged.as_vsock_address(), Some((16, 5005)));
         assert_eq!(flagged.len(), plain.len());
         assert_ne!(flagged, plain, "the flags byte is set");
+    }
+
+    #[test]
+    fn an_accepted_client_is_non_blocking_and_an_empty_queue_would_block() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let error = accept_nonblocking(listener.as_fd()).unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::WouldBlock);
+        let _client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let accepted = accept_nonblocking(listener.as_fd()).unwrap();
+        // SAFETY: F_GETFL reads the descriptor's flags only.
+        let flags = unsafe { libc::fcntl(accepted.as_raw_fd(), libc::F_GETFL) };
+        assert_ne!(flags & libc::O_NONBLOCK, 0, "flags {flags:#x}");
     }
 }

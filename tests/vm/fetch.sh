@@ -7,7 +7,9 @@
 #       vmw_vsock_virtio_transport for tests/vm/two-vms.sh) and the host
 #       side, vhost_vsock (with vhost, vhost_iotlb), for a parent VM that is
 #       also a vsock host
-# Usage: fetch.sh WORK   (prints each step; a second run uses the cache)
+#   and, only when named after WORK, kernels the CI does not boot:
+#   6.18 (trixie-backports' newest 6.18, for the speed comparisons)
+# Usage: fetch.sh WORK [KERNEL...]   (prints each step; a second run uses the cache)
 set -euo pipefail
 mkdir -p "$1"
 WORK=$(cd "$1" && pwd)
@@ -48,10 +50,13 @@ all_modules_in() { # DIR
     for m in $MODULES; do [ -f "$1/$m.ko" ] || return 1; done
 }
 
-# fetch_kernel NAME SUITE PATTERN [ARCH]: newest linux-image-*-ARCH-unsigned
-# matching PATTERN (ARCH: amd64, the default, or arm64).
+# fetch_kernel NAME SUITE PATTERN [ARCH [FLAVOUR]]: newest
+# linux-image-PATTERN-ARCH-unsigned (ARCH: amd64, the default, or arm64),
+# or with FLAVOUR "signed" the signed image (backports ship only that: the
+# same kernel, its modules signed; QEMU boots it alike).
 fetch_kernel() {
-    local name=$1 suite=$2 pattern=$3 arch=${4:-amd64}
+    local name=$1 suite=$2 pattern=$3 arch=${4:-amd64} suffix=-unsigned
+    [ "${5:-}" = signed ] && suffix=""
     local out="$WORK/kernel-$name"
     if [ -f "$out/vmlinux" ] && all_modules_in "$out/modules"; then
         say "kernel $name: cached ($(cat "$out/version"))"
@@ -59,7 +64,7 @@ fetch_kernel() {
     fi
     # The machine's own architecture shares the lists the QEMU fetch made.
     local pkg apt_arch=${arch#amd64}
-    pkg=$(ARCH=$apt_arch TOOL=apt-cache private_apt "$suite" search --names-only "^linux-image-${pattern}-${arch}-unsigned\$" \
+    pkg=$(ARCH=$apt_arch TOOL=apt-cache private_apt "$suite" search --names-only "^linux-image-${pattern}-${arch}${suffix}\$" \
         | awk '{print $1}' | sort -V | tail -1)
     [ -n "$pkg" ] || { say "no kernel package matching $pattern in $suite"; exit 1; }
     say "kernel $name: $pkg from $suite"
@@ -95,3 +100,10 @@ fetch_kernel 5.10 bullseye '5\.10\.0-[0-9]+'
 fetch_kernel 6.1 bookworm '6\.1\.0-[0-9]+'
 fetch_kernel arm64-6.1 bookworm '6\.1\.0-[0-9]+' arm64
 fetch_kernel 6.12 trixie '6\.12\.[0-9.+~a-z]*-?[0-9]*'
+for extra in "${@:2}"; do
+    case "$extra" in
+        5.10 | 6.1 | 6.12 | arm64-6.1) ;;
+        6.18) fetch_kernel 6.18 trixie-backports '6\.18\.[0-9]+\+deb13' amd64 signed ;;
+        *) say "unknown kernel $extra (known: 5.10 6.1 6.12 arm64-6.1 6.18)"; exit 1 ;;
+    esac
+done

@@ -23,10 +23,11 @@ arch_of() { # KERNEL NAME -> x86_64 | aarch64
     case "$1" in arm64-*) echo aarch64 ;; *) echo x86_64 ;; esac
 }
 
-# fetch: QEMU, busybox and the kernels into $WORK; sets qemu_libs.
+# fetch [KERNEL...]: QEMU, busybox and the kernels into $WORK (the CI's,
+# and those named); sets qemu_libs.
 fetch() {
     step "fetch QEMU, busybox and kernels"
-    bash tests/vm/fetch.sh "$WORK"
+    bash tests/vm/fetch.sh "$WORK" "$@"
     # shellcheck disable=SC2034 # used by the scripts that source this file
     qemu_libs=$(find "$WORK/root" -name '*.so*' -printf '%h\n' | sort -u | tr '\n' ':')
 }

@@ -23,7 +23,8 @@ KERNELS=${VSOCK_VM_KERNELS:-5.10 6.1 6.12 arm64-6.1}
 # shellcheck source=tests/vm/lib.sh
 source tests/vm/lib.sh
 
-fetch
+# shellcheck disable=SC2086 # one word per kernel
+fetch $KERNELS
 
 # boot KERNEL ROLE: one guest; 0 when it printed a PASS result line.
 boot() {

@@ -202,7 +202,14 @@ pub struct ChurnResult {
     pub connections: usize,
     pub parallel: usize,
     pub connections_per_s: f64,
+    /// Each connection from the connect call to its close.
     pub latency: Latency,
+    /// Its parts: the connect call (the listener's kernel answers it, before
+    /// any accept), the first round trip after it (through a relay: the
+    /// accept, the upstream connect and both hops), and the close.
+    pub connect: Latency,
+    pub first_reply: Latency,
+    pub close: Latency,
 }
 
 /// `connections` times: connect, exchange 64 bytes, close; `parallel` at a time.
@@ -215,18 +222,26 @@ pub fn churn(to: &Dial, connections: usize, parallel: usize) -> anyhow::Result<C
         for _ in 0..mine {
             let started = Instant::now();
             let mut stream = open(&to, ECHO).with_context(|| format!("cannot connect to {to}"))?;
+            let connected = Instant::now();
             stream.write_all(&[0x17; 64])?;
             stream.read_exact(&mut reply).context("no echo")?;
+            let replied = Instant::now();
             drop(stream);
-            samples.push(started.elapsed());
+            let closed = Instant::now();
+            samples.push([closed - started, connected - started, replied - connected, closed - replied]);
         }
         Ok(samples)
     })?;
+    let samples: Vec<[Duration; 4]> = samples.into_iter().flatten().collect();
+    let part = |i: usize| Latency::of(samples.iter().map(|s| s[i]).collect());
     Ok(ChurnResult {
         connections,
         parallel,
         connections_per_s: connections as f64 / took.as_secs_f64(),
-        latency: Latency::of(samples.into_iter().flatten().collect()),
+        latency: part(0),
+        connect: part(1),
+        first_reply: part(2),
+        close: part(3),
     })
 }
 

@@ -30,7 +30,7 @@ use std::io::{self, Read};
 use std::net::Shutdown;
 use std::time::{Duration, Instant};
 
-use socket2::{SockAddr, Socket};
+use socket2::{Domain, SockAddr, Socket};
 
 use crate::endpoint::Host;
 use crate::error::{ConnError, Op, Side};
@@ -203,6 +203,8 @@ pub struct Connection {
     /// established (taken once, for the connect-time histogram).
     connect_started: Instant,
     connect_took: Option<Duration>,
+    /// Writable is no proof of a connect here (vsock): ask for the peer too.
+    connect_needs_peer: bool,
     /// The client's address as text, for the log line (empty unless debug
     /// logging is on: it costs a system call per connection).
     pub client_name: String,
@@ -260,6 +262,7 @@ impl Connection {
             opened: Instant::now(),
             connect_started: Instant::now(),
             connect_took: None,
+            connect_needs_peer: false,
             head,
             destination: None,
             prelude: Vec::new(),
@@ -392,11 +395,19 @@ impl Connection {
             let e = io::Error::other("no upstream socket attached");
             return self.fail(ConnError::new(Side::Upstream, Op::Connect, e), io);
         };
+        self.connect_needs_peer = addr.domain() == Domain::VSOCK;
         match socket::start_connect(upstream, addr) {
             Ok(true) => self.connected(io),
             Ok(false) => Action::AwaitConnect,
             Err(e) => self.fail(ConnError::new(Side::Upstream, Op::Connect, e), io),
         }
+    }
+
+    /// Test seam: treat the upstream as vsock, whose writable report may
+    /// come before its connect (no socket on the test host does that).
+    #[cfg(test)]
+    pub fn confirm_connect_by_peer(&mut self) {
+        self.connect_needs_peer = true;
     }
 
     /// How long the upstream connect took, once, after the transition that
@@ -477,7 +488,8 @@ impl Connection {
             // Writable: connected, refused, or (vsock) not yet: then wait
             // again while the deadline allows.
             (ConnState::Connecting { deadline }, Event::UpstreamWritable) => {
-                match self.upstream.as_ref().and_then(socket::finish_connect) {
+                match self.upstream.as_ref().and_then(|u| socket::finish_connect(u, self.connect_needs_peer))
+                {
                     Some(Ok(())) => self.connected(io),
                     Some(Err(e)) => self.fail(ConnError::new(Side::Upstream, Op::Connect, e), io),
                     None if Instant::now() < deadline => Action::AwaitConnect,
@@ -629,12 +641,27 @@ impl Connection {
         }
         let mut waits = [None, None];
         for direction in Direction::BOTH {
+            // An upstream just connected has rarely sent anything yet: with
+            // readiness reported while it lasts (io_uring polls), waiting
+            // finds out without a read that would say EAGAIN (one system
+            // call less per connection). Edge-triggered epoll reads first:
+            // an edge before this wait would not come again.
+            if direction == Direction::ToClient && self.reads_upstream_when_readable() {
+                waits[direction as usize] = Some(Wait::Readable);
+                continue;
+            }
             match self.run(direction, None, io) {
                 Ok(wait) => waits[direction as usize] = Some(wait),
                 Err(e) => return self.fail(e, io),
             }
         }
         self.after_runs(waits, io)
+    }
+
+    /// Whether the direction from upstream copies or splices on level-triggered
+    /// readiness (not the ring path, whose receive is its wait).
+    fn reads_upstream_when_readable(&self) -> bool {
+        matches!(&self.movers[Direction::ToClient as usize], Mover::Pump(pump) if pump.level_triggered)
     }
 
     fn timed_out(&mut self, deadline: Instant, io: &mut Io<'_>) -> Action {

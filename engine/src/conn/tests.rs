@@ -97,7 +97,8 @@ fn start_in_progress_awaits_then_writable_but_unconnected_waits_again() {
     let (mut conn, _peer) = connecting(tcp_socket(), Instant::now() + FAR);
     let mut pools = Pools::new(0, 4);
     assert!(matches!(conn.start(&addr, &mut io(&mut pools)), Action::AwaitConnect));
-    // A (spurious) writable report while the connect is still in flight.
+    conn.confirm_connect_by_peer();
+    // A (spurious, as vsock's) writable report while the connect is still in flight.
     let action = conn.handle(Event::UpstreamWritable, &mut io(&mut pools));
     assert!(matches!(action, Action::AwaitConnect), "{action:?}");
     assert!(matches!(conn.state, ConnState::Connecting { .. }));
@@ -109,6 +110,7 @@ fn writable_but_unconnected_after_the_deadline_times_out() {
     let (mut conn, _peer) = connecting(tcp_socket(), Instant::now());
     let mut pools = Pools::new(0, 4);
     assert!(matches!(conn.start(&addr, &mut io(&mut pools)), Action::AwaitConnect));
+    conn.confirm_connect_by_peer();
     let e = failed(conn.handle(Event::UpstreamWritable, &mut io(&mut pools)));
     assert_eq!((e.side, e.op, e.source.kind()), (Side::Upstream, Op::Connect, io::ErrorKind::TimedOut));
     assert_eq!(conn.state, ConnState::Closed);

@@ -9,7 +9,7 @@
 
 use std::fs::File;
 use std::io::{self, Read};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::time::Duration;
 
 use mio::unix::SourceFd;
@@ -18,6 +18,7 @@ use socket2::Socket;
 
 use super::{Driver, DriverEvent};
 use crate::error::Side;
+use crate::sys;
 use crate::vocab::{Key, Readiness};
 
 const WAKE: Token = Token(usize::MAX);
@@ -70,7 +71,7 @@ impl EpollDriver {
         let poll = Poll::new()?;
         for (service, listener) in listeners.iter().enumerate() {
             let token = listener_token(service);
-            poll.registry().register(&mut SourceFd(&listener.as_raw_fd()), token, Interest::READABLE)?;
+            sys::epoll_add_exclusive(&poll, listener.as_fd(), token.0 as u64)?;
         }
         poll.registry().register(&mut SourceFd(&wake.as_raw_fd()), WAKE, Interest::READABLE)?;
         Ok(EpollDriver {
@@ -90,10 +91,9 @@ impl EpollDriver {
         for (service, listener) in self.listeners.iter().enumerate() {
             let Some(listener) = listener else { continue };
             while self.accept_pending[service] && !self.accept_paused {
-                match listener.accept() {
-                    Ok((client, _)) => {
-                        client.set_nonblocking(true)?;
-                        events.push(DriverEvent::Accepted { service, client: Ok(client) });
+                match sys::accept_nonblocking(listener.as_fd()) {
+                    Ok(client) => {
+                        events.push(DriverEvent::Accepted { service, client: Ok(Socket::from(client)) });
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.accept_pending[service] = false,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
