@@ -1,5 +1,6 @@
 //! Raw system calls that neither `std` nor `socket2` wrap: pipes, splice,
-//! a non-blocking accept, an exclusive epoll watch, eventfd, the vsock buffer option, the local vsock CID, vsock addresses
+//! a non-blocking accept, an exclusive epoll watch, a poll that does not
+//! wait, eventfd, the vsock buffer option, the local vsock CID, vsock addresses
 //! with the to-host flag, the open-files limit and bringing a
 //! network interface up. With `driver/ring.rs` and `driver/buffers.rs`
 //! this is the engine's unsafe fence: every function here is safe to call and
@@ -82,6 +83,16 @@ pub fn epoll_add_exclusive(epoll: &impl AsRawFd, fd: BorrowedFd<'_>, data: u64) 
     // descriptors are borrowed (a wrong one is the kernel's EBADF, no more).
     check(unsafe { libc::epoll_ctl(epoll.as_raw_fd(), libc::EPOLL_CTL_ADD, fd.as_raw_fd(), &mut event) })?;
     Ok(())
+}
+
+/// The readiness `poll(2)` reports for `fd` now, without waiting: its
+/// `revents` for `events`.
+pub fn poll_now(fd: BorrowedFd<'_>, events: libc::c_short) -> io::Result<libc::c_short> {
+    let mut entry = libc::pollfd { fd: fd.as_raw_fd(), events, revents: 0 };
+    // SAFETY: `entry` is one valid pollfd the kernel writes `revents` of; the
+    // descriptor is borrowed and so stays open for the duration of the call.
+    check(unsafe { libc::poll(&mut entry, 1, 0) })?;
+    Ok(entry.revents)
 }
 
 /// A non-blocking, close-on-exec eventfd, used to wake a worker.

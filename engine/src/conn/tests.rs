@@ -91,6 +91,28 @@ fn start_with_an_immediate_connect_starts_relaying() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// epoll: a loopback connect is done before `connect` returns; the
+/// connection relays at once instead of waiting for the writable edge.
+/// io_uring (level-triggered) waits: its poll completes on submission.
+#[test]
+fn an_edge_triggered_loopback_connect_relays_at_once_and_a_level_triggered_one_waits() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = SockAddr::from(listener.local_addr().unwrap());
+    let mut pools = Pools::new(0, 4);
+    let (mut edge, _peer) = connecting(tcp_socket(), Instant::now() + FAR);
+    edge.set_edge_triggered();
+    let action = edge.start(&addr, &mut io(&mut pools));
+    assert!(matches!(action, Action::Wait(_)), "{action:?}");
+    assert_eq!(edge.state, ConnState::Relaying);
+    let (mut level, _peer) = connecting(tcp_socket(), Instant::now() + FAR);
+    assert!(matches!(level.start(&addr, &mut io(&mut pools)), Action::AwaitConnect));
+    // Still in progress (a full accept queue): the edge-triggered one waits too.
+    let (_full, _fillers, unanswering) = unanswering_listener();
+    let (mut edge, _peer) = connecting(tcp_socket(), Instant::now() + FAR);
+    edge.set_edge_triggered();
+    assert!(matches!(edge.start(&unanswering, &mut io(&mut pools)), Action::AwaitConnect));
+}
+
 #[test]
 fn start_in_progress_awaits_then_writable_but_unconnected_waits_again() {
     let (_listener, _fillers, addr) = unanswering_listener();
