@@ -11,6 +11,10 @@
 #                                  dist/enclave/entry.sh as PID 1, the parent VM
 #                                  vsock-proxy, the HTTPS stand-in and the client
 #   tests/vm/two-vms.sh suite      the cross-VM tests (tests/vm/two_vms.rs)
+#   tests/vm/two-vms.sh probe      the transport alone, no relay: 1 MiB each way
+#                                  in writes of 512 B to 256 KiB, then 8, 32
+#                                  and 64 connections at once (what found the
+#                                  device's limits below)
 #   tests/vm/two-vms.sh boot-pair NAME PARENT_INITRD ENCLAVE_INITRD PARENT_APPEND ENCLAVE_APPEND UNTIL
 #                                  one pair of boots with the caller's images
 #                                  (perf/compare-vsock --two-vms); UNTIL is the
@@ -25,10 +29,10 @@
 # VSOCK_VM_TIMEOUT (seconds per boot), CARGO_TARGET_DIR, VSOCK_VM_WORK.
 #
 # The device is the machine's only new process that could touch AF_VSOCK,
-# so it is built and run so that it cannot: vhost-device-vsock 0.2.0 has
-# only the Unix backend (0.3.0 added --forward-cid, an AF_VSOCK backend
-# behind its default feature `backend_vsock`, and does not compile without
-# that feature), it is built with --no-default-features all the same, and it
+# so it is built and run so that it cannot: vhost-device-vsock 0.2.0 (with
+# the patch device_build explains) has only the Unix backend (0.3.0 added
+# --forward-cid, an AF_VSOCK backend behind its default feature
+# `backend_vsock`, and does not compile without that feature), it is built with --no-default-features all the same, and it
 # runs under target/debug/no-vsock (testkit/bin/no-vsock.rs), which installs
 # a seccomp filter refusing socket(AF_VSOCK) and io_uring before it execs
 # the device; its first log line says so. Exits 0 when every VM passed.
@@ -43,14 +47,44 @@ ENCLAVE_CID=16
 # shellcheck source=tests/vm/lib.sh
 source tests/vm/lib.sh
 
-# device_build: vhost-device-vsock at the pinned version without default
-# features, and the no-vsock wrapper; sets DEVICE and NO_VSOCK.
+# device_build: vhost-device-vsock at the pinned version, patched
+# (tests/vm/vhost-device-vsock-0.2.0.patch), without default features, and
+# the no-vsock wrapper; sets DEVICE and NO_VSOCK.
+#
+# Why patched: between two VMs (its sibling path) the device copies each
+# packet of one guest into ONE receive buffer of the other, and Linux's
+# receive buffers hold about 4 KiB while its packets carry up to 64 KiB:
+# every larger packet was cut short and dropped by the receiving guest
+# (`two-vms.sh probe`, no relay at all: with the unpatched device every
+# write of 4096 B or more lost its connection's bytes, both ways). And
+# Linux sends a packet above 32 KiB as a nonlinear skb over several
+# descriptors (Linux 6.17; 6.12.117 here does too: the unpatched device
+# logged DescriptorLengthTooSmall for them), which the device's parser
+# (virtio-vsock, every release to 0.12) refuses, dropping the packet. No released version (0.3.0, the git
+# head) and no option (--tx-buffer-size, queue sizes) changes either. The
+# patch splits a sibling's packet over as many receive buffers as it needs,
+# as the kernel's vhost-vsock does, and gathers a multi-descriptor packet.
 device_build() {
-    local root="$TARGET_DIR/tools/vhost-device-vsock-$DEVICE_VERSION"
+    local root="$TARGET_DIR/tools/vhost-device-vsock-$DEVICE_VERSION-patched"
+    local patch=tests/vm/vhost-device-vsock-$DEVICE_VERSION.patch
     DEVICE=${VSOCK_TWO_VMS_DEVICE:-$root/bin/vhost-device-vsock}
-    if [ ! -x "$DEVICE" ]; then
-        step "build vhost-device-vsock $DEVICE_VERSION (cargo install --locked --no-default-features)"
-        cargo install --locked --version "$DEVICE_VERSION" --no-default-features vhost-device-vsock --root "$root"
+    if [ ! -x "$DEVICE" ] || [ "$patch" -nt "$DEVICE" ]; then
+        step "build vhost-device-vsock $DEVICE_VERSION with $patch (cargo install --locked --no-default-features)"
+        # Its source through cargo (fetch unpacks the crate from crates.io).
+        local fetch="$TARGET_DIR/tools/fetch-vhost-device-vsock"
+        mkdir -p "$fetch/src"
+        : > "$fetch/src/lib.rs"
+        printf '[package]\nname = "fetch-device"\nversion = "0.0.0"\nedition = "2021"\n\n[dependencies]\nvhost-device-vsock = { version = "=%s", default-features = false }\n\n[workspace]\n' \
+            "$DEVICE_VERSION" > "$fetch/Cargo.toml"
+        cargo fetch --manifest-path "$fetch/Cargo.toml"
+        local crate src="$TARGET_DIR/tools/src/vhost-device-vsock-$DEVICE_VERSION"
+        crate=$(find "${CARGO_HOME:-$HOME/.cargo}/registry/cache" -name "vhost-device-vsock-$DEVICE_VERSION.crate" | head -1)
+        rm -rf "$src" && mkdir -p "$(dirname "$src")"
+        tar -xzf "$crate" -C "$(dirname "$src")"
+        patch -d "$src" -p1 < "$patch"
+        # Its own workspace, not this repository's (target/ is inside it).
+        printf '\n[workspace]\n' >> "$src/Cargo.toml"
+        cargo install --locked --no-default-features --path "$src" --root "$root" --force
     fi
     step "build the AF_VSOCK-refusing wrapper (cargo build --bin no-vsock)"
     cargo build --locked --bin no-vsock
@@ -180,17 +214,17 @@ case "$mode" in
         boot_pair "$@"
         exit 0
         ;;
-    all | channel | suite) ;;
+    all | channel | suite | probe) ;;
     *)
-        echo "usage: two-vms.sh [all | channel | suite | boot-pair ...]" >&2
+        echo "usage: two-vms.sh [all | channel | suite | probe | boot-pair ...]" >&2
         exit 2
         ;;
 esac
 stage "$(arch_of "$KERNEL")"
 pack "$KERNEL"
 failed=0
-for m in channel suite; do
-    if [ "$mode" = all ] || [ "$mode" = "$m" ]; then
+for m in channel suite probe; do
+    if { [ "$mode" = all ] && [ "$m" != probe ]; } || [ "$mode" = "$m" ]; then
         two_vms "$m" || failed=1
     fi
 done

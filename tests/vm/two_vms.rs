@@ -13,6 +13,11 @@
 //! checks its side (what its servers received, the relay's counters and
 //! memory) and answers `ok` or `fail REASON`. The enclave retries its first
 //! connect for a bounded time: the two VMs boot at their own pace.
+//!
+//! The probe (`two-vms.sh probe`) runs no relay: the transport alone, in
+//! writes of every size class, so that what the device loses is told apart
+//! from what a relay does (it found the device's limits that two-vms.sh
+//! patches).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::Shutdown;
@@ -377,18 +382,6 @@ fn base_port(scenario: &str, backend: BackendChoice) -> u32 {
 }
 
 const EXACT_MAX: u64 = 2 * MIB;
-/// Connections of the byte-exact check at once: all 64 at once through the
-/// device under emulation lost connections (some clients read an empty
-/// stream) and delayed other connects past vsock's 2 s connect timeout.
-const EXACT_AT_ONCE: usize = 8;
-
-/// The byte-exact check's clients, [`EXACT_AT_ONCE`] at a time.
-fn in_batches(to: &Endpoint, cases: Vec<vsock_relay_testkit::exact::Case>) {
-    let mut cases = cases.into_iter().peekable();
-    while cases.peek().is_some() {
-        run_clients(to, cases.by_ref().take(EXACT_AT_ONCE).collect());
-    }
-}
 
 /// The parent's side of one scenario (panics on a failed check).
 fn parent_scenario(scenario: &str, backend: BackendChoice, control: &mut Control) {
@@ -411,7 +404,7 @@ fn parent_scenario(scenario: &str, backend: BackendChoice, control: &mut Control
             let port = control.expect("ready").parse::<u32>().unwrap();
             let to = Endpoint::vsock(ENCLAVE_CID, port);
             let relay = relay("tcp:127.0.0.1:0".parse().unwrap(), &to, backend, DataPath::Auto);
-            in_batches(relay.local_endpoint(), cases(EXACT_MAX, 22));
+            run_clients(relay.local_endpoint(), cases(EXACT_MAX, 22));
             assert_eq!(relay.stats().snapshot().failed(), 0);
         }
         // Half-close both ways: the client's first (it still gets the
@@ -500,7 +493,7 @@ fn enclave_scenario(scenario: &str, backend: &str, control: &mut Control) {
     match scenario {
         "exact-up" => {
             let port = control.expect("ready").parse().unwrap();
-            in_batches(&parent(port), cases(EXACT_MAX, 21));
+            run_clients(&parent(port), cases(EXACT_MAX, 21));
             control.send("done");
         }
         "exact-down" => {
@@ -590,4 +583,137 @@ fn enclave_scenario(scenario: &str, backend: &str, control: &mut Control) {
         }
         other => panic!("no scenario `{other}`"),
     }
+}
+
+// ---------------------------------------------------------------------------
+// The transport alone: no relay, the two VMs' sockets and the device
+
+/// The parent's probe port.
+const PROBE_PORT: u32 = 9200;
+/// Write sizes of the probe: below, at and above one receive buffer of the
+/// guest driver (4 KiB), up to one whole packet (64 KiB) and beyond.
+const PROBE_WRITES: [usize; 7] = [512, 4096, 4097, 16 * 1024, 32 * 1024, 64 * 1024, 256 * 1024];
+const PROBE_BYTES: u64 = MIB;
+
+/// Writes `len` seeded bytes in writes of exactly `size` bytes; returns their SHA-256.
+fn send_in_writes(stream: &mut Stream, len: u64, size: usize, seed: u64) -> [u8; 32] {
+    let mut data = vec![0u8; len as usize];
+    traffic::Data::new(seed).fill(&mut data);
+    for chunk in data.chunks(size) {
+        stream.write_all(chunk).unwrap();
+    }
+    stream.shutdown(Shutdown::Write).unwrap();
+    traffic::expected_hash(len, seed)
+}
+
+/// The parent's probe side: per connection a header (direction, bytes,
+/// write size, seed); `U` reads to EOF and answers count and SHA-256, `D`
+/// writes the bytes in writes of that size.
+#[test]
+#[ignore = "runs only in the parent VM of tests/vm/two-vms.sh"]
+fn parent_probe() {
+    require_role("two-vms-parent-probe");
+    let listener = vsock_listener(PROBE_PORT);
+    listener.set_read_timeout(Some(PEER_BOOT)).unwrap();
+    println!("[parent] probe port {PROBE_PORT} listening");
+    loop {
+        let (mut stream, _) = accept(&listener);
+        let mut header = [0u8; 25];
+        if stream.read_exact(&mut header).is_err() {
+            continue;
+        }
+        let word = |i: usize| u64::from_le_bytes(header[1 + 8 * i..9 + 8 * i].try_into().unwrap());
+        let (len, size, seed) = (word(0), word(1) as usize, word(2));
+        match header[0] {
+            b'F' => break,
+            b'U' => {
+                std::thread::spawn(move || {
+                    let (got, hash) = traffic::receive(&mut stream).unwrap_or((u64::MAX, [0; 32]));
+                    let _ = stream.write_all(&got.to_le_bytes());
+                    let _ = stream.write_all(&hash);
+                });
+            }
+            b'D' => {
+                std::thread::spawn(move || send_in_writes(&mut stream, len, size, seed));
+            }
+            other => panic!("probe: no direction `{}`", other as char),
+        }
+    }
+}
+
+/// One probe connection from the enclave: `up` sends, else receives;
+/// `Ok(())` when the other side got (or sent) every byte intact.
+fn probe_one(up: bool, len: u64, size: usize, seed: u64) -> Result<(), String> {
+    let mut stream = Stream::connect(&parent(PROBE_PORT)).map_err(|e| format!("connect: {e}"))?;
+    stream.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut header = vec![if up { b'U' } else { b'D' }];
+    for word in [len, size as u64, seed] {
+        header.extend_from_slice(&word.to_le_bytes());
+    }
+    stream.write_all(&header).map_err(|e| format!("header: {e}"))?;
+    let expected = traffic::expected_hash(len, seed);
+    let (got, hash) = if up {
+        let mut writer = stream.try_clone().unwrap();
+        let sender = std::thread::spawn(move || send_in_writes(&mut writer, len, size, seed));
+        let mut answer = [0u8; 40];
+        stream.read_exact(&mut answer).map_err(|e| format!("the parent's count: {e}"))?;
+        sender.join().map_err(|_| "send".to_string())?;
+        (u64::from_le_bytes(answer[..8].try_into().unwrap()), answer[8..].try_into().unwrap())
+    } else {
+        traffic::receive(&mut stream).map_err(|e| format!("receive: {e}"))?
+    };
+    match (got, hash) {
+        (got, hash) if got == len && hash == expected => Ok(()),
+        (got, _) if got == len => Err("every byte counted, SHA-256 differs".into()),
+        (got, _) => Err(format!("{got} of {len} bytes")),
+    }
+}
+
+/// The enclave's probe: 1 MiB each way in writes of each size of
+/// [`PROBE_WRITES`], one connection at a time; then 8, 32 and 64
+/// connections at once; prints a line per case and fails if any lost bytes.
+#[test]
+#[ignore = "runs only in the enclave VM of tests/vm/two-vms.sh"]
+fn enclave_probe() {
+    require_role("two-vms-enclave-probe");
+    drop(connect_within(&parent(PROBE_PORT), PEER_BOOT));
+    let mut failures = Vec::new();
+    let mut report = |what: String, outcome: Result<(), String>, started: Instant| {
+        let verdict = outcome.clone().err().unwrap_or_else(|| "ok".into());
+        println!("[enclave] probe {what}: {verdict} ({:.1} s)", started.elapsed().as_secs_f64());
+        if outcome.is_err() {
+            failures.push(format!("{what}: {verdict}"));
+        }
+    };
+    for up in [true, false] {
+        for size in PROBE_WRITES {
+            let started = Instant::now();
+            let way = if up { "enclave->parent" } else { "parent->enclave" };
+            report(
+                format!("{way} writes of {size} B"),
+                probe_one(up, PROBE_BYTES, size, size as u64),
+                started,
+            );
+        }
+    }
+    for at_once in [8usize, 32, 64] {
+        for up in [true, false] {
+            let started = Instant::now();
+            let threads: Vec<_> = (0..at_once)
+                .map(|i| std::thread::spawn(move || probe_one(up, 256 * 1024, 1 + i * 997, i as u64)))
+                .collect();
+            let outcomes: Vec<_> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+            let bad: Vec<_> = outcomes.iter().filter_map(|o| o.clone().err()).collect();
+            let way = if up { "enclave->parent" } else { "parent->enclave" };
+            let outcome = if bad.is_empty() {
+                Ok(())
+            } else {
+                Err(format!("{} failed: {}", bad.len(), bad.join("; ")))
+            };
+            report(format!("{at_once} at once {way}, 256 KiB each"), outcome, started);
+        }
+    }
+    let mut finish = Stream::connect(&parent(PROBE_PORT)).unwrap();
+    let _ = finish.write_all(&[b'F'; 25]);
+    assert!(failures.is_empty(), "the transport lost bytes:\n{}", failures.join("\n"));
 }
