@@ -81,6 +81,7 @@ device_build() {
         crate=$(find "${CARGO_HOME:-$HOME/.cargo}/registry/cache" -name "vhost-device-vsock-$DEVICE_VERSION.crate" | head -1)
         rm -rf "$src" && mkdir -p "$(dirname "$src")"
         tar -xzf "$crate" -C "$(dirname "$src")"
+        command -v patch >/dev/null || apt-get install -y -qq --no-install-recommends patch
         patch -d "$src" -p1 < "$patch"
         # Its own workspace, not this repository's (target/ is inside it).
         printf '\n[workspace]\n' >> "$src/Cargo.toml"
