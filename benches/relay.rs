@@ -26,6 +26,7 @@
 //! rate and its ratio to `direct`, to `aws-design` and to `aws-w4`, read from criterion's
 //! estimates.
 
+use std::ffi::OsStr;
 use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, SamplingMode, Throughput};
@@ -61,29 +62,26 @@ impl Drop for Process {
     }
 }
 
-/// AWS's released vsock-proxy at `workers` threads, listening on `listen`
-/// (vsock) and proxying to the TCP `sink`, with an allowlist of the sink
-/// alone; `None`, said once, when `VSOCK_RELAY_BENCH_AWS_PROXY` names none.
-fn aws_proxy(listen: &Endpoint, sink: &Endpoint, workers: u32) -> Option<(Endpoint, Process)> {
-    let Some(binary) = std::env::var_os("VSOCK_RELAY_BENCH_AWS_PROXY").filter(|b| !b.is_empty()) else {
-        if workers == 4 {
-            eprintln!(
-                "AWS's released vsock-proxy: VSOCK_RELAY_BENCH_AWS_PROXY is not set; its cases are skipped"
-            );
-        }
-        return None;
-    };
+/// AWS's released vsock-proxy (`binary`) at `workers` threads, listening on
+/// `listen` (vsock) and proxying to the TCP `sink`, with an allowlist of the
+/// sink alone.
+fn aws_proxy(
+    binary: &OsStr,
+    listen: &Endpoint,
+    sink: &Endpoint,
+    workers: u32,
+) -> Option<(Endpoint, Process)> {
     let (Endpoint::Vsock { port, .. }, Endpoint::Tcp { port: sink_port, .. }) = (listen, sink) else {
         return None;
     };
     let allowlist = std::env::temp_dir().join(format!("aws-allowlist-{}.yaml", std::process::id()));
     std::fs::write(&allowlist, format!("allowlist: [{{address: 127.0.0.1, port: {sink_port}}}]\n")).unwrap();
-    let child = std::process::Command::new(&binary)
+    let child = std::process::Command::new(binary)
         .args(["-w", &workers.to_string(), "--config"])
         .arg(&allowlist)
         .args([port.to_string(), "127.0.0.1".to_string(), sink_port.to_string()])
         .spawn()
-        .unwrap_or_else(|e| panic!("{}: {e}", std::path::Path::new(&binary).display()));
+        .unwrap_or_else(|e| panic!("{}: {e}", std::path::Path::new(binary).display()));
     let reach = reach(listen);
     // It listens a moment after its start.
     for _ in 0..100 {
@@ -159,11 +157,20 @@ fn pair(index: u32, name: &str) -> Pair {
     cases.push(("aws-design".to_string(), reach(&baseline.endpoint)));
     let mut processes = Vec::new();
     if name == "vsock-tcp" {
-        for (n, workers) in [(97, 4), (98, 64)] {
-            if let Some((endpoint, process)) = aws_proxy(&listen_on("vsock", n), &sink, workers) {
-                cases.push((format!("aws-w{workers}"), endpoint));
-                processes.push(process);
+        match std::env::var_os("VSOCK_RELAY_BENCH_AWS_PROXY").filter(|b| !b.is_empty()) {
+            Some(binary) => {
+                for (n, workers) in [(97, 4), (98, 64)] {
+                    if let Some((endpoint, process)) =
+                        aws_proxy(&binary, &listen_on("vsock", n), &sink, workers)
+                    {
+                        cases.push((format!("aws-w{workers}"), endpoint));
+                        processes.push(process);
+                    }
+                }
             }
+            None => eprintln!(
+                "AWS's released vsock-proxy: VSOCK_RELAY_BENCH_AWS_PROXY is not set; its cases are skipped"
+            ),
         }
     }
     Pair { name: name.to_string(), cases, _relays: relays, _processes: processes }

@@ -671,7 +671,7 @@ impl Connection {
     /// Whether the direction from upstream copies or splices on level-triggered
     /// readiness (not the ring path, whose receive is its wait).
     fn reads_upstream_when_readable(&self) -> bool {
-        matches!(&self.movers[Direction::ToClient as usize], Mover::Pump(pump) if pump.level_triggered)
+        !self.edge_triggered && matches!(&self.movers[Direction::ToClient as usize], Mover::Pump(_))
     }
 
     fn timed_out(&mut self, deadline: Instant, io: &mut Io<'_>) -> Action {
