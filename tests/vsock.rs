@@ -326,7 +326,7 @@ fn three_hundred_vsock_connects_through_the_relay() {
 /// `vsock-proxy` with the default `--backend auto` says which backend it
 /// chose and why: io_uring where the engine's probe passes; portable, with
 /// the kernel's reason, where io_uring is disabled (kernel.io_uring_disabled)
-/// or lacks what the engine needs (Linux 5.10: no multishot accept).
+/// or lacks what the engine needs (Linux 5.10: older than the backend supports).
 #[test]
 #[ignore = "needs the vsock guest: tests/vm/run.sh"]
 fn auto_names_the_backend_and_why() {

@@ -21,7 +21,7 @@ fn run(args: &[&str]) -> (i32, String, String) {
 /// Doctor's verdicts in the guest: every line `ok`, except io_uring's,
 /// which warns where the io_uring backend cannot run: naming the sysctl in
 /// the pass with io_uring disabled, the kernel's lack on an older kernel
-/// (5.10: no multishot accept).
+/// (5.10: older than the backend supports).
 fn assert_all_ok(report: &serde_json::Value) {
     for check in report["checks"].as_array().unwrap() {
         let io_uring = check["check"] == "io_uring";

@@ -1,6 +1,6 @@
 //! The io_uring driver: one ring per worker; one-shot polls for the
-//! connections' sockets, a multishot accept per listener (one per service),
-//! a poll on the worker's eventfd.
+//! connections' sockets, an accept per listener (one per service, armed
+//! again after each connection), a poll on the worker's eventfd.
 //!
 //! Every operation is named by its `user_data`: a [`Tag`] in the low byte,
 //! the connection's slot index above it and its generation in the high half.
@@ -143,7 +143,7 @@ struct Ops {
     sending: [Option<BufferSlice>; 2],
 }
 
-/// A service's listener and its multishot accept.
+/// A service's listener and its accept.
 #[derive(Debug)]
 struct Listening {
     /// Kept open while its accept may still complete; dropped after that
@@ -203,10 +203,8 @@ impl UringDriver {
         for (service, listening) in self.listeners.iter_mut().enumerate() {
             let Some(socket) = listening.socket.as_ref().filter(|_| !listening.armed) else { continue };
             // SAFETY: the listener is dropped only once its accept completed
-            // without `more` (see `complete`), or with the ring.
-            unsafe {
-                self.ring.accept_multishot(socket.as_fd(), Tag::Accept.user_data(listener_key(service)))?
-            };
+            // (see `complete`), or with the ring.
+            unsafe { self.ring.accept(socket.as_fd(), Tag::Accept.user_data(listener_key(service)))? };
             listening.armed = true;
         }
         Ok(())
@@ -220,11 +218,10 @@ impl UringDriver {
         match tag {
             Tag::Accept => {
                 let service = key.index as usize;
-                let more = completion.more;
                 if completion.result != -libc::ECANCELED {
                     events.push(DriverEvent::Accepted { service, client: ring::accepted_socket(completion) });
                 }
-                if let Some(listening) = self.listeners.get_mut(service).filter(|_| !more) {
+                if let Some(listening) = self.listeners.get_mut(service) {
                     listening.armed = false;
                     if self.stopping {
                         listening.socket = None;
