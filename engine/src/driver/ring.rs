@@ -1,8 +1,7 @@
 //! The io_uring ring of one worker: a thin face over submission, and with
 //! `sys` the engine's unsafe fence.
 //!
-//! The operations submitted reference no user memory (polls, accepts,
-//! cancels), or only the ring's own provided buffers (receives and
+//! The operations submitted reference no user memory (polls, cancels), or only the ring's own provided buffers (receives and
 //! sends of the ring data path), which live as long as the ring. What the
 //! kernel does keep after a submission is a descriptor number (and, for a
 //! send, which buffer), so the functions that submit one are `unsafe fn`:
@@ -13,16 +12,15 @@
 
 use std::fmt;
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::time::Duration;
 
 use io_uring::{cqueue, opcode, squeue, types, IoUring, Probe};
-use socket2::Socket;
 
 use super::buffers::{BufferRing, RingBuffer};
 
 /// One completed operation. Neither `Copy` nor `Clone`: it may own a ring
-/// buffer, or (an accept's) a descriptor, taken once by [`accepted_socket`].
+/// buffer.
 #[derive(Debug)]
 pub struct Completion {
     pub user_data: u64,
@@ -32,11 +30,8 @@ pub struct Completion {
 }
 
 /// The opcodes the driver needs, probed at start.
-const REQUIRED_OPCODES: [(u8, &str); 3] = [
-    (opcode::PollAdd::CODE, "POLL_ADD"),
-    (opcode::Accept::CODE, "ACCEPT"),
-    (opcode::AsyncCancel::CODE, "ASYNC_CANCEL"),
-];
+const REQUIRED_OPCODES: [(u8, &str); 2] =
+    [(opcode::PollAdd::CODE, "POLL_ADD"), (opcode::AsyncCancel::CODE, "ASYNC_CANCEL")];
 
 /// The oldest kernel the driver runs on: the io_uring it was built and
 /// measured against (provided-buffer rings came in 5.19); older kernels get
@@ -227,25 +222,6 @@ impl Ring {
         self.push(&opcode::PollAdd::new(types::Fd(fd.as_raw_fd()), events).build().user_data(user_data))
     }
 
-    /// One accept: its completion brings a new non-blocking, close-on-exec
-    /// socket; the driver arms the next. Not multishot: on Linux 6.18 a
-    /// multishot accept's completion, posted while the worker waits, did not
-    /// end the wait (the worker slept on until its next wake, 0.4-6.8 ms,
-    /// median 3 ms, per connection; on 6.12 it returned within 54 us).
-    ///
-    /// # Safety
-    ///
-    /// `listener` must stay open until this accept's completion has been
-    /// reaped.
-    pub unsafe fn accept(&mut self, listener: BorrowedFd<'_>, user_data: u64) -> io::Result<()> {
-        let entry =
-            opcode::Accept::new(types::Fd(listener.as_raw_fd()), std::ptr::null_mut(), std::ptr::null_mut())
-                .flags(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)
-                .build()
-                .user_data(user_data);
-        self.push(&entry)
-    }
-
     /// Asks the kernel to cancel the operation submitted with `target`.
     pub fn cancel(&mut self, target: u64, user_data: u64) -> io::Result<()> {
         self.push(&opcode::AsyncCancel::new(target).build().user_data(user_data))
@@ -294,16 +270,4 @@ impl Ring {
             }
         }));
     }
-}
-
-/// The socket created by a successful accept completion. It takes the
-/// completion: one completion, one owner of its descriptor.
-pub fn accepted_socket(completion: Completion) -> io::Result<Socket> {
-    if completion.result < 0 {
-        return Err(io::Error::from_raw_os_error(-completion.result));
-    }
-    // SAFETY: a non-negative accept result is a descriptor the kernel just
-    // created for this process; the completion it came in is consumed here,
-    // so nothing else can take it.
-    Ok(Socket::from(unsafe { OwnedFd::from_raw_fd(completion.result) }))
 }

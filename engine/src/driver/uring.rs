@@ -1,6 +1,13 @@
 //! The io_uring driver: one ring per worker; one-shot polls for the
-//! connections' sockets, an accept per listener (one per service, armed
-//! again after each connection), a poll on the worker's eventfd.
+//! connections' sockets and for each listener (one per service; `accept4`
+//! takes the connection it announces), a poll on the worker's eventfd.
+//!
+//! Not io_uring's ACCEPT: traced in the guest on Linux 6.18 over vsock, a
+//! multishot accept's completion did not end the worker's wait (median 3 ms
+//! lost per connection), and a single-shot one that found no connection
+//! slept inside the submission or held back the completions submitted
+//! with it (1-5 ms per connection); a poll and `accept4` cost one system
+//! call and wait for nothing.
 //!
 //! Every operation is named by its `user_data`: a [`Tag`] in the low byte,
 //! the connection's slot index above it and its generation in the high half.
@@ -15,9 +22,10 @@ use std::time::Duration;
 
 use socket2::Socket;
 
-use super::ring::{self, Completion, Ring};
+use super::ring::{Completion, Ring};
 use super::{Driver, DriverEvent};
 use crate::error::Side;
+use crate::sys;
 use crate::vocab::{BufferSlice, Completed, Direction, Key, Readiness, RingOps};
 
 /// Submission queue size; completions get eight times as many slots.
@@ -123,10 +131,19 @@ impl Tag {
     }
 }
 
+/// What a listener's poll waits for: a connection to accept, waking one
+/// worker of those that share the listener (where the kernel's poll takes
+/// EPOLLEXCLUSIVE; see `UringDriver::exclusive`).
+// The flags are bit masks; the casts keep their bits.
+#[allow(clippy::cast_sign_loss)]
+const LISTENER_EVENTS: u32 = libc::POLLIN as u32;
+#[allow(clippy::cast_sign_loss)]
+const EXCLUSIVE: u32 = libc::EPOLLEXCLUSIVE as u32;
+
 /// A key for the operations that name no connection.
 const NO_CONNECTION: Key = Key { index: 0, generation: 0 };
 
-/// The key of a service's accept: its index in the slot's place.
+/// The key of a service's listener poll: its index in the slot's place.
 fn listener_key(service: usize) -> Key {
     Key { index: u32::try_from(service).unwrap_or(u32::MAX), generation: 0 }
 }
@@ -143,10 +160,10 @@ struct Ops {
     sending: [Option<BufferSlice>; 2],
 }
 
-/// A service's listener and its accept.
+/// A service's listener and its poll.
 #[derive(Debug)]
 struct Listening {
-    /// Kept open while its accept may still complete; dropped after that
+    /// Kept open while its poll may still complete; dropped after that
     /// once the relay stops.
     socket: Option<Socket>,
     armed: bool,
@@ -158,6 +175,8 @@ pub(crate) struct UringDriver {
     listeners: Vec<Listening>,
     stopping: bool,
     accept_paused: bool,
+    /// Listener polls ask for EPOLLEXCLUSIVE until the kernel refuses it.
+    exclusive: bool,
     wake: File,
     /// Indexed by connection slot.
     ops: Vec<Ops>,
@@ -182,6 +201,7 @@ impl UringDriver {
                 .collect(),
             stopping: false,
             accept_paused: false,
+            exclusive: true,
             wake,
             ops: Vec::new(),
             completions: Vec::with_capacity(RING_ENTRIES as usize),
@@ -202,9 +222,10 @@ impl UringDriver {
         }
         for (service, listening) in self.listeners.iter_mut().enumerate() {
             let Some(socket) = listening.socket.as_ref().filter(|_| !listening.armed) else { continue };
-            // SAFETY: the listener is dropped only once its accept completed
+            let events = LISTENER_EVENTS | if self.exclusive { EXCLUSIVE } else { 0 };
+            // SAFETY: the listener is dropped only once its poll completed
             // (see `complete`), or with the ring.
-            unsafe { self.ring.accept(socket.as_fd(), Tag::Accept.user_data(listener_key(service)))? };
+            unsafe { self.ring.poll(socket.as_fd(), events, Tag::Accept.user_data(listener_key(service)))? };
             listening.armed = true;
         }
         Ok(())
@@ -218,14 +239,40 @@ impl UringDriver {
         match tag {
             Tag::Accept => {
                 let service = key.index as usize;
-                if completion.result != -libc::ECANCELED {
-                    events.push(DriverEvent::Accepted { service, client: ring::accepted_socket(completion) });
-                }
-                if let Some(listening) = self.listeners.get_mut(service) {
-                    listening.armed = false;
-                    if self.stopping {
-                        listening.socket = None;
+                let Some(listening) = self.listeners.get_mut(service) else { return Ok(()) };
+                listening.armed = false;
+                match (completion.result, listening.socket.as_ref()) {
+                    (result, _) if result == -libc::ECANCELED => {}
+                    // A kernel whose poll does not take EPOLLEXCLUSIVE: every
+                    // worker is woken from now on (one accepts, the others
+                    // find nothing), and the poll is armed again.
+                    (result, _) if result == -libc::EINVAL && self.exclusive => {
+                        tracing::debug!(
+                            "the kernel's io_uring poll refuses EPOLLEXCLUSIVE; listeners polled without it"
+                        );
+                        self.exclusive = false;
                     }
+                    (result, _) if result < 0 => events.push(DriverEvent::Accepted {
+                        service,
+                        client: Err(io::Error::from_raw_os_error(-result)),
+                    }),
+                    (_, Some(listener)) if !self.stopping => {
+                        match sys::accept_nonblocking(listener.as_fd()) {
+                            Ok(client) => events
+                                .push(DriverEvent::Accepted { service, client: Ok(Socket::from(client)) }),
+                            // Another worker took it, or the client left first.
+                            Err(e)
+                                if matches!(
+                                    e.kind(),
+                                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                                ) => {}
+                            Err(e) => events.push(DriverEvent::Accepted { service, client: Err(e) }),
+                        }
+                    }
+                    _ => {}
+                }
+                if self.stopping {
+                    listening.socket = None;
                 }
                 Ok(())
             }
@@ -364,13 +411,7 @@ impl Driver for UringDriver {
             self.complete(completion, events)?;
         }
         self.completions = completions;
-        // An accept that completed is armed again now, ahead of the polls
-        // the worker is about to ask for: on Linux 6.18, an accept that
-        // finds no connection and so arms its own poll, submitted *after* a
-        // poll that completes at once, held that poll's completion back until
-        // the worker's next wake (1.3-2.7 ms per connection, traced in the
-        // guest; 13 us with the accept first).
-        self.arm_accepts()
+        Ok(())
     }
 }
 
