@@ -1,7 +1,7 @@
 //! Drivers: how a worker learns that something happened. The worker loop
 //! (`worker/`) exists once; a driver only arms interest, waits and hands
-//! back [`DriverEvent`]s. `uring` is the fast path (io_uring polls and
-//! multishot accepts); `epoll` runs where io_uring is missing or refused:
+//! back [`DriverEvent`]s. `uring` is the fast path (io_uring polls, the
+//! waits batched with their re-arming); `epoll` runs where io_uring is missing or refused:
 //! the Linux 4.14 enclave kernel, Docker's default seccomp profile,
 //! `kernel.io_uring_disabled`.
 //!
