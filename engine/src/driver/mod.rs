@@ -1,9 +1,9 @@
 //! Drivers: how a worker learns that something happened. The worker loop
 //! (`worker/`) exists once; a driver only arms interest, waits and hands
 //! back [`DriverEvent`]s. `uring` is the fast path (io_uring polls, the
-//! waits batched with their re-arming); `epoll` runs where io_uring is missing or refused:
-//! the Linux 4.14 enclave kernel, Docker's default seccomp profile,
-//! `kernel.io_uring_disabled`.
+//! waits batched with their re-arming); `epoll` runs where io_uring is
+//! missing or refused: the Linux 4.14 enclave kernel, Docker's default
+//! seccomp profile, `kernel.io_uring_disabled`.
 //!
 //! The completion-based data path (an io_uring buffer ring) is one more set
 //! of driver calls ([`RingOps`]) and events, handled by the same loop.

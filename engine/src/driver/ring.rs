@@ -1,8 +1,9 @@
 //! The io_uring ring of one worker: a thin face over submission, and with
 //! `sys` the engine's unsafe fence.
 //!
-//! The operations submitted reference no user memory (polls, cancels), or only the ring's own provided buffers (receives and
-//! sends of the ring data path), which live as long as the ring. What the
+//! The operations submitted reference no user memory (polls, cancels), or
+//! only the ring's own provided buffers (receives and sends of the ring
+//! data path), which live as long as the ring. What the
 //! kernel does keep after a submission is a descriptor number (and, for a
 //! send, which buffer), so the functions that submit one are `unsafe fn`:
 //! the caller promises the descriptor stays open until the operation's last
@@ -33,9 +34,10 @@ pub struct Completion {
 const REQUIRED_OPCODES: [(u8, &str); 2] =
     [(opcode::PollAdd::CODE, "POLL_ADD"), (opcode::AsyncCancel::CODE, "ASYNC_CANCEL")];
 
-/// The oldest kernel the driver runs on: the io_uring it was built and
-/// measured against (provided-buffer rings came in 5.19); older kernels get
-/// the epoll driver.
+/// The oldest kernel the driver runs on: a floor we test from, not a
+/// requirement of each opcode (polls are 5.1, exclusive polls 5.9, timed
+/// waits 5.11; the optional buffer ring wants DEFER_TASKRUN, 6.1). Older
+/// kernels get the epoll driver.
 const MIN_KERNEL: (u32, u32) = (5, 19);
 
 /// `io_uring_enter` flag: collect completions (linux/io_uring.h).

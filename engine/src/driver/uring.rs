@@ -38,7 +38,7 @@ const RING_BUFFER_BYTES: u32 = 64 * 1024;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
 enum Tag {
-    Accept = 1,
+    Listener = 1,
     Wake,
     Cancel,
     ClientReadable,
@@ -120,7 +120,7 @@ impl Tag {
     }
 
     fn decode(user_data: u64) -> Option<(Tag, Key)> {
-        let tag = [Tag::Accept, Tag::Wake, Tag::Cancel]
+        let tag = [Tag::Listener, Tag::Wake, Tag::Cancel]
             .into_iter()
             .chain(Tag::OPS)
             .find(|t| *t as u64 == user_data & 0xff)?;
@@ -132,13 +132,36 @@ impl Tag {
 }
 
 /// What a listener's poll waits for: a connection to accept, waking one
-/// worker of those that share the listener (where the kernel's poll takes
-/// EPOLLEXCLUSIVE; see `UringDriver::exclusive`).
+/// worker of those that share the listener (io_uring's poll takes
+/// EPOLLEXCLUSIVE since Linux 5.9).
 // The flags are bit masks; the casts keep their bits.
 #[allow(clippy::cast_sign_loss)]
-const LISTENER_EVENTS: u32 = libc::POLLIN as u32;
-#[allow(clippy::cast_sign_loss)]
-const EXCLUSIVE: u32 = libc::EPOLLEXCLUSIVE as u32;
+const LISTENER_EVENTS: u32 = libc::POLLIN as u32 | libc::EPOLLEXCLUSIVE as u32;
+
+/// What a listener's poll completion brings: the connection `accept4` took,
+/// an error for the worker (the poll's, or the listener's own: the worker
+/// waits before it tries again), or nothing (another worker took the
+/// connection, or the client left first).
+fn accept_announced(listener: &Socket, result: i32) -> Option<io::Result<Socket>> {
+    if result == -libc::ECANCELED {
+        return None;
+    }
+    if result < 0 {
+        return Some(Err(io::Error::from_raw_os_error(-result)));
+    }
+    if result & i32::from(libc::POLLIN) == 0 {
+        // POLLERR or POLLHUP and nothing to accept.
+        let error = listener.take_error().ok().flatten();
+        return Some(Err(
+            error.unwrap_or_else(|| io::Error::other("the listener reported an error or a hang-up"))
+        ));
+    }
+    match sys::accept_nonblocking(listener.as_fd()) {
+        Ok(client) => Some(Ok(Socket::from(client))),
+        Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) => None,
+        Err(e) => Some(Err(e)),
+    }
+}
 
 /// A key for the operations that name no connection.
 const NO_CONNECTION: Key = Key { index: 0, generation: 0 };
@@ -170,13 +193,13 @@ struct Listening {
 }
 
 pub(crate) struct UringDriver {
+    /// Declared before `listeners`, so closed first: a listener whose poll
+    /// was never reaped (the worker returned first) outlives the ring.
     ring: Ring,
     /// Indexed by service.
     listeners: Vec<Listening>,
     stopping: bool,
     accept_paused: bool,
-    /// Listener polls ask for EPOLLEXCLUSIVE until the kernel refuses it.
-    exclusive: bool,
     wake: File,
     /// Indexed by connection slot.
     ops: Vec<Ops>,
@@ -201,7 +224,6 @@ impl UringDriver {
                 .collect(),
             stopping: false,
             accept_paused: false,
-            exclusive: true,
             wake,
             ops: Vec::new(),
             completions: Vec::with_capacity(RING_ENTRIES as usize),
@@ -216,16 +238,21 @@ impl UringDriver {
         unsafe { self.ring.poll(self.wake.as_fd(), libc::POLLIN as u32, Tag::Wake.user_data(NO_CONNECTION)) }
     }
 
-    fn arm_accepts(&mut self) -> io::Result<()> {
+    fn arm_listeners(&mut self) -> io::Result<()> {
         if self.accept_paused || self.stopping {
             return Ok(());
         }
         for (service, listening) in self.listeners.iter_mut().enumerate() {
             let Some(socket) = listening.socket.as_ref().filter(|_| !listening.armed) else { continue };
-            let events = LISTENER_EVENTS | if self.exclusive { EXCLUSIVE } else { 0 };
             // SAFETY: the listener is dropped only once its poll completed
             // (see `complete`), or with the ring.
-            unsafe { self.ring.poll(socket.as_fd(), events, Tag::Accept.user_data(listener_key(service)))? };
+            unsafe {
+                self.ring.poll(
+                    socket.as_fd(),
+                    LISTENER_EVENTS,
+                    Tag::Listener.user_data(listener_key(service)),
+                )?
+            };
             listening.armed = true;
         }
         Ok(())
@@ -237,42 +264,16 @@ impl UringDriver {
             return Ok(());
         };
         match tag {
-            Tag::Accept => {
+            Tag::Listener => {
                 let service = key.index as usize;
                 let Some(listening) = self.listeners.get_mut(service) else { return Ok(()) };
                 listening.armed = false;
-                match (completion.result, listening.socket.as_ref()) {
-                    (result, _) if result == -libc::ECANCELED => {}
-                    // A kernel whose poll does not take EPOLLEXCLUSIVE: every
-                    // worker is woken from now on (one accepts, the others
-                    // find nothing), and the poll is armed again.
-                    (result, _) if result == -libc::EINVAL && self.exclusive => {
-                        tracing::debug!(
-                            "the kernel's io_uring poll refuses EPOLLEXCLUSIVE; listeners polled without it"
-                        );
-                        self.exclusive = false;
-                    }
-                    (result, _) if result < 0 => events.push(DriverEvent::Accepted {
-                        service,
-                        client: Err(io::Error::from_raw_os_error(-result)),
-                    }),
-                    (_, Some(listener)) if !self.stopping => {
-                        match sys::accept_nonblocking(listener.as_fd()) {
-                            Ok(client) => events
-                                .push(DriverEvent::Accepted { service, client: Ok(Socket::from(client)) }),
-                            // Another worker took it, or the client left first.
-                            Err(e)
-                                if matches!(
-                                    e.kind(),
-                                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
-                                ) => {}
-                            Err(e) => events.push(DriverEvent::Accepted { service, client: Err(e) }),
-                        }
-                    }
-                    _ => {}
-                }
                 if self.stopping {
                     listening.socket = None;
+                } else if let Some(listener) = &listening.socket {
+                    if let Some(client) = accept_announced(listener, completion.result) {
+                        events.push(DriverEvent::Accepted { service, client });
+                    }
                 }
                 Ok(())
             }
@@ -377,8 +378,8 @@ impl Driver for UringDriver {
         self.stopping = true;
         for (service, listening) in self.listeners.iter_mut().enumerate() {
             if listening.armed {
-                let accept = Tag::Accept.user_data(listener_key(service));
-                self.ring.cancel(accept, Tag::Cancel.user_data(NO_CONNECTION))?;
+                let poll = Tag::Listener.user_data(listener_key(service));
+                self.ring.cancel(poll, Tag::Cancel.user_data(NO_CONNECTION))?;
             } else {
                 listening.socket = None;
             }
@@ -403,7 +404,7 @@ impl Driver for UringDriver {
     }
 
     fn wait(&mut self, timeout: Option<Duration>, events: &mut Vec<DriverEvent>) -> io::Result<()> {
-        self.arm_accepts()?;
+        self.arm_listeners()?;
         self.ring.wait(timeout)?;
         let mut completions = std::mem::take(&mut self.completions);
         self.ring.reap(&mut completions);
@@ -445,7 +446,7 @@ mod tests {
 
     /// Every tag: the three that name no connection, then the operations.
     fn every_tag() -> Vec<Tag> {
-        [Tag::Accept, Tag::Wake, Tag::Cancel].into_iter().chain(Tag::OPS).collect()
+        [Tag::Listener, Tag::Wake, Tag::Cancel].into_iter().chain(Tag::OPS).collect()
     }
 
     #[test]

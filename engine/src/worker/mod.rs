@@ -7,8 +7,8 @@
 //! clients, a drain time for the open ones, then a reset for the rest.
 //! Also the access rules that apply per client (a service's gate,
 //! `allow_cids`, `max_connections`), the idle timeout, the counters, and
-//! throttled warnings. A worker serves every service of its relay: one
-//! accept per listener, one slab of connections.
+//! throttled warnings. A worker serves every service of its relay: it
+//! watches every listener, one slab of connections.
 //! Routed services' clients are handed to the router (`route/router.rs`)
 //! once their head is read; its verdicts come back through this worker's
 //! mailbox, which wakes it.
@@ -131,6 +131,29 @@ pub(crate) fn run(backend: Backend, mut setup: WorkerSetup) -> Result<(), Error>
 /// Is this accept error about resources (retry later) rather than one client?
 fn out_of_resources(error: &io::Error) -> bool {
     matches!(error.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM))
+}
+
+/// Is this accept error about one client only (it left, or Linux passed on
+/// a network error of its new socket, as accept(2) says it may), so that
+/// the next client can be accepted at once?
+fn one_client(error: &io::Error) -> bool {
+    matches!(
+        error.raw_os_error(),
+        Some(
+            libc::ECONNABORTED
+                | libc::ECONNRESET
+                | libc::EPROTO
+                | libc::EPERM
+                | libc::ETIMEDOUT
+                | libc::ENETDOWN
+                | libc::ENETUNREACH
+                | libc::EHOSTDOWN
+                | libc::EHOSTUNREACH
+                | libc::ENONET
+                | libc::ENOPROTOOPT
+                | libc::EOPNOTSUPP
+        )
+    )
 }
 
 struct Slot {
@@ -285,17 +308,23 @@ impl<D: Driver> Worker<D> {
                 socket::reset(&client);
                 Ok(())
             }
-            DriverEvent::Accepted { client: Err(error), .. } if out_of_resources(&error) => {
+            // The client gave up before we accepted it, or similar.
+            DriverEvent::Accepted { client: Err(error), .. } if one_client(&error) => {
+                tracing::debug!(worker = self.index, %error, "accept failed");
+                Ok(())
+            }
+            // Out of descriptors or memory, or the listener itself in error:
+            // accepting again at once would fail again (and spin), so wait.
+            DriverEvent::Accepted { client: Err(error), .. } => {
                 if self.warnings.accept.admit(self.now, self.index) {
-                    tracing::warn!(worker = self.index, %error, "cannot accept: out of resources; retrying shortly");
+                    if out_of_resources(&error) {
+                        tracing::warn!(worker = self.index, %error, "cannot accept: out of resources; retrying shortly");
+                    } else {
+                        tracing::warn!(worker = self.index, %error, "cannot accept: the listener failed; retrying shortly");
+                    }
                 }
                 self.accept_paused_until = Some(Instant::now() + ACCEPT_RETRY);
                 self.driver.pause_accepting();
-                Ok(())
-            }
-            // The client gave up before we accepted it, or similar.
-            DriverEvent::Accepted { client: Err(error), .. } => {
-                tracing::debug!(worker = self.index, %error, "accept failed");
                 Ok(())
             }
             DriverEvent::Woken => {

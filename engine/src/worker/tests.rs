@@ -510,7 +510,7 @@ fn running_out_of_descriptors_pauses_accepting_until_the_retry() {
 
 /// A failed accept that is about one client (it gave up first) does not
 /// pause accepting.
-/// Catches: `out_of_resources` taking every error for running out.
+/// Catches: `one_client` missing ECONNABORTED (every error pausing).
 #[test]
 fn a_failed_accept_of_one_client_does_not_pause() {
     let mut h = Harness::new(|_| {});
@@ -519,6 +519,21 @@ fn a_failed_accept_of_one_client_does_not_pause() {
     h.run(vec![Step::Events(vec![aborted])]);
     assert!(!h.calls().contains(&Call::PauseAccepting));
     assert_eq!(h.worker.accept_paused_until, None);
+}
+
+/// A listener in error (EINVAL: no longer listening) pauses accepting like
+/// running out of descriptors: retried at once, it would fail at once again
+/// and the worker would spin.
+/// Catches: errors that are neither about resources nor about one client
+/// taken for one client's (accepting again at once).
+#[test]
+fn a_listener_in_error_pauses_accepting() {
+    let mut h = Harness::new(|_| {});
+    let einval =
+        DriverEvent::Accepted { service: 0, client: Err(io::Error::from_raw_os_error(libc::EINVAL)) };
+    h.run(vec![Step::Events(vec![einval])]);
+    assert!(h.calls().contains(&Call::PauseAccepting), "{:?}", h.calls());
+    assert!(h.worker.accept_paused_until.is_some());
 }
 
 /// A connection's generation fits the 24 bits both drivers' packings keep

@@ -129,7 +129,7 @@ fn backend() -> Check {
                 "io_uring",
                 format!("portable (epoll) will run: {cause} ({why})"),
                 "nothing is needed: the portable backend relays the same bytes, with more system calls; for \
-                 io_uring, run on Linux 6.1+ with kernel.io_uring_disabled=0 and a seccomp profile allowing \
+                 io_uring, run on Linux 5.19+ with kernel.io_uring_disabled=0 and a seccomp profile allowing \
                  io_uring_setup, io_uring_enter and io_uring_register",
             )
         }
