@@ -399,7 +399,9 @@ impl Connection {
         // With epoll, a connect done already (loopback) goes on now rather
         // than after a wait (measured: churn 1.01-1.30x on 6.18). io_uring's
         // poll of a connected socket completes within the submission that
-        // arms it, so there the extra call only costs (0.69-1.27x).
+        // arms it, so there the extra call only costs (0.69-1.27x; measured
+        // while io_uring's ACCEPT still stalled the worker on 6.18, not
+        // measured again since the listener is polled).
         let started = match socket::start_connect(upstream, addr) {
             Ok(false) if self.edge_triggered && !self.connect_needs_peer => {
                 socket::connected_now(upstream).map(|done| done.map(|()| true))

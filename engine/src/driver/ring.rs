@@ -3,9 +3,9 @@
 //!
 //! The operations submitted reference no user memory (polls, cancels), or
 //! only the ring's own provided buffers (receives and sends of the ring
-//! data path), which live as long as the ring. What the
-//! kernel does keep after a submission is a descriptor number (and, for a
-//! send, which buffer), so the functions that submit one are `unsafe fn`:
+//! data path), which live as long as the ring. What the kernel does keep
+//! after a submission is a descriptor number (and, for a send, which
+//! buffer), so the functions that submit one are `unsafe fn`:
 //! the caller promises the descriptor stays open until the operation's last
 //! completion has been reaped (the io_uring driver keeps that promise; see
 //! `driver::Driver`). A send's buffer cannot return to the ring early: the
