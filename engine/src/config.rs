@@ -8,13 +8,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::conn::pump::DataPath;
 use crate::dns::DnsOptions;
 use crate::driver::BackendChoice;
 use crate::endpoint::Endpoint;
 use crate::route::Route;
 use crate::socket::SocketOptions;
 use crate::target::Target;
+use crate::vocab::DataPath;
 
 /// Default capacity asked for each pooled pipe.
 pub const DEFAULT_PIPE_BYTES: usize = 1 << 20;

@@ -57,7 +57,6 @@ mod worker;
 pub use config::{
     Gate, RelayConfig, Service, Upstream, DEFAULT_CONNECT_TIMEOUT, DEFAULT_DRAIN_TIMEOUT, DEFAULT_PIPE_BYTES,
 };
-pub use conn::pump::DataPath;
 pub use dns::{DnsOptions, IpFamily};
 pub use driver::ring::Unavailable as UringUnavailable;
 pub use driver::{probe_uring, Backend, BackendChoice};
@@ -67,6 +66,7 @@ pub use relay::{Relay, StopHandle};
 pub use route::{Decision, Policy, Route, RouteKind};
 pub use stats::{Failure, RefusedBy, Stats, StatsSnapshot};
 pub use target::Target;
+pub use vocab::DataPath;
 
 /// Raises the soft open-files limit to the hard limit (see [`Relay::start`],
 /// which does it too); for tools and tests that open many sockets themselves.

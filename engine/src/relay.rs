@@ -10,7 +10,6 @@ use std::thread::JoinHandle;
 use socket2::Socket;
 
 use crate::config::{RelayConfig, Service, Upstream};
-use crate::conn::pump::DataPath;
 use crate::driver::{self, Backend};
 use crate::endpoint::Endpoint;
 use crate::error::Error;
@@ -18,6 +17,7 @@ use crate::route::router::{Mailbox, Router};
 use crate::socket;
 use crate::stats::Stats;
 use crate::sys;
+use crate::vocab::DataPath;
 use crate::worker::{self, Control, WorkerSetup};
 
 /// Stops a running relay from anywhere (a signal handler thread, a test).

@@ -1,16 +1,17 @@
 //! The words the worker, a connection, its movers and the drivers share:
-//! which connection ([`Key`]), which way ([`Direction`]), what a socket is
-//! ready for ([`Readiness`]), what a ring operation reported
-//! ([`Completed`]), and the ring data path's operations ([`RingOps`]).
+//! which connection ([`Key`]), which way ([`Direction`]), how a direction
+//! moves its bytes ([`DataPath`]) and what it waits for ([`Wait`]), what a
+//! socket is ready for ([`Readiness`]), what a ring operation reported
+//! ([`Completed`]), and the ring data path's operations ([`BufferRingOps`]).
 //! It imports nothing of the engine but [`Side`] and the ring buffer's
 //! token (from the leaf `driver/buffers.rs`), so every other module points
 //! down to it: worker -> conn -> movers -> vocab <- drivers.
 
 use std::io;
 
-use socket2::Socket;
+use socket2::{Domain, Socket};
 
-pub(crate) use crate::driver::buffers::RingBuffer;
+pub(crate) use crate::driver::buffers::ProvidedBuffer;
 use crate::error::Side;
 
 /// The two directions of a connection.
@@ -69,7 +70,7 @@ impl Readiness {
 #[derive(Debug)]
 pub enum Completed {
     /// A receive: bytes (or a negative errno) and the buffer it filled.
-    Received { result: i32, buffer: Option<RingBuffer> },
+    Received { result: i32, buffer: Option<ProvidedBuffer> },
     /// A send: bytes sent (or a negative errno), and the slice it was
     /// given, handed back.
     Sent { result: i32, slice: BufferSlice },
@@ -78,7 +79,7 @@ pub enum Completed {
 /// The ring data path's operations (io_uring with a provided-buffer ring).
 /// The same contract as [`crate::driver::Driver::watch`] holds for the
 /// sockets; a send takes its buffer and its completion hands it back.
-pub(crate) trait RingOps {
+pub(crate) trait BufferRingOps {
     /// Receives from `src` into a buffer the kernel picks; reported as
     /// [`Completed::Received`].
     fn receive(&mut self, key: Key, direction: Direction, src: &Socket) -> io::Result<()>;
@@ -90,14 +91,14 @@ pub(crate) trait RingOps {
 /// Bytes in one buffer of the ring, owned: `len` of them from `offset`.
 #[derive(Debug)]
 pub(crate) struct BufferSlice {
-    pub buffer: RingBuffer,
+    pub buffer: ProvidedBuffer,
     pub offset: u32,
     pub len: u32,
 }
 
-/// [`RingOps`] for one direction of one connection: what a ring pump uses.
+/// [`BufferRingOps`] for one direction of one connection: what a ring pump uses.
 pub(crate) struct BufferIo<'a> {
-    pub ops: &'a mut dyn RingOps,
+    pub ops: &'a mut dyn BufferRingOps,
     pub key: Key,
     pub direction: Direction,
 }
@@ -110,4 +111,73 @@ impl BufferIo<'_> {
     pub fn send(&mut self, dst: &Socket, slice: BufferSlice) -> io::Result<()> {
         self.ops.send(self.key, self.direction, dst, slice)
     }
+}
+
+/// How a direction moves its bytes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum DataPath {
+    /// Chosen per direction by the sockets' families: splice between TCP
+    /// and Unix sockets; from or to vsock, copy while messages are small and
+    /// splice while the source streams. vsock has no splice of its own: the
+    /// kernel's copying fallback prepares pages for the pipe's whole free
+    /// space on every call, which makes small messages several times slower
+    /// than a plain copy, while bulk still moves fastest by splice (both
+    /// measured in the vsock guest, `perf/results-vsock.md`).
+    #[default]
+    Auto,
+    /// socket -> pipe -> socket with `splice(2)`: no copy through user space
+    /// (a family that refuses splice, vsock before Linux 5.0, copies).
+    Splice,
+    /// `read(2)` into a pooled buffer, then `send(2)`.
+    Copy,
+    /// io_uring receives into the worker's provided-buffer ring and sends
+    /// from it, completion-based (`completion_pump.rs`); copies where the backend
+    /// has no buffer ring (epoll, or a kernel without DEFER_TASKRUN).
+    Ring,
+}
+
+impl DataPath {
+    /// The path of a direction from a `source` socket to a `destination`
+    /// socket of these families, where the driver does (`ring`) or does not
+    /// have a buffer ring. `Auto` adapts where vsock is involved: from vsock
+    /// for the splice fallback's cost, to vsock because a pipe -> vsock
+    /// splice copies anyway, so small messages gain nothing from the pipe.
+    pub(crate) fn for_direction(self, source: Domain, destination: Domain, ring: bool) -> DataPath {
+        match self {
+            DataPath::Auto if source == Domain::VSOCK || destination == Domain::VSOCK => DataPath::Auto,
+            DataPath::Auto => DataPath::Splice,
+            DataPath::Ring if !ring => DataPath::Copy,
+            chosen => chosen,
+        }
+    }
+}
+
+impl std::str::FromStr for DataPath {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(DataPath::Auto),
+            "splice" => Ok(DataPath::Splice),
+            "copy" => Ok(DataPath::Copy),
+            "ring" => Ok(DataPath::Ring),
+            other => Err(format!("unknown data path `{other}`; expected auto, splice, copy or ring")),
+        }
+    }
+}
+
+/// What a pump waits for after a run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Wait {
+    /// The source has nothing more now.
+    Readable,
+    /// The destination cannot take more now.
+    Writable,
+    /// The run spent its budget with work left: run again after the others.
+    Yield,
+    /// EOF was passed on; nothing more will move in this direction.
+    Finished,
+    /// Operations of the ring data path are in flight: their completions
+    /// will come, nothing to watch.
+    Completion,
 }

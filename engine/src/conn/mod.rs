@@ -38,13 +38,13 @@ use crate::pool::Pools;
 use crate::route::router::Verdict;
 use crate::route::{Decision, Head, Outcome, Parse, MAX_HEAD_BYTES};
 use crate::socket;
-use crate::vocab::{BufferIo, Completed, Direction, Key, Readiness, RingOps};
-use pump::{DataPath, Pump, Wait};
-use ringpump::RingPump;
+use crate::vocab::{BufferIo, BufferRingOps, Completed, DataPath, Direction, Key, Readiness, Wait};
+use completion_pump::CompletionPump;
+use pump::Pump;
 
+mod completion_pump;
 mod half_close;
 pub(crate) mod pump;
-mod ringpump;
 
 /// Longest a routed connection waits for the router's verdict: its lookup
 /// timeout and time for the policy check.
@@ -101,18 +101,18 @@ pub enum Event {
 
 /// What a transition may use besides the connection: the worker's pools,
 /// its driver's ring operations (if any), and where to count bytes moved.
-pub struct Io<'a> {
+pub struct Context<'a> {
     pub pools: &'a mut Pools,
-    pub ring: Option<&'a mut dyn RingOps>,
+    pub ring: Option<&'a mut dyn BufferRingOps>,
     /// This connection's key in the driver (names its ring operations).
     pub key: Key,
     /// Bytes delivered by each direction (to upstream, to the client).
     pub moved: [u64; 2],
 }
 
-impl<'a> Io<'a> {
-    pub fn new(pools: &'a mut Pools, ring: Option<&'a mut dyn RingOps>, key: Key) -> Self {
-        Io { pools, ring, key, moved: [0; 2] }
+impl<'a> Context<'a> {
+    pub fn new(pools: &'a mut Pools, ring: Option<&'a mut dyn BufferRingOps>, key: Key) -> Self {
+        Context { pools, ring, key, moved: [0; 2] }
     }
 }
 
@@ -122,13 +122,13 @@ enum Mover {
     /// Readiness-driven splice or copy.
     Pump(Pump),
     /// Completion-driven, through the driver's buffer ring.
-    Ring(RingPump),
+    Completion(CompletionPump),
 }
 
 impl Mover {
     fn new(from: Side, to: Side, path: DataPath) -> Mover {
         match path {
-            DataPath::Ring => Mover::Ring(RingPump::new(from, to)),
+            DataPath::Ring => Mover::Completion(CompletionPump::new(from, to)),
             path => Mover::Pump(Pump::new(from, to, path)),
         }
     }
@@ -136,14 +136,14 @@ impl Mover {
     fn is_finished(&self) -> bool {
         match self {
             Mover::Pump(pump) => pump.is_finished(),
-            Mover::Ring(ring) => ring.is_finished(),
+            Mover::Completion(ring) => ring.is_finished(),
         }
     }
 
     fn bytes(&self) -> u64 {
         match self {
             Mover::Pump(pump) => pump.bytes,
-            Mover::Ring(ring) => ring.bytes,
+            Mover::Completion(ring) => ring.bytes,
         }
     }
 
@@ -152,7 +152,7 @@ impl Mover {
     fn end_with_close(&mut self) {
         match self {
             Mover::Pump(pump) => pump.half_close.end_with_close(),
-            Mover::Ring(ring) => ring.half_close.end_with_close(),
+            Mover::Completion(ring) => ring.half_close.end_with_close(),
         }
     }
 }
@@ -342,7 +342,7 @@ impl Connection {
         &mut self,
         direction: Direction,
         completed: Option<Completed>,
-        io: &mut Io<'_>,
+        io: &mut Context<'_>,
     ) -> Result<Wait, ConnError> {
         let Some(upstream) = &self.upstream else {
             let e = io::Error::other("relaying without an upstream socket");
@@ -370,14 +370,14 @@ impl Connection {
         };
         let (wait, n) = match (&mut self.movers[direction as usize], io.ring.as_deref_mut()) {
             (Mover::Pump(pump), _) => pump.run(src, dst, io.pools)?,
-            (Mover::Ring(ring), Some(ops)) => {
+            (Mover::Completion(ring), Some(ops)) => {
                 let mut buffers = BufferIo { ops, key: io.key, direction };
                 match completed {
                     Some(completed) => ring.complete(completed, src, dst, &mut buffers)?,
                     None => (ring.step(src, dst, &mut buffers)?, 0),
                 }
             }
-            (Mover::Ring(_), None) => {
+            (Mover::Completion(_), None) => {
                 let e = io::Error::other("the ring data path without a buffer ring");
                 return Err(ConnError::new(direction.source(), Op::Read, e));
             }
@@ -390,7 +390,7 @@ impl Connection {
     }
 
     /// Starts the upstream connect to `addr` (after [`Connection::attach`]).
-    pub fn start(&mut self, addr: &SockAddr, io: &mut Io<'_>) -> Action {
+    pub fn start(&mut self, addr: &SockAddr, io: &mut Context<'_>) -> Action {
         let Some(upstream) = &self.upstream else {
             let e = io::Error::other("no upstream socket attached");
             return self.fail(ConnError::new(Side::Upstream, Op::Connect, e), io);
@@ -471,7 +471,7 @@ impl Connection {
     }
 
     /// Every transition after the start.
-    pub fn handle(&mut self, event: Event, io: &mut Io<'_>) -> Action {
+    pub fn handle(&mut self, event: Event, io: &mut Context<'_>) -> Action {
         match (self.state, event) {
             // More of the head: parse it; a whole head goes to the router.
             (ConnState::ReadingHead { .. }, Event::ClientReadable) => self.read_head(io),
@@ -530,7 +530,12 @@ impl Connection {
         }
     }
 
-    fn run_one(&mut self, direction: Direction, completed: Option<Completed>, io: &mut Io<'_>) -> Action {
+    fn run_one(
+        &mut self,
+        direction: Direction,
+        completed: Option<Completed>,
+        io: &mut Context<'_>,
+    ) -> Action {
         match self.run(direction, completed, io) {
             Ok(wait) => {
                 let mut waits = [None, None];
@@ -542,7 +547,7 @@ impl Connection {
     }
 
     /// Reads what the client sent of its head and parses it.
-    fn read_head(&mut self, io: &mut Io<'_>) -> Action {
+    fn read_head(&mut self, io: &mut Context<'_>) -> Action {
         let Some(head) = self.head.as_mut() else {
             let e = io::Error::other("a routed connection without its head");
             return self.fail(ConnError::new(Side::Client, Op::Read, e), io);
@@ -600,7 +605,13 @@ impl Connection {
 
     /// Tells a routed client `outcome` (where its protocol has a way) and
     /// closes.
-    fn refuse(&mut self, decision: Decision, outcome: Outcome, reason: String, io: &mut Io<'_>) -> Action {
+    fn refuse(
+        &mut self,
+        decision: Decision,
+        outcome: Outcome,
+        reason: String,
+        io: &mut Context<'_>,
+    ) -> Action {
         if let Some(head) = &self.head {
             let reply = head.reply(outcome, &reason, None);
             self.answer(&reply);
@@ -641,7 +652,7 @@ impl Connection {
 
     /// The upstream accepted: answer a routed client, then start both pumps
     /// (either side may already have sent bytes or even EOF).
-    fn connected(&mut self, io: &mut Io<'_>) -> Action {
+    fn connected(&mut self, io: &mut Context<'_>) -> Action {
         self.state = ConnState::Relaying;
         self.connect_took = Some(self.connect_started.elapsed());
         if let Some(head) = self.head.take() {
@@ -676,13 +687,13 @@ impl Connection {
         !self.edge_triggered && matches!(&self.movers[Direction::ToClient as usize], Mover::Pump(_))
     }
 
-    fn timed_out(&mut self, deadline: Instant, io: &mut Io<'_>) -> Action {
+    fn timed_out(&mut self, deadline: Instant, io: &mut Context<'_>) -> Action {
         let after = deadline.saturating_duration_since(self.opened);
         let e = io::Error::new(io::ErrorKind::TimedOut, format!("no answer within {after:?}"));
         self.fail(ConnError::new(Side::Upstream, Op::Connect, e), io)
     }
 
-    fn after_runs(&mut self, waits: [Option<Wait>; 2], io: &mut Io<'_>) -> Action {
+    fn after_runs(&mut self, waits: [Option<Wait>; 2], io: &mut Context<'_>) -> Action {
         if self.movers.iter().all(Mover::is_finished) {
             self.close(Ending::Finished, io)
         } else {
@@ -690,7 +701,7 @@ impl Connection {
         }
     }
 
-    fn fail(&mut self, error: ConnError, io: &mut Io<'_>) -> Action {
+    fn fail(&mut self, error: ConnError, io: &mut Context<'_>) -> Action {
         // A routed client whose upstream could not be reached is told why.
         if let (Some(head), ConnState::Connecting { .. }, Op::Connect) = (&self.head, self.state, error.op) {
             let reply = head.reply(Outcome::of_connect_error(&error.source), &error.source.to_string(), None);
@@ -702,12 +713,12 @@ impl Connection {
     /// Marks the connection closed, gives back pooled pipes, buffers and
     /// ring buffers, and arms a reset when it failed. The sockets close when
     /// dropped.
-    fn close(&mut self, ending: Ending, io: &mut Io<'_>) -> Action {
+    fn close(&mut self, ending: Ending, io: &mut Context<'_>) -> Action {
         self.state = ConnState::Closed;
         for mover in &mut self.movers {
             match mover {
                 Mover::Pump(pump) => pump.release(io.pools),
-                Mover::Ring(ring) => ring.release(),
+                Mover::Completion(ring) => ring.release(),
             }
         }
         if let Ending::Failed(_) | Ending::Idle(_) = ending {

@@ -21,81 +21,13 @@
 use std::io::{self, Read};
 use std::os::fd::AsFd;
 
-use socket2::{Domain, Socket};
+use socket2::Socket;
 
 use super::half_close::HalfClose;
 use crate::error::{ConnError, Op, Side};
 use crate::pool::{Buffer, Pipe, Pools};
 use crate::sys;
-
-/// How a direction moves its bytes.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum DataPath {
-    /// Chosen per direction by the sockets' families: splice between TCP
-    /// and Unix sockets; from or to vsock, copy while messages are small and
-    /// splice while the source streams. vsock has no splice of its own: the
-    /// kernel's copying fallback prepares pages for the pipe's whole free
-    /// space on every call, which makes small messages several times slower
-    /// than a plain copy, while bulk still moves fastest by splice (both
-    /// measured in the vsock guest, `perf/results-vsock.md`).
-    #[default]
-    Auto,
-    /// socket -> pipe -> socket with `splice(2)`: no copy through user space
-    /// (a family that refuses splice, vsock before Linux 5.0, copies).
-    Splice,
-    /// `read(2)` into a pooled buffer, then `send(2)`.
-    Copy,
-    /// io_uring receives into the worker's provided-buffer ring and sends
-    /// from it, completion-based (`ringpump.rs`); copies where the backend
-    /// has no buffer ring (epoll, or a kernel without DEFER_TASKRUN).
-    Ring,
-}
-
-impl DataPath {
-    /// The path of a direction from a `source` socket to a `destination`
-    /// socket of these families, where the driver does (`ring`) or does not
-    /// have a buffer ring. `Auto` adapts where vsock is involved: from vsock
-    /// for the splice fallback's cost, to vsock because a pipe -> vsock
-    /// splice copies anyway, so small messages gain nothing from the pipe.
-    pub(crate) fn for_direction(self, source: Domain, destination: Domain, ring: bool) -> DataPath {
-        match self {
-            DataPath::Auto if source == Domain::VSOCK || destination == Domain::VSOCK => DataPath::Auto,
-            DataPath::Auto => DataPath::Splice,
-            DataPath::Ring if !ring => DataPath::Copy,
-            chosen => chosen,
-        }
-    }
-}
-
-impl std::str::FromStr for DataPath {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "auto" => Ok(DataPath::Auto),
-            "splice" => Ok(DataPath::Splice),
-            "copy" => Ok(DataPath::Copy),
-            "ring" => Ok(DataPath::Ring),
-            other => Err(format!("unknown data path `{other}`; expected auto, splice, copy or ring")),
-        }
-    }
-}
-
-/// What a pump waits for after a run.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Wait {
-    /// The source has nothing more now.
-    Readable,
-    /// The destination cannot take more now.
-    Writable,
-    /// The run spent its budget with work left: run again after the others.
-    Yield,
-    /// EOF was passed on; nothing more will move in this direction.
-    Finished,
-    /// Operations of the ring data path are in flight: their completions
-    /// will come, nothing to watch.
-    Completion,
-}
+use crate::vocab::{DataPath, Wait};
 
 /// On the adaptive path (`Auto` from vsock): a read of at least this many
 /// bytes means the source streams (splice from then on); a splice of fewer

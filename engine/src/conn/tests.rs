@@ -13,8 +13,8 @@ use std::rc::Rc;
 
 const FAR: Duration = Duration::from_secs(60);
 
-fn io(pools: &mut Pools) -> Io<'_> {
-    Io::new(pools, None, Key { index: 0, generation: 0 })
+fn io(pools: &mut Pools) -> Context<'_> {
+    Context::new(pools, None, Key { index: 0, generation: 0 })
 }
 
 fn pair() -> (Socket, UnixStream) {
@@ -307,7 +307,7 @@ impl FakeRing {
     }
 }
 
-impl RingOps for FakeRing {
+impl BufferRingOps for FakeRing {
     fn receive(&mut self, _key: Key, direction: Direction, _src: &Socket) -> io::Result<()> {
         self.received.push(direction);
         Ok(())
@@ -320,8 +320,8 @@ impl RingOps for FakeRing {
     }
 }
 
-fn ring_io<'a>(pools: &'a mut Pools, ring: &'a mut FakeRing) -> Io<'a> {
-    Io::new(pools, Some(ring), Key { index: 0, generation: 0 })
+fn ring_io<'a>(pools: &'a mut Pools, ring: &'a mut FakeRing) -> Context<'a> {
+    Context::new(pools, Some(ring), Key { index: 0, generation: 0 })
 }
 
 #[test]

@@ -7,7 +7,7 @@
 //!
 //! Ownership, as compio's buffer pools do it: a buffer is the kernel's while
 //! it sits in the ring; a receive completion hands it out as a
-//! [`RingBuffer`], a token that is neither `Copy` nor `Clone`, so one owner
+//! [`ProvidedBuffer`], a token that is neither `Copy` nor `Clone`, so one owner
 //! holds it at a time: the ring pump that received into it, then the driver
 //! while a send reads it (the send takes the token by value and its
 //! completion hands it back). Dropping the token is the one way a buffer
@@ -33,12 +33,12 @@ pub struct Returns(RefCell<Vec<u16>>);
 impl Returns {
     /// A token for buffer `id`, which a completion just handed out. Only
     /// the ring lends (and tests, with a list of their own).
-    pub(in crate::driver) fn lend(self: &Rc<Self>, id: u16) -> RingBuffer {
-        RingBuffer { id, returns: Rc::clone(self) }
+    pub(in crate::driver) fn lend(self: &Rc<Self>, id: u16) -> ProvidedBuffer {
+        ProvidedBuffer { id, returns: Rc::clone(self) }
     }
 
     #[cfg(test)]
-    pub(crate) fn lend_for_test(self: &Rc<Self>, id: u16) -> RingBuffer {
+    pub(crate) fn lend_for_test(self: &Rc<Self>, id: u16) -> ProvidedBuffer {
         self.lend(id)
     }
 
@@ -50,25 +50,25 @@ impl Returns {
 
 /// One buffer of the ring, owned (see the module's doc). Dropping it gives
 /// the buffer back.
-pub(crate) struct RingBuffer {
+pub(crate) struct ProvidedBuffer {
     id: u16,
     returns: Rc<Returns>,
 }
 
-impl RingBuffer {
+impl ProvidedBuffer {
     #[cfg(test)]
     pub fn id(&self) -> u16 {
         self.id
     }
 }
 
-impl fmt::Debug for RingBuffer {
+impl fmt::Debug for ProvidedBuffer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "RingBuffer({})", self.id)
+        write!(f, "ProvidedBuffer({})", self.id)
     }
 }
 
-impl Drop for RingBuffer {
+impl Drop for ProvidedBuffer {
     fn drop(&mut self) {
         self.returns.0.borrow_mut().push(self.id);
     }
@@ -148,7 +148,7 @@ impl BufferRing {
 
     /// A token for buffer `id`, named by a receive's completion: the
     /// kernel took it from the ring, so nobody else holds it.
-    pub fn lend(&self, id: u16) -> RingBuffer {
+    pub fn lend(&self, id: u16) -> ProvidedBuffer {
         self.returns.lend(id)
     }
 
@@ -162,7 +162,7 @@ impl BufferRing {
     }
 
     /// Where buffer `buffer`'s bytes start, plus `offset`.
-    pub fn address_of(&self, buffer: &RingBuffer, offset: u32) -> *const u8 {
+    pub fn address_of(&self, buffer: &ProvidedBuffer, offset: u32) -> *const u8 {
         self.address(buffer.id, offset)
     }
 

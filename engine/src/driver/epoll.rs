@@ -131,7 +131,7 @@ impl Driver for EpollDriver {
         Ok(true)
     }
 
-    fn ring_ops(&mut self) -> Option<&mut dyn crate::vocab::RingOps> {
+    fn buffer_ring(&mut self) -> Option<&mut dyn crate::vocab::BufferRingOps> {
         None
     }
 

@@ -6,7 +6,7 @@
 //! seccomp profile, `kernel.io_uring_disabled`.
 //!
 //! The completion-based data path (an io_uring buffer ring) is one more set
-//! of driver calls ([`RingOps`]) and events, handled by the same loop.
+//! of driver calls ([`BufferRingOps`]) and events, handled by the same loop.
 
 use std::fmt;
 use std::io;
@@ -16,7 +16,7 @@ use std::time::Duration;
 use socket2::Socket;
 
 use crate::error::{Error, Side};
-use crate::vocab::{Completed, Direction, Key, Readiness, RingOps};
+use crate::vocab::{BufferRingOps, Completed, Direction, Key, Readiness};
 use ring::{Ring, Unavailable};
 
 pub(crate) mod buffers;
@@ -156,7 +156,7 @@ pub(crate) trait Driver {
     fn resume_accepting(&mut self);
 
     /// The ring data path's operations, where this driver has them.
-    fn ring_ops(&mut self) -> Option<&mut dyn RingOps>;
+    fn buffer_ring(&mut self) -> Option<&mut dyn BufferRingOps>;
 
     /// Submits what is pending and waits at most `timeout` (`None`: until
     /// something happens; zero: not at all) for events, appended to `events`.

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use io_uring::{cqueue, opcode, squeue, types, IoUring, Probe};
 
-use super::buffers::{BufferRing, RingBuffer};
+use super::buffers::{BufferRing, ProvidedBuffer};
 
 /// One completed operation. Neither `Copy` nor `Clone`: it may own a ring
 /// buffer.
@@ -27,7 +27,7 @@ pub struct Completion {
     pub user_data: u64,
     pub result: i32,
     /// The provided buffer a receive filled.
-    pub buffer: Option<RingBuffer>,
+    pub buffer: Option<ProvidedBuffer>,
 }
 
 /// The opcodes the driver needs, probed at start.
@@ -160,7 +160,7 @@ impl Ring {
     pub unsafe fn send(
         &mut self,
         fd: BorrowedFd<'_>,
-        buffer: &RingBuffer,
+        buffer: &ProvidedBuffer,
         offset: u32,
         len: u32,
         user_data: u64,

@@ -26,7 +26,7 @@ use super::ring::{Completion, Ring};
 use super::{Driver, DriverEvent};
 use crate::error::Side;
 use crate::sys;
-use crate::vocab::{BufferSlice, Completed, Direction, Key, Readiness, RingOps};
+use crate::vocab::{BufferRingOps, BufferSlice, Completed, Direction, Key, Readiness};
 
 /// Submission queue size; completions get eight times as many slots.
 const RING_ENTRIES: u32 = 512;
@@ -387,7 +387,7 @@ impl Driver for UringDriver {
         Ok(())
     }
 
-    fn ring_ops(&mut self) -> Option<&mut dyn RingOps> {
+    fn buffer_ring(&mut self) -> Option<&mut dyn BufferRingOps> {
         if self.ring.has_buffers() {
             Some(self)
         } else {
@@ -416,7 +416,7 @@ impl Driver for UringDriver {
     }
 }
 
-impl RingOps for UringDriver {
+impl BufferRingOps for UringDriver {
     fn receive(&mut self, key: Key, direction: Direction, src: &Socket) -> io::Result<()> {
         let tag = Tag::receive(direction);
         // SAFETY: the worker keeps the connection's sockets open until this

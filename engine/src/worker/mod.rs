@@ -26,8 +26,7 @@ use slab::Slab;
 use socket2::{Domain, SockAddr, Socket};
 
 use crate::config::{RelayConfig, Upstream};
-use crate::conn::pump::{DataPath, Wait};
-use crate::conn::{Action, ConnState, Connection, Ending, Event, Io};
+use crate::conn::{Action, ConnState, Connection, Context, Ending, Event};
 use crate::driver::{Backend, Driver, DriverEvent, EpollDriver, UringDriver};
 use crate::error::{ConnError, Error, Op, Side};
 use crate::hint;
@@ -37,7 +36,7 @@ use crate::route::router::{Job, Mailbox, Router, Verdict};
 use crate::route::{Decision, Head};
 use crate::socket;
 use crate::stats::{Failure, Stats};
-use crate::vocab::{Direction, Key, Readiness};
+use crate::vocab::{DataPath, Direction, Key, Readiness, Wait};
 use admission::Refusal;
 use log::Warnings;
 
@@ -530,7 +529,7 @@ impl<D: Driver> Worker<D> {
             }
         };
         let deadline = Instant::now() + self.config.connect_timeout;
-        let (path, ring) = (self.config.data_path, self.driver.ring_ops().is_some());
+        let (path, ring) = (self.config.data_path, self.driver.buffer_ring().is_some());
         let (from_client, from_upstream) = (self.client_domains[slot.service], target.domain());
         let paths = [
             path.for_direction(from_client, from_upstream, ring),
@@ -543,7 +542,7 @@ impl<D: Driver> Worker<D> {
         };
         let (action, moved) = match registered {
             Ok(()) => {
-                let mut io = Io::new(&mut self.pools, self.driver.ring_ops(), key);
+                let mut io = Context::new(&mut self.pools, self.driver.buffer_ring(), key);
                 (slot.conn.start(&target, &mut io), io.moved)
             }
             Err(e) => {
@@ -567,7 +566,7 @@ impl<D: Driver> Worker<D> {
 
     /// Runs a connection's state machine on `event` and carries out its answer.
     fn dispatch(&mut self, key: Key, event: Event) -> io::Result<()> {
-        let mut io = Io::new(&mut self.pools, self.driver.ring_ops(), key);
+        let mut io = Context::new(&mut self.pools, self.driver.buffer_ring(), key);
         let action = self.conns[key.index as usize].conn.handle(event, &mut io);
         let moved = io.moved;
         self.carry_out(key, action, moved)

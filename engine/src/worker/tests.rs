@@ -105,7 +105,7 @@ impl Driver for Fake {
         self.record(Call::ResumeAccepting);
     }
 
-    fn ring_ops(&mut self) -> Option<&mut dyn crate::vocab::RingOps> {
+    fn buffer_ring(&mut self) -> Option<&mut dyn crate::vocab::BufferRingOps> {
         None
     }
 

@@ -23,9 +23,8 @@ use std::io;
 use socket2::Socket;
 
 use super::half_close::{HalfClose, Stage};
-use super::pump::Wait;
 use crate::error::{ConnError, Op, Side};
-use crate::vocab::{BufferIo, BufferSlice, Completed};
+use crate::vocab::{BufferIo, BufferSlice, Completed, Wait};
 
 /// Buffers one direction may hold (received, not yet sent).
 const MAX_HELD: usize = 2;
@@ -38,7 +37,7 @@ struct InFlight {
 }
 
 #[derive(Debug)]
-pub struct RingPump {
+pub struct CompletionPump {
     from: Side,
     to: Side,
     /// Bytes received and not yet sent, oldest first (the one a send in
@@ -54,9 +53,9 @@ fn os_error(result: i32) -> io::Error {
     io::Error::from_raw_os_error(-result)
 }
 
-impl RingPump {
+impl CompletionPump {
     pub fn new(from: Side, to: Side) -> Self {
-        RingPump {
+        CompletionPump {
             from,
             to,
             held: VecDeque::with_capacity(MAX_HELD),
