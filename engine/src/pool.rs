@@ -28,12 +28,16 @@ impl Pipe {
         Ok(Pipe { read, write })
     }
 
-    pub fn read_end(&self) -> BorrowedFd<'_> {
-        self.read.as_fd()
+    /// Moves up to `len` bytes from `src` into the pipe (`splice(2)`,
+    /// non-blocking).
+    pub fn fill_from(&self, src: BorrowedFd<'_>, len: usize) -> io::Result<usize> {
+        sys::splice(src, self.write.as_fd(), len)
     }
 
-    pub fn write_end(&self) -> BorrowedFd<'_> {
-        self.write.as_fd()
+    /// Moves up to `len` bytes from the pipe to `dst` (`splice(2)`,
+    /// non-blocking).
+    pub fn drain_to(&self, dst: BorrowedFd<'_>, len: usize) -> io::Result<usize> {
+        sys::splice(self.read.as_fd(), dst, len)
     }
 }
 

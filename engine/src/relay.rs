@@ -50,19 +50,10 @@ pub struct Relay {
 }
 
 impl Relay {
-    /// Binds the listener(s), picks the backend and starts the workers.
+    /// Checks the config, picks the backend, binds the listeners, starts
+    /// the router (for routed services) and the workers.
     pub fn start(config: RelayConfig) -> Result<Relay, Error> {
-        if config.connect_timeout.is_zero() {
-            return Err(Error::ZeroConnectTimeout);
-        }
-        if config.services.is_empty() {
-            return Err(Error::NoService);
-        }
-        for service in &config.services {
-            if service.allow_cids.is_some() && !matches!(service.listen, Endpoint::Vsock { .. }) {
-                return Err(Error::AllowCidNeedsVsock(service.listen.clone()));
-            }
-        }
+        check(&config)?;
         let backend = driver::choose(config.backend)?;
         if let Err(e) = sys::raise_open_files_limit() {
             tracing::warn!(error = %e, "cannot raise the open-files limit");
@@ -71,45 +62,18 @@ impl Relay {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
             n => n,
         };
-        // One listening socket per service, shared by the workers: no
-        // SO_REUSEPORT, so a second process on the same address gets
-        // "address in use" instead of silently taking a share of the clients.
-        let mut local = Vec::with_capacity(config.services.len());
-        let mut listeners: Vec<Vec<Socket>> = (0..workers).map(|_| Vec::new()).collect();
-        for service in &config.services {
-            let listen_error = |source| Error::Listen { endpoint: service.listen.clone(), source };
-            let listener = socket::listen(&service.listen, &config.socket).map_err(listen_error)?;
-            local.push(socket::local_endpoint(&listener, &service.listen).map_err(listen_error)?);
-            for each in &mut listeners[1..] {
-                each.push(listener.try_clone().map_err(listen_error)?);
-            }
-            listeners[0].push(listener);
-        }
-        let wakers = (0..workers)
-            .map(|_| sys::eventfd().map(File::from))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(Error::Start)?;
-        let worker_wakes =
-            wakers.iter().map(|w| w.try_clone()).collect::<Result<Vec<_>, _>>().map_err(Error::Start)?;
-        let mailboxes = wakers
-            .iter()
-            .map(|w| w.try_clone().map(|waker| Arc::new(Mailbox::new(waker))))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(Error::Start)?;
-        let control = Arc::new(Control::new(wakers));
+        let (local, listeners) = listen(&config, workers)?;
+        let wakers = Wakers::new(workers)?;
+        let control = Arc::new(Control::new(wakers.control));
         let stats = Arc::new(Stats::new(config.services.iter().map(|s| s.name.clone()).collect(), workers));
         let config = Arc::new(config);
-        let routed = config.services.iter().any(|s| matches!(s.upstream, Upstream::Routed(_)));
-        let router = match routed {
-            true => Some(Arc::new(Router::start(Arc::clone(&config), mailboxes.clone())?)),
-            false => None,
-        };
+        let router = start_router(&config, &wakers.mailboxes)?;
         for (service, listen) in config.services.iter().zip(&local) {
             tracing::info!(service = %service.name, listen = %listen, upstream = %service.upstream,
                 workers, backend = %backend, "relay listening");
         }
         let mut handles = Vec::with_capacity(workers);
-        let inboxes = listeners.into_iter().zip(worker_wakes).zip(mailboxes);
+        let inboxes = listeners.into_iter().zip(wakers.wakes).zip(wakers.mailboxes);
         for (index, ((listeners, wake), mailbox)) in inboxes.enumerate() {
             let setup = WorkerSetup {
                 index,
@@ -208,4 +172,75 @@ impl Drop for Relay {
             let _ = self.join();
         }
     }
+}
+
+/// Refuses a config no relay can run, before any socket opens.
+fn check(config: &RelayConfig) -> Result<(), Error> {
+    if config.connect_timeout.is_zero() {
+        return Err(Error::ZeroConnectTimeout);
+    }
+    if config.services.is_empty() {
+        return Err(Error::NoService);
+    }
+    for service in &config.services {
+        if service.allow_cids.is_some() && !matches!(service.listen, Endpoint::Vsock { .. }) {
+            return Err(Error::AllowCidNeedsVsock(service.listen.clone()));
+        }
+    }
+    Ok(())
+}
+
+/// One listening socket per service, shared by the `workers`: no
+/// SO_REUSEPORT, so a second process on the same address gets "address in
+/// use" instead of silently taking a share of the clients. Returns the
+/// endpoints listened on (the real port after port 0) and, per worker, its
+/// handle of each service's listener.
+fn listen(config: &RelayConfig, workers: usize) -> Result<(Vec<Endpoint>, Vec<Vec<Socket>>), Error> {
+    let mut local = Vec::with_capacity(config.services.len());
+    let mut listeners: Vec<Vec<Socket>> = (0..workers).map(|_| Vec::new()).collect();
+    for service in &config.services {
+        let listen_error = |source| Error::Listen { endpoint: service.listen.clone(), source };
+        let listener = socket::listen(&service.listen, &config.socket).map_err(listen_error)?;
+        local.push(socket::local_endpoint(&listener, &service.listen).map_err(listen_error)?);
+        for each in &mut listeners[1..] {
+            each.push(listener.try_clone().map_err(listen_error)?);
+        }
+        listeners[0].push(listener);
+    }
+    Ok((local, listeners))
+}
+
+/// One eventfd per worker, seen three ways: the stop control writes it,
+/// the router's mailbox writes it, the worker's driver reads it.
+struct Wakers {
+    control: Vec<File>,
+    wakes: Vec<File>,
+    mailboxes: Vec<Arc<Mailbox>>,
+}
+
+impl Wakers {
+    fn new(workers: usize) -> Result<Wakers, Error> {
+        let control = (0..workers)
+            .map(|_| sys::eventfd().map(File::from))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(Error::Start)?;
+        let wakes =
+            control.iter().map(File::try_clone).collect::<Result<Vec<_>, _>>().map_err(Error::Start)?;
+        let mailboxes = control
+            .iter()
+            .map(|w| w.try_clone().map(|waker| Arc::new(Mailbox::new(waker))))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(Error::Start)?;
+        Ok(Wakers { control, wakes, mailboxes })
+    }
+}
+
+/// The router, when the relay has routed services: it gets their names and
+/// routes and the DNS options, nothing else of the config.
+fn start_router(config: &RelayConfig, mailboxes: &[Arc<Mailbox>]) -> Result<Option<Arc<Router>>, Error> {
+    if !config.services.iter().any(|s| matches!(s.upstream, Upstream::Routed(_))) {
+        return Ok(None);
+    }
+    let routes = config.services.iter().map(|s| (s.name.clone(), s.route().cloned())).collect();
+    Ok(Some(Arc::new(Router::start(&config.dns, routes, mailboxes.to_vec())?)))
 }

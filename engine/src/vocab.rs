@@ -181,3 +181,14 @@ pub enum Wait {
     /// will come, nothing to watch.
     Completion,
 }
+
+/// How a driver reports readiness: while it lasts (io_uring's polls) or
+/// once per change (epoll's edges). One value per driver, given to each
+/// connection when it is made: after a short read, a level-triggered
+/// direction waits (an EOF behind the bytes shows at once), an
+/// edge-triggered one reads again (that EOF would not be reported again).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Trigger {
+    Level,
+    Edge,
+}

@@ -2,8 +2,13 @@
 //!
 //! Primer:
 //! - A connection is a client socket (accepted) and an upstream socket (ours,
-//!   connected on the client's behalf), with two pumps: client -> upstream
-//!   and upstream -> client.
+//!   connected on the client's behalf), with two movers: client -> upstream
+//!   and upstream -> client (`pump.rs`, readiness-driven splice or copy;
+//!   `completion_pump.rs`, io_uring's buffer ring).
+//! - It is made whole in one step, [`Connection::new`], from its [`Plan`]: a
+//!   fixed target's upstream socket is open from the start, a route's comes
+//!   once the router allowed the destination ([`Connection::dialed`]). How
+//!   the driver reports readiness ([`Trigger`]) is given once, there.
 //! - The upstream connect is non-blocking and bounded by a deadline. The
 //!   driver reports "upstream writable"; this module decides whether that
 //!   means connected, failed, or not yet (a connecting vsock socket can
@@ -21,48 +26,38 @@
 //! - A routed connection (`route/`) starts earlier: it reads its client's
 //!   head until it names a destination, waits for the router's verdict, and
 //!   only then opens its upstream socket. A refusal is answered (`403`, a
-//!   SOCKS reply code) and closed, never reset, so the client reads why.
-//!   Head bytes past the head (pipelined TLS, a peeked ClientHello) and a
-//!   PROXY protocol header are the prelude: sent upstream before any relayed
-//!   byte.
+//!   SOCKS reply code) and closed, never reset, so the client reads why. The
+//!   head's protocol (reading, answering, counting the route's decisions)
+//!   is `routed.rs`; the transitions stay here. Head bytes past the head
+//!   (pipelined TLS, a peeked ClientHello) and a PROXY protocol header are
+//!   the prelude: sent upstream before any relayed byte.
+//! - A state with a deadline ([`ConnState::deadline`]) hands it to the
+//!   worker once ([`Connection::take_new_deadline`]); the worker only
+//!   schedules it.
 
-use std::io::{self, Read};
-use std::net::Shutdown;
+use std::io;
 use std::time::{Duration, Instant};
 
 use socket2::{Domain, SockAddr, Socket};
 
-use crate::endpoint::Host;
 use crate::error::{ConnError, Op, Side};
 use crate::pool::Pools;
 use crate::route::router::Verdict;
-use crate::route::{Decision, Head, Outcome, Parse, MAX_HEAD_BYTES};
+use crate::route::{Decision, Destination};
 use crate::socket;
-use crate::vocab::{BufferIo, BufferRingOps, Completed, DataPath, Direction, Key, Readiness, Wait};
+use crate::vocab::{BufferIo, BufferRingOps, Completed, DataPath, Direction, Key, Readiness, Trigger, Wait};
 use completion_pump::CompletionPump;
 use pump::Pump;
+use routed::{HeadRead, Routed};
 
 mod completion_pump;
 mod half_close;
-pub(crate) mod pump;
+mod pump;
+pub(crate) mod routed;
 
 /// Longest a routed connection waits for the router's verdict: its lookup
 /// timeout and time for the policy check.
 pub const DECISION_TIMEOUT: Duration = Duration::from_secs(8);
-
-/// Sends all of a short message (an answer to a routed client) on a
-/// non-blocking socket; one that does not fit at once is an error.
-fn send_whole(socket: &Socket, mut bytes: &[u8]) -> io::Result<()> {
-    while !bytes.is_empty() {
-        match socket.send(bytes) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => bytes = &bytes[n..],
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
-}
 
 /// Where a connection is in its life.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -78,6 +73,18 @@ pub enum ConnState {
     Relaying,
     /// Ended; the worker closes the sockets once nothing refers to them.
     Closed,
+}
+
+impl ConnState {
+    /// When this state gives up waiting (`None`: it waits on no deadline).
+    pub fn deadline(self) -> Option<Instant> {
+        match self {
+            ConnState::ReadingHead { deadline }
+            | ConnState::Deciding { deadline }
+            | ConnState::Connecting { deadline } => Some(deadline),
+            ConnState::Relaying | ConnState::Closed => None,
+        }
+    }
 }
 
 /// What happened to a connection, as the driver saw it.
@@ -100,10 +107,10 @@ pub enum Event {
 }
 
 /// What a transition may use besides the connection: the worker's pools,
-/// its driver's ring operations (if any), and where to count bytes moved.
+/// its driver's buffer ring (if any), and where to count bytes moved.
 pub struct Context<'a> {
     pub pools: &'a mut Pools,
-    pub ring: Option<&'a mut dyn BufferRingOps>,
+    pub buffer_ring: Option<&'a mut dyn BufferRingOps>,
     /// This connection's key in the driver (names its ring operations).
     pub key: Key,
     /// Bytes delivered by each direction (to upstream, to the client).
@@ -111,9 +118,32 @@ pub struct Context<'a> {
 }
 
 impl<'a> Context<'a> {
-    pub fn new(pools: &'a mut Pools, ring: Option<&'a mut dyn BufferRingOps>, key: Key) -> Self {
-        Context { pools, ring, key, moved: [0; 2] }
+    pub fn new(pools: &'a mut Pools, buffer_ring: Option<&'a mut dyn BufferRingOps>, key: Key) -> Self {
+        Context { pools, buffer_ring, key, moved: [0; 2] }
     }
+}
+
+/// An upstream socket opened for a connection, and the connect to make on
+/// it: where, each direction's data path (to upstream, to the client), and
+/// until when.
+#[derive(Debug)]
+pub struct Dial {
+    pub socket: Socket,
+    pub address: SockAddr,
+    pub paths: [DataPath; 2],
+    pub deadline: Instant,
+}
+
+/// How a new connection reaches its upstream.
+#[derive(Debug)]
+pub enum Plan {
+    /// A fixed target: its upstream socket is open, [`Connection::start`]
+    /// connects it.
+    Fixed(Dial),
+    /// A route: the client's head names the destination, read until
+    /// `deadline` ([`Action::AwaitHead`] first); the router decides, and
+    /// [`Connection::dialed`] gives it the upstream socket.
+    Routed { routed: Routed, deadline: Instant },
 }
 
 /// How one direction moves its bytes.
@@ -131,6 +161,14 @@ impl Mover {
             DataPath::Ring => Mover::Completion(CompletionPump::new(from, to)),
             path => Mover::Pump(Pump::new(from, to, path)),
         }
+    }
+
+    /// Both directions, by their data paths (to upstream, to the client).
+    fn both(paths: [DataPath; 2]) -> [Mover; 2] {
+        [
+            Mover::new(Side::Client, Side::Upstream, paths[0]),
+            Mover::new(Side::Upstream, Side::Client, paths[1]),
+        ]
     }
 
     fn is_finished(&self) -> bool {
@@ -155,6 +193,26 @@ impl Mover {
             Mover::Completion(ring) => ring.half_close.end_with_close(),
         }
     }
+
+    fn release(&mut self, pools: &mut Pools) {
+        match self {
+            Mover::Pump(pump) => pump.release(pools),
+            Mover::Completion(ring) => ring.release(),
+        }
+    }
+}
+
+/// The upstream side of a connection, from its dial on.
+#[derive(Debug)]
+struct Upstream {
+    socket: Socket,
+    address: SockAddr,
+    /// When the connect began, and how long it took once it is established
+    /// (taken once, for the connect-time histogram).
+    connect_started: Instant,
+    connect_took: Option<Duration>,
+    /// Writable is no proof of a connect here (vsock): ask for the peer too.
+    connect_needs_peer: bool,
 }
 
 /// How a connection ended.
@@ -177,8 +235,12 @@ pub enum Action {
     /// Wait for the client to send more of its head (the head deadline stands).
     AwaitHead,
     /// Ask the router about this destination, then report its verdict.
-    Decide { host: Host, port: u16 },
-    /// Open an upstream socket for `address` and [`Connection::start`] it.
+    Decide(Destination),
+    /// The upstream socket is open: give it to the driver, then
+    /// [`Connection::start`] it.
+    StartConnect,
+    /// Open an upstream socket for `address`, give it to
+    /// [`Connection::dialed`] and [`Connection::start`] it.
     Connect(SockAddr),
     /// Wait for the upstream socket to be writable (the connect deadline stands).
     AwaitConnect,
@@ -194,132 +256,120 @@ pub enum Action {
 pub struct Connection {
     pub id: u64,
     pub client: Socket,
-    /// Opened at the accept for a fixed target; for a routed connection,
-    /// once the router allowed its destination.
-    pub upstream: Option<Socket>,
-    pub state: ConnState,
-    pub opened: Instant,
-    /// When the upstream connect began, and how long it took once it is
-    /// established (taken once, for the connect-time histogram).
-    connect_started: Instant,
-    connect_took: Option<Duration>,
-    /// Writable is no proof of a connect here (vsock): ask for the peer too.
-    connect_needs_peer: bool,
     /// The client's address as text, for the log line (empty unless debug
     /// logging is on: it costs a system call per connection).
     pub client_name: String,
-    /// Routed: the head as read so far, and what the client asked for.
-    head: Option<Box<Head>>,
-    pub destination: Option<String>,
+    pub opened: Instant,
+    pub state: ConnState,
+    /// How the driver reports readiness; one value for the connection's life.
+    trigger: Trigger,
+    /// For a fixed target from the start; for a routed connection once the
+    /// router allowed its destination.
+    upstream: Option<Upstream>,
+    /// Routed connections only: the head, its answers, the route's counters.
+    routed: Option<Box<Routed>>,
     /// Bytes sent upstream before the client's (a PROXY protocol header,
     /// bytes the client sent after its head).
     prelude: Vec<u8>,
     /// How many of the prelude's first bytes are not the client's (the
     /// PROXY protocol header): the rest counts as bytes delivered upstream.
     prelude_ours: usize,
-    /// The client was answered (a routed refusal): close without a reset.
-    answered: bool,
-    edge_triggered: bool,
-    movers: [Mover; 2],
+    /// Each direction's mover (to upstream, to the client), once there is
+    /// an upstream.
+    movers: Option<[Mover; 2]>,
     /// What each direction waits for (`None`: not started).
     waits: [Option<Wait>; 2],
+    /// The deadline of a state just entered, for the worker to schedule
+    /// (taken once).
+    new_deadline: Option<Instant>,
 }
 
 impl Connection {
-    /// A connection whose upstream connect may take until `deadline`, moving
-    /// bytes by `paths` (to upstream, to the client); call
-    /// [`Connection::start`] next.
-    #[cfg(test)]
-    pub fn new(id: u64, client: Socket, upstream: Socket, paths: [DataPath; 2], deadline: Instant) -> Self {
-        let mut conn = Connection::accepted(id, client, ConnState::Connecting { deadline }, None);
-        conn.attach(upstream, paths, deadline);
-        conn
-    }
-
-    /// A connection to a fixed target, before its upstream socket is
-    /// attached ([`Connection::attach`], then [`Connection::start`]).
-    pub fn unattached(id: u64, client: Socket) -> Self {
-        Connection::accepted(id, client, ConnState::Connecting { deadline: Instant::now() }, None)
-    }
-
-    /// A routed connection: its head is read until `deadline`
-    /// ([`Action::AwaitHead`] first).
-    pub fn routed(id: u64, client: Socket, head: Head, deadline: Instant) -> Self {
-        Connection::accepted(id, client, ConnState::ReadingHead { deadline }, Some(Box::new(head)))
-    }
-
-    fn accepted(id: u64, client: Socket, state: ConnState, head: Option<Box<Head>>) -> Self {
+    /// A connection of an accepted `client`, reaching its upstream as
+    /// `plan` says, with readiness reported as `trigger` says. `proxy_header`
+    /// (empty for none) goes upstream before any byte of the client's.
+    pub fn new(id: u64, client: Socket, plan: Plan, trigger: Trigger, proxy_header: Vec<u8>) -> Self {
         let client_name = match tracing::enabled!(tracing::Level::DEBUG) {
             true => socket::peer_name(&client).unwrap_or_default(),
             false => String::new(),
         };
-        Connection {
-            client_name,
+        let mut conn = Connection {
             id,
             client,
-            upstream: None,
-            state,
+            client_name,
             opened: Instant::now(),
-            connect_started: Instant::now(),
-            connect_took: None,
-            connect_needs_peer: false,
-            head,
-            destination: None,
-            prelude: Vec::new(),
-            prelude_ours: 0,
-            answered: false,
-            edge_triggered: false,
+            state: ConnState::Closed,
+            trigger,
+            upstream: None,
+            routed: None,
+            prelude_ours: proxy_header.len(),
+            prelude: proxy_header,
+            movers: None,
             waits: [None, None],
-            movers: [
-                Mover::new(Side::Client, Side::Upstream, DataPath::Copy),
-                Mover::new(Side::Upstream, Side::Client, DataPath::Copy),
-            ],
-        }
-    }
-
-    /// Gives the connection its upstream socket, the data path of each
-    /// direction and the connect's deadline.
-    pub fn attach(&mut self, upstream: Socket, paths: [DataPath; 2], deadline: Instant) {
-        self.upstream = Some(upstream);
-        self.state = ConnState::Connecting { deadline };
-        self.connect_started = Instant::now();
-        self.movers = [
-            Mover::new(Side::Client, Side::Upstream, paths[0]),
-            Mover::new(Side::Upstream, Side::Client, paths[1]),
-        ];
-        if self.edge_triggered {
-            self.set_edge_triggered();
-        }
-    }
-
-    /// Bytes of ours (a PROXY protocol header) to send upstream first,
-    /// before anything of the client's.
-    pub fn set_prelude(&mut self, prelude: Vec<u8>) {
-        self.prelude_ours = prelude.len();
-        self.prelude = prelude;
-    }
-
-    /// Tells the pumps that readiness is edge-triggered (epoll): a short read
-    /// then needs a confirming read, as an EOF behind it is reported no more.
-    pub fn set_edge_triggered(&mut self) {
-        self.edge_triggered = true;
-        for mover in &mut self.movers {
-            if let Mover::Pump(pump) = mover {
-                pump.level_triggered = false;
+            new_deadline: None,
+        };
+        match plan {
+            Plan::Fixed(dial) => conn.dialed(dial),
+            Plan::Routed { routed, deadline } => {
+                conn.routed = Some(Box::new(routed));
+                conn.enter(ConnState::ReadingHead { deadline });
             }
         }
+        conn
+    }
+
+    /// Gives the connection its upstream socket (a fixed target's, or the
+    /// one opened for the address the router allowed): it is connecting
+    /// from now on; [`Connection::start`] begins the connect once the
+    /// driver has the socket.
+    pub fn dialed(&mut self, dial: Dial) {
+        let Dial { socket, address, paths, deadline } = dial;
+        let connect_needs_peer = address.domain() == Domain::VSOCK;
+        let connect_started = Instant::now();
+        self.upstream =
+            Some(Upstream { socket, address, connect_started, connect_took: None, connect_needs_peer });
+        self.movers = Some(Mover::both(paths));
+        self.enter(ConnState::Connecting { deadline });
+    }
+
+    /// What the worker does first with a new connection, once the driver
+    /// watches its client: read a routed head, or connect a fixed target.
+    pub fn first_action(&self) -> Action {
+        match self.state {
+            ConnState::ReadingHead { .. } => Action::AwaitHead,
+            _ => Action::StartConnect,
+        }
+    }
+
+    fn enter(&mut self, state: ConnState) {
+        self.state = state;
+        self.new_deadline = state.deadline();
+    }
+
+    /// The deadline of the state the last transition entered, once: the
+    /// worker schedules a [`Event::DeadlinePassed`] for it.
+    pub fn take_new_deadline(&mut self) -> Option<Instant> {
+        self.new_deadline.take()
+    }
+
+    /// What a routed client asked for, once its head named it.
+    pub fn destination(&self) -> Option<&str> {
+        self.routed.as_ref().and_then(|routed| routed.destination())
     }
 
     /// Bytes delivered (to upstream, to the client).
     pub fn bytes(&self) -> (u64, u64) {
-        (self.movers[0].bytes(), self.movers[1].bytes())
+        match &self.movers {
+            Some([to_upstream, to_client]) => (to_upstream.bytes(), to_client.bytes()),
+            None => (0, 0),
+        }
     }
 
     /// The socket of `side` (the upstream's once there is one).
     pub fn socket(&self, side: Side) -> Option<&Socket> {
         match side {
             Side::Client => Some(&self.client),
-            Side::Upstream => self.upstream.as_ref(),
+            Side::Upstream => self.upstream.as_ref().map(|upstream| &upstream.socket),
         }
     }
 
@@ -328,11 +378,11 @@ impl Connection {
     /// A client that was answered (a routed refusal) is closed normally, so
     /// that it reads the answer.
     pub fn reset(&self) {
-        if !self.answered {
+        if !self.routed.as_ref().is_some_and(|routed| routed.answered()) {
             socket::reset(&self.client);
         }
         if let Some(upstream) = &self.upstream {
-            socket::reset(upstream);
+            socket::reset(&upstream.socket);
         }
     }
 
@@ -342,18 +392,19 @@ impl Connection {
         &mut self,
         direction: Direction,
         completed: Option<Completed>,
-        io: &mut Context<'_>,
+        ctx: &mut Context<'_>,
     ) -> Result<Wait, ConnError> {
-        let Some(upstream) = &self.upstream else {
+        let (Some(upstream), Some(movers)) = (&self.upstream, &mut self.movers) else {
             let e = io::Error::other("relaying without an upstream socket");
             return Err(ConnError::new(Side::Upstream, Op::Write, e));
         };
+        let upstream = &upstream.socket;
         if direction == Direction::ToUpstream && !self.prelude.is_empty() {
             match upstream.send(&self.prelude) {
                 Ok(sent) => {
                     self.prelude.drain(..sent);
                     // The client's bytes among them were delivered.
-                    io.moved[0] += (sent.saturating_sub(self.prelude_ours)) as u64;
+                    ctx.moved[0] += (sent.saturating_sub(self.prelude_ours)) as u64;
                     self.prelude_ours = self.prelude_ours.saturating_sub(sent);
                     if !self.prelude.is_empty() {
                         return Ok(Wait::Writable);
@@ -368,10 +419,10 @@ impl Connection {
             Direction::ToUpstream => (&self.client, upstream),
             Direction::ToClient => (upstream, &self.client),
         };
-        let (wait, n) = match (&mut self.movers[direction as usize], io.ring.as_deref_mut()) {
-            (Mover::Pump(pump), _) => pump.run(src, dst, io.pools)?,
+        let (wait, n) = match (&mut movers[direction as usize], ctx.buffer_ring.as_deref_mut()) {
+            (Mover::Pump(pump), _) => pump.run(src, dst, ctx.pools, self.trigger)?,
             (Mover::Completion(ring), Some(ops)) => {
-                let mut buffers = BufferIo { ops, key: io.key, direction };
+                let mut buffers = BufferIo { ops, key: ctx.key, direction };
                 match completed {
                     Some(completed) => ring.complete(completed, src, dst, &mut buffers)?,
                     None => (ring.step(src, dst, &mut buffers)?, 0),
@@ -382,36 +433,36 @@ impl Connection {
                 return Err(ConnError::new(direction.source(), Op::Read, e));
             }
         };
-        io.moved[direction as usize] += n;
-        if self.movers[direction as usize].is_finished() {
-            self.movers[1 - direction as usize].end_with_close();
+        ctx.moved[direction as usize] += n;
+        if movers[direction as usize].is_finished() {
+            movers[1 - direction as usize].end_with_close();
         }
         Ok(wait)
     }
 
-    /// Starts the upstream connect to `addr` (after [`Connection::attach`]).
-    pub fn start(&mut self, addr: &SockAddr, io: &mut Context<'_>) -> Action {
+    /// Starts the upstream connect (after [`Connection::new`] with a fixed
+    /// plan, or [`Connection::dialed`]), once the driver has the socket.
+    pub fn start(&mut self, ctx: &mut Context<'_>) -> Action {
         let Some(upstream) = &self.upstream else {
-            let e = io::Error::other("no upstream socket attached");
-            return self.fail(ConnError::new(Side::Upstream, Op::Connect, e), io);
+            let e = io::Error::other("no upstream socket to connect");
+            return self.fail(ConnError::new(Side::Upstream, Op::Connect, e), ctx);
         };
-        self.connect_needs_peer = addr.domain() == Domain::VSOCK;
         // With epoll, a connect done already (loopback) goes on now rather
         // than after a wait (measured: churn 1.01-1.30x on 6.18). io_uring's
         // poll of a connected socket completes within the submission that
         // arms it, so there the extra call only costs (0.69-1.27x; measured
         // while io_uring's ACCEPT still stalled the worker on 6.18, not
         // measured again since the listener is polled).
-        let started = match socket::start_connect(upstream, addr) {
-            Ok(false) if self.edge_triggered && !self.connect_needs_peer => {
-                socket::connected_now(upstream).map(|done| done.map(|()| true))
+        let started = match socket::start_connect(&upstream.socket, &upstream.address) {
+            Ok(false) if self.trigger == Trigger::Edge && !upstream.connect_needs_peer => {
+                socket::connected_now(&upstream.socket).map(|done| done.map(|()| true))
             }
             started => Some(started),
         };
         match started {
-            Some(Ok(true)) => self.connected(io),
+            Some(Ok(true)) => self.connected(ctx),
             None | Some(Ok(false)) => Action::AwaitConnect,
-            Some(Err(e)) => self.fail(ConnError::new(Side::Upstream, Op::Connect, e), io),
+            Some(Err(e)) => self.fail(ConnError::new(Side::Upstream, Op::Connect, e), ctx),
         }
     }
 
@@ -419,14 +470,16 @@ impl Connection {
     /// come before its connect (no socket on the test host does that).
     #[cfg(test)]
     pub fn confirm_connect_by_peer(&mut self) {
-        self.connect_needs_peer = true;
+        if let Some(upstream) = &mut self.upstream {
+            upstream.connect_needs_peer = true;
+        }
     }
 
     /// How long the upstream connect took, once, after the transition that
     /// established it (whether the connect completed at once in
     /// [`Connection::start`] or later).
     pub fn take_connect_time(&mut self) -> Option<Duration> {
-        self.connect_took.take()
+        self.upstream.as_mut().and_then(|upstream| upstream.connect_took.take())
     }
 
     /// What each direction waits for now (`None`: not started).
@@ -471,56 +524,73 @@ impl Connection {
     }
 
     /// Every transition after the start.
-    pub fn handle(&mut self, event: Event, io: &mut Context<'_>) -> Action {
+    pub fn handle(&mut self, event: Event, ctx: &mut Context<'_>) -> Action {
         match (self.state, event) {
-            // More of the head: parse it; a whole head goes to the router.
-            (ConnState::ReadingHead { .. }, Event::ClientReadable) => self.read_head(io),
+            // More of the head: a whole head goes to the router.
+            (ConnState::ReadingHead { .. }, Event::ClientReadable) => {
+                let read = match self.routed.as_mut() {
+                    Some(routed) => routed.read(&self.client),
+                    None => HeadRead::Failed(no_head()),
+                };
+                self.after_head(read, ctx)
+            }
             (ConnState::ReadingHead { deadline }, Event::DeadlinePassed) if Instant::now() >= deadline => {
                 let after = deadline.saturating_duration_since(self.opened);
-                let reason = format!("no whole head within {after:?}");
-                self.refuse(Decision::HeadTimeout, Outcome::TimedOut, reason, io)
+                let read = match self.routed.as_mut() {
+                    Some(routed) => routed.head_timed_out(&self.client, after),
+                    None => HeadRead::Failed(no_head()),
+                };
+                self.after_head(read, ctx)
             }
             // The router's verdict: connect to the address it checked, or
             // tell the client why not.
-            (ConnState::Deciding { .. }, Event::Decided(Verdict::Allowed { address, .. })) => {
+            (ConnState::Deciding { .. }, Event::Decided(Verdict::Allowed { address, rule })) => {
+                if let Some(routed) = &self.routed {
+                    routed.allowed(&rule);
+                }
                 Action::Connect(SockAddr::from(address))
             }
             (ConnState::Deciding { .. }, Event::Decided(Verdict::Refused { outcome, reason })) => {
-                // Not allowed by the policy; else the lookup (or the router) failed.
-                let decision = match outcome {
-                    Outcome::NotAllowed => Decision::NotAllowed,
-                    _ => Decision::Unresolved,
+                let read = match self.routed.as_mut() {
+                    Some(routed) => routed.refused(&self.client, outcome, reason),
+                    None => HeadRead::Failed(no_head()),
                 };
-                self.refuse(decision, outcome, reason, io)
+                self.after_head(read, ctx)
             }
             (ConnState::Deciding { deadline }, Event::DeadlinePassed) if Instant::now() >= deadline => {
-                let reason = "no decision on the destination in time".to_string();
-                self.refuse(Decision::Unresolved, Outcome::LookupFailed, reason, io)
+                let read = match self.routed.as_mut() {
+                    Some(routed) => routed.undecided(&self.client),
+                    None => HeadRead::Failed(no_head()),
+                };
+                self.after_head(read, ctx)
             }
             // Writable: connected, refused, or (vsock) not yet: then wait
             // again while the deadline allows.
             (ConnState::Connecting { deadline }, Event::UpstreamWritable) => {
-                match self.upstream.as_ref().and_then(|u| socket::finish_connect(u, self.connect_needs_peer))
-                {
-                    Some(Ok(())) => self.connected(io),
-                    Some(Err(e)) => self.fail(ConnError::new(Side::Upstream, Op::Connect, e), io),
+                let finished = self
+                    .upstream
+                    .as_ref()
+                    .and_then(|u| socket::finish_connect(&u.socket, u.connect_needs_peer));
+                match finished {
+                    Some(Ok(())) => self.connected(ctx),
+                    Some(Err(e)) => self.fail(ConnError::new(Side::Upstream, Op::Connect, e), ctx),
                     None if Instant::now() < deadline => Action::AwaitConnect,
-                    None => self.timed_out(deadline, io),
+                    None => self.timed_out(deadline, ctx),
                 }
             }
             (ConnState::Connecting { deadline }, Event::DeadlinePassed) if Instant::now() >= deadline => {
-                self.timed_out(deadline, io)
+                self.timed_out(deadline, ctx)
             }
             // A direction may move again, or one of its operations completed.
             (ConnState::Relaying, Event::Ready(direction))
-                if !self.movers[direction as usize].is_finished() =>
+                if !self.movers.as_ref().is_some_and(|movers| movers[direction as usize].is_finished()) =>
             {
-                self.run_one(direction, None, io)
+                self.run_one(direction, None, ctx)
             }
             (ConnState::Relaying, Event::Completed(direction, completed)) => {
-                self.run_one(direction, Some(completed), io)
+                self.run_one(direction, Some(completed), ctx)
             }
-            (ConnState::Relaying, Event::IdleFor(idle)) => self.close(Ending::Idle(idle), io),
+            (ConnState::Relaying, Event::IdleFor(idle)) => self.close(Ending::Idle(idle), ctx),
             // Late or stray events (readiness while connecting, a deadline
             // after the connect, anything after the end): nothing to do.
             (state, event) => {
@@ -530,121 +600,44 @@ impl Connection {
         }
     }
 
+    /// Carries on after the routed head said something: wait for more, ask
+    /// the router, or close.
+    fn after_head(&mut self, read: HeadRead, ctx: &mut Context<'_>) -> Action {
+        match read {
+            HeadRead::More => Action::AwaitHead,
+            HeadRead::Named { destination, after } => {
+                self.prelude.extend_from_slice(&after);
+                // The router bounds its lookups; this bounds the whole decision.
+                self.enter(ConnState::Deciding { deadline: Instant::now() + DECISION_TIMEOUT });
+                Action::Decide(destination)
+            }
+            HeadRead::Silent => self.close(Ending::Finished, ctx),
+            HeadRead::Refused { decision, reason } => self.close(Ending::Refused { decision, reason }, ctx),
+            HeadRead::Failed(error) => self.fail(error, ctx),
+        }
+    }
+
     fn run_one(
         &mut self,
         direction: Direction,
         completed: Option<Completed>,
-        io: &mut Context<'_>,
+        ctx: &mut Context<'_>,
     ) -> Action {
-        match self.run(direction, completed, io) {
+        match self.run(direction, completed, ctx) {
             Ok(wait) => {
                 let mut waits = [None, None];
                 waits[direction as usize] = Some(wait);
-                self.after_runs(waits, io)
+                self.after_runs(waits, ctx)
             }
-            Err(e) => self.fail(e, io),
+            Err(e) => self.fail(e, ctx),
         }
-    }
-
-    /// Reads what the client sent of its head and parses it.
-    fn read_head(&mut self, io: &mut Context<'_>) -> Action {
-        let Some(head) = self.head.as_mut() else {
-            let e = io::Error::other("a routed connection without its head");
-            return self.fail(ConnError::new(Side::Client, Op::Read, e), io);
-        };
-        // Read until the socket is empty (epoll reports edges) or the bound.
-        let mut ended = false;
-        let mut chunk = [0u8; 4096];
-        while head.bytes.len() < MAX_HEAD_BYTES {
-            let room = (MAX_HEAD_BYTES - head.bytes.len()).min(chunk.len());
-            match (&self.client).read(&mut chunk[..room]) {
-                Ok(0) => {
-                    ended = true;
-                    break;
-                }
-                Ok(n) => {
-                    head.bytes.extend_from_slice(&chunk[..n]);
-                    head.seen += n;
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return self.fail(ConnError::new(Side::Client, Op::Read, e), io),
-            }
-        }
-        loop {
-            let Some(head) = self.head.as_mut() else { return Action::AwaitHead };
-            match head.parse() {
-                // Connected and closed without a word (a port probe): no failure.
-                Parse::More if ended && head.seen == 0 => return self.close(Ending::Finished, io),
-                Parse::More if ended => {
-                    let reason =
-                        format!("the client closed after {} bytes, before its head ended", head.bytes.len());
-                    return self.refuse(Decision::BadHead, Outcome::Failed, reason, io);
-                }
-                Parse::More => return Action::AwaitHead,
-                Parse::Answer { reply, .. } => {
-                    if let Err(e) = send_whole(&self.client, &reply) {
-                        return self.fail(ConnError::new(Side::Client, Op::Write, e), io);
-                    }
-                }
-                Parse::Destination { host, port, consumed } => {
-                    let after_head = head.bytes.get(consumed..).unwrap_or_default();
-                    self.prelude.extend_from_slice(after_head);
-                    self.destination = Some(format!("{host}:{port}"));
-                    // The router bounds its lookups; this bounds the whole decision.
-                    self.state = ConnState::Deciding { deadline: Instant::now() + DECISION_TIMEOUT };
-                    return Action::Decide { host, port };
-                }
-                Parse::Refuse { reply, reason } => {
-                    self.answer(&reply);
-                    return self.close(Ending::Refused { decision: Decision::BadHead, reason }, io);
-                }
-            }
-        }
-    }
-
-    /// Tells a routed client `outcome` (where its protocol has a way) and
-    /// closes.
-    fn refuse(
-        &mut self,
-        decision: Decision,
-        outcome: Outcome,
-        reason: String,
-        io: &mut Context<'_>,
-    ) -> Action {
-        if let Some(head) = &self.head {
-            let reply = head.reply(outcome, &reason, None);
-            self.answer(&reply);
-        }
-        self.close(Ending::Refused { decision, reason }, io)
-    }
-
-    /// Sends a routed client its answer and its EOF; the close that follows
-    /// is not a reset, so the answer is read. What the client sent that was
-    /// not read yet is read and dropped first (a close with unread bytes
-    /// sends RST, which could overtake the answer), a bounded amount.
-    fn answer(&mut self, reply: &[u8]) {
-        if !reply.is_empty() && send_whole(&self.client, reply).is_err() {
-            return;
-        }
-        let _ = self.client.shutdown(Shutdown::Write);
-        let mut sink = [0u8; 4096];
-        let mut dropped = 0;
-        while dropped < MAX_HEAD_BYTES * 4 {
-            match (&self.client).read(&mut sink) {
-                Ok(n) if n > 0 => dropped += n,
-                _ => break,
-            }
-        }
-        self.answered = true;
     }
 
     /// No upstream socket could be opened (out of descriptors): a routed
     /// client is told, others are reset. The caller counts it.
     pub fn give_up(&mut self) {
-        if let Some(head) = &self.head {
-            let reply = head.reply(Outcome::Failed, "the proxy is out of resources", None);
-            self.answer(&reply);
+        if let Some(routed) = self.routed.as_mut() {
+            routed.out_of_resources(&self.client);
         }
         self.state = ConnState::Closed;
         self.reset();
@@ -652,14 +645,17 @@ impl Connection {
 
     /// The upstream accepted: answer a routed client, then start both pumps
     /// (either side may already have sent bytes or even EOF).
-    fn connected(&mut self, io: &mut Context<'_>) -> Action {
-        self.state = ConnState::Relaying;
-        self.connect_took = Some(self.connect_started.elapsed());
-        if let Some(head) = self.head.take() {
-            let bound = self.upstream.as_ref().and_then(|u| u.local_addr().ok()).and_then(|a| a.as_socket());
-            let reply = head.reply(Outcome::Connected, "", bound);
-            if let Err(e) = send_whole(&self.client, &reply) {
-                return self.fail(ConnError::new(Side::Client, Op::Write, e), io);
+    fn connected(&mut self, ctx: &mut Context<'_>) -> Action {
+        self.enter(ConnState::Relaying);
+        let Some(upstream) = self.upstream.as_mut() else {
+            let e = io::Error::other("connected without an upstream socket");
+            return self.fail(ConnError::new(Side::Upstream, Op::Connect, e), ctx);
+        };
+        upstream.connect_took = Some(upstream.connect_started.elapsed());
+        if let Some(routed) = self.routed.as_mut() {
+            let bound = upstream.socket.local_addr().ok().and_then(|a| a.as_socket());
+            if let Err(e) = routed.connected(&self.client, bound) {
+                return self.fail(e, ctx);
             }
         }
         let mut waits = [None, None];
@@ -673,59 +669,62 @@ impl Connection {
                 waits[direction as usize] = Some(Wait::Readable);
                 continue;
             }
-            match self.run(direction, None, io) {
+            match self.run(direction, None, ctx) {
                 Ok(wait) => waits[direction as usize] = Some(wait),
-                Err(e) => return self.fail(e, io),
+                Err(e) => return self.fail(e, ctx),
             }
         }
-        self.after_runs(waits, io)
+        self.after_runs(waits, ctx)
     }
 
     /// Whether the direction from upstream copies or splices on level-triggered
     /// readiness (not the ring path, whose receive is its wait).
     fn reads_upstream_when_readable(&self) -> bool {
-        !self.edge_triggered && matches!(&self.movers[Direction::ToClient as usize], Mover::Pump(_))
+        self.trigger == Trigger::Level && matches!(&self.movers, Some([_, Mover::Pump(_)]))
     }
 
-    fn timed_out(&mut self, deadline: Instant, io: &mut Context<'_>) -> Action {
+    fn timed_out(&mut self, deadline: Instant, ctx: &mut Context<'_>) -> Action {
         let after = deadline.saturating_duration_since(self.opened);
         let e = io::Error::new(io::ErrorKind::TimedOut, format!("no answer within {after:?}"));
-        self.fail(ConnError::new(Side::Upstream, Op::Connect, e), io)
+        self.fail(ConnError::new(Side::Upstream, Op::Connect, e), ctx)
     }
 
-    fn after_runs(&mut self, waits: [Option<Wait>; 2], io: &mut Context<'_>) -> Action {
-        if self.movers.iter().all(Mover::is_finished) {
-            self.close(Ending::Finished, io)
+    fn after_runs(&mut self, waits: [Option<Wait>; 2], ctx: &mut Context<'_>) -> Action {
+        if self.movers.as_ref().is_some_and(|movers| movers.iter().all(Mover::is_finished)) {
+            self.close(Ending::Finished, ctx)
         } else {
             Action::Wait(waits)
         }
     }
 
-    fn fail(&mut self, error: ConnError, io: &mut Context<'_>) -> Action {
+    fn fail(&mut self, error: ConnError, ctx: &mut Context<'_>) -> Action {
         // A routed client whose upstream could not be reached is told why.
-        if let (Some(head), ConnState::Connecting { .. }, Op::Connect) = (&self.head, self.state, error.op) {
-            let reply = head.reply(Outcome::of_connect_error(&error.source), &error.source.to_string(), None);
-            self.answer(&reply);
+        if let (Some(routed), ConnState::Connecting { .. }, Op::Connect) =
+            (self.routed.as_mut(), self.state, error.op)
+        {
+            routed.connect_failed(&self.client, &error.source);
         }
-        self.close(Ending::Failed(error), io)
+        self.close(Ending::Failed(error), ctx)
     }
 
     /// Marks the connection closed, gives back pooled pipes, buffers and
     /// ring buffers, and arms a reset when it failed. The sockets close when
     /// dropped.
-    fn close(&mut self, ending: Ending, io: &mut Context<'_>) -> Action {
-        self.state = ConnState::Closed;
-        for mover in &mut self.movers {
-            match mover {
-                Mover::Pump(pump) => pump.release(io.pools),
-                Mover::Completion(ring) => ring.release(),
-            }
+    fn close(&mut self, ending: Ending, ctx: &mut Context<'_>) -> Action {
+        self.enter(ConnState::Closed);
+        for mover in self.movers.iter_mut().flatten() {
+            mover.release(ctx.pools);
         }
         if let Ending::Failed(_) | Ending::Idle(_) = ending {
             self.reset();
         }
         Action::Close(ending)
     }
+}
+
+/// The error of a routed state without its routed part (a bug, not a client's doing).
+fn no_head() -> ConnError {
+    ConnError::new(Side::Client, Op::Read, io::Error::other("a routed connection without its head"))
 }
 
 #[cfg(test)]

@@ -26,8 +26,7 @@ use socket2::Socket;
 use super::half_close::HalfClose;
 use crate::error::{ConnError, Op, Side};
 use crate::pool::{Buffer, Pipe, Pools};
-use crate::sys;
-use crate::vocab::{DataPath, Wait};
+use crate::vocab::{DataPath, Trigger, Wait};
 
 /// On the adaptive path (`Auto` from vsock): a read of at least this many
 /// bytes means the source streams (splice from then on); a splice of fewer
@@ -73,9 +72,6 @@ pub struct Pump {
     /// nothing more then. (Not known for splice: a pipe may fill its slots
     /// with small packets before its bytes.)
     drained: bool,
-    /// Readiness is reported while it lasts (io_uring polls), not once per
-    /// change (epoll's edges): then a short read needs no confirming read.
-    pub level_triggered: bool,
     pub half_close: HalfClose,
     /// Bytes delivered to the destination so far.
     pub bytes: u64,
@@ -101,7 +97,6 @@ impl Pump {
             held: Held::Nothing,
             streaming: path == DataPath::Splice,
             drained: false,
-            level_triggered: true,
             half_close: HalfClose::new(),
             bytes: 0,
             #[cfg(test)]
@@ -119,8 +114,15 @@ impl Pump {
     }
 
     /// Moves bytes until a call would block, EOF is passed on, or the budget
-    /// is spent. Returns what to wait for and the bytes moved in this run.
-    pub fn run(&mut self, src: &Socket, dst: &Socket, pools: &mut Pools) -> Result<(Wait, u64), ConnError> {
+    /// is spent, readiness being reported as `trigger` says. Returns what to
+    /// wait for and the bytes moved in this run.
+    pub fn run(
+        &mut self,
+        src: &Socket,
+        dst: &Socket,
+        pools: &mut Pools,
+        trigger: Trigger,
+    ) -> Result<(Wait, u64), ConnError> {
         let mut moved = 0u64;
         loop {
             match self.flush(dst) {
@@ -145,7 +147,7 @@ impl Pump {
             // rather than ask again; an EOF queued behind the bytes shows as
             // readable at once. Edge-triggered epoll would not report that
             // EOF again, so there the pump reads until the socket says so.
-            if std::mem::take(&mut self.drained) && self.level_triggered {
+            if std::mem::take(&mut self.drained) && trigger == Trigger::Level {
                 return Ok((Wait::Readable, moved));
             }
             match self.fill(src, pools) {
@@ -176,7 +178,7 @@ impl Pump {
     fn flush(&mut self, dst: &Socket) -> io::Result<usize> {
         let n = match &mut self.held {
             Held::Pipe { pipe, pending } if *pending > 0 => {
-                let n = sys::splice(pipe.read_end(), dst.as_fd(), *pending)?;
+                let n = pipe.drain_to(dst.as_fd(), *pending)?;
                 *pending -= n;
                 n
             }
@@ -206,7 +208,7 @@ impl Pump {
                     Held::Pipe { pipe, .. } => pipe,
                     _ => pools.take_pipe()?,
                 };
-                let result = sys::splice(src.as_fd(), pipe.write_end(), SPLICE_REQUEST_BYTES);
+                let result = pipe.fill_from(src.as_fd(), SPLICE_REQUEST_BYTES);
                 let pending = *result.as_ref().unwrap_or(&0);
                 self.held = Held::Pipe { pipe, pending };
                 if self.path == DataPath::Auto && pending > 0 && pending < STREAMING_BYTES {
@@ -272,15 +274,15 @@ mod tests {
         let mut pools = Pools::new(64 * 1024, 4);
         let mut pump = Pump::new(Side::Client, Side::Upstream, path);
 
-        assert_eq!(pump.run(&src, &dst, &mut pools).unwrap().0, Wait::Readable);
+        assert_eq!(pump.run(&src, &dst, &mut pools, Trigger::Level).unwrap().0, Wait::Readable);
         let idle = if path == DataPath::Splice { (1, 0) } else { (0, 1) };
         assert_eq!(pools.idle(), idle, "an idle direction gave its pipe or buffer back");
         src_peer.write_all(b"hello relay").unwrap();
-        let (wait, moved) = pump.run(&src, &dst, &mut pools).unwrap();
+        let (wait, moved) = pump.run(&src, &dst, &mut pools, Trigger::Level).unwrap();
         assert_eq!((wait, moved), (Wait::Readable, 11));
         assert_eq!(pump.pending(), 0);
         src_peer.shutdown(std::net::Shutdown::Write).unwrap();
-        assert_eq!(pump.run(&src, &dst, &mut pools).unwrap().0, Wait::Finished);
+        assert_eq!(pump.run(&src, &dst, &mut pools, Trigger::Level).unwrap().0, Wait::Finished);
         let mut got = Vec::new();
         dst_peer.read_to_end(&mut got).unwrap();
         assert_eq!(got, b"hello relay");
@@ -304,19 +306,19 @@ mod tests {
         let mut pools = Pools::new(64 * 1024, 4);
         let mut pump = Pump::new(Side::Client, Side::Upstream, DataPath::Auto);
         src_peer.write_all(b"small").unwrap();
-        assert_eq!(pump.run(&src, &dst, &mut pools).unwrap(), (Wait::Readable, 5));
+        assert_eq!(pump.run(&src, &dst, &mut pools, Trigger::Level).unwrap(), (Wait::Readable, 5));
         assert!(!pump.drained, "waits after a short read without reading again");
         assert_eq!((pump.streaming, pools.idle()), (false, (0, 1)), "a small message is copied");
         src_peer.write_all(&[7u8; 100 * 1024]).unwrap();
-        assert_eq!(pump.run(&src, &dst, &mut pools).unwrap(), (Wait::Readable, 100 * 1024));
+        assert_eq!(pump.run(&src, &dst, &mut pools, Trigger::Level).unwrap(), (Wait::Readable, 100 * 1024));
         assert!(pump.streaming, "a large read means the source streams");
         src_peer.write_all(b"tiny").unwrap();
-        assert_eq!(pump.run(&src, &dst, &mut pools).unwrap(), (Wait::Readable, 4));
+        assert_eq!(pump.run(&src, &dst, &mut pools, Trigger::Level).unwrap(), (Wait::Readable, 4));
         assert_eq!((pump.streaming, pools.idle()), (false, (1, 1)), "a small splice goes back to copying");
         src_peer.write_all(b"again").unwrap();
         src_peer.shutdown(std::net::Shutdown::Write).unwrap();
-        assert_eq!(pump.run(&src, &dst, &mut pools).unwrap(), (Wait::Readable, 5));
-        assert_eq!(pump.run(&src, &dst, &mut pools).unwrap(), (Wait::Finished, 0));
+        assert_eq!(pump.run(&src, &dst, &mut pools, Trigger::Level).unwrap(), (Wait::Readable, 5));
+        assert_eq!(pump.run(&src, &dst, &mut pools, Trigger::Level).unwrap(), (Wait::Finished, 0));
         let mut got = Vec::new();
         dst_peer.read_to_end(&mut got).unwrap();
         let mut expected = b"small".to_vec();
@@ -331,11 +333,10 @@ mod tests {
         let (dst, mut dst_peer) = pair();
         let mut pools = Pools::new(0, 4);
         let mut pump = Pump::new(Side::Client, Side::Upstream, DataPath::Copy);
-        pump.level_triggered = false;
         src_peer.write_all(b"last words").unwrap();
         src_peer.shutdown(std::net::Shutdown::Write).unwrap();
         // No edge will report that EOF again: it must be read in this run.
-        assert_eq!(pump.run(&src, &dst, &mut pools).unwrap(), (Wait::Finished, 10));
+        assert_eq!(pump.run(&src, &dst, &mut pools, Trigger::Edge).unwrap(), (Wait::Finished, 10));
         let mut got = Vec::new();
         dst_peer.read_to_end(&mut got).unwrap();
         assert_eq!(got, b"last words");
@@ -349,13 +350,13 @@ mod tests {
         let mut pump = Pump::new(Side::Client, Side::Upstream, DataPath::Splice);
         pump.refuse_splice = true;
         src_peer.write_all(b"first bytes").unwrap();
-        assert_eq!(pump.run(&src, &dst, &mut pools).unwrap(), (Wait::Readable, 11));
+        assert_eq!(pump.run(&src, &dst, &mut pools, Trigger::Level).unwrap(), (Wait::Readable, 11));
         assert_eq!(pump.path(), DataPath::Copy);
         src_peer.write_all(b", then more").unwrap();
         src_peer.shutdown(std::net::Shutdown::Write).unwrap();
         // The short read emptied the socket; the EOF comes with the next run.
-        assert_eq!(pump.run(&src, &dst, &mut pools).unwrap(), (Wait::Readable, 11));
-        assert_eq!(pump.run(&src, &dst, &mut pools).unwrap().0, Wait::Finished);
+        assert_eq!(pump.run(&src, &dst, &mut pools, Trigger::Level).unwrap(), (Wait::Readable, 11));
+        assert_eq!(pump.run(&src, &dst, &mut pools, Trigger::Level).unwrap().0, Wait::Finished);
         let mut got = String::new();
         dst_peer.read_to_string(&mut got).unwrap();
         assert_eq!(got, "first bytes, then more");
@@ -380,7 +381,7 @@ mod tests {
         while received.len() < 4 << 20 {
             rounds += 1;
             assert!(rounds < 1_000_000, "stuck at {} bytes, pending {}", received.len(), pump.pending());
-            let (wait, _) = pump.run(&src, &dst, &mut pools).unwrap();
+            let (wait, _) = pump.run(&src, &dst, &mut pools, Trigger::Level).unwrap();
             if wait == Wait::Writable {
                 saw_writable = true;
                 assert!(pump.pending() > 0, "a full destination leaves bytes held");
@@ -403,7 +404,7 @@ mod tests {
         drop(src_peer);
         let mut pools = Pools::new(0, 4);
         let mut pump = Pump::new(Side::Client, Side::Upstream, DataPath::Splice);
-        assert_eq!(pump.run(&src, &dst, &mut pools).unwrap().0, Wait::Finished);
+        assert_eq!(pump.run(&src, &dst, &mut pools, Trigger::Level).unwrap().0, Wait::Finished);
         assert!(pump.is_finished());
         assert_eq!(pools.idle(), (1, 0), "the pipe went back to the pool");
         let mut got = Vec::new();

@@ -4,12 +4,15 @@
 
 use super::*;
 use crate::driver::buffers::Returns;
+use crate::endpoint::Host;
+use crate::route::{Outcome, Route};
 use crate::vocab::BufferSlice;
 use socket2::{Domain, Type};
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener};
 use std::os::unix::net::UnixStream;
 use std::rc::Rc;
+use std::sync::Arc;
 
 const FAR: Duration = Duration::from_secs(60);
 
@@ -27,10 +30,35 @@ fn tcp_socket() -> Socket {
     Socket::new(Domain::IPV4, Type::STREAM.nonblocking(), None).unwrap()
 }
 
-/// A connection in the given state of its connect, with the client's peer.
-fn connecting(upstream: Socket, deadline: Instant) -> (Connection, UnixStream) {
+/// A fixed-target connection whose `upstream` socket will connect to
+/// `address` by `deadline` ([`Connection::start`]), with readiness reported
+/// as `trigger` says; and the client's peer.
+fn connecting_as(
+    trigger: Trigger,
+    upstream: Socket,
+    address: SockAddr,
+    deadline: Instant,
+) -> (Connection, UnixStream) {
     let (client, client_peer) = pair();
-    (Connection::new(1, client, upstream, [DataPath::Splice; 2], deadline), client_peer)
+    let dial = Dial { socket: upstream, address, paths: [DataPath::Splice; 2], deadline };
+    (Connection::new(1, client, Plan::Fixed(dial), trigger, Vec::new()), client_peer)
+}
+
+/// [`connecting_as`] with io_uring's level-triggered readiness.
+fn connecting(upstream: Socket, address: SockAddr, deadline: Instant) -> (Connection, UnixStream) {
+    connecting_as(Trigger::Level, upstream, address, deadline)
+}
+
+/// A fixed-target connection over an upstream socket that is connected
+/// already (a pair: its connect is never started), moving bytes by `paths`.
+fn connected(id: u64, client: Socket, upstream: Socket, paths: [DataPath; 2]) -> Connection {
+    let dial = Dial { socket: upstream, address: never_dialed(), paths, deadline: Instant::now() + FAR };
+    Connection::new(id, client, Plan::Fixed(dial), Trigger::Level, Vec::new())
+}
+
+/// The address of a dial that is never started (TEST-NET-1: routes nowhere).
+fn never_dialed() -> SockAddr {
+    SockAddr::from("192.0.2.1:9".parse::<std::net::SocketAddr>().unwrap())
 }
 
 /// A listener whose accept queue is full, so a new connect stays in progress.
@@ -55,7 +83,7 @@ fn unanswering_listener() -> (TcpListener, Vec<Socket>, SockAddr) {
 fn relaying(pools: &mut Pools) -> (Connection, UnixStream, UnixStream) {
     let (client, client_peer) = pair();
     let (upstream, upstream_peer) = pair();
-    let mut conn = Connection::new(7, client, upstream, [DataPath::Copy; 2], Instant::now() + FAR);
+    let mut conn = connected(7, client, upstream, [DataPath::Copy; 2]);
     match conn.handle(Event::UpstreamWritable, &mut io(pools)) {
         Action::Wait([Some(Wait::Readable), Some(Wait::Readable)]) => {}
         other => panic!("expected both directions waiting to read, got {other:?}"),
@@ -79,9 +107,9 @@ fn start_with_an_immediate_connect_starts_relaying() {
     let _ = std::fs::remove_file(&path);
     let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
     let upstream = Socket::new(Domain::UNIX, Type::STREAM.nonblocking(), None).unwrap();
-    let (mut conn, _peer) = connecting(upstream, Instant::now() + FAR);
+    let (mut conn, _peer) = connecting(upstream, SockAddr::unix(&path).unwrap(), Instant::now() + FAR);
     let mut pools = Pools::new(0, 4);
-    let action = conn.start(&SockAddr::unix(&path).unwrap(), &mut io(&mut pools));
+    let action = conn.start(&mut io(&mut pools));
     assert!(matches!(action, Action::Wait([Some(Wait::Readable), Some(Wait::Readable)])), "{action:?}");
     assert_eq!(conn.state, ConnState::Relaying);
     // The connect time is reported once, even without a later event.
@@ -99,26 +127,24 @@ fn an_edge_triggered_loopback_connect_relays_at_once_and_a_level_triggered_one_w
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = SockAddr::from(listener.local_addr().unwrap());
     let mut pools = Pools::new(0, 4);
-    let (mut edge, _peer) = connecting(tcp_socket(), Instant::now() + FAR);
-    edge.set_edge_triggered();
-    let action = edge.start(&addr, &mut io(&mut pools));
+    let (mut edge, _peer) = connecting_as(Trigger::Edge, tcp_socket(), addr.clone(), Instant::now() + FAR);
+    let action = edge.start(&mut io(&mut pools));
     assert!(matches!(action, Action::Wait(_)), "{action:?}");
     assert_eq!(edge.state, ConnState::Relaying);
-    let (mut level, _peer) = connecting(tcp_socket(), Instant::now() + FAR);
-    assert!(matches!(level.start(&addr, &mut io(&mut pools)), Action::AwaitConnect));
+    let (mut level, _peer) = connecting(tcp_socket(), addr.clone(), Instant::now() + FAR);
+    assert!(matches!(level.start(&mut io(&mut pools)), Action::AwaitConnect));
     // Still in progress (a full accept queue): the edge-triggered one waits too.
     let (_full, _fillers, unanswering) = unanswering_listener();
-    let (mut edge, _peer) = connecting(tcp_socket(), Instant::now() + FAR);
-    edge.set_edge_triggered();
-    assert!(matches!(edge.start(&unanswering, &mut io(&mut pools)), Action::AwaitConnect));
+    let (mut edge, _peer) = connecting_as(Trigger::Edge, tcp_socket(), unanswering, Instant::now() + FAR);
+    assert!(matches!(edge.start(&mut io(&mut pools)), Action::AwaitConnect));
 }
 
 #[test]
 fn start_in_progress_awaits_then_writable_but_unconnected_waits_again() {
     let (_listener, _fillers, addr) = unanswering_listener();
-    let (mut conn, _peer) = connecting(tcp_socket(), Instant::now() + FAR);
+    let (mut conn, _peer) = connecting(tcp_socket(), addr.clone(), Instant::now() + FAR);
     let mut pools = Pools::new(0, 4);
-    assert!(matches!(conn.start(&addr, &mut io(&mut pools)), Action::AwaitConnect));
+    assert!(matches!(conn.start(&mut io(&mut pools)), Action::AwaitConnect));
     conn.confirm_connect_by_peer();
     // A (spurious, as vsock's) writable report while the connect is still in flight.
     let action = conn.handle(Event::UpstreamWritable, &mut io(&mut pools));
@@ -129,9 +155,9 @@ fn start_in_progress_awaits_then_writable_but_unconnected_waits_again() {
 #[test]
 fn writable_but_unconnected_after_the_deadline_times_out() {
     let (_listener, _fillers, addr) = unanswering_listener();
-    let (mut conn, _peer) = connecting(tcp_socket(), Instant::now());
+    let (mut conn, _peer) = connecting(tcp_socket(), addr.clone(), Instant::now());
     let mut pools = Pools::new(0, 4);
-    assert!(matches!(conn.start(&addr, &mut io(&mut pools)), Action::AwaitConnect));
+    assert!(matches!(conn.start(&mut io(&mut pools)), Action::AwaitConnect));
     conn.confirm_connect_by_peer();
     let e = failed(conn.handle(Event::UpstreamWritable, &mut io(&mut pools)));
     assert_eq!((e.side, e.op, e.source.kind()), (Side::Upstream, Op::Connect, io::ErrorKind::TimedOut));
@@ -142,10 +168,10 @@ fn writable_but_unconnected_after_the_deadline_times_out() {
 fn deadline_passed_while_connecting_times_out_with_the_timeout_in_the_message() {
     let (_listener, _fillers, addr) = unanswering_listener();
     let opened = Instant::now() - Duration::from_secs(3);
-    let (mut conn, _peer) = connecting(tcp_socket(), opened + Duration::from_secs(3));
+    let (mut conn, _peer) = connecting(tcp_socket(), addr.clone(), opened + Duration::from_secs(3));
     conn.opened = opened;
     let mut pools = Pools::new(0, 4);
-    assert!(matches!(conn.start(&addr, &mut io(&mut pools)), Action::AwaitConnect));
+    assert!(matches!(conn.start(&mut io(&mut pools)), Action::AwaitConnect));
     let e = failed(conn.handle(Event::DeadlinePassed, &mut io(&mut pools)));
     assert_eq!(e.to_string(), "upstream connect failed: no answer within 3s");
     assert_eq!(conn.state, ConnState::Closed);
@@ -155,9 +181,9 @@ fn deadline_passed_while_connecting_times_out_with_the_timeout_in_the_message() 
 fn a_deadline_event_before_the_deadline_is_ignored() {
     // Deadlines of earlier states (the head's) come up after the state moved on.
     let (_listener, _fillers, addr) = unanswering_listener();
-    let (mut conn, _peer) = connecting(tcp_socket(), Instant::now() + FAR);
+    let (mut conn, _peer) = connecting(tcp_socket(), addr.clone(), Instant::now() + FAR);
     let mut pools = Pools::new(0, 4);
-    assert!(matches!(conn.start(&addr, &mut io(&mut pools)), Action::AwaitConnect));
+    assert!(matches!(conn.start(&mut io(&mut pools)), Action::AwaitConnect));
     let action = conn.handle(Event::DeadlinePassed, &mut io(&mut pools));
     assert!(matches!(action, Action::Wait([None, None])), "{action:?}");
     assert!(matches!(conn.state, ConnState::Connecting { .. }));
@@ -166,9 +192,9 @@ fn a_deadline_event_before_the_deadline_is_ignored() {
 #[test]
 fn refused_connect_fails_on_the_upstream_side() {
     let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
-    let (mut conn, _peer) = connecting(tcp_socket(), Instant::now() + FAR);
+    let (mut conn, _peer) = connecting(tcp_socket(), port.into(), Instant::now() + FAR);
     let mut pools = Pools::new(0, 4);
-    let action = match conn.start(&port.into(), &mut io(&mut pools)) {
+    let action = match conn.start(&mut io(&mut pools)) {
         Action::AwaitConnect => {
             std::thread::sleep(Duration::from_millis(50));
             conn.handle(Event::UpstreamWritable, &mut io(&mut pools))
@@ -203,9 +229,9 @@ fn connect_result_after_the_end_is_ignored() {
 #[test]
 fn readiness_while_connecting_is_ignored() {
     let (_listener, _fillers, addr) = unanswering_listener();
-    let (mut conn, _peer) = connecting(tcp_socket(), Instant::now() + FAR);
+    let (mut conn, _peer) = connecting(tcp_socket(), addr.clone(), Instant::now() + FAR);
     let mut pools = Pools::new(0, 4);
-    assert!(matches!(conn.start(&addr, &mut io(&mut pools)), Action::AwaitConnect));
+    assert!(matches!(conn.start(&mut io(&mut pools)), Action::AwaitConnect));
     let action = conn.handle(Event::Ready(Direction::ToUpstream), &mut io(&mut pools));
     assert!(matches!(action, Action::Wait([None, None])));
     assert!(matches!(conn.state, ConnState::Connecting { .. }));
@@ -253,7 +279,7 @@ fn a_failing_side_resets_both() {
     let mut pools = Pools::new(0, 4);
     let (client, mut client_peer) = pair();
     let (upstream, upstream_peer) = pair();
-    let mut conn = Connection::new(9, client, upstream, [DataPath::Copy; 2], Instant::now() + FAR);
+    let mut conn = connected(9, client, upstream, [DataPath::Copy; 2]);
     conn.handle(Event::UpstreamWritable, &mut io(&mut pools));
     drop(upstream_peer);
     client_peer.write_all(&[0u8; 64 << 10]).unwrap();
@@ -269,7 +295,7 @@ fn a_failing_side_resets_both() {
     assert_eq!((e.side, e.op), (Side::Upstream, Op::Write));
     assert_eq!(conn.client.linger().unwrap(), Some(Duration::ZERO), "the client is reset");
     assert_eq!(
-        conn.upstream.as_ref().unwrap().linger().unwrap(),
+        conn.socket(Side::Upstream).unwrap().linger().unwrap(),
         Some(Duration::ZERO),
         "the upstream is reset"
     );
@@ -329,7 +355,7 @@ fn ring_path_receives_sends_in_order_gives_buffers_back_and_half_closes() {
     let (mut pools, mut ring) = (Pools::new(0, 4), FakeRing::default());
     let (client, _client_peer) = pair();
     let (upstream, mut upstream_peer) = pair();
-    let mut conn = Connection::new(3, client, upstream, [DataPath::Ring; 2], Instant::now() + FAR);
+    let mut conn = connected(3, client, upstream, [DataPath::Ring; 2]);
     let action = conn.handle(Event::UpstreamWritable, &mut ring_io(&mut pools, &mut ring));
     assert!(matches!(action, Action::Wait([Some(Wait::Completion), Some(Wait::Completion)])), "{action:?}");
     assert_eq!(ring.received, [Direction::ToUpstream, Direction::ToClient], "both directions receive");
@@ -374,7 +400,7 @@ fn ring_path_failure_resets_and_gives_back_what_no_send_uses() {
     let (mut pools, mut ring) = (Pools::new(0, 4), FakeRing::default());
     let (client, _client_peer) = pair();
     let (upstream, _upstream_peer) = pair();
-    let mut conn = Connection::new(4, client, upstream, [DataPath::Ring; 2], Instant::now() + FAR);
+    let mut conn = connected(4, client, upstream, [DataPath::Ring; 2]);
     conn.handle(Event::UpstreamWritable, &mut ring_io(&mut pools, &mut ring));
     let down = Direction::ToClient;
     let event = ring.received(down, 10, Some(1));
@@ -385,7 +411,7 @@ fn ring_path_failure_resets_and_gives_back_what_no_send_uses() {
     // the driver's) until its completion; the held ones go back at once.
     let (client, _peer_a) = pair();
     let (upstream, _peer_b) = pair();
-    let mut other = Connection::new(5, client, upstream, [DataPath::Ring; 2], Instant::now() + FAR);
+    let mut other = connected(5, client, upstream, [DataPath::Ring; 2]);
     let mut other_ring = FakeRing::default();
     other.handle(Event::UpstreamWritable, &mut ring_io(&mut pools, &mut other_ring));
     let event = other_ring.received(down, 10, Some(4));
@@ -421,8 +447,14 @@ fn a_finished_direction_ignores_readiness() {
 
 /// A routed connection's client and its peer, reading a head of `kind`.
 fn routed(kind: crate::route::RouteKind, deadline: Instant) -> (Connection, UnixStream) {
+    routed_on(&Route::new(kind, Arc::new(|_: &Host, _, _, _| None)), deadline)
+}
+
+/// A routed connection of `route` (whose counters the test reads) and its client's peer.
+fn routed_on(route: &Route, deadline: Instant) -> (Connection, UnixStream) {
     let (client, client_peer) = pair();
-    (Connection::routed(7, client, Head::new(kind), deadline), client_peer)
+    let plan = Plan::Routed { routed: Routed::new(route), deadline };
+    (Connection::new(7, client, plan, Trigger::Level, Vec::new()), client_peer)
 }
 
 fn allowed(address: &str) -> Event {
@@ -430,9 +462,15 @@ fn allowed(address: &str) -> Event {
 }
 
 /// Attaches a connected Unix pair as the upstream; its peer.
-fn attach_connected(conn: &mut Connection) -> UnixStream {
+fn dial_connected(conn: &mut Connection) -> UnixStream {
     let (upstream, upstream_peer) = pair();
-    conn.attach(upstream, [DataPath::Copy; 2], Instant::now() + FAR);
+    let dial = Dial {
+        socket: upstream,
+        address: never_dialed(),
+        paths: [DataPath::Copy; 2],
+        deadline: Instant::now() + FAR,
+    };
+    conn.dialed(dial);
     upstream_peer
 }
 
@@ -445,15 +483,15 @@ fn a_connect_head_in_pieces_is_decided_then_answered_200_with_the_pipelined_byte
     assert!(matches!(conn.state, ConnState::ReadingHead { .. }));
     client_peer.write_all(b"Host: api.example.com\r\n\r\nclient hello").unwrap();
     let action = conn.handle(Event::ClientReadable, &mut io(&mut pools));
-    let Action::Decide { host, port } = action else { panic!("{action:?}") };
-    assert_eq!((host, port), (Host::Name("api.example.com".into()), 443));
+    let Action::Decide(destination) = action else { panic!("{action:?}") };
+    assert_eq!(destination, Destination { host: Host::Name("api.example.com".into()), port: 443 });
     assert!(matches!(conn.state, ConnState::Deciding { .. }));
-    assert_eq!(conn.destination.as_deref(), Some("api.example.com:443"));
+    assert_eq!(conn.destination(), Some("api.example.com:443"));
     // Allowed: connect to the address the router checked.
     let action = conn.handle(allowed("192.0.2.1:443"), &mut io(&mut pools));
     let Action::Connect(address) = action else { panic!("{action:?}") };
     assert_eq!(address.as_socket(), Some("192.0.2.1:443".parse().unwrap()));
-    let mut upstream_peer = attach_connected(&mut conn);
+    let mut upstream_peer = dial_connected(&mut conn);
     let mut io = io(&mut pools);
     let action = conn.handle(Event::UpstreamWritable, &mut io);
     assert!(matches!(action, Action::Wait(_)), "{action:?}");
@@ -477,7 +515,7 @@ fn a_refused_destination_is_answered_403_and_closed_without_a_reset() {
     let mut pools = Pools::new(0, 4);
     let (mut conn, mut client_peer) = routed(crate::route::RouteKind::Connect, Instant::now() + FAR);
     client_peer.write_all(b"CONNECT evil.example:443 HTTP/1.1\r\n\r\n").unwrap();
-    assert!(matches!(conn.handle(Event::ClientReadable, &mut io(&mut pools)), Action::Decide { .. }));
+    assert!(matches!(conn.handle(Event::ClientReadable, &mut io(&mut pools)), Action::Decide(_)));
     let verdict = Verdict::Refused { outcome: Outcome::NotAllowed, reason: "no entry".into() };
     let action = conn.handle(Event::Decided(verdict), &mut io(&mut pools));
     let Action::Close(Ending::Refused { decision: Decision::NotAllowed, reason }) = action else {
@@ -502,12 +540,17 @@ fn an_unreachable_upstream_is_answered_502_by_socks_code_and_a_late_verdict_is_i
     assert_eq!(choice, [5, 0], "the greeting is answered: no authentication");
     client_peer.write_all(&[5, 1, 0, 1, 192, 0, 2, 1, 0, 80]).unwrap();
     let action = conn.handle(Event::ClientReadable, &mut io(&mut pools));
-    assert!(matches!(action, Action::Decide { host: Host::Ip(_), port: 80 }), "{action:?}");
+    assert!(matches!(action, Action::Decide(Destination { host: Host::Ip(_), port: 80 })), "{action:?}");
     conn.handle(allowed("192.0.2.1:80"), &mut io(&mut pools));
     // A refused connect: told as SOCKS reply 0x05, no reset of the client.
     let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
-    conn.attach(tcp_socket(), [DataPath::Copy; 2], Instant::now() + FAR);
-    let mut action = conn.start(&port.into(), &mut io(&mut pools));
+    conn.dialed(Dial {
+        socket: tcp_socket(),
+        address: port.into(),
+        paths: [DataPath::Copy; 2],
+        deadline: Instant::now() + FAR,
+    });
+    let mut action = conn.start(&mut io(&mut pools));
     if let Action::AwaitConnect = action {
         std::thread::sleep(Duration::from_millis(50));
         action = conn.handle(Event::UpstreamWritable, &mut io(&mut pools));
@@ -553,4 +596,74 @@ fn a_head_not_whole_by_its_deadline_is_closed_and_a_bad_one_at_once() {
     probe_peer.shutdown(Shutdown::Write).unwrap();
     let action = probe.handle(Event::ClientReadable, &mut io(&mut pools));
     assert!(matches!(action, Action::Close(Ending::Finished)), "{action:?}");
+}
+
+/// `Connection::new` makes a whole connection from its plan: a fixed target
+/// connects (its upstream socket and movers there from the start), a route
+/// reads its head with no upstream socket; either way the deadline of the
+/// state it starts in is handed to the worker once.
+#[test]
+fn a_plan_makes_a_whole_connection_in_one_step() {
+    let deadline = Instant::now() + FAR;
+    let (fixed, _peer) = connecting(tcp_socket(), never_dialed(), deadline);
+    let mut fixed = fixed;
+    assert_eq!(fixed.state, ConnState::Connecting { deadline });
+    assert!(matches!(fixed.first_action(), Action::StartConnect));
+    assert!(fixed.socket(Side::Upstream).is_some());
+    assert_eq!((fixed.take_new_deadline(), fixed.take_new_deadline()), (Some(deadline), None));
+    assert_eq!((fixed.bytes(), fixed.destination()), ((0, 0), None));
+
+    let (mut routed, _peer) = routed(crate::route::RouteKind::Connect, deadline);
+    assert_eq!(routed.state, ConnState::ReadingHead { deadline });
+    assert!(matches!(routed.first_action(), Action::AwaitHead));
+    assert!(routed.socket(Side::Upstream).is_none());
+    assert_eq!((routed.take_new_deadline(), routed.take_new_deadline()), (Some(deadline), None));
+    assert_eq!(ConnState::Relaying.deadline(), None);
+}
+
+/// A PROXY protocol header given to the constructor goes upstream before
+/// any byte of the client's and is not counted as the client's.
+#[test]
+fn the_proxy_header_goes_first_and_is_not_counted_as_the_clients() {
+    let (client, mut client_peer) = pair();
+    let (upstream, mut upstream_peer) = pair();
+    let dial = Dial {
+        socket: upstream,
+        address: never_dialed(),
+        paths: [DataPath::Copy; 2],
+        deadline: Instant::now() + FAR,
+    };
+    let mut conn = Connection::new(2, client, Plan::Fixed(dial), Trigger::Level, b"HEADER".to_vec());
+    client_peer.write_all(b"payload").unwrap();
+    let mut pools = Pools::new(0, 4);
+    let mut io = io(&mut pools);
+    conn.handle(Event::UpstreamWritable, &mut io);
+    let mut got = [0u8; 13];
+    upstream_peer.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"HEADERpayload");
+    assert_eq!(io.moved[0], 7, "only the client's bytes count");
+}
+
+/// The route counts each decision where it is made: a bad head, a refused
+/// destination, a head that timed out.
+#[test]
+fn the_route_counts_its_decisions_as_they_are_made() {
+    let route = Route::new(crate::route::RouteKind::Connect, Arc::new(|_: &Host, _, _, _| None));
+    let mut pools = Pools::new(0, 4);
+    let (mut bad, mut peer) = routed_on(&route, Instant::now() + FAR);
+    peer.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+    assert!(matches!(
+        bad.handle(Event::ClientReadable, &mut io(&mut pools)),
+        Action::Close(Ending::Refused { .. })
+    ));
+    let (mut refused, mut peer) = routed_on(&route, Instant::now() + FAR);
+    peer.write_all(b"CONNECT a.example:443 HTTP/1.1\r\n\r\n").unwrap();
+    refused.handle(Event::ClientReadable, &mut io(&mut pools));
+    let verdict = Verdict::Refused { outcome: Outcome::NotAllowed, reason: "no entry".into() };
+    refused.handle(Event::Decided(verdict), &mut io(&mut pools));
+    let (mut late, _peer) = routed_on(&route, Instant::now());
+    late.handle(Event::DeadlinePassed, &mut io(&mut pools));
+    let counted = [Decision::BadHead, Decision::NotAllowed, Decision::HeadTimeout, Decision::Allowed]
+        .map(|decision| route.counters.decisions(decision));
+    assert_eq!(counted, [1, 1, 1, 0]);
 }

@@ -19,7 +19,7 @@ use socket2::Socket;
 use super::{Driver, DriverEvent};
 use crate::error::Side;
 use crate::sys;
-use crate::vocab::{Key, Readiness};
+use crate::vocab::{Key, Readiness, Trigger};
 
 const WAKE: Token = Token(usize::MAX);
 /// Listeners count down from here (service 0 first); connection tokens
@@ -109,8 +109,8 @@ impl EpollDriver {
 }
 
 impl Driver for EpollDriver {
-    fn edge_triggered(&self) -> bool {
-        true
+    fn trigger(&self) -> Trigger {
+        Trigger::Edge
     }
 
     fn register(&mut self, key: Key, client: &Socket) -> io::Result<()> {

@@ -16,7 +16,7 @@ use std::time::Duration;
 use socket2::Socket;
 
 use crate::error::{Error, Side};
-use crate::vocab::{BufferRingOps, Completed, Direction, Key, Readiness};
+use crate::vocab::{BufferRingOps, Completed, Direction, Key, Readiness, Trigger};
 use ring::{Ring, Unavailable};
 
 pub(crate) mod buffers;
@@ -129,9 +129,9 @@ pub(crate) enum DriverEvent {
 ///   [`DriverEvent::Released`] for it. The io_uring driver's safety rests on
 ///   this: the kernel may use a socket until its operation completes.
 pub(crate) trait Driver {
-    /// Whether readiness is reported once per change (epoll's edges) rather
-    /// than while it lasts (io_uring polls).
-    fn edge_triggered(&self) -> bool;
+    /// How readiness is reported: while it lasts (io_uring polls) or once
+    /// per change (epoll's edges).
+    fn trigger(&self) -> Trigger;
 
     /// Starts watching a new connection, its client socket first.
     fn register(&mut self, key: Key, client: &Socket) -> io::Result<()>;

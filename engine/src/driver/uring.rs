@@ -26,7 +26,7 @@ use super::ring::{Completion, Ring};
 use super::{Driver, DriverEvent};
 use crate::error::Side;
 use crate::sys;
-use crate::vocab::{BufferRingOps, BufferSlice, Completed, Direction, Key, Readiness};
+use crate::vocab::{BufferRingOps, BufferSlice, Completed, Direction, Key, Readiness, Trigger};
 
 /// Submission queue size; completions get eight times as many slots.
 const RING_ENTRIES: u32 = 512;
@@ -336,8 +336,8 @@ impl UringDriver {
 }
 
 impl Driver for UringDriver {
-    fn edge_triggered(&self) -> bool {
-        false
+    fn trigger(&self) -> Trigger {
+        Trigger::Level
     }
 
     fn add_upstream(&mut self, _key: Key, _upstream: &Socket) -> io::Result<()> {

@@ -189,6 +189,13 @@ pub(crate) enum Parse {
     Refuse { reply: Vec<u8>, reason: String },
 }
 
+/// The destination a routed client's head named.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Destination {
+    pub host: Host,
+    pub port: u16,
+}
+
 /// How a routed connection's attempt ended, as its client is told.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Outcome {

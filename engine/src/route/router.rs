@@ -26,9 +26,8 @@ use std::time::{Duration, Instant};
 use hickory_resolver::TokioResolver;
 use tokio::sync::mpsc;
 
-use super::{Outcome, Policy, Route};
-use crate::config::RelayConfig;
-use crate::dns::{self, DnsError, IpFamily};
+use super::{Destination, Outcome, Policy, Route};
+use crate::dns::{self, DnsError, DnsOptions, IpFamily};
 use crate::endpoint::Host;
 use crate::error::Error;
 use crate::vocab::Key;
@@ -49,8 +48,7 @@ pub(crate) struct Job {
     pub worker: usize,
     pub key: Key,
     pub service: usize,
-    pub host: Host,
-    pub port: u16,
+    pub destination: Destination,
 }
 
 /// What the router decided for one connection.
@@ -94,9 +92,15 @@ pub(crate) struct Router {
 }
 
 impl Router {
-    /// Starts the router thread for `config`'s routed services; answers go
-    /// to `mailboxes` (one per worker).
-    pub fn start(config: Arc<RelayConfig>, mailboxes: Vec<Arc<Mailbox>>) -> Result<Router, Error> {
+    /// Starts the router thread for a relay's services (`routes`: each
+    /// service's name, for the log, and its route where it has one, in the
+    /// config's order), resolving as `dns` says; answers go to `mailboxes`
+    /// (one per worker).
+    pub fn start(
+        dns: &DnsOptions,
+        routes: Vec<(String, Option<Route>)>,
+        mailboxes: Vec<Arc<Mailbox>>,
+    ) -> Result<Router, Error> {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .max_blocking_threads(POLICY_THREADS)
@@ -105,17 +109,12 @@ impl Router {
             .map_err(Error::Start)?;
         let resolver = {
             let _guard = runtime.enter();
-            dns::build(&config.dns)
+            dns::build(dns)
                 .map_err(|source| Error::Resolve { name: "(routed destinations)".into(), source })?
         };
         let (jobs, mut incoming) = mpsc::unbounded_channel::<Job>();
-        let shared = Arc::new(Shared {
-            resolver,
-            family: config.dns.family,
-            config,
-            mailboxes,
-            recent: RwLock::default(),
-        });
+        let shared =
+            Arc::new(Shared { resolver, family: dns.family, routes, mailboxes, recent: RwLock::default() });
         let router_shared = Arc::clone(&shared);
         std::thread::Builder::new()
             .name("router".into())
@@ -171,7 +170,8 @@ impl Router {
 struct Shared {
     resolver: TokioResolver,
     family: IpFamily,
-    config: Arc<RelayConfig>,
+    /// Per service, in the config's order: its name and its route, if routed.
+    routes: Vec<(String, Option<Route>)>,
     mailboxes: Vec<Arc<Mailbox>>,
     /// Names looked up lately: the address used and until when it may be.
     recent: RwLock<HashMap<String, (IpAddr, Instant)>>,
@@ -179,25 +179,25 @@ struct Shared {
 
 impl Shared {
     fn route(&self, service: usize) -> Option<&Route> {
-        self.config.services.get(service)?.route()
+        self.routes.get(service)?.1.as_ref()
     }
 
     async fn decide(&self, job: &Job) -> Verdict {
         let Some(route) = self.route(job.service) else {
             return Verdict::Refused { outcome: Outcome::Failed, reason: "not a routed service".into() };
         };
-        let address = match &job.host {
+        let Destination { host, port } = &job.destination;
+        let address = match host {
             Host::Ip(ip) => *ip,
             Host::Name(name) => match self.resolve(name).await {
                 Ok(ip) => ip,
                 Err((outcome, reason)) => return Verdict::Refused { outcome, reason },
             },
         };
-        let (policy, host, port): (Policy, Host, u16) =
-            (Arc::clone(&route.policy), job.host.clone(), job.port);
+        let (policy, host, port): (Policy, Host, u16) = (Arc::clone(&route.policy), host.clone(), *port);
         let check = tokio::task::spawn_blocking(move || policy(&host, port, address, true));
         match tokio::time::timeout(POLICY_TIMEOUT, check).await {
-            Ok(Ok(Some(Ok(rule)))) => Verdict::Allowed { address: SocketAddr::new(address, job.port), rule },
+            Ok(Ok(Some(Ok(rule)))) => Verdict::Allowed { address: SocketAddr::new(address, port), rule },
             Ok(Ok(Some(Err(reason)))) => Verdict::Refused { outcome: Outcome::NotAllowed, reason },
             Ok(Ok(None)) => Verdict::Refused { outcome: Outcome::Failed, reason: "the policy did not decide".into() },
             Ok(Err(e)) => {
@@ -248,7 +248,7 @@ impl Shared {
     /// Logs a decision: the destination asked for, the address used, and the
     /// entry that allowed it or why not.
     fn log(&self, service: usize, host: &Host, port: u16, verdict: &Verdict) {
-        let service = self.config.services.get(service).map_or("", |s| s.name.as_str());
+        let service = self.routes.get(service).map_or("", |(name, _)| name.as_str());
         let destination = format!("{host}:{port}");
         match verdict {
             Verdict::Allowed { address, rule } => {
@@ -261,7 +261,7 @@ impl Shared {
     }
 
     fn answer(&self, job: Job, verdict: Verdict) {
-        self.log(job.service, &job.host, job.port, &verdict);
+        self.log(job.service, &job.destination.host, job.destination.port, &verdict);
         if let Some(mailbox) = self.mailboxes.get(job.worker) {
             mailbox.deliver(job.key, verdict);
         }

@@ -114,7 +114,7 @@ fn connection_span(conn: &Connection, service: &Service) -> tracing::Span {
         "" => peer_name(&conn.client),
         name => name.to_string(),
     };
-    match &conn.destination {
+    match conn.destination() {
         Some(destination) => tracing::info_span!("conn", id = conn.id, service = %service.name, %client,
             upstream = %destination),
         None => tracing::info_span!("conn", id = conn.id, service = %service.name, %client,

@@ -1,14 +1,15 @@
 //! One worker thread: the event loop every backend runs, over a driver.
 //!
 //! The loop owns what does not depend on how events arrive: the connection
-//! slots, opening a connection for each client, the connect deadlines, the
-//! queue of directions that yielded with work left, spinning before a
-//! sleep, pausing accepts when descriptors run out, and the stop: no new
-//! clients, a drain time for the open ones, then a reset for the rest.
-//! Also the access rules that apply per client (a service's gate,
-//! `allow_cids`, `max_connections`), the idle timeout, the counters, and
-//! throttled warnings. A worker serves every service of its relay: it
-//! watches every listener, one slab of connections.
+//! slots, the deadlines the connections hand it, the queue of directions
+//! that yielded with work left, spinning before a sleep, pausing accepts
+//! when descriptors run out, and the stop: no new clients, a drain time for
+//! the open ones, then a reset for the rest. Also the idle timeout, the
+//! counters, and throttled warnings. A worker serves every service of its
+//! relay: it watches every listener, one slab of connections.
+//! What a new client becomes (the service's rules, its upstream socket and
+//! data paths, a PROXY header) is `open.rs`; who may connect, `admission.rs`;
+//! what is logged, `log.rs`.
 //! Routed services' clients are handed to the router (`route/router.rs`)
 //! once their head is read; its verdicts come back through this worker's
 //! mailbox, which wakes it.
@@ -23,25 +24,24 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use slab::Slab;
-use socket2::{Domain, SockAddr, Socket};
+use socket2::{SockAddr, Socket};
 
-use crate::config::{RelayConfig, Upstream};
+use crate::config::RelayConfig;
 use crate::conn::{Action, ConnState, Connection, Context, Ending, Event};
 use crate::driver::{Backend, Driver, DriverEvent, EpollDriver, UringDriver};
 use crate::error::{ConnError, Error, Op, Side};
-use crate::hint;
 use crate::pool::Pools;
-use crate::proxy_header;
 use crate::route::router::{Job, Mailbox, Router, Verdict};
-use crate::route::{Decision, Head};
 use crate::socket;
 use crate::stats::{Failure, Stats};
 use crate::vocab::{DataPath, Direction, Key, Readiness, Wait};
 use admission::Refusal;
 use log::Warnings;
+use open::{Opened, Opener};
 
 mod admission;
 mod log;
+mod open;
 #[cfg(test)]
 mod tests;
 
@@ -200,19 +200,20 @@ struct Worker<D> {
     now: Instant,
     warnings: Warnings,
     index: usize,
-    /// The family of each service's accepted sockets (its listener's).
-    client_domains: Vec<Domain>,
+    /// Makes a connection of each new client.
+    opener: Opener,
     config: Arc<RelayConfig>,
     stats: Arc<Stats>,
     control: Arc<Control>,
     pools: Pools,
-    next_id: u64,
 }
 
 impl<D: Driver> Worker<D> {
-    fn new(driver: D, setup: WorkerSetup) -> Self {
+    fn new(mut driver: D, setup: WorkerSetup) -> Self {
         let WorkerSetup { index, config, stats, control, mailbox, router, .. } = setup;
         let sweep_every = config.services.iter().filter_map(|s| s.idle_timeout).min().map(sweep_interval);
+        let opener =
+            Opener::new(Arc::clone(&config), index, driver.trigger(), driver.buffer_ring().is_some());
         Worker {
             driver,
             conns: Slab::new(),
@@ -228,12 +229,11 @@ impl<D: Driver> Worker<D> {
             now: Instant::now(),
             warnings: Warnings::new(),
             index,
-            client_domains: config.services.iter().map(|s| socket::domain(&s.listen)).collect(),
+            opener,
             pools: Pools::new(config.pipe_bytes, POOL_MAX_IDLE),
             config,
             stats,
             control,
-            next_id: (index as u64) << 48,
         }
     }
 
@@ -365,16 +365,8 @@ impl<D: Driver> Worker<D> {
         Ok(())
     }
 
-    /// A verdict for a connection waiting for one: counted when it allows
-    /// (refusals are counted when the connection closes), then carried out.
+    /// A verdict for a connection waiting for one.
     fn decided(&mut self, key: Key, verdict: Verdict) -> io::Result<()> {
-        let service = self.conns[key.index as usize].service;
-        if let (Verdict::Allowed { rule, .. }, Some(route)) =
-            (&verdict, self.config.services[service].route())
-        {
-            route.counters.decided(Decision::Allowed);
-            route.counters.allowed_by(rule);
-        }
         self.dispatch(key, Event::Decided(verdict))
     }
 
@@ -402,13 +394,9 @@ impl<D: Driver> Worker<D> {
                 break;
             }
             self.deadlines.pop();
-            let waiting = |state| {
-                matches!(
-                    state,
-                    ConnState::ReadingHead { .. } | ConnState::Deciding { .. } | ConnState::Connecting { .. }
-                )
-            };
-            if self.slot(key).is_some_and(|slot| waiting(slot.conn.state)) {
+            // An entry of a state the connection has left is stale: the
+            // state it is in now has an entry of its own, if it waits.
+            if self.slot(key).is_some_and(|slot| slot.conn.state.deadline().is_some_and(|due| due <= now)) {
                 self.dispatch(key, Event::DeadlinePassed)?;
             }
         }
@@ -457,102 +445,87 @@ impl<D: Driver> Worker<D> {
         }
     }
 
-    /// A new client of `service`: open the upstream socket and start the connect.
+    /// A new client of `service`: refused, or a connection in a slot.
     fn open(&mut self, service: usize, client: Socket) -> io::Result<()> {
-        let rules = &self.config.services[service];
-        if let Some(refusal) = admission::refusal(rules, self.stats.active(service), &client) {
-            self.refuse(service, &client, &refusal);
-            return Ok(());
-        }
-        let client_domain = self.client_domains[service];
-        if let Err(e) = socket::tune_accepted(&client, client_domain, &self.config.socket) {
-            tracing::debug!(error = %e, "cannot tune an accepted socket");
-        }
-        self.stats.cell(self.index, service).opened();
-        self.next_id += 1;
-        let target = match &self.config.services[service].upstream {
-            Upstream::Fixed(target) => target.current(),
-            Upstream::Routed(route) => {
-                let deadline = Instant::now() + route.head_timeout;
-                let conn = Connection::routed(self.next_id, client, Head::new(route.kind), deadline);
-                let Some(key) = self.insert(service, conn)? else { return Ok(()) };
-                self.deadlines.push(Reverse((deadline, key)));
-                return self.carry_out(key, Action::AwaitHead, [0; 2]);
+        match self.opener.open(service, client, self.stats.active(service)) {
+            Opened::Refused { client, refusal } => {
+                self.refuse(service, &client, &refusal);
+                Ok(())
             }
-        };
-        let Some(key) = self.insert(service, Connection::unattached(self.next_id, client))? else {
-            return Ok(());
-        };
-        self.connect_to(key, target)
+            Opened::NoUpstreamSocket { client, error } => {
+                socket::reset(&client);
+                let cell = self.stats.cell(self.index, service);
+                cell.opened();
+                cell.dropped(Failure::Resources);
+                self.no_upstream_socket(&error);
+                Ok(())
+            }
+            Opened::Connection(conn) => {
+                self.stats.cell(self.index, service).opened();
+                self.insert(service, conn)
+            }
+        }
     }
 
-    /// Puts a new connection in a slot and registers its client socket (a
-    /// client that cannot be watched is reset).
-    fn insert(&mut self, service: usize, mut conn: Connection) -> io::Result<Option<Key>> {
-        if self.driver.edge_triggered() {
-            conn.set_edge_triggered();
+    /// Out of descriptors, most likely: this client is given up on, the
+    /// others are served. Logged (throttled).
+    fn no_upstream_socket(&mut self, error: &io::Error) {
+        if self.warnings.no_upstream_socket.admit(self.now, self.index) {
+            tracing::warn!(worker = self.index, %error, "cannot open an upstream socket; client reset");
         }
-        if self.config.services[service].proxy_protocol {
-            let client = conn.client.peer_addr().ok().and_then(|a| a.as_socket());
-            let local = conn.client.local_addr().ok().and_then(|a| a.as_socket());
-            conn.set_prelude(proxy_header::encode(client, local));
-        }
+    }
+
+    /// Puts a new connection in a slot, registers its client socket (a
+    /// client that cannot be watched is reset), and carries out its first
+    /// action.
+    fn insert(&mut self, service: usize, conn: Connection) -> io::Result<()> {
         let entry = self.conns.vacant_entry();
         let key = key_of(entry.key(), &conn)?;
         let slot = entry.insert(Slot { conn, service, last_active: self.now });
         if let Err(e) = self.driver.register(key, &slot.conn.client) {
             slot.conn.reset();
             let ending = Ending::Failed(ConnError::new(Side::Client, Op::Read, e));
-            self.carry_out(key, Action::Close(ending), [0; 2])?;
-            return Ok(None);
+            return self.carry_out(key, Action::Close(ending), [0; 2]);
         }
-        Ok(Some(key))
+        let first = slot.conn.first_action();
+        self.carry_out(key, first, [0; 2])
     }
 
-    /// Opens the upstream socket of connection `key` and starts its connect to `target`.
-    fn connect_to(&mut self, key: Key, target: SockAddr) -> io::Result<()> {
+    /// Opens the upstream socket for the address the router allowed and
+    /// starts its connect.
+    fn dial(&mut self, key: Key, address: SockAddr) -> io::Result<()> {
         let slot = &mut self.conns[key.index as usize];
-        let upstream = match socket::socket_for(&target, &self.config.socket) {
-            Ok(upstream) => upstream,
-            Err(e) => {
-                // Out of descriptors, most likely: give up on this client, serve the others.
-                if self.warnings.no_upstream_socket.admit(self.now, self.index) {
-                    let e = match socket::endpoint_of(&target) {
-                        Some(endpoint) => hint::with_hint(hint::Step::Connect, &endpoint, e),
-                        None => e,
-                    };
-                    tracing::warn!(worker = self.index, error = %e, "cannot open an upstream socket; client reset");
-                }
+        match self.opener.dial(slot.service, address) {
+            Ok(dial) => {
+                slot.conn.dialed(dial);
+                self.start_connect(key)
+            }
+            Err(error) => {
                 slot.conn.give_up();
                 self.stats.cell(self.index, slot.service).dropped(Failure::Resources);
-                return self.forget(key);
+                self.no_upstream_socket(&error);
+                self.forget(key)
             }
-        };
-        let deadline = Instant::now() + self.config.connect_timeout;
-        let (path, ring) = (self.config.data_path, self.driver.buffer_ring().is_some());
-        let (from_client, from_upstream) = (self.client_domains[slot.service], target.domain());
-        let paths = [
-            path.for_direction(from_client, from_upstream, ring),
-            path.for_direction(from_upstream, from_client, ring),
-        ];
-        slot.conn.attach(upstream, paths, deadline);
-        let registered = match slot.conn.upstream.as_ref() {
+        }
+    }
+
+    /// Gives the driver the connection's upstream socket and starts its connect.
+    fn start_connect(&mut self, key: Key) -> io::Result<()> {
+        let slot = &mut self.conns[key.index as usize];
+        let registered = match slot.conn.socket(Side::Upstream) {
             Some(upstream) => self.driver.add_upstream(key, upstream),
             None => Ok(()),
         };
         let (action, moved) = match registered {
             Ok(()) => {
-                let mut io = Context::new(&mut self.pools, self.driver.buffer_ring(), key);
-                (slot.conn.start(&target, &mut io), io.moved)
+                let mut ctx = Context::new(&mut self.pools, self.driver.buffer_ring(), key);
+                (slot.conn.start(&mut ctx), ctx.moved)
             }
             Err(e) => {
                 slot.conn.reset();
                 (Action::Close(Ending::Failed(ConnError::new(Side::Upstream, Op::Connect, e))), [0; 2])
             }
         };
-        if let Action::AwaitConnect = action {
-            self.deadlines.push(Reverse((deadline, key)));
-        }
         self.carry_out(key, action, moved)
     }
 
@@ -566,9 +539,9 @@ impl<D: Driver> Worker<D> {
 
     /// Runs a connection's state machine on `event` and carries out its answer.
     fn dispatch(&mut self, key: Key, event: Event) -> io::Result<()> {
-        let mut io = Context::new(&mut self.pools, self.driver.buffer_ring(), key);
-        let action = self.conns[key.index as usize].conn.handle(event, &mut io);
-        let moved = io.moved;
+        let mut ctx = Context::new(&mut self.pools, self.driver.buffer_ring(), key);
+        let action = self.conns[key.index as usize].conn.handle(event, &mut ctx);
+        let moved = ctx.moved;
         self.carry_out(key, action, moved)
     }
 
@@ -583,22 +556,25 @@ impl<D: Driver> Worker<D> {
         if moved != [0, 0] {
             slot.last_active = self.now;
         }
+        if let Some(deadline) = slot.conn.take_new_deadline() {
+            self.deadlines.push(Reverse((deadline, key)));
+        }
         match action {
             Action::AwaitHead => self.driver.watch(key, &slot.conn.client, Side::Client, Readiness::READABLE),
-            Action::Decide { host, port } => {
-                let (service, state) = (slot.service, slot.conn.state);
+            Action::Decide(destination) => {
+                let service = slot.service;
                 let Some(router) = self.router.clone() else { return Ok(()) };
-                if let Some(verdict) = router.decide_now(service, &host, port) {
-                    return self.decided(key, verdict);
+                match router.decide_now(service, &destination.host, destination.port) {
+                    Some(verdict) => self.decided(key, verdict),
+                    None => {
+                        router.ask(Job { worker: self.index, key, service, destination });
+                        Ok(())
+                    }
                 }
-                if let ConnState::Deciding { deadline } = state {
-                    self.deadlines.push(Reverse((deadline, key)));
-                }
-                router.ask(Job { worker: self.index, key, service, host, port });
-                Ok(())
             }
-            Action::Connect(target) => self.connect_to(key, target),
-            Action::AwaitConnect => match slot.conn.upstream.as_ref() {
+            Action::StartConnect => self.start_connect(key),
+            Action::Connect(address) => self.dial(key, address),
+            Action::AwaitConnect => match slot.conn.socket(Side::Upstream) {
                 Some(upstream) => self.driver.watch(key, upstream, Side::Upstream, Readiness::WRITABLE),
                 None => Ok(()),
             },
@@ -630,15 +606,12 @@ impl<D: Driver> Worker<D> {
         }
     }
 
-    /// Counts a closed connection (and its routing decision) and logs it.
+    /// Counts a closed connection and logs it.
     fn count_closed(&mut self, key: Key, ending: &Ending) {
         let Slot { conn, service, .. } = &self.conns[key.index as usize];
         let lasted = conn.opened.elapsed();
         self.stats.cell(self.index, *service).closed(failure_of(ending), lasted);
         let service = &self.config.services[*service];
-        if let (Ending::Refused { decision, .. }, Upstream::Routed(route)) = (ending, &service.upstream) {
-            route.counters.decided(*decision);
-        }
         log::closed(conn, service, ending, lasted, &mut self.warnings, self.now, self.index);
     }
 

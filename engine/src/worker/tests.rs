@@ -18,6 +18,7 @@ use crate::driver::buffers::Returns;
 use crate::endpoint::{Endpoint, Host};
 use crate::sys;
 use crate::target::Target;
+use crate::vocab::Trigger;
 use crate::vocab::{BufferSlice, Completed};
 use std::rc::Rc;
 
@@ -68,8 +69,8 @@ impl Fake {
 }
 
 impl Driver for Fake {
-    fn edge_triggered(&self) -> bool {
-        false
+    fn trigger(&self) -> Trigger {
+        Trigger::Level
     }
 
     fn register(&mut self, key: Key, _client: &Socket) -> io::Result<()> {
@@ -544,4 +545,64 @@ fn generations_fit_in_24_bits() {
         assert!(generation(id) < 1 << 24, "{id:#x}");
         assert_eq!(u64::from(generation(id)), id & 0xff_ffff);
     }
+}
+
+/// The calls of the driver but its waits.
+fn without_waits(calls: Vec<Call>) -> Vec<Call> {
+    calls.into_iter().filter(|call| !matches!(call, Call::Wait(_))).collect()
+}
+
+/// A fixed target's plan opens the upstream socket with the connection: the
+/// driver gets the client, then the upstream, then the connect starts (a
+/// Unix upstream connects at once: relaying, with nothing left on a deadline).
+#[test]
+fn a_fixed_plan_registers_the_client_then_the_upstream_and_connects() {
+    let mut h = Harness::new(|_| {});
+    let mut conn = h.open();
+    let calls = without_waits(h.calls());
+    assert_eq!(calls[..2], [Call::Register(conn.key), Call::AddUpstream(conn.key)], "{calls:?}");
+    assert!(h.worker.deadlines.iter().all(|Reverse((_, key))| *key == conn.key));
+    conn.client.write_all(b"fixed").unwrap();
+    h.run(vec![Step::Events(vec![readable(conn.key, Side::Client)])]);
+    receives(&mut conn.upstream, b"fixed");
+}
+
+/// A route's plan has no upstream socket until the router allows the
+/// destination: the head is watched, each state's deadline is scheduled
+/// once (the head's, the decision's, the connect's), and the verdict dials
+/// the address it checked; the client is answered `200` and the route
+/// counts the decision.
+#[test]
+fn a_routed_plan_gets_its_upstream_only_once_allowed() {
+    use crate::config::Upstream;
+    use crate::route::{Decision, Route, RouteKind};
+    let route = Route::new(RouteKind::Connect, Arc::new(|_: &Host, _, _, _| None));
+    let counters = Arc::clone(&route.counters);
+    let mut h = Harness::new(|config| config.services[0].upstream = Upstream::Routed(route));
+    let target = TcpListener::bind("127.0.0.1:0").unwrap();
+    let (accepted, mut client) = client();
+    h.run(vec![Step::Events(vec![accepted])]);
+    let key = *h.registered().last().unwrap();
+    let calls = without_waits(h.calls());
+    assert_eq!(calls, [Call::Register(key), Call::Watch(key, Side::Client, Readiness::READABLE)]);
+    assert!(matches!(h.worker.slot(key).unwrap().conn.state, ConnState::ReadingHead { .. }));
+    assert_eq!(h.worker.deadlines.len(), 1, "the head's deadline");
+
+    client.write_all(b"CONNECT upstream.test:443 HTTP/1.1\r\n\r\n").unwrap();
+    h.run(vec![Step::Events(vec![readable(key, Side::Client)])]);
+    assert!(matches!(h.worker.slot(key).unwrap().conn.state, ConnState::Deciding { .. }));
+    assert_eq!(h.worker.deadlines.len(), 2, "the decision's deadline too");
+    assert!(!without_waits(h.calls()).contains(&Call::AddUpstream(key)), "no upstream before the verdict");
+
+    let verdict = Verdict::Allowed { address: target.local_addr().unwrap(), rule: "rule".into() };
+    h.worker.decided(key, verdict).unwrap();
+    assert!(without_waits(h.calls()).contains(&Call::AddUpstream(key)));
+    assert_eq!((counters.decisions(Decision::Allowed), counters.by_rule()["rule"]), (1, 1));
+    let writable = DriverEvent::Ready { key, side: Side::Upstream, readiness: Readiness::WRITABLE };
+    h.run(vec![Step::Events(vec![writable])]);
+    assert_eq!(h.worker.slot(key).unwrap().conn.state, ConnState::Relaying);
+    let mut answer = [0u8; 39];
+    client.read_exact(&mut answer).unwrap();
+    assert_eq!(&answer, b"HTTP/1.1 200 Connection established\r\n\r\n");
+    let _accepted_upstream = target.accept().unwrap();
 }

@@ -1,0 +1,112 @@
+//! From an accepted client to a connection: the accept -> connect pipeline,
+//! kept out of the worker's loop.
+//!
+//! For each new client of a service: the service's rules first (a refused
+//! client never becomes a connection), the accepted socket tuned, then the
+//! connection's plan: for a fixed target its upstream socket opened now,
+//! each direction's data path chosen by the families of both sockets (and
+//! whether the driver has a buffer ring), the connect's deadline; for a
+//! route, the head to read and its deadline. A PROXY protocol header, when
+//! the service sends one, is written here from the client's socket. The
+//! same dial serves a routed connection once the router allowed its
+//! destination. What the worker keeps: the slots, the driver, the counters
+//! and the log.
+
+use std::io;
+use std::sync::Arc;
+use std::time::Instant;
+
+use socket2::{Domain, SockAddr, Socket};
+
+use super::admission::{self, Refusal};
+use crate::config::{RelayConfig, Upstream};
+use crate::conn::routed::Routed;
+use crate::conn::{Connection, Dial, Plan};
+use crate::hint;
+use crate::proxy_header;
+use crate::socket;
+use crate::vocab::Trigger;
+
+/// What became of a new client. (The connection is not boxed: it is moved
+/// once, into its slot; a box would cost an allocation per client.)
+#[allow(clippy::large_enum_variant)]
+pub(super) enum Opened {
+    /// A connection, to be given a slot; its first action says what next.
+    Connection(Connection),
+    /// The service's rules refuse the client (reset it, count and log why).
+    Refused { client: Socket, refusal: Refusal },
+    /// No upstream socket could be opened for a fixed target (out of
+    /// descriptors, most likely): the client is reset; `error` says why,
+    /// with a hint where there is one.
+    NoUpstreamSocket { client: Socket, error: io::Error },
+}
+
+/// Makes the connections of one worker.
+pub(super) struct Opener {
+    config: Arc<RelayConfig>,
+    /// The family of each service's accepted sockets (its listener's).
+    client_domains: Vec<Domain>,
+    trigger: Trigger,
+    /// Whether the driver has a buffer ring (the `ring` data path).
+    buffer_ring: bool,
+    /// The last connection id given; a worker's ids start at its index
+    /// shifted into the high bits, so ids are unique in the relay.
+    last_id: u64,
+}
+
+impl Opener {
+    pub fn new(config: Arc<RelayConfig>, worker: usize, trigger: Trigger, buffer_ring: bool) -> Self {
+        let client_domains = config.services.iter().map(|s| socket::domain(&s.listen)).collect();
+        Opener { config, client_domains, trigger, buffer_ring, last_id: (worker as u64) << 48 }
+    }
+
+    /// A new `client` of `service`, which has `active` connections open.
+    pub fn open(&mut self, service: usize, client: Socket, active: u64) -> Opened {
+        let rules = &self.config.services[service];
+        if let Some(refusal) = admission::refusal(rules, active, &client) {
+            return Opened::Refused { client, refusal };
+        }
+        if let Err(e) = socket::tune_accepted(&client, self.client_domains[service], &self.config.socket) {
+            tracing::debug!(error = %e, "cannot tune an accepted socket");
+        }
+        let plan = match &rules.upstream {
+            Upstream::Fixed(target) => match self.dial(service, target.current()) {
+                Ok(dial) => Plan::Fixed(dial),
+                Err(error) => return Opened::NoUpstreamSocket { client, error },
+            },
+            Upstream::Routed(route) => {
+                Plan::Routed { routed: Routed::new(route), deadline: Instant::now() + route.head_timeout }
+            }
+        };
+        let proxy_header = match rules.proxy_protocol {
+            true => {
+                let peer = client.peer_addr().ok().and_then(|a| a.as_socket());
+                let local = client.local_addr().ok().and_then(|a| a.as_socket());
+                proxy_header::encode(peer, local)
+            }
+            false => Vec::new(),
+        };
+        self.last_id += 1;
+        Opened::Connection(Connection::new(self.last_id, client, plan, self.trigger, proxy_header))
+    }
+
+    /// An upstream socket for a client of `service` to `address`, each
+    /// direction's data path, and the connect's deadline. An error says
+    /// why no socket could be opened, with a hint where there is one.
+    pub fn dial(&self, service: usize, address: SockAddr) -> io::Result<Dial> {
+        let socket =
+            socket::socket_for(&address, &self.config.socket).map_err(|e| {
+                match socket::endpoint_of(&address) {
+                    Some(endpoint) => hint::with_hint(hint::Step::Connect, &endpoint, e),
+                    None => e,
+                }
+            })?;
+        let (path, ring) = (self.config.data_path, self.buffer_ring);
+        let (from_client, from_upstream) = (self.client_domains[service], address.domain());
+        let paths = [
+            path.for_direction(from_client, from_upstream, ring),
+            path.for_direction(from_upstream, from_client, ring),
+        ];
+        Ok(Dial { socket, address, paths, deadline: Instant::now() + self.config.connect_timeout })
+    }
+}
