@@ -174,14 +174,14 @@ impl Mover {
     fn is_finished(&self) -> bool {
         match self {
             Mover::Pump(pump) => pump.is_finished(),
-            Mover::Completion(ring) => ring.is_finished(),
+            Mover::Completion(pump) => pump.is_finished(),
         }
     }
 
     fn bytes(&self) -> u64 {
         match self {
             Mover::Pump(pump) => pump.bytes,
-            Mover::Completion(ring) => ring.bytes,
+            Mover::Completion(pump) => pump.bytes,
         }
     }
 
@@ -190,14 +190,14 @@ impl Mover {
     fn end_with_close(&mut self) {
         match self {
             Mover::Pump(pump) => pump.half_close.end_with_close(),
-            Mover::Completion(ring) => ring.half_close.end_with_close(),
+            Mover::Completion(pump) => pump.half_close.end_with_close(),
         }
     }
 
     fn release(&mut self, pools: &mut Pools) {
         match self {
             Mover::Pump(pump) => pump.release(pools),
-            Mover::Completion(ring) => ring.release(),
+            Mover::Completion(pump) => pump.release(),
         }
     }
 }
@@ -421,11 +421,11 @@ impl Connection {
         };
         let (wait, n) = match (&mut movers[direction as usize], ctx.buffer_ring.as_deref_mut()) {
             (Mover::Pump(pump), _) => pump.run(src, dst, ctx.pools, self.trigger)?,
-            (Mover::Completion(ring), Some(ops)) => {
+            (Mover::Completion(pump), Some(ops)) => {
                 let mut buffers = BufferIo { ops, key: ctx.key, direction };
                 match completed {
-                    Some(completed) => ring.complete(completed, src, dst, &mut buffers)?,
-                    None => (ring.step(src, dst, &mut buffers)?, 0),
+                    Some(completed) => pump.complete(completed, src, dst, &mut buffers)?,
+                    None => (pump.step(src, dst, &mut buffers)?, 0),
                 }
             }
             (Mover::Completion(_), None) => {

@@ -556,8 +556,12 @@ impl<D: Driver> Worker<D> {
         if moved != [0, 0] {
             slot.last_active = self.now;
         }
-        if let Some(deadline) = slot.conn.take_new_deadline() {
-            self.deadlines.push(Reverse((deadline, key)));
+        // The connect's deadline is scheduled once the connect is under way
+        // (one done at once needs none): after `start`, not before.
+        if !matches!(action, Action::StartConnect) {
+            if let Some(deadline) = slot.conn.take_new_deadline() {
+                self.deadlines.push(Reverse((deadline, key)));
+            }
         }
         match action {
             Action::AwaitHead => self.driver.watch(key, &slot.conn.client, Side::Client, Readiness::READABLE),
