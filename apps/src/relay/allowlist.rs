@@ -24,13 +24,17 @@
 //! the instance metadata service, fe80::/10, fd00:ec2::254) or unspecified
 //! address is refused unless an address or CIDR entry within that block
 //! names it, even when a name or wildcard entry matches the name (a name
-//! that resolves to the metadata service is refused).
+//! that resolves to the metadata service is refused). An IPv6 address that
+//! carries an IPv4 one (IPv4-mapped `::ffff:0:0/96`, IPv4-compatible
+//! `::/96`, NAT64 `64:ff9b::/96`, 6to4 `2002::/16`) is judged by that IPv4
+//! address too: `[::127.0.0.1]` and `[64:ff9b::a9fe:a9fe]` are loopback and
+//! the metadata service, whatever range entry holds them as IPv6.
 //!
 //! Reading is bounded (size, nesting) and as lenient as AWS's proxy: unknown
 //! fields and documents after the first are accepted with a warning.
 
 use std::io::Read;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 
 use ipnet::IpNet;
@@ -112,12 +116,32 @@ const RESERVED: [(&str, &str); 7] = [
     ("fd00:ec2::/64", "AWS instance services' (metadata, DNS, time)"),
 ];
 
-/// The reserved block holding `ip` (canonical), and what it is.
+/// The reserved block holding `ip` (canonical), or the IPv4 address it
+/// carries, and what it is.
 fn reserved_block(ip: IpAddr) -> Option<(IpNet, &'static str)> {
-    RESERVED.iter().find_map(|(block, kind)| {
-        let block: IpNet = block.parse().ok()?;
-        block.contains(&ip).then_some((block, *kind))
-    })
+    let in_block = |ip: IpAddr| {
+        RESERVED.iter().find_map(|(block, kind)| {
+            let block: IpNet = block.parse().ok()?;
+            block.contains(&ip).then_some((block, *kind))
+        })
+    };
+    in_block(ip).or_else(|| in_block(IpAddr::V4(embedded_ipv4(ip)?)))
+}
+
+/// The IPv4 address an IPv6 address carries, by the forms that reach it:
+/// IPv4-compatible `::a.b.c.d` (`::` and `::1` are their own), NAT64's
+/// well-known prefix `64:ff9b::/96`, and 6to4 `2002:AABB:CCDD::/48`.
+/// (IPv4-mapped addresses are in IPv4 form already: canonical.)
+fn embedded_ipv4(ip: IpAddr) -> Option<Ipv4Addr> {
+    let IpAddr::V6(v6) = ip else { return None };
+    let (segments, o) = (v6.segments(), v6.octets());
+    let last_32 = Ipv4Addr::new(o[12], o[13], o[14], o[15]);
+    match segments {
+        [0, 0, 0, 0, 0, 0, 0, 0 | 1] => None,
+        [0, 0, 0, 0, 0, 0, _, _] | [0x64, 0xff9b, 0, 0, 0, 0, _, _] => Some(last_32),
+        [0x2002, ..] => Some(Ipv4Addr::new(o[2], o[3], o[4], o[5])),
+        _ => None,
+    }
 }
 
 /// Which kind of entry allowed a target.
@@ -520,6 +544,33 @@ mod tests {
         assert!(check(&name("dns.internal"), 80, "fd00:ec2::253").is_err(), "the VPC resolver");
         assert!(check(&Host::Ip(ip("0.0.0.0")), 80, "0.0.0.0").is_err());
         assert!(check(&name("a.example.com"), 80, "::ffff:127.0.0.1").is_err(), "mapped loopback");
+        // An IPv6 address carrying a reserved IPv4 one is judged by it,
+        // though a `::/0` entry holds it as IPv6; one carrying an ordinary
+        // IPv4 address is not reserved.
+        let any_v6 = Allowlist::parse("allowlist:\n- {address: '::/0', port: 80}\n", p()).unwrap();
+        let check_v6 = |address| {
+            any_v6.admits_routed(&Host::Ip(ip(address)), 80, ip(address), &mut |_: &str| Vec::new())
+        };
+        for (carried, kind) in [
+            ("::127.0.0.1", "loopback"),
+            ("64:ff9b::a9fe:a9fe", "link-local (the instance metadata service's)"),
+            ("2002:a9fe:a9fe::1", "link-local (the instance metadata service's)"),
+            ("::a9fe:a9fe", "link-local (the instance metadata service's)"),
+            ("64:ff9b::0.0.0.0", "unspecified"),
+        ] {
+            let e = check_v6(carried).unwrap_err();
+            assert!(matches!(e, AllowlistError::Reserved { kind: k, .. } if k == kind), "{carried}: {e}");
+        }
+        for ordinary in ["64:ff9b::c000:201", "2002:c000:201::1", "::c000:201", "2001:db8::1"] {
+            assert_eq!(check_v6(ordinary), Ok("::/0:80".into()), "{ordinary}");
+        }
+        // Named exactly, it is allowed, as any reserved address is.
+        let named =
+            Allowlist::parse("allowlist:\n- {address: '64:ff9b::a9fe:a9fe', port: 80}\n", p()).unwrap();
+        let metadata_via_nat64 = ip("64:ff9b::a9fe:a9fe");
+        assert!(named
+            .admits_routed(&Host::Ip(metadata_via_nat64), 80, metadata_via_nat64, &mut |_: &str| Vec::new())
+            .is_ok());
         // Named by an address or a range within the block: allowed.
         assert_eq!(
             check(&Host::Ip(ip("169.254.169.254")), 8080, "169.254.169.254"),
