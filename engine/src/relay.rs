@@ -13,7 +13,7 @@ use crate::config::{RelayConfig, Service, Upstream};
 use crate::driver::{self, Backend};
 use crate::endpoint::Endpoint;
 use crate::error::Error;
-use crate::route::router::{Mailbox, Router};
+use crate::route::router::{Mailbox, Router, ServiceRoute};
 use crate::socket;
 use crate::stats::Stats;
 use crate::sys;
@@ -63,37 +63,22 @@ impl Relay {
             n => n,
         };
         let (local, listeners) = listen(&config, workers)?;
-        let wakers = Wakers::new(workers)?;
-        let control = Arc::new(Control::new(wakers.control));
+        let Wakers { for_control, wakes, mailboxes } = Wakers::new(workers)?;
+        let control = Arc::new(Control::new(for_control));
         let stats = Arc::new(Stats::new(config.services.iter().map(|s| s.name.clone()).collect(), workers));
         let config = Arc::new(config);
-        let router = start_router(&config, &wakers.mailboxes)?;
+        let router = start_router(&config, &mailboxes)?;
         for (service, listen) in config.services.iter().zip(&local) {
             tracing::info!(service = %service.name, listen = %listen, upstream = %service.upstream,
                 workers, backend = %backend, "relay listening");
         }
-        let mut handles = Vec::with_capacity(workers);
-        let inboxes = listeners.into_iter().zip(wakers.wakes).zip(wakers.mailboxes);
-        for (index, ((listeners, wake), mailbox)) in inboxes.enumerate() {
-            let setup = WorkerSetup {
-                index,
-                listeners,
-                wake,
-                mailbox,
-                router: router.clone(),
-                config: Arc::clone(&config),
-                stats: Arc::clone(&stats),
-                control: Arc::clone(&control),
-            };
-            let handle = std::thread::Builder::new()
-                .name(format!("relay-worker-{index}"))
-                .spawn(move || worker::run(backend, setup))
-                .map_err(|e| {
-                    control.stop();
-                    Error::Start(e)
-                })?;
-            handles.push(handle);
-        }
+        let shared = Shared {
+            config: Arc::clone(&config),
+            stats: Arc::clone(&stats),
+            control: Arc::clone(&control),
+            router,
+        };
+        let handles = spawn_workers(backend, listeners, wakes, mailboxes, shared)?;
         let data_path = config.data_path;
         Ok(Relay { local, backend, data_path, stats, control, config, workers: handles })
     }
@@ -213,34 +198,78 @@ fn listen(config: &RelayConfig, workers: usize) -> Result<(Vec<Endpoint>, Vec<Ve
 /// One eventfd per worker, seen three ways: the stop control writes it,
 /// the router's mailbox writes it, the worker's driver reads it.
 struct Wakers {
-    control: Vec<File>,
+    for_control: Vec<File>,
     wakes: Vec<File>,
     mailboxes: Vec<Arc<Mailbox>>,
 }
 
 impl Wakers {
     fn new(workers: usize) -> Result<Wakers, Error> {
-        let control = (0..workers)
+        let for_control = (0..workers)
             .map(|_| sys::eventfd().map(File::from))
             .collect::<Result<Vec<_>, _>>()
             .map_err(Error::Start)?;
         let wakes =
-            control.iter().map(File::try_clone).collect::<Result<Vec<_>, _>>().map_err(Error::Start)?;
-        let mailboxes = control
+            for_control.iter().map(File::try_clone).collect::<Result<Vec<_>, _>>().map_err(Error::Start)?;
+        let mailboxes = for_control
             .iter()
             .map(|w| w.try_clone().map(|waker| Arc::new(Mailbox::new(waker))))
             .collect::<Result<Vec<_>, _>>()
             .map_err(Error::Start)?;
-        Ok(Wakers { control, wakes, mailboxes })
+        Ok(Wakers { for_control, wakes, mailboxes })
     }
 }
 
-/// The router, when the relay has routed services: it gets their names and
-/// routes and the DNS options, nothing else of the config.
+/// The router, when the relay has routed services: it gets the services'
+/// names and routes and the DNS options, nothing else of the config.
 fn start_router(config: &RelayConfig, mailboxes: &[Arc<Mailbox>]) -> Result<Option<Arc<Router>>, Error> {
     if !config.services.iter().any(|s| matches!(s.upstream, Upstream::Routed(_))) {
         return Ok(None);
     }
-    let routes = config.services.iter().map(|s| (s.name.clone(), s.route().cloned())).collect();
-    Ok(Some(Arc::new(Router::start(&config.dns, routes, mailboxes.to_vec())?)))
+    let services =
+        config.services.iter().map(|s| ServiceRoute { name: s.name.clone(), route: s.route().cloned() });
+    Ok(Some(Arc::new(Router::start(&config.dns, services.collect(), mailboxes.to_vec())?)))
+}
+
+/// What every worker shares: the config, the counters, the stop control and
+/// the router.
+struct Shared {
+    config: Arc<RelayConfig>,
+    stats: Arc<Stats>,
+    control: Arc<Control>,
+    router: Option<Arc<Router>>,
+}
+
+/// Starts one worker thread per handle set of listeners (with its waker and
+/// mailbox); a thread that cannot start stops the others.
+fn spawn_workers(
+    backend: Backend,
+    listeners: Vec<Vec<Socket>>,
+    wakes: Vec<File>,
+    mailboxes: Vec<Arc<Mailbox>>,
+    shared: Shared,
+) -> Result<Vec<JoinHandle<Result<(), Error>>>, Error> {
+    let mut handles = Vec::with_capacity(listeners.len());
+    let inboxes = listeners.into_iter().zip(wakes).zip(mailboxes);
+    for (index, ((listeners, wake), mailbox)) in inboxes.enumerate() {
+        let setup = WorkerSetup {
+            index,
+            listeners,
+            wake,
+            mailbox,
+            router: shared.router.clone(),
+            config: Arc::clone(&shared.config),
+            stats: Arc::clone(&shared.stats),
+            control: Arc::clone(&shared.control),
+        };
+        let handle = std::thread::Builder::new()
+            .name(format!("relay-worker-{index}"))
+            .spawn(move || worker::run(backend, setup))
+            .map_err(|e| {
+                shared.control.stop();
+                Error::Start(e)
+            })?;
+        handles.push(handle);
+    }
+    Ok(handles)
 }

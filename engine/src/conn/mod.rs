@@ -43,17 +43,17 @@ use socket2::{Domain, SockAddr, Socket};
 use crate::error::{ConnError, Op, Side};
 use crate::pool::Pools;
 use crate::route::router::Verdict;
-use crate::route::{Decision, Destination};
+use crate::route::{Decision, Destination, Route};
 use crate::socket;
 use crate::vocab::{BufferIo, BufferRingOps, Completed, DataPath, Direction, Key, Readiness, Trigger, Wait};
 use completion_pump::CompletionPump;
 use pump::Pump;
-use routed::{HeadRead, Routed};
+use routed::{HeadStep, Routed};
 
 mod completion_pump;
 mod half_close;
 mod pump;
-pub(crate) mod routed;
+mod routed;
 
 /// Longest a routed connection waits for the router's verdict: its lookup
 /// timeout and time for the policy check.
@@ -104,6 +104,8 @@ pub enum Event {
     Completed(Direction, Completed),
     /// No byte moved either way for this long (`--idle-timeout`).
     IdleFor(Duration),
+    /// The driver would not watch one of its sockets.
+    DriverFailed(ConnError),
 }
 
 /// What a transition may use besides the connection: the worker's pools,
@@ -141,9 +143,17 @@ pub enum Plan {
     /// connects it.
     Fixed(Dial),
     /// A route: the client's head names the destination, read until
-    /// `deadline` ([`Action::AwaitHead`] first); the router decides, and
-    /// [`Connection::dialed`] gives it the upstream socket.
-    Routed { routed: Routed, deadline: Instant },
+    /// `head_deadline` ([`Action::AwaitHead`] first); the router decides,
+    /// and [`Connection::dialed`] gives it the upstream socket.
+    Routed { routed: Routed, head_deadline: Instant },
+}
+
+impl Plan {
+    /// The plan of a new client of `route`: its head first, within the
+    /// route's head timeout.
+    pub fn route(route: &Route) -> Plan {
+        Plan::Routed { routed: Routed::new(route), head_deadline: Instant::now() + route.head_timeout }
+    }
 }
 
 /// How one direction moves its bytes.
@@ -202,7 +212,8 @@ impl Mover {
     }
 }
 
-/// The upstream side of a connection, from its dial on.
+/// The upstream side of a connection, from its dial on: the socket, where
+/// it connects, and both directions' movers (they need both sockets).
 #[derive(Debug)]
 struct Upstream {
     socket: Socket,
@@ -213,6 +224,23 @@ struct Upstream {
     connect_took: Option<Duration>,
     /// Writable is no proof of a connect here (vsock): ask for the peer too.
     connect_needs_peer: bool,
+    /// Each direction's mover (to upstream, to the client).
+    movers: [Mover; 2],
+}
+
+impl Upstream {
+    fn of(dial: Dial) -> (Upstream, Instant) {
+        let Dial { socket, address, paths, deadline } = dial;
+        let upstream = Upstream {
+            socket,
+            connect_needs_peer: address.domain() == Domain::VSOCK,
+            address,
+            connect_started: Instant::now(),
+            connect_took: None,
+            movers: Mover::both(paths),
+        };
+        (upstream, deadline)
+    }
 }
 
 /// How a connection ended.
@@ -239,9 +267,9 @@ pub enum Action {
     /// The upstream socket is open: give it to the driver, then
     /// [`Connection::start`] it.
     StartConnect,
-    /// Open an upstream socket for `address`, give it to
-    /// [`Connection::dialed`] and [`Connection::start`] it.
-    Connect(SockAddr),
+    /// Open an upstream socket for `address` (the router allowed it), give
+    /// it to [`Connection::dialed`] and [`Connection::start`] it.
+    Dial(SockAddr),
     /// Wait for the upstream socket to be writable (the connect deadline stands).
     AwaitConnect,
     /// Wait as told for each direction that has a `Some` (the others keep
@@ -274,9 +302,6 @@ pub struct Connection {
     /// How many of the prelude's first bytes are not the client's (the
     /// PROXY protocol header): the rest counts as bytes delivered upstream.
     prelude_ours: usize,
-    /// Each direction's mover (to upstream, to the client), once there is
-    /// an upstream.
-    movers: Option<[Mover; 2]>,
     /// What each direction waits for (`None`: not started).
     waits: [Option<Wait>; 2],
     /// The deadline of a state just entered, for the worker to schedule
@@ -293,42 +318,38 @@ impl Connection {
             true => socket::peer_name(&client).unwrap_or_default(),
             false => String::new(),
         };
-        let mut conn = Connection {
+        let (state, upstream, routed) = match plan {
+            Plan::Fixed(dial) => {
+                let (upstream, deadline) = Upstream::of(dial);
+                (ConnState::Connecting { deadline }, Some(upstream), None)
+            }
+            Plan::Routed { routed, head_deadline } => {
+                (ConnState::ReadingHead { deadline: head_deadline }, None, Some(Box::new(routed)))
+            }
+        };
+        Connection {
             id,
             client,
             client_name,
             opened: Instant::now(),
-            state: ConnState::Closed,
+            state,
             trigger,
-            upstream: None,
-            routed: None,
+            upstream,
+            routed,
             prelude_ours: proxy_header.len(),
             prelude: proxy_header,
-            movers: None,
             waits: [None, None],
-            new_deadline: None,
-        };
-        match plan {
-            Plan::Fixed(dial) => conn.dialed(dial),
-            Plan::Routed { routed, deadline } => {
-                conn.routed = Some(Box::new(routed));
-                conn.enter(ConnState::ReadingHead { deadline });
-            }
+            new_deadline: state.deadline(),
         }
-        conn
     }
 
-    /// Gives the connection its upstream socket (a fixed target's, or the
-    /// one opened for the address the router allowed): it is connecting
-    /// from now on; [`Connection::start`] begins the connect once the
-    /// driver has the socket.
+    /// Gives a routed connection the upstream socket opened for the address
+    /// the router allowed: it is connecting from now on;
+    /// [`Connection::start`] begins the connect once the driver has the
+    /// socket.
     pub fn dialed(&mut self, dial: Dial) {
-        let Dial { socket, address, paths, deadline } = dial;
-        let connect_needs_peer = address.domain() == Domain::VSOCK;
-        let connect_started = Instant::now();
-        self.upstream =
-            Some(Upstream { socket, address, connect_started, connect_took: None, connect_needs_peer });
-        self.movers = Some(Mover::both(paths));
+        let (upstream, deadline) = Upstream::of(dial);
+        self.upstream = Some(upstream);
         self.enter(ConnState::Connecting { deadline });
     }
 
@@ -359,8 +380,10 @@ impl Connection {
 
     /// Bytes delivered (to upstream, to the client).
     pub fn bytes(&self) -> (u64, u64) {
-        match &self.movers {
-            Some([to_upstream, to_client]) => (to_upstream.bytes(), to_client.bytes()),
+        match &self.upstream {
+            Some(Upstream { movers: [to_upstream, to_client], .. }) => {
+                (to_upstream.bytes(), to_client.bytes())
+            }
             None => (0, 0),
         }
     }
@@ -394,11 +417,11 @@ impl Connection {
         completed: Option<Completed>,
         ctx: &mut Context<'_>,
     ) -> Result<Wait, ConnError> {
-        let (Some(upstream), Some(movers)) = (&self.upstream, &mut self.movers) else {
+        let Some(Upstream { socket: upstream, movers, .. }) = &mut self.upstream else {
             let e = io::Error::other("relaying without an upstream socket");
             return Err(ConnError::new(Side::Upstream, Op::Write, e));
         };
-        let upstream = &upstream.socket;
+        let upstream = &*upstream;
         if direction == Direction::ToUpstream && !self.prelude.is_empty() {
             match upstream.send(&self.prelude) {
                 Ok(sent) => {
@@ -443,10 +466,11 @@ impl Connection {
     /// Starts the upstream connect (after [`Connection::new`] with a fixed
     /// plan, or [`Connection::dialed`]), once the driver has the socket.
     pub fn start(&mut self, ctx: &mut Context<'_>) -> Action {
-        let Some(upstream) = &self.upstream else {
+        let Some(upstream) = &mut self.upstream else {
             let e = io::Error::other("no upstream socket to connect");
             return self.fail(ConnError::new(Side::Upstream, Op::Connect, e), ctx);
         };
+        upstream.connect_started = Instant::now();
         // With epoll, a connect done already (loopback) goes on now rather
         // than after a wait (measured: churn 1.01-1.30x on 6.18). io_uring's
         // poll of a connected socket completes within the submission that
@@ -528,19 +552,11 @@ impl Connection {
         match (self.state, event) {
             // More of the head: a whole head goes to the router.
             (ConnState::ReadingHead { .. }, Event::ClientReadable) => {
-                let read = match self.routed.as_mut() {
-                    Some(routed) => routed.read(&self.client),
-                    None => HeadRead::Failed(no_head()),
-                };
-                self.after_head(read, ctx)
+                self.head_step(ctx, |routed, client| routed.read(client))
             }
             (ConnState::ReadingHead { deadline }, Event::DeadlinePassed) if Instant::now() >= deadline => {
                 let after = deadline.saturating_duration_since(self.opened);
-                let read = match self.routed.as_mut() {
-                    Some(routed) => routed.head_timed_out(&self.client, after),
-                    None => HeadRead::Failed(no_head()),
-                };
-                self.after_head(read, ctx)
+                self.head_step(ctx, |routed, client| routed.head_timed_out(client, after))
             }
             // The router's verdict: connect to the address it checked, or
             // tell the client why not.
@@ -548,21 +564,13 @@ impl Connection {
                 if let Some(routed) = &self.routed {
                     routed.allowed(&rule);
                 }
-                Action::Connect(SockAddr::from(address))
+                Action::Dial(SockAddr::from(address))
             }
             (ConnState::Deciding { .. }, Event::Decided(Verdict::Refused { outcome, reason })) => {
-                let read = match self.routed.as_mut() {
-                    Some(routed) => routed.refused(&self.client, outcome, reason),
-                    None => HeadRead::Failed(no_head()),
-                };
-                self.after_head(read, ctx)
+                self.head_step(ctx, |routed, client| routed.refused(client, outcome, reason))
             }
             (ConnState::Deciding { deadline }, Event::DeadlinePassed) if Instant::now() >= deadline => {
-                let read = match self.routed.as_mut() {
-                    Some(routed) => routed.undecided(&self.client),
-                    None => HeadRead::Failed(no_head()),
-                };
-                self.after_head(read, ctx)
+                self.head_step(ctx, |routed, client| routed.undecided(client))
             }
             // Writable: connected, refused, or (vsock) not yet: then wait
             // again while the deadline allows.
@@ -583,7 +591,7 @@ impl Connection {
             }
             // A direction may move again, or one of its operations completed.
             (ConnState::Relaying, Event::Ready(direction))
-                if !self.movers.as_ref().is_some_and(|movers| movers[direction as usize].is_finished()) =>
+                if !self.upstream.as_ref().is_some_and(|u| u.movers[direction as usize].is_finished()) =>
             {
                 self.run_one(direction, None, ctx)
             }
@@ -591,6 +599,9 @@ impl Connection {
                 self.run_one(direction, Some(completed), ctx)
             }
             (ConnState::Relaying, Event::IdleFor(idle)) => self.close(Ending::Idle(idle), ctx),
+            // As any failure: closed and reset, a routed client told where
+            // its connect failed.
+            (state, Event::DriverFailed(error)) if state != ConnState::Closed => self.fail(error, ctx),
             // Late or stray events (readiness while connecting, a deadline
             // after the connect, anything after the end): nothing to do.
             (state, event) => {
@@ -600,20 +611,34 @@ impl Connection {
         }
     }
 
+    /// A step of the routed head (`step` on its routed part and the
+    /// client's socket), then what follows from where the head stands.
+    fn head_step(
+        &mut self,
+        ctx: &mut Context<'_>,
+        step: impl FnOnce(&mut Routed, &Socket) -> HeadStep,
+    ) -> Action {
+        let head = match self.routed.as_mut() {
+            Some(routed) => step(routed, &self.client),
+            None => HeadStep::Failed(routed::no_head()),
+        };
+        self.after_head(head, ctx)
+    }
+
     /// Carries on after the routed head said something: wait for more, ask
     /// the router, or close.
-    fn after_head(&mut self, read: HeadRead, ctx: &mut Context<'_>) -> Action {
+    fn after_head(&mut self, read: HeadStep, ctx: &mut Context<'_>) -> Action {
         match read {
-            HeadRead::More => Action::AwaitHead,
-            HeadRead::Named { destination, after } => {
+            HeadStep::More => Action::AwaitHead,
+            HeadStep::Named { destination, after } => {
                 self.prelude.extend_from_slice(&after);
                 // The router bounds its lookups; this bounds the whole decision.
                 self.enter(ConnState::Deciding { deadline: Instant::now() + DECISION_TIMEOUT });
                 Action::Decide(destination)
             }
-            HeadRead::Silent => self.close(Ending::Finished, ctx),
-            HeadRead::Refused { decision, reason } => self.close(Ending::Refused { decision, reason }, ctx),
-            HeadRead::Failed(error) => self.fail(error, ctx),
+            HeadStep::Silent => self.close(Ending::Finished, ctx),
+            HeadStep::Refused { decision, reason } => self.close(Ending::Refused { decision, reason }, ctx),
+            HeadStep::Failed(error) => self.fail(error, ctx),
         }
     }
 
@@ -639,7 +664,7 @@ impl Connection {
         if let Some(routed) = self.routed.as_mut() {
             routed.out_of_resources(&self.client);
         }
-        self.state = ConnState::Closed;
+        self.enter(ConnState::Closed);
         self.reset();
     }
 
@@ -680,7 +705,8 @@ impl Connection {
     /// Whether the direction from upstream copies or splices on level-triggered
     /// readiness (not the ring path, whose receive is its wait).
     fn reads_upstream_when_readable(&self) -> bool {
-        self.trigger == Trigger::Level && matches!(&self.movers, Some([_, Mover::Pump(_)]))
+        self.trigger == Trigger::Level
+            && matches!(&self.upstream, Some(Upstream { movers: [_, Mover::Pump(_)], .. }))
     }
 
     fn timed_out(&mut self, deadline: Instant, ctx: &mut Context<'_>) -> Action {
@@ -690,7 +716,7 @@ impl Connection {
     }
 
     fn after_runs(&mut self, waits: [Option<Wait>; 2], ctx: &mut Context<'_>) -> Action {
-        if self.movers.as_ref().is_some_and(|movers| movers.iter().all(Mover::is_finished)) {
+        if self.upstream.as_ref().is_some_and(|u| u.movers.iter().all(Mover::is_finished)) {
             self.close(Ending::Finished, ctx)
         } else {
             Action::Wait(waits)
@@ -712,7 +738,7 @@ impl Connection {
     /// dropped.
     fn close(&mut self, ending: Ending, ctx: &mut Context<'_>) -> Action {
         self.enter(ConnState::Closed);
-        for mover in self.movers.iter_mut().flatten() {
+        for mover in self.upstream.iter_mut().flat_map(|u| &mut u.movers) {
             mover.release(ctx.pools);
         }
         if let Ending::Failed(_) | Ending::Idle(_) = ending {
@@ -720,11 +746,6 @@ impl Connection {
         }
         Action::Close(ending)
     }
-}
-
-/// The error of a routed state without its routed part (a bug, not a client's doing).
-fn no_head() -> ConnError {
-    ConnError::new(Side::Client, Op::Read, io::Error::other("a routed connection without its head"))
 }
 
 #[cfg(test)]

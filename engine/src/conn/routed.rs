@@ -33,9 +33,9 @@ pub(crate) struct Routed {
     counters: Arc<RouteCounters>,
 }
 
-/// What reading more of the head came to.
+/// Where the head stands after a step (more read, a verdict, a deadline).
 #[derive(Debug)]
-pub(crate) enum HeadRead {
+pub(crate) enum HeadStep {
     /// The head is not whole yet: wait for more.
     More,
     /// The head names `destination`; `after` is what the client sent after
@@ -73,11 +73,8 @@ impl Routed {
 
     /// Reads what the client sent of its head (until the socket is empty:
     /// epoll reports edges, or the bound) and parses it.
-    pub fn read(&mut self, client: &Socket) -> HeadRead {
-        let Some(head) = self.head.as_mut() else {
-            let e = io::Error::other("a routed connection without its head");
-            return HeadRead::Failed(ConnError::new(Side::Client, Op::Read, e));
-        };
+    pub fn read(&mut self, client: &Socket) -> HeadStep {
+        let Some(head) = self.head.as_mut() else { return HeadStep::Failed(no_head()) };
         let mut ended = false;
         let mut chunk = [0u8; 4096];
         while head.bytes.len() < MAX_HEAD_BYTES {
@@ -93,40 +90,39 @@ impl Routed {
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return HeadRead::Failed(ConnError::new(Side::Client, Op::Read, e)),
+                Err(e) => return HeadStep::Failed(ConnError::new(Side::Client, Op::Read, e)),
             }
         }
         loop {
-            let Some(head) = self.head.as_mut() else { return HeadRead::More };
+            let Some(head) = self.head.as_mut() else { return HeadStep::More };
             match head.parse() {
-                Parse::More if ended && head.seen == 0 => return HeadRead::Silent,
+                Parse::More if ended && head.seen == 0 => return HeadStep::Silent,
                 Parse::More if ended => {
                     let reason =
                         format!("the client closed after {} bytes, before its head ended", head.bytes.len());
                     return self.refuse(client, Decision::BadHead, Outcome::Failed, reason);
                 }
-                Parse::More => return HeadRead::More,
+                Parse::More => return HeadStep::More,
                 Parse::Answer { reply, .. } => {
                     if let Err(e) = send_whole(client, &reply) {
-                        return HeadRead::Failed(ConnError::new(Side::Client, Op::Write, e));
+                        return HeadStep::Failed(ConnError::new(Side::Client, Op::Write, e));
                     }
                 }
                 Parse::Destination { host, port, consumed } => {
                     let after = head.bytes.get(consumed..).unwrap_or_default().to_vec();
                     self.destination = Some(format!("{host}:{port}"));
-                    return HeadRead::Named { destination: Destination { host, port }, after };
+                    return HeadStep::Named { destination: Destination { host, port }, after };
                 }
                 Parse::Refuse { reply, reason } => {
                     self.answer(client, &reply);
-                    self.counters.decided(Decision::BadHead);
-                    return HeadRead::Refused { decision: Decision::BadHead, reason };
+                    return self.counted(Decision::BadHead, reason);
                 }
             }
         }
     }
 
     /// No whole head `after` the accept.
-    pub fn head_timed_out(&mut self, client: &Socket, after: Duration) -> HeadRead {
+    pub fn head_timed_out(&mut self, client: &Socket, after: Duration) -> HeadStep {
         let reason = format!("no whole head within {after:?}");
         self.refuse(client, Decision::HeadTimeout, Outcome::TimedOut, reason)
     }
@@ -139,7 +135,7 @@ impl Routed {
 
     /// The router refused the destination (`outcome` says why: the policy,
     /// or the lookup).
-    pub fn refused(&mut self, client: &Socket, outcome: Outcome, reason: String) -> HeadRead {
+    pub fn refused(&mut self, client: &Socket, outcome: Outcome, reason: String) -> HeadStep {
         let decision = match outcome {
             Outcome::NotAllowed => Decision::NotAllowed,
             _ => Decision::Unresolved,
@@ -148,7 +144,7 @@ impl Routed {
     }
 
     /// No decision on the destination in time.
-    pub fn undecided(&mut self, client: &Socket) -> HeadRead {
+    pub fn undecided(&mut self, client: &Socket) -> HeadStep {
         let reason = "no decision on the destination in time".to_string();
         self.refuse(client, Decision::Unresolved, Outcome::LookupFailed, reason)
     }
@@ -165,29 +161,34 @@ impl Routed {
     /// The upstream could not be reached: the client is told why (before
     /// its tunnel opened; a failure after is a reset, as for any client).
     pub fn connect_failed(&mut self, client: &Socket, error: &io::Error) {
-        if let Some(head) = &self.head {
-            let reply = head.reply(Outcome::of_connect_error(error), &error.to_string(), None);
-            self.answer(client, &reply);
-        }
+        self.tell(client, Outcome::of_connect_error(error), &error.to_string());
     }
 
     /// No upstream socket could be opened (out of descriptors).
     pub fn out_of_resources(&mut self, client: &Socket) {
-        if let Some(head) = &self.head {
-            let reply = head.reply(Outcome::Failed, "the proxy is out of resources", None);
-            self.answer(client, &reply);
-        }
+        self.tell(client, Outcome::Failed, "the proxy is out of resources");
     }
 
     /// Tells the client `outcome` (where its protocol has a way), counts the
     /// decision, and says so.
-    fn refuse(&mut self, client: &Socket, decision: Decision, outcome: Outcome, reason: String) -> HeadRead {
+    fn refuse(&mut self, client: &Socket, decision: Decision, outcome: Outcome, reason: String) -> HeadStep {
+        self.tell(client, outcome, &reason);
+        self.counted(decision, reason)
+    }
+
+    /// Counts a refusal: the route's decision.
+    fn counted(&self, decision: Decision, reason: String) -> HeadStep {
+        self.counters.decided(decision);
+        HeadStep::Refused { decision, reason }
+    }
+
+    /// Tells the client `outcome` before its tunnel opened (nothing after),
+    /// in its protocol's words where it has any.
+    fn tell(&mut self, client: &Socket, outcome: Outcome, detail: &str) {
         if let Some(head) = &self.head {
-            let reply = head.reply(outcome, &reason, None);
+            let reply = head.reply(outcome, detail, None);
             self.answer(client, &reply);
         }
-        self.counters.decided(decision);
-        HeadRead::Refused { decision, reason }
     }
 
     /// Sends the client its answer and its EOF; the close that follows is
@@ -223,4 +224,10 @@ fn send_whole(socket: &Socket, mut bytes: &[u8]) -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The error of a routed step without its head (after the tunnel opened: a
+/// bug, not a client's doing).
+pub(super) fn no_head() -> ConnError {
+    ConnError::new(Side::Client, Op::Read, io::Error::other("a routed connection without its head"))
 }

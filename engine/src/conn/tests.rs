@@ -453,7 +453,7 @@ fn routed(kind: crate::route::RouteKind, deadline: Instant) -> (Connection, Unix
 /// A routed connection of `route` (whose counters the test reads) and its client's peer.
 fn routed_on(route: &Route, deadline: Instant) -> (Connection, UnixStream) {
     let (client, client_peer) = pair();
-    let plan = Plan::Routed { routed: Routed::new(route), deadline };
+    let plan = Plan::Routed { routed: Routed::new(route), head_deadline: deadline };
     (Connection::new(7, client, plan, Trigger::Level, Vec::new()), client_peer)
 }
 
@@ -489,7 +489,7 @@ fn a_connect_head_in_pieces_is_decided_then_answered_200_with_the_pipelined_byte
     assert_eq!(conn.destination(), Some("api.example.com:443"));
     // Allowed: connect to the address the router checked.
     let action = conn.handle(allowed("192.0.2.1:443"), &mut io(&mut pools));
-    let Action::Connect(address) = action else { panic!("{action:?}") };
+    let Action::Dial(address) = action else { panic!("{action:?}") };
     assert_eq!(address.as_socket(), Some("192.0.2.1:443".parse().unwrap()));
     let mut upstream_peer = dial_connected(&mut conn);
     let mut io = io(&mut pools);

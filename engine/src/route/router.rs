@@ -85,6 +85,14 @@ impl Mailbox {
     }
 }
 
+/// What the router knows of one service: its name (for the log) and its
+/// route, if its clients name their destination.
+#[derive(Debug)]
+pub(crate) struct ServiceRoute {
+    pub name: String,
+    pub route: Option<Route>,
+}
+
 /// The router of a relay; dropping it ends its thread.
 pub(crate) struct Router {
     jobs: mpsc::UnboundedSender<Job>,
@@ -92,13 +100,12 @@ pub(crate) struct Router {
 }
 
 impl Router {
-    /// Starts the router thread for a relay's services (`routes`: each
-    /// service's name, for the log, and its route where it has one, in the
-    /// config's order), resolving as `dns` says; answers go to `mailboxes`
-    /// (one per worker).
+    /// Starts the router thread for a relay's `services` (in the config's
+    /// order), resolving as `dns` says; answers go to `mailboxes` (one per
+    /// worker).
     pub fn start(
         dns: &DnsOptions,
-        routes: Vec<(String, Option<Route>)>,
+        services: Vec<ServiceRoute>,
         mailboxes: Vec<Arc<Mailbox>>,
     ) -> Result<Router, Error> {
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -114,7 +121,7 @@ impl Router {
         };
         let (jobs, mut incoming) = mpsc::unbounded_channel::<Job>();
         let shared =
-            Arc::new(Shared { resolver, family: dns.family, routes, mailboxes, recent: RwLock::default() });
+            Arc::new(Shared { resolver, family: dns.family, services, mailboxes, recent: RwLock::default() });
         let router_shared = Arc::clone(&shared);
         std::thread::Builder::new()
             .name("router".into())
@@ -170,8 +177,8 @@ impl Router {
 struct Shared {
     resolver: TokioResolver,
     family: IpFamily,
-    /// Per service, in the config's order: its name and its route, if routed.
-    routes: Vec<(String, Option<Route>)>,
+    /// Per service, in the config's order.
+    services: Vec<ServiceRoute>,
     mailboxes: Vec<Arc<Mailbox>>,
     /// Names looked up lately: the address used and until when it may be.
     recent: RwLock<HashMap<String, (IpAddr, Instant)>>,
@@ -179,7 +186,7 @@ struct Shared {
 
 impl Shared {
     fn route(&self, service: usize) -> Option<&Route> {
-        self.routes.get(service)?.1.as_ref()
+        self.services.get(service)?.route.as_ref()
     }
 
     async fn decide(&self, job: &Job) -> Verdict {
@@ -248,7 +255,7 @@ impl Shared {
     /// Logs a decision: the destination asked for, the address used, and the
     /// entry that allowed it or why not.
     fn log(&self, service: usize, host: &Host, port: u16, verdict: &Verdict) {
-        let service = self.routes.get(service).map_or("", |(name, _)| name.as_str());
+        let service = self.services.get(service).map_or("", |s| s.name.as_str());
         let destination = format!("{host}:{port}");
         match verdict {
             Verdict::Allowed { address, rule } => {

@@ -37,7 +37,7 @@ use crate::stats::{Failure, Stats};
 use crate::vocab::{DataPath, Direction, Key, Readiness, Wait};
 use admission::Refusal;
 use log::Warnings;
-use open::{Opened, Opener};
+use open::{NoSocket, Opened, Opener};
 
 mod admission;
 mod log;
@@ -452,12 +452,12 @@ impl<D: Driver> Worker<D> {
                 self.refuse(service, &client, &refusal);
                 Ok(())
             }
-            Opened::NoUpstreamSocket { client, error } => {
+            Opened::NoUpstreamSocket { client, failure } => {
                 socket::reset(&client);
                 let cell = self.stats.cell(self.index, service);
                 cell.opened();
                 cell.dropped(Failure::Resources);
-                self.no_upstream_socket(&error);
+                self.no_upstream_socket(failure);
                 Ok(())
             }
             Opened::Connection(conn) => {
@@ -469,8 +469,9 @@ impl<D: Driver> Worker<D> {
 
     /// Out of descriptors, most likely: this client is given up on, the
     /// others are served. Logged (throttled).
-    fn no_upstream_socket(&mut self, error: &io::Error) {
+    fn no_upstream_socket(&mut self, failure: NoSocket) {
         if self.warnings.no_upstream_socket.admit(self.now, self.index) {
+            let error = failure.explained();
             tracing::warn!(worker = self.index, %error, "cannot open an upstream socket; client reset");
         }
     }
@@ -483,9 +484,7 @@ impl<D: Driver> Worker<D> {
         let key = key_of(entry.key(), &conn)?;
         let slot = entry.insert(Slot { conn, service, last_active: self.now });
         if let Err(e) = self.driver.register(key, &slot.conn.client) {
-            slot.conn.reset();
-            let ending = Ending::Failed(ConnError::new(Side::Client, Op::Read, e));
-            return self.carry_out(key, Action::Close(ending), [0; 2]);
+            return self.dispatch(key, Event::DriverFailed(ConnError::new(Side::Client, Op::Read, e)));
         }
         let first = slot.conn.first_action();
         self.carry_out(key, first, [0; 2])
@@ -500,10 +499,10 @@ impl<D: Driver> Worker<D> {
                 slot.conn.dialed(dial);
                 self.start_connect(key)
             }
-            Err(error) => {
+            Err(failure) => {
                 slot.conn.give_up();
                 self.stats.cell(self.index, slot.service).dropped(Failure::Resources);
-                self.no_upstream_socket(&error);
+                self.no_upstream_socket(failure);
                 self.forget(key)
             }
         }
@@ -516,16 +515,12 @@ impl<D: Driver> Worker<D> {
             Some(upstream) => self.driver.add_upstream(key, upstream),
             None => Ok(()),
         };
-        let (action, moved) = match registered {
-            Ok(()) => {
-                let mut ctx = Context::new(&mut self.pools, self.driver.buffer_ring(), key);
-                (slot.conn.start(&mut ctx), ctx.moved)
-            }
-            Err(e) => {
-                slot.conn.reset();
-                (Action::Close(Ending::Failed(ConnError::new(Side::Upstream, Op::Connect, e))), [0; 2])
-            }
-        };
+        if let Err(e) = registered {
+            return self.dispatch(key, Event::DriverFailed(ConnError::new(Side::Upstream, Op::Connect, e)));
+        }
+        let mut ctx = Context::new(&mut self.pools, self.driver.buffer_ring(), key);
+        let action = slot.conn.start(&mut ctx);
+        let moved = ctx.moved;
         self.carry_out(key, action, moved)
     }
 
@@ -556,13 +551,22 @@ impl<D: Driver> Worker<D> {
         if moved != [0, 0] {
             slot.last_active = self.now;
         }
-        // The connect's deadline is scheduled once the connect is under way
-        // (one done at once needs none): after `start`, not before.
-        if !matches!(action, Action::StartConnect) {
-            if let Some(deadline) = slot.conn.take_new_deadline() {
+        let result = self.act(key, action);
+        // After the action: a state it moved on from (a connect done at
+        // once, a decision made from the cache) leaves no deadline behind.
+        if let Some(slot) = self.conns.get_mut(key.index as usize) {
+            if let Some(deadline) =
+                slot.conn.take_new_deadline().filter(|_| generation(slot.conn.id) == key.generation)
+            {
                 self.deadlines.push(Reverse((deadline, key)));
             }
         }
+        result
+    }
+
+    /// What the worker does for a connection's action.
+    fn act(&mut self, key: Key, action: Action) -> io::Result<()> {
+        let slot = &mut self.conns[key.index as usize];
         match action {
             Action::AwaitHead => self.driver.watch(key, &slot.conn.client, Side::Client, Readiness::READABLE),
             Action::Decide(destination) => {
@@ -577,7 +581,7 @@ impl<D: Driver> Worker<D> {
                 }
             }
             Action::StartConnect => self.start_connect(key),
-            Action::Connect(address) => self.dial(key, address),
+            Action::Dial(address) => self.dial(key, address),
             Action::AwaitConnect => match slot.conn.socket(Side::Upstream) {
                 Some(upstream) => self.driver.watch(key, upstream, Side::Upstream, Readiness::WRITABLE),
                 None => Ok(()),

@@ -20,7 +20,6 @@ use socket2::{Domain, SockAddr, Socket};
 
 use super::admission::{self, Refusal};
 use crate::config::{RelayConfig, Upstream};
-use crate::conn::routed::Routed;
 use crate::conn::{Connection, Dial, Plan};
 use crate::hint;
 use crate::proxy_header;
@@ -36,9 +35,26 @@ pub(super) enum Opened {
     /// The service's rules refuse the client (reset it, count and log why).
     Refused { client: Socket, refusal: Refusal },
     /// No upstream socket could be opened for a fixed target (out of
-    /// descriptors, most likely): the client is reset; `error` says why,
-    /// with a hint where there is one.
-    NoUpstreamSocket { client: Socket, error: io::Error },
+    /// descriptors, most likely): the client is reset.
+    NoUpstreamSocket { client: Socket, failure: NoSocket },
+}
+
+/// No upstream socket could be opened for `address`.
+pub(super) struct NoSocket {
+    /// Boxed: an error path only, kept small.
+    address: Box<SockAddr>,
+    error: io::Error,
+}
+
+impl NoSocket {
+    /// The error, with what to do about it where the hint table knows (a
+    /// vsock target): for the log line, so made only when one is written.
+    pub fn explained(self) -> io::Error {
+        match socket::endpoint_of(&self.address) {
+            Some(endpoint) => hint::with_hint(hint::Step::Connect, &endpoint, self.error),
+            None => self.error,
+        }
+    }
 }
 
 /// Makes the connections of one worker.
@@ -72,11 +88,9 @@ impl Opener {
         let plan = match &rules.upstream {
             Upstream::Fixed(target) => match self.dial(service, target.current()) {
                 Ok(dial) => Plan::Fixed(dial),
-                Err(error) => return Opened::NoUpstreamSocket { client, error },
+                Err(failure) => return Opened::NoUpstreamSocket { client, failure },
             },
-            Upstream::Routed(route) => {
-                Plan::Routed { routed: Routed::new(route), deadline: Instant::now() + route.head_timeout }
-            }
+            Upstream::Routed(route) => Plan::route(route),
         };
         let proxy_header = match rules.proxy_protocol {
             true => {
@@ -91,16 +105,12 @@ impl Opener {
     }
 
     /// An upstream socket for a client of `service` to `address`, each
-    /// direction's data path, and the connect's deadline. An error says
-    /// why no socket could be opened, with a hint where there is one.
-    pub fn dial(&self, service: usize, address: SockAddr) -> io::Result<Dial> {
-        let socket =
-            socket::socket_for(&address, &self.config.socket).map_err(|e| {
-                match socket::endpoint_of(&address) {
-                    Some(endpoint) => hint::with_hint(hint::Step::Connect, &endpoint, e),
-                    None => e,
-                }
-            })?;
+    /// direction's data path, and the connect's deadline.
+    pub fn dial(&self, service: usize, address: SockAddr) -> Result<Dial, NoSocket> {
+        let socket = match socket::socket_for(&address, &self.config.socket) {
+            Ok(socket) => socket,
+            Err(error) => return Err(NoSocket { address: Box::new(address), error }),
+        };
         let (path, ring) = (self.config.data_path, self.buffer_ring);
         let (from_client, from_upstream) = (self.client_domains[service], address.domain());
         let paths = [

@@ -14,8 +14,11 @@ use std::path::PathBuf;
 use std::sync::atomic::AtomicUsize;
 
 use super::*;
+use crate::config::Upstream;
+use crate::conn::DECISION_TIMEOUT;
 use crate::driver::buffers::Returns;
 use crate::endpoint::{Endpoint, Host};
+use crate::route::{Decision, Outcome, Route, RouteCounters, RouteKind};
 use crate::sys;
 use crate::target::Target;
 use crate::vocab::Trigger;
@@ -60,6 +63,8 @@ struct Fake {
     /// Answer of `release`: `true` as epoll, `false` as io_uring with
     /// operations in flight (the test then reports `Released`).
     release_at_once: bool,
+    /// `add_upstream` fails (as epoll's registration can, out of memory).
+    refuse_upstream: bool,
 }
 
 impl Fake {
@@ -80,7 +85,10 @@ impl Driver for Fake {
 
     fn add_upstream(&mut self, key: Key, _upstream: &Socket) -> io::Result<()> {
         self.record(Call::AddUpstream(key));
-        Ok(())
+        match self.refuse_upstream {
+            true => Err(io::Error::from_raw_os_error(libc::ENOMEM)),
+            false => Ok(()),
+        }
     }
 
     fn watch(&mut self, key: Key, _socket: &Socket, side: Side, wanted: Readiness) -> io::Result<()> {
@@ -179,7 +187,12 @@ impl Harness {
             mailbox: Arc::new(Mailbox::new(eventfd())),
             router: None,
         };
-        let fake = Fake { script: VecDeque::new(), calls: Vec::new(), release_at_once: true };
+        let fake = Fake {
+            script: VecDeque::new(),
+            calls: Vec::new(),
+            release_at_once: true,
+            refuse_upstream: false,
+        };
         Harness { worker: Worker::new(fake, setup), control, stats, upstream, dir }
     }
 
@@ -574,11 +587,7 @@ fn a_fixed_plan_registers_the_client_then_the_upstream_and_connects() {
 /// counts the decision.
 #[test]
 fn a_routed_plan_gets_its_upstream_only_once_allowed() {
-    use crate::config::Upstream;
-    use crate::route::{Decision, Route, RouteKind};
-    let route = Route::new(RouteKind::Connect, Arc::new(|_: &Host, _, _, _| None));
-    let counters = Arc::clone(&route.counters);
-    let mut h = Harness::new(|config| config.services[0].upstream = Upstream::Routed(route));
+    let (mut h, counters) = routed_harness();
     let target = TcpListener::bind("127.0.0.1:0").unwrap();
     let (accepted, mut client) = client();
     h.run(vec![Step::Events(vec![accepted])]);
@@ -605,4 +614,67 @@ fn a_routed_plan_gets_its_upstream_only_once_allowed() {
     client.read_exact(&mut answer).unwrap();
     assert_eq!(&answer, b"HTTP/1.1 200 Connection established\r\n\r\n");
     let _accepted_upstream = target.accept().unwrap();
+}
+
+/// A worker serving one routed (CONNECT) service, and its route's counters.
+fn routed_harness() -> (Harness, Arc<RouteCounters>) {
+    let route = Route::new(RouteKind::Connect, Arc::new(|_: &Host, _, _, _| None));
+    let counters = Arc::clone(&route.counters);
+    let h = Harness::new(|config| config.services[0].upstream = Upstream::Routed(route));
+    (h, counters)
+}
+
+/// A routed client whose head is read (the router is asked: this harness
+/// has none, so it stays deciding); its key.
+fn deciding(h: &mut Harness, client: &mut TcpStream, accepted: DriverEvent) -> Key {
+    h.run(vec![Step::Events(vec![accepted])]);
+    let key = *h.registered().last().unwrap();
+    client.write_all(b"CONNECT upstream.test:443 HTTP/1.1\r\n\r\n").unwrap();
+    h.run(vec![Step::Events(vec![readable(key, Side::Client)])]);
+    assert!(matches!(h.worker.slot(key).unwrap().conn.state, ConnState::Deciding { .. }));
+    key
+}
+
+/// A socket the driver will not watch fails its connection as any failure
+/// does, once: the routed client is told (`502`, not a reset), and with the
+/// release still pending (io_uring), the deadlines that come up later do
+/// nothing.
+/// Catches: the worker closing the connection behind the state machine's
+/// back (its state, and so its deadlines, left as they were).
+#[test]
+fn a_socket_the_driver_will_not_watch_fails_its_connection_once() {
+    let (mut h, counters) = routed_harness();
+    h.worker.driver.refuse_upstream = true;
+    h.worker.driver.release_at_once = false;
+    let (accepted, mut client) = client();
+    let key = deciding(&mut h, &mut client, accepted);
+    let target = TcpListener::bind("127.0.0.1:0").unwrap();
+    let verdict = Verdict::Allowed { address: target.local_addr().unwrap(), rule: "rule".into() };
+    h.worker.decided(key, verdict).unwrap();
+    assert_eq!(h.worker.slot(key).unwrap().conn.state, ConnState::Closed, "the release is pending");
+    h.worker.expire(Instant::now() + Duration::from_secs(3600)).unwrap();
+    let stats = h.stats.snapshot();
+    assert_eq!((stats.failed_by(Failure::Connect), stats.failed()), (1, 1), "{stats:?}");
+    assert_eq!(counters.decisions(Decision::Allowed), 1);
+    let mut answer = String::new();
+    client.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 502 "), "{answer}");
+}
+
+/// A router's refusal for lack of an answer counts as `unresolved`, and so
+/// does a decision that did not come in time.
+#[test]
+fn no_answer_and_no_decision_in_time_count_as_unresolved() {
+    let (mut h, counters) = routed_harness();
+    let (accepted, mut first) = client();
+    let key = deciding(&mut h, &mut first, accepted);
+    let verdict = Verdict::Refused { outcome: Outcome::LookupFailed, reason: "SERVFAIL".into() };
+    h.worker.decided(key, verdict).unwrap();
+    let (accepted, mut late) = client();
+    let key = deciding(&mut h, &mut late, accepted);
+    // Its decision deadline, as if the 8 s had passed.
+    h.worker.conns[key.index as usize].conn.state = ConnState::Deciding { deadline: Instant::now() };
+    h.worker.expire(Instant::now() + DECISION_TIMEOUT).unwrap();
+    assert_eq!(counters.decisions(Decision::Unresolved), 2);
+    assert_eq!(h.stats.snapshot().failed_by(Failure::Route), 2);
 }
