@@ -34,6 +34,10 @@
     clippy::cast_lossless
 )]
 
+// First: its `labelled!` declares the enums of the modules below.
+#[macro_use]
+pub mod labels;
+
 mod config;
 mod conn;
 pub mod dns;
@@ -55,7 +59,8 @@ mod vocab;
 mod worker;
 
 pub use config::{
-    Gate, RelayConfig, Service, Upstream, DEFAULT_CONNECT_TIMEOUT, DEFAULT_DRAIN_TIMEOUT, DEFAULT_PIPE_BYTES,
+    ClientRules, Gate, ProxyProtocol, RelayConfig, Service, Upstream, DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_DRAIN_TIMEOUT, DEFAULT_PIPE_BYTES,
 };
 pub use dns::{DnsOptions, IpFamily};
 pub use driver::ring::Unavailable as UringUnavailable;

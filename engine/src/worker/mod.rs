@@ -212,7 +212,8 @@ struct Worker<D> {
 impl<D: Driver> Worker<D> {
     fn new(driver: D, setup: WorkerSetup) -> Self {
         let WorkerSetup { index, config, stats, control, mailbox, router, .. } = setup;
-        let sweep_every = config.services.iter().filter_map(|s| s.idle_timeout).min().map(sweep_interval);
+        let sweep_every =
+            config.services.iter().filter_map(|s| s.rules.idle_timeout).min().map(sweep_interval);
         Worker {
             driver,
             conns: Slab::new(),
@@ -425,7 +426,7 @@ impl<D: Driver> Worker<D> {
                     .iter()
                     .filter(|(_, slot)| slot.conn.state == ConnState::Relaying)
                     .filter_map(|(index, slot)| {
-                        let idle = services[slot.service].idle_timeout?;
+                        let idle = services[slot.service].rules.idle_timeout?;
                         (slot.last_active + idle <= now)
                             .then(|| key_of(index, &slot.conn).map(|key| (key, idle)))
                     })
@@ -492,7 +493,7 @@ impl<D: Driver> Worker<D> {
         if self.driver.edge_triggered() {
             conn.set_edge_triggered();
         }
-        if self.config.services[service].proxy_protocol {
+        if self.config.services[service].rules.sends_proxy_header() {
             let client = conn.client.peer_addr().ok().and_then(|a| a.as_socket());
             let local = conn.client.local_addr().ok().and_then(|a| a.as_socket());
             conn.set_prelude(proxy_header::encode(client, local));
