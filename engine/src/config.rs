@@ -72,9 +72,7 @@ impl std::fmt::Display for Upstream {
 labelled! {
     /// The PROXY protocol header a relay sends first on each upstream connection.
     pub enum ProxyProtocol as "PROXY protocol version" {
-        /// No header.
         Off = "none", "no header";
-        /// Version 2, binary (haproxy's format).
         V2 = "v2", "version 2, binary: the client's address for a server that expects it";
     }
 }

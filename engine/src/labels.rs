@@ -60,7 +60,8 @@ pub fn one_of(labels: &[&str]) -> String {
 }
 
 /// Declares an enum from a table of its values, a row each:
-/// `Variant = "label" | "alias"..., "help";` (doc comments go above a row);
+/// `Variant = "label" | "alias"..., "help";` (the help is the variant's
+/// doc; doc comments above a row add to it);
 /// a variant with fields gives each a type and the value `ALL` holds:
 /// `Sni { port: u16 = 443 } = "sni", "help";`. Writes the enum (`Clone,
 /// Copy, Debug, PartialEq, Eq`, plus the derives given), `ALL` and
@@ -82,7 +83,7 @@ macro_rules! labelled {
         $(#[$meta])*
         #[derive(Clone, Copy, Debug, PartialEq, Eq)]
         $vis enum $name {
-            $( $(#[$row_meta])* $variant $({ $($field: $type),* })?, )+
+            $( #[doc = $help] $(#[$row_meta])* $variant $({ $($field: $type),* })?, )+
         }
 
         impl $name {

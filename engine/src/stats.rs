@@ -10,11 +10,8 @@ use std::time::Duration;
 labelled! {
     /// Why a client was reset right after its accept.
     pub enum RefusedBy as "refusal" {
-        /// Its service is closed: a reload found the target no longer allowed.
         Allowlist = "allowlist", "its target is no longer allowed since a reload";
-        /// Its vsock CID is not in `allow_cids`.
         Cid = "cid", "its vsock CID is not allowed (--allow-cid)";
-        /// `max_connections` was reached.
         Limit = "limit", "the service's limit was reached (--max-connections)";
     }
 }
@@ -22,19 +19,12 @@ labelled! {
 labelled! {
     /// Why a connection ended in failure.
     pub enum Failure as "failure cause" {
-        /// The upstream could not be reached (refused, unreachable, timed out).
         Connect = "connect", "the upstream could not be reached (refused, unreachable, timed out)";
-        /// A read or write on the client's socket failed (a reset, mostly).
-        Client = "client", "a read or write on the client's socket failed";
-        /// A read or write on the upstream's socket failed after the connect.
-        Upstream = "upstream", "a read or write on the upstream's socket failed";
-        /// Reset by the idle timeout.
+        Client = "client", "a read or write on the client's socket failed (a reset, mostly)";
+        Upstream = "upstream", "a read or write on the upstream's socket failed after the connect";
         Idle = "idle", "reset by the idle timeout (--idle-timeout)";
-        /// Still open when a stop's drain time ended.
         Drain = "drain", "still open when a stop's drain time ended (--drain-timeout)";
-        /// No socket for the upstream could be opened (out of descriptors).
         Resources = "resources", "no socket for the upstream could be opened (out of descriptors)";
-        /// Routed: the head was bad or late, or its destination refused.
         Route = "route", "routed: the head was bad or late, or its destination was refused";
     }
 }

@@ -68,10 +68,11 @@ pub struct ProxyCommand {
     pub head_timeout: f64,
 
     /// Serve every service listed under `services:` in this YAML file (each
-    /// with listen, and address and port or a route, and optional name,
-    /// allow_cid, max_connections, idle_timeout, head_timeout,
-    /// proxy_protocol), with one set of workers, instead of --listen
-    /// REMOTE_ADDR REMOTE_PORT. It may be the --config file itself.
+    /// with listen, and address and port or a route, and optionally a name
+    /// and its own client rules, keyed as their flags: `allow_cid: [16]`,
+    /// `idle_timeout: 300`; docs/operations.md lists them), with one set of
+    /// workers, instead of --listen REMOTE_ADDR REMOTE_PORT. It may be the
+    /// --config file itself.
     #[arg(long, value_name = "FILE")]
     pub services: Option<PathBuf>,
 

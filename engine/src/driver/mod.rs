@@ -30,12 +30,9 @@ labelled! {
     /// The backend a user asks for.
     #[derive(Default)]
     pub enum BackendChoice as "backend" {
-        /// io_uring when the kernel allows it, else portable.
         #[default]
         Auto = "auto", "io_uring when the kernel allows it, else epoll (the log says why)";
-        /// io_uring, or an error if the kernel refuses it.
         Uring = "uring" | "io_uring", "io_uring, or exit 1 when the kernel refuses it";
-        /// epoll, even where io_uring would work.
         Portable = "portable" | "epoll", "epoll, even where io_uring would work";
     }
 }

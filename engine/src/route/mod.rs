@@ -64,15 +64,10 @@ impl fmt::Debug for Route {
 labelled! {
     /// What a route decided, for its counters.
     pub enum Decision as "route decision" {
-        /// The policy allowed the destination (the connect may still fail).
         Allowed = "allowed", "the allowlist allowed the destination (the connect may still fail)";
-        /// The policy refused it.
         NotAllowed = "not_allowed", "the allowlist refused the destination";
-        /// The name did not resolve, or the lookup failed or timed out.
-        Unresolved = "unresolved", "no such name, or the lookup failed";
-        /// The head was malformed, unsupported or too large.
+        Unresolved = "unresolved", "no such name, or the lookup failed or timed out";
         BadHead = "bad_head", "the head was malformed, unsupported or too large";
-        /// No whole head within the head timeout.
         HeadTimeout = "head_timeout", "no whole head within the head timeout (--head-timeout)";
     }
 }
