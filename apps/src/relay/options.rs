@@ -267,6 +267,47 @@ mod tests {
         assert!(parse_remote_host("bad host").unwrap_err().contains("neither a host name"));
     }
 
+    /// The flags give the engine's client rules; what a flag defaults to is
+    /// the engine's constant; an enum's values are its table's.
+    #[test]
+    fn flags_give_client_rules_and_default_to_the_engines_constants() {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            engine: EngineArgs,
+        }
+        use clap::Parser;
+        let flags = [
+            "t",
+            "--allow-cid",
+            "3,4",
+            "--idle-timeout",
+            "2.5",
+            "--proxy-protocol",
+            "v2",
+            "--backend",
+            "epoll",
+        ];
+        let engine = Cli::try_parse_from(flags).unwrap().engine;
+        let rules = ClientRules {
+            allow_cids: Some(vec![3, 4]),
+            max_connections: None,
+            idle_timeout: Some(Duration::from_secs_f64(2.5)),
+            proxy_protocol: Some(ProxyProtocol::V2),
+        };
+        assert_eq!(engine.rules(), rules);
+        assert_eq!(engine.backend, BackendChoice::Portable, "an alias of the table");
+        let defaults = Cli::try_parse_from(["t"]).unwrap().engine;
+        assert_eq!(defaults.rules(), ClientRules::default());
+        assert_eq!(Duration::from_secs_f64(defaults.connect_timeout), DEFAULT_CONNECT_TIMEOUT);
+        assert_eq!(Duration::from_secs_f64(defaults.drain_timeout), DEFAULT_DRAIN_TIMEOUT);
+        assert_eq!(defaults.pipe_kib as usize * 1024, DEFAULT_PIPE_BYTES);
+        assert_eq!((defaults.backend, defaults.data_path), (BackendChoice::Auto, DataPath::Auto));
+        let error = Cli::try_parse_from(["t", "--data-path", "zero"]).err().map(|e| e.to_string());
+        let error = error.unwrap_or_default();
+        assert!(error.contains("[possible values: auto, splice, copy, ring]"), "{error}");
+    }
+
     #[test]
     fn workers_must_be_positive() {
         assert_eq!(parse_workers("4"), Ok(4));

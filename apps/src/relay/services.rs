@@ -26,9 +26,7 @@
 //! start; one that is not allowed stops the start, named. A routed service
 //! checks each client's destination.
 
-use std::path::Path;
-
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
@@ -235,6 +233,13 @@ mod tests {
         let error = |text: &str| parse(text, p()).unwrap_err().to_string();
         assert!(error("allowlist: []\n").contains("no `services` field"), "{}", error("allowlist: []\n"));
         assert!(error("services: []\n").contains("non-empty list"));
+        let e = error("services: []\n");
+        assert!(e.starts_with("bad services list in services.yaml: "), "not an allowlist error: {e}");
+        let e = error("services:\n- {listen: 'vsock:any:1', address: a, port: 1, proxy_protocol: v3}\n");
+        assert!(
+            e.contains("proxy_protocol: unknown PROXY protocol version `v3`; expected none or v2"),
+            "{e}"
+        );
         let e = error("services:\n- {listen: 'vsock:any:1', address: a, port: 1, colour: red}\n");
         assert!(e.contains("service 1") && e.contains("unknown field `colour`"), "{e}");
         let e = error("services:\n- {listen: 'nowhere:1', address: a, port: 1}\n");
