@@ -1,6 +1,6 @@
 //! Enums the outside world reads by name: a metric's label values, a
 //! command-line value, a log field, a line of the docs. Each such enum is
-//! declared with [`labelled!`] from one table, a row per value: the variant,
+//! declared with [`crate::labelled!`] from one table, a row per value: the variant,
 //! its label (and any alias a user may type) and a line of help.
 //!
 //! Why: the labels used to be typed again in `ALL`, in `label()`, in a

@@ -18,6 +18,8 @@
 //! - `vocab`: the words worker, connections and drivers share; imports
 //!   point one way, down to it (`.ci/module-cycles` checks).
 //! - `pool`: pipes and buffers lent to pumps only while bytes are in flight.
+//! - [`labels`]: enums the outside world reads by name (metric labels,
+//!   command-line values), each declared from one table of labels and help.
 //! - [`stats`] and [`error`]: counters, and errors that say which side failed;
 //!   [`hint`]: what to do about a socket that would not open, bind or
 //!   connect, from what [`machine`] reads of this machine's vsock and sockets.
