@@ -48,11 +48,7 @@ pub const VARIANTS: [(BackendChoice, DataPath); 5] = [
 
 /// The `--backend` value of a choice, for the binaries.
 pub fn backend_arg(backend: BackendChoice) -> &'static str {
-    match backend {
-        BackendChoice::Auto => "auto",
-        BackendChoice::Uring => "uring",
-        BackendChoice::Portable => "portable",
-    }
+    backend.label()
 }
 
 /// Starts an in-process relay from `listen` to `to`.

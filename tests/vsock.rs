@@ -782,7 +782,7 @@ fn allow_cid_serves_listed_cids_and_refuses_the_rest() {
             let port = 13_500 + i as u32 * 2 + u32::from(!served);
             let mut config = RelayConfig::new(vsock_any(port), Target::fixed(&vsock(13_509)).unwrap());
             config.backend = backend;
-            config.service().allow_cids = Some(vec![allowed]);
+            config.service().rules.allow_cids = Some(vec![allowed]);
             let relay = Relay::start(config).unwrap();
             let second =
                 Relay::start(RelayConfig::new(vsock_any(port), Target::fixed(&vsock(13_509)).unwrap()));

@@ -3,6 +3,12 @@
 //! one or more [`Service`]s (a listener, an upstream, rules for its clients)
 //! with one set of workers. A service's upstream is a fixed [`Target`], or a
 //! [`Route`]: each client names its destination, a policy decides.
+//!
+//! A service's rules for its clients are one type, [`ClientRules`], that
+//! the command line and a services file fill too (each rule optional), so
+//! that a new rule is a field here, its flag, its key in the file and the
+//! place the engine applies it; [`ClientRules::or`] lays a service's own
+//! rules over the command line's.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -63,16 +69,19 @@ impl std::fmt::Display for Upstream {
     }
 }
 
-/// One listener, where its clients go, and the rules for its clients.
-#[derive(Clone, Debug)]
-pub struct Service {
-    /// The service's name in logs and metrics (default: the listen endpoint).
-    pub name: String,
-    pub listen: Endpoint,
-    pub upstream: Upstream,
-    /// Send a PROXY protocol v2 header first on each upstream connection
-    /// (the client's address, for a server behind the relay).
-    pub proxy_protocol: bool,
+labelled! {
+    /// The PROXY protocol header a relay sends first on each upstream connection.
+    pub enum ProxyProtocol as "PROXY protocol version" {
+        Off = "none", "no header";
+        V2 = "v2", "version 2, binary: the client's address for a server that expects it";
+    }
+}
+
+/// The rules for a service's clients, each one optional (`None`: not
+/// given, the default the field names). The same type holds a service's
+/// rules in the engine, the command line's and a services file's entry.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ClientRules {
     /// Only clients from these vsock CIDs are served (vsock listeners
     /// only); others are reset. `None`: any CID.
     pub allow_cids: Option<Vec<u32>>,
@@ -80,8 +89,40 @@ pub struct Service {
     /// clients are reset. `None`: no limit but the descriptors.
     pub max_connections: Option<u64>,
     /// A connection with no byte moved either way for this long is reset.
-    /// `None` (the default, like AWS's proxy): never.
+    /// `None` (like AWS's proxy): never.
     pub idle_timeout: Option<Duration>,
+    /// A PROXY protocol header first on each upstream connection (the
+    /// client's address, for a server behind the relay). `None`: none.
+    pub proxy_protocol: Option<ProxyProtocol>,
+}
+
+impl ClientRules {
+    /// These rules, each one not given here taken from `fallback`: how a
+    /// services file's entry is laid over the command line's rules.
+    #[must_use]
+    pub fn or(self, fallback: ClientRules) -> ClientRules {
+        ClientRules {
+            allow_cids: self.allow_cids.or(fallback.allow_cids),
+            max_connections: self.max_connections.or(fallback.max_connections),
+            idle_timeout: self.idle_timeout.or(fallback.idle_timeout),
+            proxy_protocol: self.proxy_protocol.or(fallback.proxy_protocol),
+        }
+    }
+
+    /// Whether a PROXY protocol v2 header goes first upstream.
+    pub fn sends_proxy_header(&self) -> bool {
+        self.proxy_protocol == Some(ProxyProtocol::V2)
+    }
+}
+
+/// One listener, where its clients go, and the rules for its clients.
+#[derive(Clone, Debug)]
+pub struct Service {
+    /// The service's name in logs and metrics (default: the listen endpoint).
+    pub name: String,
+    pub listen: Endpoint,
+    pub upstream: Upstream,
+    pub rules: ClientRules,
     /// Closed: new clients are reset (see [`Gate`]).
     pub gate: Gate,
 }
@@ -109,10 +150,7 @@ impl Service {
             name: listen.to_string(),
             listen,
             upstream,
-            proxy_protocol: false,
-            allow_cids: None,
-            max_connections: None,
-            idle_timeout: None,
+            rules: ClientRules::default(),
             gate: Gate::default(),
         }
     }
@@ -168,5 +206,31 @@ impl RelayConfig {
     /// The first service (a relay has at least one).
     pub fn service(&mut self) -> &mut Service {
         &mut self.services[0]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_services_own_rules_lie_over_the_fallbacks() {
+        let fallback = ClientRules {
+            allow_cids: Some(vec![3]),
+            max_connections: Some(10),
+            idle_timeout: None,
+            proxy_protocol: Some(ProxyProtocol::V2),
+        };
+        let own = ClientRules {
+            allow_cids: None,
+            max_connections: Some(2),
+            idle_timeout: Some(Duration::from_secs(1)),
+            proxy_protocol: Some(ProxyProtocol::Off),
+        };
+        let merged = own.or(fallback);
+        assert_eq!(merged.allow_cids, Some(vec![3]), "not given: the fallback's");
+        assert_eq!((merged.max_connections, merged.idle_timeout), (Some(2), Some(Duration::from_secs(1))));
+        assert!(!merged.sends_proxy_header(), "an explicit `none` beats the fallback's v2");
+        assert!(!ClientRules::default().sends_proxy_header());
     }
 }

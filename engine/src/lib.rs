@@ -18,6 +18,8 @@
 //! - `vocab`: the words worker, connections and drivers share; imports
 //!   point one way, down to it (`.ci/module-cycles` checks).
 //! - `pool`: pipes and buffers lent to pumps only while bytes are in flight.
+//! - [`labels`]: enums the outside world reads by name (metric labels,
+//!   command-line values), each declared from one table of labels and help.
 //! - [`stats`] and [`error`]: counters, and errors that say which side failed;
 //!   [`hint`]: what to do about a socket that would not open, bind or
 //!   connect, from what [`machine`] reads of this machine's vsock and sockets.
@@ -33,6 +35,10 @@
     clippy::cast_sign_loss,
     clippy::cast_lossless
 )]
+
+// First: its `labelled!` declares the enums of the modules below.
+#[macro_use]
+pub mod labels;
 
 mod config;
 mod conn;
@@ -55,7 +61,8 @@ mod vocab;
 mod worker;
 
 pub use config::{
-    Gate, RelayConfig, Service, Upstream, DEFAULT_CONNECT_TIMEOUT, DEFAULT_DRAIN_TIMEOUT, DEFAULT_PIPE_BYTES,
+    ClientRules, Gate, ProxyProtocol, RelayConfig, Service, Upstream, DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_DRAIN_TIMEOUT, DEFAULT_PIPE_BYTES,
 };
 pub use dns::{DnsOptions, IpFamily};
 pub use driver::ring::Unavailable as UringUnavailable;

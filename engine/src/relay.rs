@@ -168,7 +168,7 @@ fn check(config: &RelayConfig) -> Result<(), Error> {
         return Err(Error::NoService);
     }
     for service in &config.services {
-        if service.allow_cids.is_some() && !matches!(service.listen, Endpoint::Vsock { .. }) {
+        if service.rules.allow_cids.is_some() && !matches!(service.listen, Endpoint::Vsock { .. }) {
             return Err(Error::AllowCidNeedsVsock(service.listen.clone()));
         }
     }

@@ -7,69 +7,25 @@
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
-/// Why a client was reset right after its accept.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum RefusedBy {
-    /// Its service is closed: a reload found the target no longer allowed.
-    Allowlist,
-    /// Its vsock CID is not in `allow_cids`.
-    Cid,
-    /// `max_connections` was reached.
-    Limit,
-}
-
-impl RefusedBy {
-    pub const ALL: [RefusedBy; 3] = [RefusedBy::Allowlist, RefusedBy::Cid, RefusedBy::Limit];
-
-    pub fn label(self) -> &'static str {
-        match self {
-            RefusedBy::Allowlist => "allowlist",
-            RefusedBy::Cid => "cid",
-            RefusedBy::Limit => "limit",
-        }
+labelled! {
+    /// Why a client was reset right after its accept.
+    pub enum RefusedBy as "refusal" {
+        Allowlist = "allowlist", "its target is no longer allowed since a reload";
+        Cid = "cid", "its vsock CID is not allowed (--allow-cid)";
+        Limit = "limit", "the service's limit was reached (--max-connections)";
     }
 }
 
-/// Why a connection ended in failure.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Failure {
-    /// The upstream could not be reached (refused, unreachable, timed out).
-    Connect,
-    /// A read or write on the client's socket failed (a reset, mostly).
-    Client,
-    /// A read or write on the upstream's socket failed after the connect.
-    Upstream,
-    /// Reset by the idle timeout.
-    Idle,
-    /// Still open when a stop's drain time ended.
-    Drain,
-    /// No socket for the upstream could be opened (out of descriptors).
-    Resources,
-    /// Routed: the head was bad or late, or its destination refused.
-    Route,
-}
-
-impl Failure {
-    pub const ALL: [Failure; 7] = [
-        Failure::Connect,
-        Failure::Client,
-        Failure::Upstream,
-        Failure::Idle,
-        Failure::Drain,
-        Failure::Resources,
-        Failure::Route,
-    ];
-
-    pub fn label(self) -> &'static str {
-        match self {
-            Failure::Connect => "connect",
-            Failure::Client => "client",
-            Failure::Upstream => "upstream",
-            Failure::Idle => "idle",
-            Failure::Drain => "drain",
-            Failure::Resources => "resources",
-            Failure::Route => "route",
-        }
+labelled! {
+    /// Why a connection ended in failure.
+    pub enum Failure as "failure cause" {
+        Connect = "connect", "the upstream could not be reached (refused, unreachable, timed out)";
+        Client = "client", "a read or write on the client's socket failed (a reset, mostly)";
+        Upstream = "upstream", "a read or write on the upstream's socket failed after the connect";
+        Idle = "idle", "reset by the idle timeout (--idle-timeout)";
+        Drain = "drain", "still open when a stop's drain time ended (--drain-timeout)";
+        Resources = "resources", "no socket for the upstream could be opened (out of descriptors)";
+        Route = "route", "routed: the head was bad or late, or its destination was refused";
     }
 }
 
@@ -93,8 +49,8 @@ pub struct Stats {
 pub(crate) struct Cell {
     accepted: AtomicU64,
     active: AtomicU64,
-    refused: [AtomicU64; 3],
-    failed: [AtomicU64; 7],
+    refused: [AtomicU64; RefusedBy::ALL.len()],
+    failed: [AtomicU64; Failure::ALL.len()],
     bytes_to_upstream: AtomicU64,
     bytes_to_client: AtomicU64,
     connect_time: Histogram<12>,
@@ -228,9 +184,9 @@ pub struct StatsSnapshot {
     /// Connections open now (connecting or relaying).
     pub active: u64,
     /// Clients reset right after their accept, by [`RefusedBy`] cause.
-    pub refused_by: [u64; 3],
+    pub refused_by: [u64; RefusedBy::ALL.len()],
     /// Connections that ended in failure, by [`Failure`] cause.
-    pub failed_by: [u64; 7],
+    pub failed_by: [u64; Failure::ALL.len()],
     /// Bytes delivered from clients to upstream.
     pub bytes_to_upstream: u64,
     /// Bytes delivered from upstream to clients.
@@ -303,6 +259,21 @@ impl Stats {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The tables that size the per-cause arrays: every value in `ALL` at
+    /// its own index, with a label and a help line.
+    #[test]
+    fn every_cause_has_its_index_label_and_help() {
+        for (index, cause) in Failure::ALL.iter().enumerate() {
+            assert_eq!(*cause as usize, index);
+            assert!(!cause.label().is_empty() && !cause.help().is_empty(), "{cause:?}");
+        }
+        for (index, why) in RefusedBy::ALL.iter().enumerate() {
+            assert_eq!(*why as usize, index);
+            assert!(!why.label().is_empty() && !why.help().is_empty(), "{why:?}");
+        }
+        assert_eq!("route".parse(), Ok(Failure::Route));
+    }
 
     #[test]
     fn cells_sum_per_service_and_in_total() {

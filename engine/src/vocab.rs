@@ -113,27 +113,29 @@ impl BufferIo<'_> {
     }
 }
 
-/// How a direction moves its bytes.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum DataPath {
-    /// Chosen per direction by the sockets' families: splice between TCP
-    /// and Unix sockets; from or to vsock, copy while messages are small and
-    /// splice while the source streams. vsock has no splice of its own: the
-    /// kernel's copying fallback prepares pages for the pipe's whole free
-    /// space on every call, which makes small messages several times slower
-    /// than a plain copy, while bulk still moves fastest by splice (both
-    /// measured in the vsock guest, `perf/results-vsock.md`).
-    #[default]
-    Auto,
-    /// socket -> pipe -> socket with `splice(2)`: no copy through user space
-    /// (a family that refuses splice, vsock before Linux 5.0, copies).
-    Splice,
-    /// `read(2)` into a pooled buffer, then `send(2)`.
-    Copy,
-    /// io_uring receives into the worker's provided-buffer ring and sends
-    /// from it, completion-based (`completion_pump.rs`); copies where the backend
-    /// has no buffer ring (epoll, or a kernel without DEFER_TASKRUN).
-    Ring,
+labelled! {
+    /// How a direction moves its bytes.
+    #[derive(Default)]
+    pub enum DataPath as "data path" {
+        /// Chosen per direction by the sockets' families: splice between TCP
+        /// and Unix sockets; from or to vsock, copy while messages are small and
+        /// splice while the source streams. vsock has no splice of its own: the
+        /// kernel's copying fallback prepares pages for the pipe's whole free
+        /// space on every call, which makes small messages several times slower
+        /// than a plain copy, while bulk still moves fastest by splice (both
+        /// measured in the vsock guest, `perf/results-vsock.md`).
+        #[default]
+        Auto = "auto", "splice between TCP and Unix sockets; where vsock is on either side, copy while messages are small and splice while the source streams";
+        /// socket -> pipe -> socket with `splice(2)`: no copy through user space
+        /// (a family that refuses splice, vsock before Linux 5.0, copies).
+        Splice = "splice", "socket -> pipe -> socket with splice(2) everywhere";
+        /// `read(2)` into a pooled buffer, then `send(2)`.
+        Copy = "copy", "read(2) into a buffer, then send(2), everywhere";
+        /// io_uring receives into the worker's provided-buffer ring and sends
+        /// from it, completion-based (`completion_pump.rs`); copies where the backend
+        /// has no buffer ring (epoll, or a kernel without DEFER_TASKRUN).
+        Ring = "ring", "io_uring's shared buffer ring (copy on the portable backend)";
+    }
 }
 
 impl DataPath {
@@ -148,20 +150,6 @@ impl DataPath {
             DataPath::Auto => DataPath::Splice,
             DataPath::Ring if !ring => DataPath::Copy,
             chosen => chosen,
-        }
-    }
-}
-
-impl std::str::FromStr for DataPath {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "auto" => Ok(DataPath::Auto),
-            "splice" => Ok(DataPath::Splice),
-            "copy" => Ok(DataPath::Copy),
-            "ring" => Ok(DataPath::Ring),
-            other => Err(format!("unknown data path `{other}`; expected auto, splice, copy or ring")),
         }
     }
 }

@@ -467,7 +467,7 @@ fn parent_scenario(scenario: &str, backend: BackendChoice, control: &mut Control
             let start = |port: u32, cid: u32| {
                 let mut config = RelayConfig::new(vsock_any(port), Target::fixed(server.endpoint()).unwrap());
                 config.backend = backend;
-                config.service().allow_cids = Some(vec![cid]);
+                config.service().rules.allow_cids = Some(vec![cid]);
                 vsock_relay_engine::Relay::start(config).unwrap()
             };
             let (admits, refuses) = (start(base, ENCLAVE_CID), start(base + 1, ENCLAVE_CID + 1));

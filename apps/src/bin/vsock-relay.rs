@@ -28,7 +28,7 @@ use vsock_relay_apps::sample::serve::ServeArgs;
 #[command(name = "vsock-relay", version)]
 struct Cli {
     /// Log lines as text, or as one JSON object per line.
-    #[arg(long, global = true, default_value = "text", value_name = "text|json")]
+    #[arg(long, global = true, default_value = "text")]
     log_format: LogFormat,
 
     #[command(subcommand)]

@@ -42,7 +42,7 @@ pub struct Cli {
     remote_port: u16,
 
     /// Log lines as text, or as one JSON object per line.
-    #[arg(long, default_value = "text", value_name = "text|json")]
+    #[arg(long, default_value = "text")]
     log_format: LogFormat,
 
     #[command(flatten)]

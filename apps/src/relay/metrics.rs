@@ -27,9 +27,11 @@ use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 use socket2::Socket;
+use vsock_relay_engine::labels::Labelled;
 use vsock_relay_engine::stats::{HistogramSnapshot, CONNECT_BUCKETS, DURATION_BUCKETS};
+use vsock_relay_engine::target::DnsCounters;
 use vsock_relay_engine::{
-    socket, Decision, Endpoint, Failure, RefusedBy, Relay, Route, Service, Stats, Upstream,
+    socket, Decision, Endpoint, Failure, RefusedBy, Relay, Route, Service, Stats, StatsSnapshot, Upstream,
 };
 
 /// A scrape connection is closed this long after its accept, whatever it
@@ -55,7 +57,7 @@ impl RelayMetrics {
             stats: relay.stats(),
             services: relay.services().to_vec(),
             backend: relay.backend().to_string(),
-            data_path: format!("{:?}", relay.data_path()).to_lowercase(),
+            data_path: relay.data_path().label().to_string(),
         }
     }
 
@@ -73,15 +75,166 @@ impl RelayMetrics {
     }
 }
 
-type Labels<'a> = Vec<(&'static str, &'a str)>;
+/// A sample's labels: `service` first, then the family's own.
+type Labels = Vec<(&'static str, String)>;
+
+enum Sample {
+    Counter(u64),
+    Gauge(i64),
+    /// Sum, count, buckets (not cumulative).
+    Histogram(f64, u64, Vec<(f64, u64)>),
+}
+
+/// What one scrape reads of one service.
+struct ServiceScrape<'a> {
+    name: &'a str,
+    stats: StatsSnapshot,
+    dns: DnsCounters,
+    route: Option<&'a Route>,
+}
+
+/// One metric family of the table: written once per scrape, with one
+/// service's samples after another's.
+struct Family {
+    name: &'static str,
+    help: String,
+    kind: MetricType,
+    /// Written only when a service is routed (its samples come from routes).
+    routed: bool,
+    /// A service's samples, each with its labels beside `service`.
+    samples: fn(&ServiceScrape) -> Vec<(Labels, Sample)>,
+}
+
+impl Family {
+    fn new(
+        name: &'static str,
+        help: impl Into<String>,
+        kind: MetricType,
+        samples: fn(&ServiceScrape) -> Vec<(Labels, Sample)>,
+    ) -> Self {
+        Family { name, help: help.into(), kind, routed: false, samples }
+    }
+
+    fn routed(self) -> Self {
+        Family { routed: true, ..self }
+    }
+}
+
+/// The per-service metric families, in the order they are written (the
+/// `build` family, not per service, comes first). A family labelled by an
+/// engine enum takes its labels and their meaning from the enum's table.
+fn families() -> Vec<Family> {
+    use MetricType::{Counter, Gauge, Histogram};
+    vec![
+        Family::new(
+            "connections_accepted",
+            "Client connections accepted (refused ones are not).",
+            Counter,
+            |s| one(Sample::Counter(s.stats.accepted)),
+        ),
+        Family::new(
+            "connections_active",
+            "Client connections open now (connecting or relaying).",
+            Gauge,
+            |s| one(Sample::Gauge(i64::try_from(s.stats.active).unwrap_or(i64::MAX))),
+        ),
+        Family::new(
+            "connections_refused",
+            help_by::<RefusedBy>("Clients reset right after their accept, by reason"),
+            Counter,
+            |s| by_label("reason", |why| s.stats.refused_by(why)),
+        ),
+        Family::new(
+            "connections_failed",
+            help_by::<Failure>("Connections that ended in failure, by cause"),
+            Counter,
+            |s| by_label("cause", |cause| s.stats.failed_by(cause)),
+        ),
+        Family::new("bytes", "Bytes delivered, by direction.", Counter, |s| {
+            [("to_upstream", s.stats.bytes_to_upstream), ("to_client", s.stats.bytes_to_client)]
+                .into_iter()
+                .map(|(direction, bytes)| {
+                    (vec![("direction", direction.to_string())], Sample::Counter(bytes))
+                })
+                .collect()
+        }),
+        Family::new(
+            "upstream_connect_seconds",
+            "Time from accept to an established upstream connection.",
+            Histogram,
+            |s| one(histogram(&CONNECT_BUCKETS, &s.stats.connect_time)),
+        ),
+        Family::new(
+            "connection_duration_seconds",
+            "Time from accept to close, per connection.",
+            Histogram,
+            |s| one(histogram(&DURATION_BUCKETS, &s.stats.duration)),
+        ),
+        Family::new(
+            "upstream_address_changes",
+            "Times a DNS refresh moved the upstream to a new address.",
+            Counter,
+            |s| one(Sample::Counter(s.dns.changes)),
+        ),
+        Family::new(
+            "dns_failures",
+            "DNS refreshes that failed (the last good address stayed in use).",
+            Counter,
+            |s| one(Sample::Counter(s.dns.lookup_failures)),
+        ),
+        Family::new(
+            "upstream_moves_refused",
+            "DNS refreshes whose new address the allowlist refused (the last allowed one stayed in use).",
+            Counter,
+            |s| one(Sample::Counter(s.dns.moves_refused)),
+        ),
+        Family::new("routed", help_by::<Decision>("Routed clients, by decision"), Counter, |s| {
+            match s.route {
+                Some(route) => by_label("decision", |d| route.counters.decisions(d)),
+                None => Vec::new(),
+            }
+        })
+        .routed(),
+        Family::new(
+            "routed_allowed_by_entry",
+            "Routed clients allowed, by the allowlist entry that allowed them (address:port).",
+            Counter,
+            |s| {
+                let by_rule = s.route.map(|route| route.counters.by_rule()).unwrap_or_default();
+                by_rule.into_iter().map(|(rule, n)| (vec![("entry", rule)], Sample::Counter(n))).collect()
+            },
+        )
+        .routed(),
+    ]
+}
+
+/// A family's help that names each of its labels with what it means:
+/// "`what`: a (help), b (help)."
+fn help_by<T: Labelled>(what: &str) -> String {
+    let labels: Vec<String> = T::VALUES.iter().map(|v| format!("{} ({})", v.label(), v.help())).collect();
+    format!("{what}: {}.", labels.join(", "))
+}
+
+/// A service's one sample, with no label beside `service`.
+fn one(sample: Sample) -> Vec<(Labels, Sample)> {
+    vec![(Vec::new(), sample)]
+}
+
+/// A counter per value of a labelled enum, under the label `key`.
+fn by_label<T: Labelled>(key: &'static str, count: impl Fn(T) -> u64) -> Vec<(Labels, Sample)> {
+    T::VALUES
+        .iter()
+        .map(|&value| (vec![(key, value.label().to_string())], Sample::Counter(count(value))))
+        .collect()
+}
 
 /// Writes one metric family: a descriptor, then a sample per label set.
-fn family<'a>(
+fn family(
     encoder: &mut DescriptorEncoder,
     name: &str,
     help: &str,
     kind: MetricType,
-    samples: impl IntoIterator<Item = (Labels<'a>, Sample)>,
+    samples: impl IntoIterator<Item = (Labels, Sample)>,
 ) -> Result<(), std::fmt::Error> {
     let mut metric = encoder.encode_descriptor(name, help, None, kind)?;
     for (labels, sample) in samples {
@@ -97,29 +250,6 @@ fn family<'a>(
     Ok(())
 }
 
-/// Counter samples labelled by service and one more label, `key`:
-/// `counts(i)` gives service i's (label value, count) pairs.
-fn counters_by<'a, const N: usize>(
-    names: &[&'a str],
-    key: &'static str,
-    counts: impl Fn(usize) -> [(&'static str, u64); N],
-) -> Vec<(Labels<'a>, Sample)> {
-    names
-        .iter()
-        .enumerate()
-        .flat_map(|(i, name)| {
-            counts(i).map(|(value, count)| (vec![("service", *name), (key, value)], Sample::Counter(count)))
-        })
-        .collect()
-}
-
-enum Sample {
-    Counter(u64),
-    Gauge(i64),
-    /// Sum, count, buckets (not cumulative).
-    Histogram(f64, u64, Vec<(f64, u64)>),
-}
-
 /// A histogram sample: per-bucket counts (the encoder makes them
 /// cumulative), the last bucket +Inf.
 fn histogram<const N: usize>(bounds: &[f64; N], snapshot: &HistogramSnapshot<N>) -> Sample {
@@ -133,127 +263,40 @@ fn histogram<const N: usize>(bounds: &[f64; N], snapshot: &HistogramSnapshot<N>)
 
 impl Collector for RelayMetrics {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let snapshots: Vec<_> = (0..self.services.len()).map(|i| self.stats.service_snapshot(i)).collect();
-        let names: Vec<&str> = self.services.iter().map(|s| s.name.as_str()).collect();
-        let per_service = |value: &dyn Fn(usize) -> Sample| {
-            names.iter().enumerate().map(|(i, name)| (vec![("service", *name)], value(i))).collect::<Vec<_>>()
-        };
         let info = vec![
-            ("backend", self.backend.as_str()),
-            ("data_path", self.data_path.as_str()),
-            ("version", env!("CARGO_PKG_VERSION")),
+            ("backend", self.backend.clone()),
+            ("data_path", self.data_path.clone()),
+            ("version", env!("CARGO_PKG_VERSION").to_string()),
         ];
-        family(
-            &mut encoder,
-            "build",
-            "The running relay: version, backend and data path.",
-            MetricType::Gauge,
-            [(info, Sample::Gauge(1))],
-        )?;
-        family(
-            &mut encoder,
-            "connections_accepted",
-            "Client connections accepted (refused ones are not).",
-            MetricType::Counter,
-            per_service(&|i| Sample::Counter(snapshots[i].accepted)),
-        )?;
-        family(
-            &mut encoder,
-            "connections_active",
-            "Client connections open now (connecting or relaying).",
-            MetricType::Gauge,
-            per_service(&|i| Sample::Gauge(i64::try_from(snapshots[i].active).unwrap_or(i64::MAX))),
-        )?;
-        let refused = counters_by(&names, "reason", |i| {
-            RefusedBy::ALL.map(|why| (why.label(), snapshots[i].refused_by(why)))
-        });
-        family(&mut encoder, "connections_refused",
-            "Clients reset right after their accept: allowlist (target no longer allowed since a reload), cid (--allow-cid), limit (--max-connections).",
-            MetricType::Counter, refused)?;
-        let failed = counters_by(&names, "cause", |i| {
-            Failure::ALL.map(|cause| (cause.label(), snapshots[i].failed_by(cause)))
-        });
-        family(&mut encoder, "connections_failed",
-            "Connections that ended in failure: connect (upstream unreachable), client or upstream (read/write error), idle (--idle-timeout), drain (cut at stop), resources (no socket).",
-            MetricType::Counter, failed)?;
-        let bytes = counters_by(&names, "direction", |i| {
-            [("to_upstream", snapshots[i].bytes_to_upstream), ("to_client", snapshots[i].bytes_to_client)]
-        });
-        family(&mut encoder, "bytes", "Bytes delivered, by direction.", MetricType::Counter, bytes)?;
-        family(
-            &mut encoder,
-            "upstream_connect_seconds",
-            "Time from accept to an established upstream connection.",
-            MetricType::Histogram,
-            per_service(&|i| histogram(&CONNECT_BUCKETS, &snapshots[i].connect_time)),
-        )?;
-        family(
-            &mut encoder,
-            "connection_duration_seconds",
-            "Time from accept to close, per connection.",
-            MetricType::Histogram,
-            per_service(&|i| histogram(&DURATION_BUCKETS, &snapshots[i].duration)),
-        )?;
-        let dns: Vec<_> = self
+        let help = "The running relay: version, backend and data path.";
+        family(&mut encoder, "build", help, MetricType::Gauge, [(info, Sample::Gauge(1))])?;
+        let services: Vec<ServiceScrape> = self
             .services
             .iter()
-            .map(|s| match &s.upstream {
-                Upstream::Fixed(target) => target.dns_counters(),
-                Upstream::Routed(_) => Default::default(),
+            .enumerate()
+            .map(|(i, service)| ServiceScrape {
+                name: &service.name,
+                stats: self.stats.service_snapshot(i),
+                dns: match &service.upstream {
+                    Upstream::Fixed(target) => target.dns_counters(),
+                    Upstream::Routed(_) => DnsCounters::default(),
+                },
+                route: service.route(),
             })
             .collect();
-        family(
-            &mut encoder,
-            "upstream_address_changes",
-            "Times a DNS refresh moved the upstream to a new address.",
-            MetricType::Counter,
-            per_service(&|i| Sample::Counter(dns[i].changes)),
-        )?;
-        family(
-            &mut encoder,
-            "dns_failures",
-            "DNS refreshes that failed (the last good address stayed in use).",
-            MetricType::Counter,
-            per_service(&|i| Sample::Counter(dns[i].lookup_failures)),
-        )?;
-        family(
-            &mut encoder,
-            "upstream_moves_refused",
-            "DNS refreshes whose new address the allowlist refused (the last allowed one stayed in use).",
-            MetricType::Counter,
-            per_service(&|i| Sample::Counter(dns[i].moves_refused)),
-        )?;
-        let routes: Vec<(&str, &Route)> =
-            self.services.iter().filter_map(|s| Some((s.name.as_str(), s.route()?))).collect();
-        if routes.is_empty() {
-            return Ok(());
+        let any_routed = services.iter().any(|s| s.route.is_some());
+        for Family { name, help, kind, routed, samples } in families() {
+            if routed && !any_routed {
+                continue;
+            }
+            let all = services.iter().flat_map(|service| {
+                samples(service).into_iter().map(|(mut labels, sample)| {
+                    labels.insert(0, ("service", service.name.to_string()));
+                    (labels, sample)
+                })
+            });
+            family(&mut encoder, name, &help, kind, all)?;
         }
-        let decisions = routes.iter().flat_map(|(name, route)| {
-            Decision::ALL.map(|d| {
-                (
-                    vec![("service", *name), ("decision", d.label())],
-                    Sample::Counter(route.counters.decisions(d)),
-                )
-            })
-        });
-        family(&mut encoder, "routed",
-            "Routed clients by decision: allowed, not_allowed (the allowlist), unresolved (no such name, lookup failed), bad_head (malformed, unsupported, too large), head_timeout.",
-            MetricType::Counter, decisions)?;
-        let by_rule: Vec<(String, String, u64)> = routes
-            .iter()
-            .flat_map(|(name, route)| {
-                route.counters.by_rule().into_iter().map(|(rule, n)| (name.to_string(), rule, n))
-            })
-            .collect();
-        family(
-            &mut encoder,
-            "routed_allowed_by_entry",
-            "Routed clients allowed, by the allowlist entry that allowed them (address:port).",
-            MetricType::Counter,
-            by_rule.iter().map(|(name, rule, n)| {
-                (vec![("service", name.as_str()), ("entry", rule.as_str())], Sample::Counter(*n))
-            }),
-        )?;
         Ok(())
     }
 }
@@ -429,4 +472,45 @@ fn answer(client: Socket, metrics: &Arc<RelayMetrics>) -> io::Result<()> {
         response.push_str(&body);
     }
     client.write_all(response.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn help_of(name: &str) -> String {
+        families().into_iter().find(|f| f.name == name).map(|f| f.help).unwrap_or_default()
+    }
+
+    /// Every label of a labelled family with its meaning in the HELP line:
+    /// a cause added to the engine's table without its help fails here.
+    fn names_every_label<T: Labelled>(family: &str) {
+        let help = help_of(family);
+        for value in T::VALUES {
+            assert!(!value.help().is_empty(), "{} `{}` has no help", T::WHAT, value.label());
+            let named = format!("{} ({})", value.label(), value.help());
+            assert!(help.contains(&named), "the help of {family} lacks `{named}`: {help}");
+        }
+    }
+
+    #[test]
+    fn labelled_families_explain_every_label() {
+        names_every_label::<Failure>("connections_failed");
+        names_every_label::<RefusedBy>("connections_refused");
+        names_every_label::<Decision>("routed");
+    }
+
+    /// docs/operations.md lists every family and every label the code writes.
+    #[test]
+    fn the_operations_guide_lists_every_family_and_label() {
+        let docs = include_str!("../../../docs/operations.md");
+        for family in families() {
+            let series = format!("`vsock_relay_{}", family.name);
+            assert!(docs.contains(&series), "docs/operations.md lacks {series}");
+        }
+        let labels = Failure::LABELS.iter().chain(&RefusedBy::LABELS).chain(&Decision::LABELS);
+        for label in labels {
+            assert!(docs.contains(&format!("`{label}`")), "docs/operations.md lacks the label `{label}`");
+        }
+    }
 }

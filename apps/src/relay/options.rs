@@ -4,10 +4,13 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
 use clap::Args;
 use vsock_relay_engine::endpoint::{parse_host, Host};
+use vsock_relay_engine::labels::{Labelled, UnknownLabel};
 use vsock_relay_engine::{
-    BackendChoice, DataPath, DnsOptions, Endpoint, IpFamily, Relay, RelayConfig, Route, Service, Target,
+    BackendChoice, ClientRules, DataPath, DnsOptions, Endpoint, IpFamily, ProxyProtocol, Relay, RelayConfig,
+    Service, Target, DEFAULT_CONNECT_TIMEOUT, DEFAULT_DRAIN_TIMEOUT, DEFAULT_PIPE_BYTES,
 };
 
 use crate::relay::metrics::MetricsServer;
@@ -25,28 +28,24 @@ pub struct Workers {
 /// Tuning options every relaying app accepts.
 #[derive(Args, Clone, Debug)]
 pub struct EngineArgs {
-    /// Backend: `auto` uses io_uring when the kernel allows it and epoll
-    /// otherwise (saying why in the log); `uring` insists on io_uring (exit 1
-    /// when unavailable); `portable` uses epoll.
-    #[arg(long, default_value = "auto", value_name = "auto|uring|portable")]
+    /// The event loop's backend.
+    #[arg(long, default_value = BackendChoice::default().label(), value_parser = labels::<BackendChoice>())]
     pub backend: BackendChoice,
 
     /// Give up on an upstream connect after this many seconds; that one
     /// client is reset, the others are unaffected.
-    #[arg(long, default_value_t = 10.0, value_name = "SECONDS", value_parser = parse_seconds)]
+    #[arg(long, default_value_t = DEFAULT_CONNECT_TIMEOUT.as_secs_f64(), value_name = "SECONDS", value_parser = parse_seconds)]
     pub connect_timeout: f64,
 
-    /// How each direction moves bytes: `auto` splices between TCP and Unix
-    /// sockets and adapts between copying and splicing where vsock is on
-    /// either side (vsock's splice is a slow copying fallback in the
-    /// kernel); `splice`, `copy` and `ring` (io_uring's shared buffer ring;
-    /// copy on the portable backend) force one path, for comparison.
-    #[arg(long, default_value = "auto", value_name = "auto|splice|copy|ring")]
+    /// How each direction moves bytes (vsock's splice is a slow copying
+    /// fallback in the kernel, hence `auto`; the others force one path, for
+    /// comparison).
+    #[arg(long, default_value = DataPath::default().label(), value_parser = labels::<DataPath>())]
     pub data_path: DataPath,
 
     /// Capacity of each pooled pipe, in KiB (the kernel caps it at
     /// /proc/sys/fs/pipe-max-size).
-    #[arg(long, default_value_t = 1024, value_name = "KIB", value_parser = clap::value_parser!(u32).range(4..=1048576))]
+    #[arg(long, default_value_t = DEFAULT_PIPE_KIB, value_name = "KIB", value_parser = clap::value_parser!(u32).range(4..=1048576))]
     pub pipe_kib: u32,
 
     /// Before sleeping, each worker polls for new events this many
@@ -75,7 +74,7 @@ pub struct EngineArgs {
     /// On SIGTERM or SIGINT, stop accepting and give open connections this
     /// many seconds to finish, then reset them; a second signal resets them
     /// at once.
-    #[arg(long, default_value_t = 5.0, value_name = "SECONDS", value_parser = parse_seconds)]
+    #[arg(long, default_value_t = DEFAULT_DRAIN_TIMEOUT.as_secs_f64(), value_name = "SECONDS", value_parser = parse_seconds)]
     pub drain_timeout: f64,
 
     /// Ask this DNS server (IP:PORT, repeatable) instead of /etc/resolv.conf.
@@ -93,15 +92,25 @@ pub struct EngineArgs {
     /// that the server behind the relay learns the client's address (`v2`:
     /// haproxy's binary format; the server must expect it, e.g. `vsock-relay
     /// serve --proxy-protocol`). Clients that are not TCP are sent as UNSPEC.
-    #[arg(long, value_name = "v2")]
+    #[arg(long, value_parser = labels::<ProxyProtocol>())]
     pub proxy_protocol: Option<ProxyProtocol>,
 }
 
-/// The PROXY protocol versions a relay can send.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum ProxyProtocol {
-    /// Version 2, binary.
-    V2,
+/// `--pipe-kib`'s default: the engine's pipe size in KiB.
+#[allow(clippy::cast_possible_truncation)] // 1 MiB in KiB: 1024.
+const DEFAULT_PIPE_KIB: u32 = (DEFAULT_PIPE_BYTES / 1024) as u32;
+
+/// clap's parser for an engine enum declared by its table (`labelled!`):
+/// its labels (and aliases) are the possible values, each with its help,
+/// which `--help` and a usage error list.
+pub fn labels<T>() -> impl TypedValueParser<Value = T>
+where
+    T: Labelled + std::str::FromStr<Err = UnknownLabel> + Clone + Send + Sync,
+{
+    let values = T::VALUES.iter().map(|value| {
+        PossibleValue::new(value.label()).aliases(value.aliases().iter().copied()).help(value.help())
+    });
+    PossibleValuesParser::new(values).try_map(|text| text.parse::<T>())
 }
 
 /// A usage error found after parsing (the binary exits 2, like clap's own).
@@ -159,20 +168,18 @@ impl EngineArgs {
     /// A service listening on `listen` and forwarding to `target`, with
     /// these options' client rules.
     pub fn service(&self, listen: Endpoint, target: Target) -> Service {
-        self.with_rules(Service::new(listen, target))
+        Service { rules: self.rules(), ..Service::new(listen, target) }
     }
 
-    /// A service listening on `listen` whose clients name their destination.
-    pub fn routed_service(&self, listen: Endpoint, route: Route) -> Service {
-        self.with_rules(Service::routed(listen, route))
-    }
-
-    fn with_rules(&self, mut service: Service) -> Service {
-        service.allow_cids = (!self.allow_cids.is_empty()).then(|| self.allow_cids.clone());
-        service.max_connections = self.max_connections;
-        service.idle_timeout = self.idle_timeout.map(Duration::from_secs_f64);
-        service.proxy_protocol = self.proxy_protocol.is_some();
-        service
+    /// The client rules these options give every service (a services
+    /// file's entry may give its own, laid over them).
+    pub fn rules(&self) -> ClientRules {
+        ClientRules {
+            allow_cids: (!self.allow_cids.is_empty()).then(|| self.allow_cids.clone()),
+            max_connections: self.max_connections,
+            idle_timeout: self.idle_timeout.map(Duration::from_secs_f64),
+            proxy_protocol: self.proxy_protocol,
+        }
     }
 
     /// The one way from command-line options to a relay: `services` served
@@ -258,6 +265,47 @@ mod tests {
         assert_eq!(parse_remote_host("::1"), Ok(Host::Ip("::1".parse().unwrap())));
         assert!(parse_remote_host("3").unwrap_err().contains("bare number"));
         assert!(parse_remote_host("bad host").unwrap_err().contains("neither a host name"));
+    }
+
+    /// The flags give the engine's client rules; what a flag defaults to is
+    /// the engine's constant; an enum's values are its table's.
+    #[test]
+    fn flags_give_client_rules_and_default_to_the_engines_constants() {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            engine: EngineArgs,
+        }
+        use clap::Parser;
+        let flags = [
+            "t",
+            "--allow-cid",
+            "3,4",
+            "--idle-timeout",
+            "2.5",
+            "--proxy-protocol",
+            "v2",
+            "--backend",
+            "epoll",
+        ];
+        let engine = Cli::try_parse_from(flags).unwrap().engine;
+        let rules = ClientRules {
+            allow_cids: Some(vec![3, 4]),
+            max_connections: None,
+            idle_timeout: Some(Duration::from_secs_f64(2.5)),
+            proxy_protocol: Some(ProxyProtocol::V2),
+        };
+        assert_eq!(engine.rules(), rules);
+        assert_eq!(engine.backend, BackendChoice::Portable, "an alias of the table");
+        let defaults = Cli::try_parse_from(["t"]).unwrap().engine;
+        assert_eq!(defaults.rules(), ClientRules::default());
+        assert_eq!(Duration::from_secs_f64(defaults.connect_timeout), DEFAULT_CONNECT_TIMEOUT);
+        assert_eq!(Duration::from_secs_f64(defaults.drain_timeout), DEFAULT_DRAIN_TIMEOUT);
+        assert_eq!(defaults.pipe_kib as usize * 1024, DEFAULT_PIPE_BYTES);
+        assert_eq!((defaults.backend, defaults.data_path), (BackendChoice::Auto, DataPath::Auto));
+        let error = Cli::try_parse_from(["t", "--data-path", "zero"]).err().map(|e| e.to_string());
+        let error = error.unwrap_or_default();
+        assert!(error.contains("[possible values: auto, splice, copy, ring]"), "{error}");
     }
 
     #[test]

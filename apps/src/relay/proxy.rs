@@ -22,12 +22,14 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Args;
 use vsock_relay_engine::dns::Resolver;
-use vsock_relay_engine::route;
+use vsock_relay_engine::route::{DEFAULT_HEAD_TIMEOUT, DEFAULT_SNI_PORT};
 use vsock_relay_engine::target::Vet;
-use vsock_relay_engine::{Endpoint, Host, IpFamily, Policy, Route, RouteKind, Service, Target, Upstream};
+use vsock_relay_engine::{
+    ClientRules, Endpoint, Host, IpFamily, Policy, Route, RouteKind, Service, Target, Upstream,
+};
 
 use crate::relay::allowlist::{Allowed, Allowlist};
-use crate::relay::options::{parse_remote_host, parse_seconds, EngineArgs, Workers};
+use crate::relay::options::{labels, parse_remote_host, parse_seconds, EngineArgs, Workers};
 use crate::relay::run::{Reload, Running};
 use crate::relay::services::{self, ServiceSpec, SpecUpstream};
 
@@ -48,31 +50,29 @@ pub struct ProxyCommand {
     #[arg(value_name = "REMOTE_PORT", required_unless_present_any = ["services", "route"])]
     pub remote_port: Option<u16>,
 
-    /// Instead of REMOTE_ADDR REMOTE_PORT, send each client where it asks,
-    /// when the allowlist allows it: `connect` (HTTP CONNECT:
-    /// HTTPS_PROXY=http://HOST:PORT), `socks5` (ALL_PROXY=socks5h://HOST:PORT,
-    /// names resolved here) or `sni` (the server name of the client's TLS
-    /// ClientHello, on --sni-port). Loopback, link-local (the instance
-    /// metadata service) and unspecified addresses only when an address or
-    /// CIDR entry names them.
-    #[arg(long, value_name = "connect|socks5|sni", conflicts_with = "services")]
+    /// Instead of REMOTE_ADDR REMOTE_PORT, send each client where it asks
+    /// by the head it sends first, when the allowlist allows it. Loopback,
+    /// link-local (the instance metadata service) and unspecified addresses
+    /// only when an address or CIDR entry names them.
+    #[arg(long, value_parser = labels::<RouteKind>(), conflicts_with = "services")]
     pub route: Option<RouteKind>,
 
     /// With --route sni: the port every destination is reached on.
-    #[arg(long, default_value_t = 443, value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..))]
+    #[arg(long, default_value_t = DEFAULT_SNI_PORT, value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..))]
     pub sni_port: u16,
 
     /// Routed services: close a client that has not sent its whole head
     /// (its CONNECT request, SOCKS5 request or TLS ClientHello) this many
     /// seconds after connecting.
-    #[arg(long, default_value_t = 10.0, value_name = "SECONDS", value_parser = parse_seconds)]
+    #[arg(long, default_value_t = DEFAULT_HEAD_TIMEOUT.as_secs_f64(), value_name = "SECONDS", value_parser = parse_seconds)]
     pub head_timeout: f64,
 
     /// Serve every service listed under `services:` in this YAML file (each
-    /// with listen, and address and port or a route, and optional name,
-    /// allow_cid, max_connections, idle_timeout, head_timeout,
-    /// proxy_protocol), with one set of workers, instead of --listen
-    /// REMOTE_ADDR REMOTE_PORT. It may be the --config file itself.
+    /// with listen, and address and port or a route, and optionally a name
+    /// and its own client rules, keyed as their flags: `allow_cid: [16]`,
+    /// `idle_timeout: 300`; docs/operations.md lists them), with one set of
+    /// workers, instead of --listen REMOTE_ADDR REMOTE_PORT. It may be the
+    /// --config file itself.
     #[arg(long, value_name = "FILE")]
     pub services: Option<PathBuf>,
 
@@ -150,7 +150,7 @@ impl ProxyArgs {
                 _ => IpFamily::Any,
             },
             workers,
-            head_timeout: route::DEFAULT_HEAD_TIMEOUT.as_secs_f64(),
+            head_timeout: DEFAULT_HEAD_TIMEOUT.as_secs_f64(),
             engine: self.engine,
         }
     }
@@ -159,15 +159,7 @@ impl ProxyArgs {
 impl ServiceSpec {
     /// The one service of a command line.
     pub fn single(listen: Endpoint, upstream: SpecUpstream) -> Self {
-        ServiceSpec {
-            name: None,
-            listen,
-            upstream,
-            allow_cids: None,
-            max_connections: None,
-            idle_timeout: None,
-            proxy_protocol: None,
-        }
+        ServiceSpec { name: None, listen, upstream, rules: ClientRules::default() }
     }
 }
 
@@ -266,24 +258,16 @@ fn routed_service(
     route.head_timeout = Duration::from_secs_f64(head_timeout);
     tracing::info!(route = %kind, config = %settings.config.display(),
         "routed: each client's destination is checked against the allowlist in force");
-    Ok(with_spec_rules(settings.engine.routed_service(spec.listen.clone(), route), spec))
+    Ok(as_specified(Service::routed(spec.listen.clone(), route), spec, &settings.engine))
 }
 
-/// A spec's own client rules over the command line's.
-fn with_spec_rules(mut service: Service, spec: &ServiceSpec) -> Service {
+/// `service` named as `spec` says, with the spec's own client rules laid
+/// over the command line's.
+fn as_specified(mut service: Service, spec: &ServiceSpec, engine: &EngineArgs) -> Service {
     if let Some(name) = &spec.name {
         service.name = name.clone();
     }
-    if spec.allow_cids.is_some() {
-        service.allow_cids = spec.allow_cids.clone();
-    }
-    service.max_connections = spec.max_connections.or(service.max_connections);
-    if let Some(idle) = spec.idle_timeout {
-        service.idle_timeout = Some(std::time::Duration::from_secs_f64(idle));
-    }
-    if let Some(proxy_protocol) = spec.proxy_protocol {
-        service.proxy_protocol = proxy_protocol;
-    }
+    service.rules = spec.rules.clone().or(engine.rules());
     service
 }
 
@@ -321,7 +305,7 @@ fn proxied_service(
         Host::Ip(_) => Target::fixed(&endpoint)?,
         Host::Name(_) => Target::follow(endpoint, port, resolver, resolution, Some(vet)),
     };
-    Ok(with_spec_rules(settings.engine.service(spec.listen.clone(), target), spec))
+    Ok(as_specified(Service::new(spec.listen.clone(), target), spec, &settings.engine))
 }
 
 fn read(allowlist: &RwLock<Allowlist>) -> std::sync::RwLockReadGuard<'_, Allowlist> {

@@ -26,28 +26,36 @@
 //! start; one that is not allowed stops the start, named. A routed service
 //! checks each client's destination.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 use serde_norway::Value;
-use vsock_relay_engine::{Endpoint, Host, RouteKind};
+use vsock_relay_engine::{ClientRules, Endpoint, Host, RouteKind};
 
 use crate::relay::allowlist::{read_config, AllowlistError};
 use crate::relay::options::{parse_idle_seconds, parse_remote_host, parse_seconds};
 
 /// One proxied service: where to listen, which allowlisted TCP service to
-/// reach (or how its clients name theirs), and rules for its clients
-/// (`None`: the command line's).
+/// reach (or how its clients name theirs), and rules for its clients (a
+/// rule not given: the command line's).
 #[derive(Clone, Debug, PartialEq)]
 pub struct ServiceSpec {
     pub name: Option<String>,
     pub listen: Endpoint,
     pub upstream: SpecUpstream,
-    pub allow_cids: Option<Vec<u32>>,
-    pub max_connections: Option<u64>,
-    pub idle_timeout: Option<f64>,
-    /// Send a PROXY protocol v2 header upstream (`None`: the command line's).
-    pub proxy_protocol: Option<bool>,
+    pub rules: ClientRules,
+}
+
+/// A services file that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ServicesError {
+    /// The file could not be read as YAML (read as the allowlist is).
+    #[error(transparent)]
+    File(#[from] AllowlistError),
+    /// The YAML reads, but its `services:` list is wrong.
+    #[error("bad services list in {path}: {reason}")]
+    BadService { path: PathBuf, reason: String },
 }
 
 /// Where a service's clients go.
@@ -78,6 +86,33 @@ struct Written {
     proxy_protocol: Option<String>,
 }
 
+impl Written {
+    /// The item's client rules, checked as their flags are; `at` names the
+    /// service in an error.
+    fn rules(&self, at: impl Fn(String) -> ServicesError) -> Result<ClientRules, ServicesError> {
+        let idle_timeout = self
+            .idle_timeout
+            .map(|seconds| {
+                parse_idle_seconds(&seconds.to_string()).map_err(|e| at(format!("idle_timeout: {e}")))
+            })
+            .transpose()?;
+        if self.max_connections == Some(0) {
+            return Err(at("max_connections must be at least 1".into()));
+        }
+        let proxy_protocol = self
+            .proxy_protocol
+            .as_deref()
+            .map(|text| text.parse().map_err(|e| at(format!("proxy_protocol: {e}"))))
+            .transpose()?;
+        Ok(ClientRules {
+            allow_cids: self.allow_cid.clone(),
+            max_connections: self.max_connections,
+            idle_timeout: idle_timeout.map(Duration::from_secs_f64),
+            proxy_protocol,
+        })
+    }
+}
+
 fn endpoint<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Endpoint, D::Error> {
     let text = String::deserialize(deserializer)?;
     text.parse().map_err(|e| serde::de::Error::custom(format!("listen `{text}`: {e}")))
@@ -85,14 +120,14 @@ fn endpoint<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Endpoint, D::E
 
 /// Reads the `services:` list of a YAML file (read as the allowlist is:
 /// bounded in size and nesting).
-pub fn load(path: &Path) -> Result<Vec<ServiceSpec>, AllowlistError> {
+pub fn load(path: &Path) -> Result<Vec<ServiceSpec>, ServicesError> {
     parse(&read_config(path)?, path)
 }
 
 /// Parses a `services:` list; `path` only names the file in messages.
-pub fn parse(text: &str, path: &Path) -> Result<Vec<ServiceSpec>, AllowlistError> {
+pub fn parse(text: &str, path: &Path) -> Result<Vec<ServiceSpec>, ServicesError> {
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
-    let bad = |reason: String| AllowlistError::BadEntry { path: path.into(), reason };
+    let bad = |reason: String| ServicesError::BadService { path: path.into(), reason };
     let doc: Value = serde_norway::from_str(text)
         .map_err(|e| AllowlistError::BadYaml { path: path.into(), reason: e.to_string() })?;
     let Some(list) = doc.get("services") else {
@@ -107,9 +142,10 @@ pub fn parse(text: &str, path: &Path) -> Result<Vec<ServiceSpec>, AllowlistError
     for (index, item) in items.iter().enumerate() {
         let at = |reason: String| bad(format!("service {}: {reason}", index + 1));
         let written: Written = serde_norway::from_value(item.clone()).map_err(|e| at(e.to_string()))?;
+        let rules = written.rules(at)?;
         let upstream = match (written.route.as_deref(), written.address, written.port) {
             (Some(route), None, None) => {
-                let mut route: RouteKind = route.parse().map_err(at)?;
+                let mut route: RouteKind = route.parse().map_err(|e| at(format!("{e}")))?;
                 match (&mut route, written.sni_port) {
                     (RouteKind::Sni { port }, Some(sni_port)) if sni_port > 0 => *port = sni_port,
                     (_, None) => {}
@@ -133,30 +169,7 @@ pub fn parse(text: &str, path: &Path) -> Result<Vec<ServiceSpec>, AllowlistError
             (Some(_), _, _) => return Err(at("give either route, or address and port, not both".into())),
             (None, _, _) => return Err(at("give address and port (a fixed target), or route".into())),
         };
-        let proxy_protocol = match written.proxy_protocol.as_deref() {
-            None => None,
-            Some("v2") => Some(true),
-            Some("none") => Some(false),
-            Some(other) => return Err(at(format!("proxy_protocol `{other}`: expected v2 or none"))),
-        };
-        let idle_timeout = written
-            .idle_timeout
-            .map(|seconds| {
-                parse_idle_seconds(&seconds.to_string()).map_err(|e| at(format!("idle_timeout: {e}")))
-            })
-            .transpose()?;
-        if written.max_connections == Some(0) {
-            return Err(at("max_connections must be at least 1".into()));
-        }
-        services.push(ServiceSpec {
-            name: written.name,
-            listen: written.listen,
-            upstream,
-            allow_cids: written.allow_cid,
-            max_connections: written.max_connections,
-            idle_timeout,
-            proxy_protocol,
-        });
+        services.push(ServiceSpec { name: written.name, listen: written.listen, upstream, rules });
     }
     let mut listens: Vec<String> = services.iter().map(|s| s.listen.to_string()).collect();
     listens.sort();
@@ -169,6 +182,7 @@ pub fn parse(text: &str, path: &Path) -> Result<Vec<ServiceSpec>, AllowlistError
 #[cfg(test)]
 mod tests {
     use super::*;
+    use vsock_relay_engine::ProxyProtocol;
 
     fn p() -> &'static Path {
         Path::new("services.yaml")
@@ -185,8 +199,11 @@ mod tests {
         let fixed = SpecUpstream::Fixed { host: Host::Name("a.example".into()), port: 443 };
         assert_eq!((&services[0].upstream, services[0].name.as_deref()), (&fixed, None));
         assert_eq!(services[1].name.as_deref(), Some("b"));
-        assert_eq!(services[1].allow_cids, Some(vec![3, 4]));
-        assert_eq!((services[1].max_connections, services[1].idle_timeout), (Some(5), Some(2.5)));
+        assert_eq!(services[1].rules.allow_cids, Some(vec![3, 4]));
+        assert_eq!(
+            (services[1].rules.max_connections, services[1].rules.idle_timeout),
+            (Some(5), Some(Duration::from_secs_f64(2.5)))
+        );
     }
 
     #[test]
@@ -198,7 +215,7 @@ mod tests {
         let routed = |route, head_timeout| SpecUpstream::Routed { route, head_timeout };
         assert_eq!(services[0].upstream, routed(RouteKind::Connect, None));
         assert_eq!(services[1].upstream, routed(RouteKind::Socks5, Some(3.0)));
-        assert_eq!(services[1].proxy_protocol, Some(true));
+        assert_eq!(services[1].rules.proxy_protocol, Some(ProxyProtocol::V2));
         assert_eq!(services[2].upstream, routed(RouteKind::Sni { port: 8443 }, None));
         let error = |text: &str| parse(text, p()).unwrap_err().to_string();
         let e = error("services:\n- {listen: 'vsock:any:1', route: connect, address: a, port: 1}\n");
@@ -216,6 +233,13 @@ mod tests {
         let error = |text: &str| parse(text, p()).unwrap_err().to_string();
         assert!(error("allowlist: []\n").contains("no `services` field"), "{}", error("allowlist: []\n"));
         assert!(error("services: []\n").contains("non-empty list"));
+        let e = error("services: []\n");
+        assert!(e.starts_with("bad services list in services.yaml: "), "not an allowlist error: {e}");
+        let e = error("services:\n- {listen: 'vsock:any:1', address: a, port: 1, proxy_protocol: v3}\n");
+        assert!(
+            e.contains("proxy_protocol: unknown PROXY protocol version `v3`; expected none or v2"),
+            "{e}"
+        );
         let e = error("services:\n- {listen: 'vsock:any:1', address: a, port: 1, colour: red}\n");
         assert!(e.contains("service 1") && e.contains("unknown field `colour`"), "{e}");
         let e = error("services:\n- {listen: 'nowhere:1', address: a, port: 1}\n");
@@ -254,7 +278,7 @@ mod tests {
         let services = parse(&examples, p()).unwrap();
         let names: Vec<_> = services.iter().map(|s| s.name.as_deref().unwrap_or("")).collect();
         assert_eq!(names, ["kms", "s3", "egress"]);
-        assert_eq!(services[1].allow_cids, Some(vec![16]));
+        assert_eq!(services[1].rules.allow_cids, Some(vec![16]));
         assert_eq!(
             services[2].upstream,
             SpecUpstream::Routed { route: RouteKind::Connect, head_timeout: None }

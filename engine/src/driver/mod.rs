@@ -10,7 +10,6 @@
 
 use std::fmt;
 use std::io;
-use std::str::FromStr;
 use std::time::Duration;
 
 use socket2::Socket;
@@ -27,44 +26,28 @@ mod uring;
 pub(crate) use epoll::EpollDriver;
 pub(crate) use uring::UringDriver;
 
-/// The backend a user asks for.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum BackendChoice {
-    /// io_uring when the kernel allows it, else portable.
-    #[default]
-    Auto,
-    /// io_uring, or an error if the kernel refuses it.
-    Uring,
-    /// epoll, even where io_uring would work.
-    Portable,
+labelled! {
+    /// The backend a user asks for.
+    #[derive(Default)]
+    pub enum BackendChoice as "backend" {
+        #[default]
+        Auto = "auto", "io_uring when the kernel allows it, else epoll (the log says why)";
+        Uring = "uring" | "io_uring", "io_uring, or exit 1 when the kernel refuses it";
+        Portable = "portable" | "epoll", "epoll, even where io_uring would work";
+    }
 }
 
-/// The backend a relay runs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Backend {
-    Uring,
-    Portable,
+labelled! {
+    /// The backend a relay runs.
+    pub enum Backend as "running backend" {
+        Uring = "io_uring", "io_uring: readiness polls and operations batched with the waits";
+        Portable = "portable", "epoll";
+    }
 }
 
 impl fmt::Display for Backend {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Backend::Uring => "io_uring",
-            Backend::Portable => "portable",
-        })
-    }
-}
-
-impl FromStr for BackendChoice {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "auto" => Ok(BackendChoice::Auto),
-            "uring" | "io_uring" => Ok(BackendChoice::Uring),
-            "portable" | "epoll" => Ok(BackendChoice::Portable),
-            other => Err(format!("unknown backend `{other}`; expected auto, uring or portable")),
-        }
+        f.write_str(self.label())
     }
 }
 

@@ -13,7 +13,6 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
-use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -62,38 +61,14 @@ impl fmt::Debug for Route {
     }
 }
 
-/// What a route decided, for its counters.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Decision {
-    /// The policy allowed the destination (the connect may still fail).
-    Allowed,
-    /// The policy refused it.
-    NotAllowed,
-    /// The name did not resolve, or the lookup failed or timed out.
-    Unresolved,
-    /// The head was malformed, unsupported or too large.
-    BadHead,
-    /// No whole head within the head timeout.
-    HeadTimeout,
-}
-
-impl Decision {
-    pub const ALL: [Decision; 5] = [
-        Decision::Allowed,
-        Decision::NotAllowed,
-        Decision::Unresolved,
-        Decision::BadHead,
-        Decision::HeadTimeout,
-    ];
-
-    pub fn label(self) -> &'static str {
-        match self {
-            Decision::Allowed => "allowed",
-            Decision::NotAllowed => "not_allowed",
-            Decision::Unresolved => "unresolved",
-            Decision::BadHead => "bad_head",
-            Decision::HeadTimeout => "head_timeout",
-        }
+labelled! {
+    /// What a route decided, for its counters.
+    pub enum Decision as "route decision" {
+        Allowed = "allowed", "the allowlist allowed the destination (the connect may still fail)";
+        NotAllowed = "not_allowed", "the allowlist refused the destination";
+        Unresolved = "unresolved", "no such name, or the lookup failed or timed out";
+        BadHead = "bad_head", "the head was malformed, unsupported or too large";
+        HeadTimeout = "head_timeout", "no whole head within the head timeout (--head-timeout)";
     }
 }
 
@@ -101,7 +76,7 @@ impl Decision {
 /// allowed. Written off the data path (once per routed connection).
 #[derive(Debug, Default)]
 pub struct RouteCounters {
-    decisions: [AtomicU64; 5],
+    decisions: [AtomicU64; Decision::ALL.len()],
     by_rule: Mutex<BTreeMap<String, u64>>,
 }
 
@@ -135,39 +110,29 @@ impl RouteCounters {
 /// TLS ClientHello (one full TLS record is 16 KiB plus its header).
 pub const MAX_HEAD_BYTES: usize = 16 * 1024 + 5;
 
-/// How a routed service learns where a client wants to go.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum RouteKind {
-    /// HTTP/1.1 `CONNECT host:port` (RFC 9110, 9.3.6): `HTTPS_PROXY=http://...`.
-    Connect,
-    /// SOCKS5 (RFC 1928), no authentication, the CONNECT command:
-    /// `ALL_PROXY=socks5h://...`.
-    Socks5,
-    /// The server name of the client's TLS ClientHello, on a fixed port; the
-    /// ClientHello is passed on unchanged.
-    Sni { port: u16 },
+/// The port `--route sni` reaches every destination on, unless told.
+pub const DEFAULT_SNI_PORT: u16 = 443;
+
+labelled! {
+    /// How a routed service learns where a client wants to go.
+    pub enum RouteKind as "route" {
+        /// HTTP/1.1 `CONNECT host:port` (RFC 9110, 9.3.6): `HTTPS_PROXY=http://...`.
+        Connect = "connect" | "http", "HTTP CONNECT (HTTPS_PROXY=http://HOST:PORT)";
+        /// SOCKS5 (RFC 1928), no authentication, the CONNECT command:
+        /// `ALL_PROXY=socks5h://...`.
+        Socks5 = "socks5" | "socks", "SOCKS5 (ALL_PROXY=socks5h://HOST:PORT, names resolved here)";
+        /// The server name of the client's TLS ClientHello, on a fixed port
+        /// (parsed as [`DEFAULT_SNI_PORT`]; the caller may change it); the
+        /// ClientHello is passed on unchanged.
+        Sni { port: u16 = DEFAULT_SNI_PORT } = "sni", "the server name of the client's TLS ClientHello, on one port";
+    }
 }
 
 impl fmt::Display for RouteKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            RouteKind::Connect => f.write_str("connect"),
-            RouteKind::Socks5 => f.write_str("socks5"),
             RouteKind::Sni { port } => write!(f, "sni (port {port})"),
-        }
-    }
-}
-
-impl FromStr for RouteKind {
-    type Err = String;
-
-    /// `connect`, `socks5` or `sni` (port 443; the caller may change it).
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "connect" | "http" => Ok(RouteKind::Connect),
-            "socks5" | "socks" => Ok(RouteKind::Socks5),
-            "sni" => Ok(RouteKind::Sni { port: 443 }),
-            other => Err(format!("unknown route `{other}`; expected connect, socks5 or sni")),
+            other => f.write_str(other.label()),
         }
     }
 }

@@ -44,12 +44,12 @@ pub(super) fn refusal(service: &Service, active: u64, client: &Socket) -> Option
     if !service.gate.is_open() {
         return Some(Refusal::Closed);
     }
-    if let Some(max) = service.max_connections {
+    if let Some(max) = service.rules.max_connections {
         if active >= max {
             return Some(Refusal::OverLimit(max));
         }
     }
-    let allowed = service.allow_cids.as_ref()?;
+    let allowed = service.rules.allow_cids.as_ref()?;
     match client.peer_addr().ok().and_then(|peer| peer.as_vsock_address()) {
         Some((cid, _)) if allowed.contains(&cid) => None,
         Some((cid, _)) => Some(Refusal::Cid(cid)),

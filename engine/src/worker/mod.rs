@@ -211,7 +211,8 @@ struct Worker<D> {
 impl<D: Driver> Worker<D> {
     fn new(mut driver: D, setup: WorkerSetup) -> Self {
         let WorkerSetup { index, config, stats, control, mailbox, router, .. } = setup;
-        let sweep_every = config.services.iter().filter_map(|s| s.idle_timeout).min().map(sweep_interval);
+        let sweep_every =
+            config.services.iter().filter_map(|s| s.rules.idle_timeout).min().map(sweep_interval);
         let opener =
             Opener::new(Arc::clone(&config), index, driver.trigger(), driver.buffer_ring().is_some());
         Worker {
@@ -413,7 +414,7 @@ impl<D: Driver> Worker<D> {
                     .iter()
                     .filter(|(_, slot)| slot.conn.state == ConnState::Relaying)
                     .filter_map(|(index, slot)| {
-                        let idle = services[slot.service].idle_timeout?;
+                        let idle = services[slot.service].rules.idle_timeout?;
                         (slot.last_active + idle <= now)
                             .then(|| key_of(index, &slot.conn).map(|key| (key, idle)))
                     })

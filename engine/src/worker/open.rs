@@ -78,21 +78,21 @@ impl Opener {
 
     /// A new `client` of `service`, which has `active` connections open.
     pub fn open(&mut self, service: usize, client: Socket, active: u64) -> Opened {
-        let rules = &self.config.services[service];
-        if let Some(refusal) = admission::refusal(rules, active, &client) {
+        let served = &self.config.services[service];
+        if let Some(refusal) = admission::refusal(served, active, &client) {
             return Opened::Refused { client, refusal };
         }
         if let Err(e) = socket::tune_accepted(&client, self.client_domains[service], &self.config.socket) {
             tracing::debug!(error = %e, "cannot tune an accepted socket");
         }
-        let plan = match &rules.upstream {
+        let plan = match &served.upstream {
             Upstream::Fixed(target) => match self.dial(service, target.current()) {
                 Ok(dial) => Plan::Fixed(dial),
                 Err(failure) => return Opened::NoUpstreamSocket { client, failure },
             },
             Upstream::Routed(route) => Plan::route(route),
         };
-        let proxy_header = match rules.proxy_protocol {
+        let proxy_header = match served.rules.sends_proxy_header() {
             true => {
                 let peer = client.peer_addr().ok().and_then(|a| a.as_socket());
                 let local = client.local_addr().ok().and_then(|a| a.as_socket());

@@ -285,7 +285,7 @@ fn ask_metrics(at: &Endpoint) -> std::io::Result<()> {
 /// Open files, pipes and the listen backlog against what the relay will ask.
 fn limits(args: &DoctorArgs, services: &[ServiceSpec]) -> Vec<Check> {
     let mut checks = Vec::new();
-    let per_service: Option<u64> = services.iter().map(|s| s.max_connections).sum();
+    let per_service: Option<u64> = services.iter().map(|s| s.rules.max_connections).sum();
     let connections = args.max_connections.or(per_service.filter(|_| !services.is_empty()));
     if let Some((soft, hard)) = open_files_limit() {
         // The relay raises the soft limit to the hard one at start.

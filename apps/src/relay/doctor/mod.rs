@@ -28,12 +28,12 @@ pub struct DoctorArgs {
     /// the enclave (runs the forwarder). Default: guessed, and the guess is
     /// printed with its reason (the nitro_enclaves driver or vhost_vsock
     /// loaded: parent; a local CID from 4: enclave; else parent).
-    #[arg(long, value_name = "parent|enclave")]
+    #[arg(long)]
     pub side: Option<Side>,
 
     /// Text lines, or one JSON object (`side`, `checks` with `area`,
     /// `check`, `status`, `detail` and `fix`, and the counts).
-    #[arg(long, default_value = "text", value_name = "text|json")]
+    #[arg(long, default_value = "text")]
     pub format: Format,
 
     /// Parent: the proxy's config file; its allowlist must parse and each

@@ -43,7 +43,7 @@ pub struct DemoArgs {
     /// How the vsock hops are carried: `auto` uses AF_VSOCK loopback (CID 1)
     /// when the kernel has it (module vsock_loopback) and Unix sockets
     /// otherwise; `vsock` insists; `unix` never touches AF_VSOCK.
-    #[arg(long, default_value = "auto", value_name = "auto|vsock|unix")]
+    #[arg(long, default_value = "auto")]
     pub transport: Transport,
 
     /// MiB pushed through forwarder + proxy for the throughput line (0: skip).
