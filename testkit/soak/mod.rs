@@ -25,6 +25,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::names::{Answer, NameServer};
@@ -291,120 +292,236 @@ fn corrupting_hop(listen: SocketAddr, to: SocketAddr) -> Result<(), String> {
 }
 
 /// Runs the soak; `Err` when it could not be set up.
+///
+/// Its phases, each a function below: set-up (the upstream, its name, both
+/// relays ready), traffic and chaos (the sampler, the client lanes, the
+/// schedule's faults on this thread), teardown (traffic stopped, the relays'
+/// counters scraped, the relays stopped), then the accounting of every
+/// connection, the judgement of the relays' resources and the summary.
 pub fn run(options: &Options) -> Result<Outcome, String> {
     let phases = Phases::of(options.seconds);
-    std::fs::create_dir_all(&options.out).map_err(|e| format!("{}: {e}", options.out.display()))?;
-    let sockets = std::env::temp_dir().join(format!("soak-{}-{}", std::process::id(), options.port_base));
-    std::fs::create_dir_all(&sockets).map_err(|e| e.to_string())?;
-    let mut notes = Vec::new();
-    let say = |line: String| println!("soak: {line}");
+    let (rig, relays) = Rig::set_up(options)?;
+    let schedule = announce_schedule(options, &phases)?;
 
-    let netem = if options.netem {
-        match Netem::set_up() {
-            Ok(netem) => Some(netem),
-            Err(why) => {
-                notes.push(format!("netem faults skipped: {why}"));
-                None
+    let started = Instant::now();
+    let live = Arc::new(Live::default());
+    let stop_traffic = Arc::new(AtomicBool::new(false));
+    let faults_done = Arc::new(AtomicU64::new(0));
+    let sampler = Sampler::start(&options.out, &relays, &rig.upstream, started, &live, &faults_done)?;
+    let lanes = start_lanes(options, &phases, started, &live, &stop_traffic, &rig.ports);
+    let mut chaos = Chaos { options, rig: &rig, proxy: &relays.proxy, live: &live, started, dns_at: 0 };
+    let faults = chaos.play(&schedule, &faults_done);
+
+    std::thread::sleep(phases.traffic_end.saturating_sub(started.elapsed()));
+    stop_traffic.store(true, Ordering::SeqCst);
+    say(&format!("t={:.1}s traffic stops; waiting for open connections", started.elapsed().as_secs_f64()));
+    for lane in lanes {
+        let _ = lane.join();
+    }
+    // The relays count a close a moment after the client sees it.
+    std::thread::sleep(Duration::from_secs(2).max(phases.length.saturating_sub(started.elapsed())));
+    let ended = relays.tear_down(sampler, &options.out)?;
+    let _ = std::fs::remove_dir_all(&rig.sockets);
+
+    let upstream = rig.upstream.lock().unwrap_or_else(|p| p.into_inner());
+    let mut findings = Findings::of(&options.out, &ended, &live, &upstream)?;
+    let judged = judge_resources(&ended.rows, &phases, &mut findings.problems);
+    let summary = summarize(options, &phases, &rig.notes, &findings, faults, &judged);
+    let text = serde_json::to_string_pretty(&summary).unwrap_or_default();
+    std::fs::write(options.out.join("summary.json"), &text).map_err(|e| e.to_string())?;
+    Ok(Outcome { problems: findings.problems, summary })
+}
+
+fn say(line: &str) {
+    println!("soak: {line}");
+}
+
+/// What set-up starts for the whole run besides the relays: the upstream
+/// server and the name server that names it, the allowlist the chaos
+/// schedule breaks and restores, and the ports the clients connect to.
+struct Rig {
+    /// Why parts of the run are skipped here (in the summary).
+    notes: Vec<String>,
+    netem: Option<Netem>,
+    /// The folder of the run's Unix sockets.
+    sockets: PathBuf,
+    upstream: Arc<Mutex<Upstream>>,
+    names: NameServer,
+    allowlist: PathBuf,
+    valid_allowlist: String,
+    ports: Ports,
+}
+
+/// The two relays under test and their metrics sockets.
+struct Relays {
+    proxy: Relay,
+    forward: Relay,
+    proxy_metrics: PathBuf,
+    forward_metrics: PathBuf,
+}
+
+/// The relays' counters and the sampler's rows, taken at teardown.
+struct Ended {
+    forward_text: String,
+    proxy_text: String,
+    rows: Vec<String>,
+    proxy_exit: Option<i32>,
+    forward_exit: Option<i32>,
+}
+
+impl Rig {
+    /// Set-up: the run's folders, netem where asked, the upstream and its
+    /// name, the allowlist and services files, both relays ready, and the
+    /// ports clients use (through a corrupting hop when the test asks).
+    fn set_up(options: &Options) -> Result<(Rig, Relays), String> {
+        std::fs::create_dir_all(&options.out).map_err(|e| format!("{}: {e}", options.out.display()))?;
+        let sockets = std::env::temp_dir().join(format!("soak-{}-{}", std::process::id(), options.port_base));
+        std::fs::create_dir_all(&sockets).map_err(|e| e.to_string())?;
+        let (netem, notes) = netem_for(options);
+        for note in &notes {
+            say(note);
+        }
+
+        let upstream = Arc::new(Mutex::new(
+            Upstream::start(&UPSTREAM_IPS.map(IpAddr::V4), options.port_base + 100)
+                .map_err(|e| format!("upstream server: {e}"))?,
+        ));
+        let port = upstream.lock().unwrap_or_else(|p| p.into_inner()).port();
+        let names = NameServer::start();
+        names.set(NAME, Answer::Addresses(vec![IpAddr::V4(UPSTREAM_IPS[0])]));
+
+        let allowlist = options.out.join("allowlist.yaml");
+        let valid_allowlist = format!(
+            "allowlist:\n- {{address: {NAME}, port: {port}}}\n- {{address: 127.0.0.2/31, port: {port}}}\n"
+        );
+        std::fs::write(&allowlist, &valid_allowlist).map_err(|e| e.to_string())?;
+        let hops = if options.vsock {
+            [format!("vsock:any:{}", options.port_base + 10), format!("vsock:any:{}", options.port_base + 11)]
+        } else {
+            [
+                format!("unix:{}", sockets.join("fixed.sock").display()),
+                format!("unix:{}", sockets.join("routed.sock").display()),
+            ]
+        };
+        let services = options.out.join("services.yaml");
+        std::fs::write(
+            &services,
+            format!(
+                "services:\n- {{name: fixed, listen: '{}', address: {NAME}, port: {port}}}\n\
+                 - {{name: routed, listen: '{}', route: connect}}\n",
+                hops[0], hops[1]
+            ),
+        )
+        .map_err(|e| e.to_string())?;
+        let relays = Relays::start(options, &sockets, [&services, &allowlist], names.addr(), &hops)?;
+
+        let fixed_addr: SocketAddr = ([127, 0, 0, 1], options.port_base).into();
+        let mut ports = Ports {
+            fixed: fixed_addr,
+            routed: Some((([127, 0, 0, 1], options.port_base + 1).into(), format!("{NAME}:{port}"))),
+        };
+        if options.inject_corruption {
+            let hop: SocketAddr = ([127, 0, 0, 1], options.port_base + 5).into();
+            corrupting_hop(hop, fixed_addr)?;
+            ports.fixed = hop;
+            say(&format!(
+                "test only: a hop on {hop} flips a bit of byte 999 towards the client, in the first connection whose answer gets that far"
+            ));
+        }
+        let rig = Rig { notes, netem, sockets, upstream, names, allowlist, valid_allowlist, ports };
+        Ok((rig, relays))
+    }
+}
+
+/// netem where the options ask for it and the kernel has it, with the
+/// notes on why not otherwise.
+fn netem_for(options: &Options) -> (Option<Netem>, Vec<String>) {
+    if !options.netem {
+        let why =
+            "netem faults skipped: no network namespace of the run's own (only there may tc shape loopback)";
+        return (None, vec![why.into()]);
+    }
+    match Netem::set_up() {
+        Ok(netem) => (Some(netem), Vec::new()),
+        Err(why) => (None, vec![format!("netem faults skipped: {why}")]),
+    }
+}
+
+impl Relays {
+    /// The proxy (the services file's fixed and routed services, under its
+    /// descriptor limit) and the forwarder in front of it (TCP on
+    /// `port_base` and `port_base + 1` to the two hops), both ready: their
+    /// metrics sockets there and one probe connection through the forwarder
+    /// (the accounting counts it).
+    fn start(
+        options: &Options,
+        sockets: &Path,
+        [services, allowlist]: [&Path; 2],
+        name_server: SocketAddr,
+        hops: &[String; 2],
+    ) -> Result<Relays, String> {
+        let (proxy_metrics, forward_metrics) =
+            (sockets.join("proxy-metrics.sock"), sockets.join("forward-metrics.sock"));
+        let relay_binary = crate::binary("vsock-relay");
+        let mut proxy_command = Command::new(&relay_binary);
+        proxy_command.args(["proxy", "--services"]).arg(services).arg("--config").arg(allowlist).args([
+            "--dns-server",
+            &name_server.to_string(),
+            "--metrics",
+            &format!("unix:{}", proxy_metrics.display()),
+            "--backend",
+            &options.backend,
+        ]);
+        crate::seccomp::limit_open_files(&mut proxy_command, options.proxy_open_files);
+        let (fixed_port, routed_port) = (options.port_base, options.port_base + 1);
+        let to_hop = |hop: &str| hop.replace("vsock:any:", "vsock:1:");
+        let mut forward_command = Command::new(&relay_binary);
+        forward_command.args([
+            "forward",
+            "--listen",
+            &format!("tcp:127.0.0.1:{fixed_port}"),
+            "--to",
+            &to_hop(&hops[0]),
+            "--map",
+            &format!("tcp:127.0.0.1:{routed_port}={}", to_hop(&hops[1])),
+            "--metrics",
+            &format!("unix:{}", forward_metrics.display()),
+            "--backend",
+            &options.backend,
+        ]);
+        crate::seccomp::limit_open_files(&mut forward_command, 16_384);
+        if !options.vsock {
+            for command in [&mut proxy_command, &mut forward_command] {
+                command.env(vsock_relay_engine::socket::NO_VSOCK_ENV, "1");
             }
         }
-    } else {
-        notes.push(
-            "netem faults skipped: no network namespace of the run's own (only there may tc shape loopback)"
-                .into(),
-        );
-        None
-    };
-    for note in &notes {
-        say(note.clone());
+        let proxy = Relay::spawn(proxy_command, &options.out.join("proxy.log"))?;
+        let forward = Relay::spawn(forward_command, &options.out.join("forward.log"))?;
+        wait_until("the relays' metrics", Duration::from_secs(20), || {
+            proxy_metrics.exists() && forward_metrics.exists()
+        })?;
+        let fixed_addr: SocketAddr = ([127, 0, 0, 1], fixed_port).into();
+        wait_until("the forwarder", Duration::from_secs(20), || TcpStream::connect(fixed_addr).is_ok())?;
+        Ok(Relays { proxy, forward, proxy_metrics, forward_metrics })
     }
 
-    let upstream = Arc::new(Mutex::new(
-        Upstream::start(&UPSTREAM_IPS.map(IpAddr::V4), options.port_base + 100)
-            .map_err(|e| format!("upstream server: {e}"))?,
-    ));
-    let port = upstream.lock().unwrap_or_else(|p| p.into_inner()).port();
-    let names = NameServer::start();
-    names.set(NAME, Answer::Addresses(vec![IpAddr::V4(UPSTREAM_IPS[0])]));
-
-    let allowlist = options.out.join("allowlist.yaml");
-    let valid_allowlist = format!(
-        "allowlist:\n- {{address: {NAME}, port: {port}}}\n- {{address: 127.0.0.2/31, port: {port}}}\n"
-    );
-    std::fs::write(&allowlist, &valid_allowlist).map_err(|e| e.to_string())?;
-    let (fixed_hop, routed_hop) = if options.vsock {
-        (format!("vsock:any:{}", options.port_base + 10), format!("vsock:any:{}", options.port_base + 11))
-    } else {
-        (
-            format!("unix:{}", sockets.join("fixed.sock").display()),
-            format!("unix:{}", sockets.join("routed.sock").display()),
-        )
-    };
-    let services = options.out.join("services.yaml");
-    std::fs::write(
-        &services,
-        format!(
-            "services:\n- {{name: fixed, listen: '{fixed_hop}', address: {NAME}, port: {port}}}\n\
-             - {{name: routed, listen: '{routed_hop}', route: connect}}\n"
-        ),
-    )
-    .map_err(|e| e.to_string())?;
-    let (proxy_metrics, forward_metrics) =
-        (sockets.join("proxy-metrics.sock"), sockets.join("forward-metrics.sock"));
-    let relay_binary = crate::binary("vsock-relay");
-    let mut proxy_command = Command::new(&relay_binary);
-    proxy_command.args(["proxy", "--services"]).arg(&services).arg("--config").arg(&allowlist).args([
-        "--dns-server",
-        &names.addr().to_string(),
-        "--metrics",
-        &format!("unix:{}", proxy_metrics.display()),
-        "--backend",
-        &options.backend,
-    ]);
-    crate::seccomp::limit_open_files(&mut proxy_command, options.proxy_open_files);
-    let (fixed_port, routed_port) = (options.port_base, options.port_base + 1);
-    let to_hop = |hop: &str| hop.replace("vsock:any:", "vsock:1:");
-    let mut forward_command = Command::new(&relay_binary);
-    forward_command.args([
-        "forward",
-        "--listen",
-        &format!("tcp:127.0.0.1:{fixed_port}"),
-        "--to",
-        &to_hop(&fixed_hop),
-        "--map",
-        &format!("tcp:127.0.0.1:{routed_port}={}", to_hop(&routed_hop)),
-        "--metrics",
-        &format!("unix:{}", forward_metrics.display()),
-        "--backend",
-        &options.backend,
-    ]);
-    crate::seccomp::limit_open_files(&mut forward_command, 16_384);
-    if !options.vsock {
-        for command in [&mut proxy_command, &mut forward_command] {
-            command.env(vsock_relay_engine::socket::NO_VSOCK_ENV, "1");
-        }
+    /// Teardown: both relays' counters scraped and saved, the sampler
+    /// stopped, then both relays stopped with SIGTERM.
+    fn tear_down(self, sampler: Sampler, out: &Path) -> Result<Ended, String> {
+        let forward_text = scrape(&self.forward_metrics)?;
+        let proxy_text = scrape(&self.proxy_metrics)?;
+        std::fs::write(out.join("forward-metrics.txt"), &forward_text).map_err(|e| e.to_string())?;
+        std::fs::write(out.join("proxy-metrics.txt"), &proxy_text).map_err(|e| e.to_string())?;
+        let rows = sampler.stop();
+        let proxy_exit = self.proxy.stop();
+        let forward_exit = self.forward.stop();
+        Ok(Ended { forward_text, proxy_text, rows, proxy_exit, forward_exit })
     }
-    let proxy = Relay::spawn(proxy_command, &options.out.join("proxy.log"))?;
-    let forward = Relay::spawn(forward_command, &options.out.join("forward.log"))?;
-    wait_until("the relays' metrics", Duration::from_secs(20), || {
-        proxy_metrics.exists() && forward_metrics.exists()
-    })?;
-    let fixed_addr: SocketAddr = ([127, 0, 0, 1], fixed_port).into();
-    // One probe connection reaches the forwarder (the accounting counts it).
-    wait_until("the forwarder", Duration::from_secs(20), || TcpStream::connect(fixed_addr).is_ok())?;
+}
 
-    let mut ports = Ports {
-        fixed: fixed_addr,
-        routed: Some((([127, 0, 0, 1], routed_port).into(), format!("{NAME}:{port}"))),
-    };
-    if options.inject_corruption {
-        let hop: SocketAddr = ([127, 0, 0, 1], options.port_base + 5).into();
-        corrupting_hop(hop, fixed_addr)?;
-        ports.fixed = hop;
-        say(format!(
-            "test only: a hop on {hop} flips a bit of byte 999 towards the client, in the first connection whose answer gets that far"
-        ));
-    }
-
+/// The chaos schedule for the run's phases, printed and saved to
+/// schedule.txt.
+fn announce_schedule(options: &Options, phases: &Phases) -> Result<Schedule, String> {
     let schedule = Schedule::new(
         options.seed,
         phases.length,
@@ -423,31 +540,42 @@ pub fn run(options: &Options) -> Result<Outcome, String> {
     }
     print!("{printed}");
     std::fs::write(options.out.join("schedule.txt"), &printed).map_err(|e| e.to_string())?;
+    Ok(schedule)
+}
 
-    let started = Instant::now();
-    let live = Arc::new(Live::default());
-    let stop_traffic = Arc::new(AtomicBool::new(false));
-    let faults_done = Arc::new(AtomicU64::new(0));
+/// The sampler: one CSV row a second of both relays' resources and the
+/// clients' progress, appended to samples.csv as it comes (a long run can
+/// be watched).
+struct Sampler {
+    sampling: Arc<AtomicBool>,
+    thread: JoinHandle<Vec<String>>,
+}
 
-    // Sampler: one CSV row a second, appended to samples.csv as it comes
-    // (a long run can be watched).
-    let sampling = Arc::new(AtomicBool::new(true));
-    let mut samples_file =
-        std::fs::File::create(options.out.join("samples.csv")).map_err(|e| e.to_string())?;
-    let sampler = {
-        let (live, sampling, faults_done) =
-            (Arc::clone(&live), Arc::clone(&sampling), Arc::clone(&faults_done));
-        let (pids, lines) =
-            ([proxy.pid(), forward.pid()], [Arc::clone(&proxy.lines), Arc::clone(&forward.lines)]);
-        let upstream = Arc::clone(&upstream);
-        std::thread::spawn(move || {
+impl Sampler {
+    fn start(
+        out: &Path,
+        relays: &Relays,
+        upstream: &Arc<Mutex<Upstream>>,
+        started: Instant,
+        live: &Arc<Live>,
+        faults_done: &Arc<AtomicU64>,
+    ) -> Result<Sampler, String> {
+        let sampling = Arc::new(AtomicBool::new(true));
+        let mut samples_file = std::fs::File::create(out.join("samples.csv")).map_err(|e| e.to_string())?;
+        let (live, faults_done, upstream) = (Arc::clone(live), Arc::clone(faults_done), Arc::clone(upstream));
+        let (pids, lines) = (
+            [relays.proxy.pid(), relays.forward.pid()],
+            [Arc::clone(&relays.proxy.lines), Arc::clone(&relays.forward.lines)],
+        );
+        let running = Arc::clone(&sampling);
+        let thread = std::thread::spawn(move || {
             let mut rows = vec![
                 "t_s,proxy_rss_kib,proxy_fds,proxy_threads,forward_rss_kib,forward_fds,forward_threads,client_bytes,connections,failed,faults,log_lines,upstream_open"
                     .to_string(),
             ];
             let _ = writeln!(samples_file, "{}", rows[0]);
             let mut next = Instant::now();
-            while sampling.load(Ordering::SeqCst) {
+            while running.load(Ordering::SeqCst) {
                 let (p, f) = (sample(pids[0]), sample(pids[1]));
                 let open = upstream.lock().map(|u| u.open_now()).unwrap_or(0);
                 rows.push(format!(
@@ -470,23 +598,42 @@ pub fn run(options: &Options) -> Result<Outcome, String> {
                 std::thread::sleep(next.saturating_duration_since(Instant::now()));
             }
             rows
-        })
-    };
+        });
+        Ok(Sampler { sampling, thread })
+    }
 
-    // Lanes of traffic: (kind, lanes, pause between connections).
-    let lanes: [(Kind, usize, u64); 6] = [
-        (Kind::Bulk, 1, 1000),
-        (Kind::Rpc, 2, 300),
-        (Kind::Churn, 2, 100),
-        (Kind::Idle, 8, 100),
-        (Kind::HalfClose, 1, 200),
-        (Kind::SlowReader, 1, 500),
-    ];
+    /// Its rows, the header first.
+    fn stop(self) -> Vec<String> {
+        self.sampling.store(false, Ordering::SeqCst);
+        self.thread.join().unwrap_or_default()
+    }
+}
+
+/// Lanes of traffic: (kind, lanes, pause between connections in ms).
+const LANES: [(Kind, usize, u64); 6] = [
+    (Kind::Bulk, 1, 1000),
+    (Kind::Rpc, 2, 300),
+    (Kind::Churn, 2, 100),
+    (Kind::Idle, 8, 100),
+    (Kind::HalfClose, 1, 200),
+    (Kind::SlowReader, 1, 500),
+];
+
+/// One thread per lane, each running seeded clients one after another until
+/// `stop`; a third of the connections routed.
+fn start_lanes(
+    options: &Options,
+    phases: &Phases,
+    started: Instant,
+    live: &Arc<Live>,
+    stop: &Arc<AtomicBool>,
+    ports: &Ports,
+) -> Vec<JoinHandle<()>> {
     let mut threads = Vec::new();
     for (lane, (kind, pause_ms)) in
-        lanes.iter().flat_map(|(k, n, p)| (0..*n).map(move |_| (*k, *p))).enumerate()
+        LANES.iter().flat_map(|(k, n, p)| (0..*n).map(move |_| (*k, *p))).enumerate()
     {
-        let (live, stop, ports) = (Arc::clone(&live), Arc::clone(&stop_traffic), ports.clone());
+        let (live, stop, ports) = (Arc::clone(live), Arc::clone(stop), ports.clone());
         let pause = Duration::from_millis((pause_ms as f64 / options.rate) as u64);
         let seed = options.seed.wrapping_mul(1000).wrapping_add(lane as u64);
         let traffic_end = phases.traffic_end;
@@ -503,63 +650,81 @@ pub fn run(options: &Options) -> Result<Outcome, String> {
             }
         }));
     }
+    threads
+}
 
-    // The chaos schedule, on this thread.
-    let mut faults_by_kind: BTreeMap<&'static str, u64> = Fault::KINDS.iter().map(|k| (*k, 0)).collect();
-    let mut fault_log = String::new();
-    let mut dns_at = 0usize;
-    for (at, fault) in &schedule.faults {
-        std::thread::sleep(at.saturating_sub(started.elapsed()));
-        let effect = match *fault {
+/// What the chaos schedule acts on.
+struct Chaos<'a> {
+    options: &'a Options,
+    rig: &'a Rig,
+    /// The relay the reloads signal.
+    proxy: &'a Relay,
+    live: &'a Arc<Live>,
+    started: Instant,
+    /// Which of [`UPSTREAM_IPS`] the name answers with now.
+    dns_at: usize,
+}
+
+impl Chaos<'_> {
+    /// The schedule, on this thread: each fault at its time, said and
+    /// logged to faults.log; the faults applied, by kind (netem's only
+    /// where netem is).
+    fn play(&mut self, schedule: &Schedule, faults_done: &AtomicU64) -> BTreeMap<&'static str, u64> {
+        let mut faults_by_kind: BTreeMap<&'static str, u64> = Fault::KINDS.iter().map(|k| (*k, 0)).collect();
+        let mut fault_log = String::new();
+        for (at, fault) in &schedule.faults {
+            std::thread::sleep(at.saturating_sub(self.started.elapsed()));
+            let effect = self.apply(*fault);
+            if !(fault.kind() == "netem" && self.rig.netem.is_none()) {
+                *faults_by_kind.entry(fault.kind()).or_insert(0) += 1;
+            }
+            faults_done.fetch_add(1, Ordering::Relaxed);
+            let line = format!("t={:7.1}s {fault}: {effect}", self.started.elapsed().as_secs_f64());
+            say(&line);
+            fault_log.push_str(&line);
+            fault_log.push('\n');
+        }
+        let _ = std::fs::write(self.options.out.join("faults.log"), &fault_log);
+        faults_by_kind
+    }
+
+    /// One fault, done (and undone where it lasts); what it did.
+    fn apply(&mut self, fault: Fault) -> String {
+        let rig = self.rig;
+        match fault {
             Fault::UpstreamRestart { down } => {
-                let reset = upstream.lock().unwrap_or_else(|p| p.into_inner()).restart(down);
+                let reset = rig.upstream.lock().unwrap_or_else(|p| p.into_inner()).restart(down);
                 format!("{reset} open connection(s) reset")
             }
             Fault::UpstreamResets { count, pick } => {
-                let reset = upstream.lock().unwrap_or_else(|p| p.into_inner()).reset_open(count, pick);
+                let reset = rig.upstream.lock().unwrap_or_else(|p| p.into_inner()).reset_open(count, pick);
                 format!("{reset} connection(s) reset")
             }
             Fault::DnsChange => {
-                dns_at = 1 - dns_at;
-                names.set(NAME, Answer::Addresses(vec![IpAddr::V4(UPSTREAM_IPS[dns_at])]));
-                format!("{NAME} -> {}", UPSTREAM_IPS[dns_at])
+                self.dns_at = 1 - self.dns_at;
+                rig.names.set(NAME, Answer::Addresses(vec![IpAddr::V4(UPSTREAM_IPS[self.dns_at])]));
+                format!("{NAME} -> {}", UPSTREAM_IPS[self.dns_at])
             }
             Fault::DnsFailure { lasting } => {
-                names.set(NAME, Answer::ServerFailure);
+                rig.names.set(NAME, Answer::ServerFailure);
                 std::thread::sleep(lasting);
-                names.set(NAME, Answer::Addresses(vec![IpAddr::V4(UPSTREAM_IPS[dns_at])]));
+                rig.names.set(NAME, Answer::Addresses(vec![IpAddr::V4(UPSTREAM_IPS[self.dns_at])]));
                 "SERVFAIL, then answers again".into()
             }
             Fault::ReloadValid => {
-                let _ = std::fs::write(&allowlist, &valid_allowlist);
-                proxy.signal("HUP");
+                let _ = std::fs::write(&rig.allowlist, &rig.valid_allowlist);
+                self.proxy.signal("HUP");
                 "SIGHUP, valid allowlist".into()
             }
             Fault::ReloadBroken => {
-                let _ = std::fs::write(&allowlist, "allowlist: [ {address: \n");
-                proxy.signal("HUP");
+                let _ = std::fs::write(&rig.allowlist, "allowlist: [ {address: \n");
+                self.proxy.signal("HUP");
                 std::thread::sleep(Duration::from_secs(1));
-                let _ = std::fs::write(&allowlist, &valid_allowlist);
+                let _ = std::fs::write(&rig.allowlist, &rig.valid_allowlist);
                 "SIGHUP, broken allowlist (then the file restored)".into()
             }
-            Fault::DescriptorBurst { clients: n } => {
-                let burst: Vec<_> = (0..n)
-                    .map(|i| {
-                        let (live, ports) = (Arc::clone(&live), ports.clone());
-                        let mut rng =
-                            Rng::new(options.seed ^ (i as u64) ^ started.elapsed().as_nanos() as u64);
-                        std::thread::Builder::new().stack_size(256 * 1024).spawn(move || {
-                            let plan = clients::plan(Kind::Burst, live.next_id(), false, &mut rng);
-                            clients::run(&plan, &ports, &live);
-                        })
-                    })
-                    .collect();
-                for thread in burst.into_iter().flatten() {
-                    let _ = thread.join();
-                }
-                format!("{n} clients at once past the proxy's {} descriptors", options.proxy_open_files)
-            }
-            Fault::Netem { lasting, loss_pct, delay_ms, reorder_pct } => match &netem {
+            Fault::DescriptorBurst { clients: n } => self.burst(n),
+            Fault::Netem { lasting, loss_pct, delay_ms, reorder_pct } => match &rig.netem {
                 Some(netem) => {
                     let applied = netem.impair(loss_pct, delay_ms, reorder_pct);
                     std::thread::sleep(lasting);
@@ -571,59 +736,77 @@ pub fn run(options: &Options) -> Result<Outcome, String> {
                 }
                 None => "skipped (no netem here)".into(),
             },
-        };
-        if !(fault.kind() == "netem" && netem.is_none()) {
-            *faults_by_kind.entry(fault.kind()).or_insert(0) += 1;
-        }
-        faults_done.fetch_add(1, Ordering::Relaxed);
-        let line = format!("t={:7.1}s {fault}: {effect}", started.elapsed().as_secs_f64());
-        say(line.clone());
-        fault_log.push_str(&line);
-        fault_log.push('\n');
-    }
-    let _ = std::fs::write(options.out.join("faults.log"), &fault_log);
-
-    std::thread::sleep(phases.traffic_end.saturating_sub(started.elapsed()));
-    stop_traffic.store(true, Ordering::SeqCst);
-    say(format!("t={:.1}s traffic stops; waiting for open connections", started.elapsed().as_secs_f64()));
-    for thread in threads {
-        let _ = thread.join();
-    }
-    // The relays count a close a moment after the client sees it.
-    std::thread::sleep(Duration::from_secs(2).max(phases.length.saturating_sub(started.elapsed())));
-    let forward_text = scrape(&forward_metrics)?;
-    let proxy_text = scrape(&proxy_metrics)?;
-    std::fs::write(options.out.join("forward-metrics.txt"), &forward_text).map_err(|e| e.to_string())?;
-    std::fs::write(options.out.join("proxy-metrics.txt"), &proxy_text).map_err(|e| e.to_string())?;
-    sampling.store(false, Ordering::SeqCst);
-    let rows = sampler.join().unwrap_or_default();
-    let proxy_exit = proxy.stop();
-    let forward_exit = forward.stop();
-    let _ = std::fs::remove_dir_all(&sockets);
-
-    let counts = RelayCounts::from_metrics(&forward_text, &proxy_text);
-    let records = live.records.lock().unwrap_or_else(|p| p.into_inner()).clone();
-    let upstream = upstream.lock().unwrap_or_else(|p| p.into_inner());
-    // Every connection that did not end byte-exact, with both sides' view.
-    let mut failures = String::from("id,kind,routed,client_end,upstream_saw\n");
-    for record in records.iter().filter(|r| r.end != clients::End::Complete) {
-        let end = format!("{:?}", record.end).replace(',', ";");
-        let seen = format!("{:?}", upstream.seen(record.id)).replace(',', ";");
-        let _ = writeln!(failures, "{},{},{},{end},{seen}", record.id, record.kind.label(), record.routed);
-    }
-    std::fs::write(options.out.join("failures.csv"), failures).map_err(|e| e.to_string())?;
-    let accounting =
-        Accounting::new(&records, |id| upstream.seen(id), &counts, upstream.anonymous_resets(), 1);
-    let mut problems = accounting.problems();
-    for (name, exit) in [("proxy", proxy_exit), ("forwarder", forward_exit)] {
-        if exit != Some(0) {
-            problems.push(format!("the {name} exited {exit:?} at SIGTERM (expected 0)"));
         }
     }
 
-    // Resources after warm-up, and the log rate.
-    // Judged between warm-up and the traffic's end (the drain after it only
-    // lowers the figures).
+    /// `n` clients at once, past the proxy's descriptor limit; back when
+    /// all have ended.
+    fn burst(&self, n: usize) -> String {
+        let burst: Vec<_> = (0..n)
+            .map(|i| {
+                let (live, ports) = (Arc::clone(self.live), self.rig.ports.clone());
+                let mut rng =
+                    Rng::new(self.options.seed ^ (i as u64) ^ self.started.elapsed().as_nanos() as u64);
+                std::thread::Builder::new().stack_size(256 * 1024).spawn(move || {
+                    let plan = clients::plan(Kind::Burst, live.next_id(), false, &mut rng);
+                    clients::run(&plan, &ports, &live);
+                })
+            })
+            .collect();
+        for thread in burst.into_iter().flatten() {
+            let _ = thread.join();
+        }
+        format!("{n} clients at once past the proxy's {} descriptors", self.options.proxy_open_files)
+    }
+}
+
+/// Every connection accounted for against the relays' counters, and what
+/// does not add up.
+struct Findings {
+    counts: RelayCounts,
+    accounting: Accounting,
+    anonymous_resets: u64,
+    problems: Vec<String>,
+}
+
+impl Findings {
+    /// The accounting, with failures.csv: every connection that did not end
+    /// byte-exact, with both sides' view; a relay that did not exit 0 at
+    /// SIGTERM is a problem too.
+    fn of(out: &Path, ended: &Ended, live: &Live, upstream: &Upstream) -> Result<Findings, String> {
+        let counts = RelayCounts::from_metrics(&ended.forward_text, &ended.proxy_text);
+        let records = live.records.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let mut failures = String::from("id,kind,routed,client_end,upstream_saw\n");
+        for record in records.iter().filter(|r| r.end != clients::End::Complete) {
+            let end = format!("{:?}", record.end).replace(',', ";");
+            let seen = format!("{:?}", upstream.seen(record.id)).replace(',', ";");
+            let _ =
+                writeln!(failures, "{},{},{},{end},{seen}", record.id, record.kind.label(), record.routed);
+        }
+        std::fs::write(out.join("failures.csv"), failures).map_err(|e| e.to_string())?;
+        let accounting =
+            Accounting::new(&records, |id| upstream.seen(id), &counts, upstream.anonymous_resets(), 1);
+        let mut problems = accounting.problems();
+        for (name, exit) in [("proxy", ended.proxy_exit), ("forwarder", ended.forward_exit)] {
+            if exit != Some(0) {
+                problems.push(format!("the {name} exited {exit:?} at SIGTERM (expected 0)"));
+            }
+        }
+        Ok(Findings { counts, accounting, anonymous_resets: upstream.anonymous_resets(), problems })
+    }
+}
+
+/// The relays' resources and log rate as judged.
+struct Judged {
+    resources: serde_json::Map<String, serde_json::Value>,
+    /// Log lines per second, the most over any 10 s window.
+    max_rate: f64,
+}
+
+/// Resources after warm-up, and the log rate, judged between warm-up and
+/// the traffic's end (the drain after it only lowers the figures); what
+/// exceeds its bound is added to `problems`.
+fn judge_resources(rows: &[String], phases: &Phases, problems: &mut Vec<String>) -> Judged {
     let traffic_end = phases.traffic_end.as_secs_f64();
     let table: Vec<Vec<f64>> = rows
         .iter()
@@ -665,8 +848,20 @@ pub fn run(options: &Options) -> Result<Outcome, String> {
     if max_rate > LOG_LINES_PER_S {
         problems.push(format!("log lines: {max_rate:.1}/s over a 10 s window (bound {LOG_LINES_PER_S})"));
     }
+    Judged { resources, max_rate }
+}
 
-    let summary = serde_json::json!({
+/// summary.json's content.
+fn summarize(
+    options: &Options,
+    phases: &Phases,
+    notes: &[String],
+    findings: &Findings,
+    faults: BTreeMap<&'static str, u64>,
+    judged: &Judged,
+) -> serde_json::Value {
+    let (accounting, counts) = (&findings.accounting, &findings.counts);
+    serde_json::json!({
         "seed": options.seed,
         "seconds": phases.length.as_secs(),
         "warm_up_s": phases.warm_up.as_secs(),
@@ -678,7 +873,7 @@ pub fn run(options: &Options) -> Result<Outcome, String> {
             "bytes_sent": t.bytes_sent, "bytes_received": t.bytes_received,
         }))).collect::<serde_json::Map<_, _>>(),
         "client_causes": accounting.causes,
-        "anonymous_resets": upstream.anonymous_resets(),
+        "anonymous_resets": findings.anonymous_resets,
         "relay": {
             "forward_accepted": counts.forward_accepted, "forward_refused": counts.forward_refused,
             "forward_failed": counts.forward_failed, "proxy_failed": counts.proxy_failed,
@@ -687,13 +882,10 @@ pub fn run(options: &Options) -> Result<Outcome, String> {
         "matches": accounting.matches.iter().map(|m| serde_json::json!({"what": m.what, "clients": m.clients, "relays": m.relays})).collect::<Vec<_>>(),
         "corrupted": accounting.corrupted.len(),
         "unexplained": accounting.unexplained,
-        "faults": faults_by_kind,
-        "resources": resources,
-        "log_lines_per_s_max_10s": max_rate,
+        "faults": faults,
+        "resources": judged.resources,
+        "log_lines_per_s_max_10s": judged.max_rate,
         "log_lines_bound": LOG_LINES_PER_S,
-        "problems": problems,
-    });
-    let text = serde_json::to_string_pretty(&summary).unwrap_or_default();
-    std::fs::write(options.out.join("summary.json"), &text).map_err(|e| e.to_string())?;
-    Ok(Outcome { problems, summary })
+        "problems": findings.problems,
+    })
 }
