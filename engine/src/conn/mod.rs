@@ -217,7 +217,10 @@ impl Mover {
 #[derive(Debug)]
 struct Upstream {
     socket: Socket,
-    address: SockAddr,
+    /// Where to connect, until [`Connection::start`] does (boxed and then
+    /// dropped: an address is 136 bytes, an idle connection should not
+    /// carry it).
+    address: Option<Box<SockAddr>>,
     /// When the connect began, and how long it took once it is established
     /// (taken once, for the connect-time histogram).
     connect_started: Instant,
@@ -234,7 +237,7 @@ impl Upstream {
         let upstream = Upstream {
             socket,
             connect_needs_peer: address.domain() == Domain::VSOCK,
-            address,
+            address: Some(Box::new(address)),
             connect_started: Instant::now(),
             connect_took: None,
             movers: Mover::both(paths),
@@ -466,7 +469,8 @@ impl Connection {
     /// Starts the upstream connect (after [`Connection::new`] with a fixed
     /// plan, or [`Connection::dialed`]), once the driver has the socket.
     pub fn start(&mut self, ctx: &mut Context<'_>) -> Action {
-        let Some(upstream) = &mut self.upstream else {
+        let Some((upstream, address)) = self.upstream.as_mut().and_then(|u| u.address.take().map(|a| (u, a)))
+        else {
             let e = io::Error::other("no upstream socket to connect");
             return self.fail(ConnError::new(Side::Upstream, Op::Connect, e), ctx);
         };
@@ -477,7 +481,7 @@ impl Connection {
         // arms it, so there the extra call only costs (0.69-1.27x; measured
         // while io_uring's ACCEPT still stalled the worker on 6.18, not
         // measured again since the listener is polled).
-        let started = match socket::start_connect(&upstream.socket, &upstream.address) {
+        let started = match socket::start_connect(&upstream.socket, &address) {
             Ok(false) if self.trigger == Trigger::Edge && !upstream.connect_needs_peer => {
                 socket::connected_now(&upstream.socket).map(|done| done.map(|()| true))
             }

@@ -25,7 +25,7 @@ use crate::route::{Decision, Destination, Head, Outcome, Parse, Route, RouteCoun
 pub(crate) struct Routed {
     /// The head as read so far; gone once the tunnel is open (nothing more
     /// is answered then).
-    head: Option<Head>,
+    head: Option<Box<Head>>,
     /// What the client asked for (`host:port`), once its head named it.
     destination: Option<String>,
     /// The client was answered (a refusal): its close is not a reset.
@@ -54,7 +54,7 @@ impl Routed {
     /// The routed part of a new client of `route`.
     pub fn new(route: &Route) -> Self {
         Routed {
-            head: Some(Head::new(route.kind)),
+            head: Some(Box::new(Head::new(route.kind))),
             destination: None,
             answered: false,
             counters: Arc::clone(&route.counters),
