@@ -375,6 +375,10 @@ impl<D: Driver> Worker<D> {
         self.conns.get(key.index as usize).filter(|slot| generation(slot.conn.id) == key.generation)
     }
 
+    fn slot_mut(&mut self, key: Key) -> Option<&mut Slot> {
+        self.conns.get_mut(key.index as usize).filter(|slot| generation(slot.conn.id) == key.generation)
+    }
+
     /// A socket is ready: the connect goes on, or the directions waiting on
     /// that socket for that readiness run.
     fn on_ready(&mut self, key: Key, side: Side, readiness: Readiness) -> io::Result<()> {
@@ -555,12 +559,8 @@ impl<D: Driver> Worker<D> {
         let result = self.act(key, action);
         // After the action: a state it moved on from (a connect done at
         // once, a decision made from the cache) leaves no deadline behind.
-        if let Some(slot) = self.conns.get_mut(key.index as usize) {
-            if let Some(deadline) =
-                slot.conn.take_new_deadline().filter(|_| generation(slot.conn.id) == key.generation)
-            {
-                self.deadlines.push(Reverse((deadline, key)));
-            }
+        if let Some(deadline) = self.slot_mut(key).and_then(|slot| slot.conn.take_new_deadline()) {
+            self.deadlines.push(Reverse((deadline, key)));
         }
         result
     }
