@@ -17,4 +17,5 @@ mod relay;
 mod route;
 mod scale;
 mod soak;
+mod transparent;
 mod util;

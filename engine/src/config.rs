@@ -123,6 +123,12 @@ pub struct Service {
     pub listen: Endpoint,
     pub upstream: Upstream,
     pub rules: ClientRules,
+    /// The clients were redirected to this listener (iptables `REDIRECT`):
+    /// each connection's PROXY v2 header names where its client was going
+    /// (`SO_ORIGINAL_DST`) instead of the listener, whatever
+    /// `rules.proxy_protocol` says; a client whose original destination
+    /// cannot be read is reset. The parent's `transparent` route reads it.
+    pub transparent: bool,
     /// Closed: new clients are reset (see [`Gate`]).
     pub gate: Gate,
 }
@@ -151,6 +157,7 @@ impl Service {
             listen,
             upstream,
             rules: ClientRules::default(),
+            transparent: false,
             gate: Gate::default(),
         }
     }

@@ -113,7 +113,7 @@ impl Resolver {
 
 /// A hickory resolver for `options`, on the current tokio runtime. Its cache
 /// (bounded in entries) keeps answers for their TTL.
-pub(crate) fn build(options: &DnsOptions) -> Result<TokioResolver, DnsError> {
+pub fn build(options: &DnsOptions) -> Result<TokioResolver, DnsError> {
     let provider = TokioRuntimeProvider::default();
     let mut builder = if options.servers.is_empty() {
         TokioResolver::builder(provider).map_err(DnsError::SystemConfig)?

@@ -70,7 +70,7 @@ pub use driver::{probe_uring, Backend, BackendChoice};
 pub use endpoint::{Endpoint, Host};
 pub use error::{ConnError, Error, Side};
 pub use relay::{Relay, StopHandle};
-pub use route::{Decision, Policy, Route, RouteKind};
+pub use route::{Asked, Decision, Peer, Policy, Route, RouteKind};
 pub use stats::{Failure, RefusedBy, Stats, StatsSnapshot};
 pub use target::Target;
 pub use vocab::DataPath;

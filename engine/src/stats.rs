@@ -13,6 +13,7 @@ labelled! {
         Allowlist = "allowlist", "its target is no longer allowed since a reload";
         Cid = "cid", "its vsock CID is not allowed (--allow-cid)";
         Limit = "limit", "the service's limit was reached (--max-connections)";
+        NoDestination = "no_destination", "a transparent forwarder's client was not redirected: its original destination is unknown";
     }
 }
 

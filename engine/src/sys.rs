@@ -1,8 +1,8 @@
 //! Raw system calls that neither `std` nor `socket2` wrap: pipes, splice,
 //! a non-blocking accept, an exclusive epoll watch, a poll that does not
 //! wait, eventfd, the vsock buffer option, the local vsock CID, vsock addresses
-//! with the to-host flag, the open-files limit and bringing a
-//! network interface up. With `driver/ring.rs` and `driver/buffers.rs`
+//! with the to-host flag, the open-files limit, bringing a network
+//! interface up and a redirected connection's original destination. With `driver/ring.rs` and `driver/buffers.rs`
 //! this is the engine's unsafe fence: every function here is safe to call and
 //! each `unsafe` block says which invariant holds.
 
@@ -178,6 +178,32 @@ pub fn vsock_local_cid() -> io::Result<u32> {
     // lives across the call; the device stays open for it.
     check(unsafe { libc::ioctl(device.as_raw_fd(), IOCTL_VM_SOCKETS_GET_LOCAL_CID as _, &mut cid) })?;
     Ok(cid)
+}
+
+/// Where a TCP connection redirected to this socket (iptables `REDIRECT`)
+/// was going: `SO_ORIGINAL_DST`, or `IP6T_SO_ORIGINAL_DST` for IPv6 (both
+/// option 80, at the socket's own level). Connection tracking answers it;
+/// a connection it does not track is `ENOENT`.
+pub fn original_destination(socket: BorrowedFd<'_>, ipv6: bool) -> io::Result<std::net::SocketAddr> {
+    const SO_ORIGINAL_DST: libc::c_int = 80;
+    let level = if ipv6 { libc::SOL_IPV6 } else { libc::SOL_IP };
+    let mut storage = socket2::SockAddrStorage::zeroed();
+    let mut length = storage.size_of();
+    // SAFETY: the option writes at most `length` bytes (a sockaddr_in or
+    // sockaddr_in6) into the storage, which lives across the call, and sets
+    // `length` to what it wrote.
+    check(unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            level,
+            SO_ORIGINAL_DST,
+            (&mut storage as *mut socket2::SockAddrStorage).cast(),
+            &mut length,
+        )
+    })?;
+    // SAFETY: getsockopt succeeded: the storage holds an address of `length` bytes.
+    let address = unsafe { socket2::SockAddr::new(storage, length) };
+    address.as_socket().ok_or_else(|| io::Error::other("the original destination is not an IP address"))
 }
 
 /// A vsock address with `VMADDR_FLAG_TO_HOST` set: connect through the guest

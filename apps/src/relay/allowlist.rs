@@ -257,16 +257,11 @@ impl Allowlist {
                 Allowed::ByName(entry) | Allowed::ByAddress(entry) => Ok(label(&entry)),
             };
         };
-        let within_block = |rule: &Rule<'_>| match rule {
-            Rule::Ip(ip) => *ip == address,
-            Rule::Range(range) => range.contains(&address) && block.contains(range),
-            Rule::Name(_) | Rule::Wildcard { .. } => false,
-        };
         let named = self
             .entries
             .iter()
             .filter(|e| e.port == port)
-            .find(|e| Rule::of(&e.address).is_ok_and(|rule| within_block(&rule)));
+            .find(|e| Rule::of(&e.address).is_ok_and(|rule| rule.opens(address, block)));
         match named {
             Some(entry) => Ok(label(entry)),
             None => {
@@ -284,6 +279,24 @@ impl Allowlist {
                 })
             }
         }
+    }
+
+    /// The entry that allows the host name `name` on some port, by name or
+    /// wildcard (what the DNS service answers for; an address entry allows
+    /// no name).
+    pub fn names(&self, name: &str) -> Option<&Entry> {
+        self.entries.iter().find(|e| Rule::of(&e.address).is_ok_and(|rule| rule.names(name)))
+    }
+
+    /// Why an address a name resolves to is kept from a routed client (the
+    /// safe-by-default rule, on any port): the kind of reserved block
+    /// holding it, unless an address or CIDR entry within that block names
+    /// it. `None`: the address may be given out.
+    pub fn withholds(&self, address: IpAddr) -> Option<&'static str> {
+        let address = address.to_canonical();
+        let (block, kind) = reserved_block(address)?;
+        let named = self.entries.iter().any(|e| Rule::of(&e.address).is_ok_and(|r| r.opens(address, block)));
+        (!named).then_some(kind)
     }
 
     /// [`Allowlist::admits`] with `resolve` giving an entry name's addresses.
@@ -414,6 +427,16 @@ impl<'a> Rule<'a> {
                 }
             }
             Rule::Ip(_) | Rule::Range(_) => false,
+        }
+    }
+
+    /// Does this rule open `ip` (canonical), inside the reserved `block`:
+    /// is it that address, or a range within the block that holds it?
+    fn opens(&self, ip: IpAddr, block: IpNet) -> bool {
+        match self {
+            Rule::Ip(entry) => *entry == ip,
+            Rule::Range(range) => range.contains(&ip) && block.contains(range),
+            Rule::Name(_) | Rule::Wildcard { .. } => false,
         }
     }
 

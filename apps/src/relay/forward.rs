@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use clap::Args;
 use vsock_relay_engine::endpoint::{Endpoint, Host};
-use vsock_relay_engine::{IpFamily, Target};
+use vsock_relay_engine::{IpFamily, Service, Target};
 
 use crate::relay::options::{EngineArgs, UsageError, Workers};
 use crate::relay::run::Running;
@@ -44,6 +44,15 @@ pub struct ForwardArgs {
     /// such as a routed egress port (HTTPS_PROXY=http://127.0.0.1:3128).
     #[arg(long)]
     pub loopback_up: bool,
+
+    /// Transparent egress: the --listen forwarding's clients were
+    /// redirected to it by iptables (`nat OUTPUT ... REDIRECT`, set up by
+    /// the enclave's entry script); each connection's original destination
+    /// goes first to the parent in a PROXY v2 header, where
+    /// `route: transparent` decides. A connection made to the port itself
+    /// (not redirected) is refused.
+    #[arg(long, requires = "listen")]
+    pub transparent: bool,
 
     /// The hosts file --hosts edits.
     #[arg(long, default_value = "/etc/hosts", value_name = "FILE")]
@@ -97,7 +106,11 @@ impl ForwardArgs {
         for Mapping { listen, to } in mappings {
             let target = Target::new(&to, &args.engine.dns(IpFamily::Any))
                 .with_context(|| format!("cannot use {to}"))?;
-            services.push(args.engine.service(listen, target));
+            let transparent = args.transparent && Some(&listen) == args.listen.as_ref();
+            if transparent && !matches!(listen, Endpoint::Tcp { .. }) {
+                return Err(UsageError(format!("--transparent takes a TCP --listen, not {listen}")).into());
+            }
+            services.push(Service { transparent, ..args.engine.service(listen, target) });
         }
         args.engine.launch(services, args.workers.workers)
     }

@@ -14,7 +14,7 @@
 //! for the address the connect will use (safe by default for loopback,
 //! link-local and unspecified addresses, see `allowlist`).
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -23,13 +23,17 @@ use anyhow::Context;
 use clap::Args;
 use vsock_relay_engine::dns::Resolver;
 use vsock_relay_engine::route::{DEFAULT_HEAD_TIMEOUT, DEFAULT_SNI_PORT};
+use vsock_relay_engine::socket::{self, SocketOptions};
 use vsock_relay_engine::target::Vet;
 use vsock_relay_engine::{
-    ClientRules, Endpoint, Host, IpFamily, Policy, Route, RouteKind, Service, Target, Upstream,
+    Asked, ClientRules, Endpoint, Host, IpFamily, Policy, Route, RouteKind, Service, Target, Upstream,
 };
 
+use crate::dns::answered::{self, Answered, DEFAULT_GRACE};
+use crate::dns::server::{self, DnsSettings, DEFAULT_RATE};
+
 use crate::relay::allowlist::{Allowed, Allowlist};
-use crate::relay::options::{labels, parse_remote_host, parse_seconds, EngineArgs, Workers};
+use crate::relay::options::{parse_remote_host, parse_seconds, EngineArgs, Workers};
 use crate::relay::run::{Reload, Running};
 use crate::relay::services::{self, ServiceSpec, SpecUpstream};
 
@@ -53,9 +57,21 @@ pub struct ProxyCommand {
     /// Instead of REMOTE_ADDR REMOTE_PORT, send each client where it asks
     /// by the head it sends first, when the allowlist allows it. Loopback,
     /// link-local (the instance metadata service) and unspecified addresses
-    /// only when an address or CIDR entry names them.
-    #[arg(long, value_parser = labels::<RouteKind>(), conflicts_with = "services")]
-    pub route: Option<RouteKind>,
+    /// only when an address or CIDR entry names them. `dns`: answer the
+    /// enclave's DNS (from `vsock-relay dns`) for the names the allowlist
+    /// allows, instead of relaying.
+    #[arg(long, value_parser = route_values(), conflicts_with = "services")]
+    pub route: Option<SpecRoute>,
+
+    /// How long the DNS service remembers, after an answer's TTL, which
+    /// addresses it gave a client for a name: a `transparent` service of
+    /// the same process allows that client those addresses for that name.
+    #[arg(long, default_value_t = DEFAULT_GRACE.as_secs_f64(), value_name = "SECONDS", value_parser = parse_seconds)]
+    pub dns_grace: f64,
+
+    /// DNS queries one client may ask a second (beyond: SERVFAIL at once).
+    #[arg(long, default_value_t = DEFAULT_RATE, value_name = "QUERIES", value_parser = clap::value_parser!(u32).range(1..))]
+    pub dns_rate: u32,
 
     /// With --route sni: the port every destination is reached on.
     #[arg(long, default_value_t = DEFAULT_SNI_PORT, value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..))]
@@ -86,14 +102,19 @@ pub struct ProxyCommand {
 impl ProxyCommand {
     pub fn start(self) -> anyhow::Result<Running> {
         let route = self.route.map(|route| match route {
-            RouteKind::Sni { .. } => RouteKind::Sni { port: self.sni_port },
+            SpecRoute::Relayed(RouteKind::Sni { .. }) => {
+                SpecRoute::Relayed(RouteKind::Sni { port: self.sni_port })
+            }
             other => other,
         });
         let specs = match (&self.services, self.listen, self.remote_addr, self.remote_port, route) {
             (Some(file), ..) => services::load(file)?,
-            (None, Some(listen), _, _, Some(route)) => {
+            (None, Some(listen), _, _, Some(SpecRoute::Relayed(route))) => {
                 let upstream = SpecUpstream::Routed { route, head_timeout: None };
                 vec![ServiceSpec::single(listen, upstream)]
+            }
+            (None, Some(listen), _, _, Some(SpecRoute::Dns)) => {
+                vec![ServiceSpec::single(listen, SpecUpstream::Dns)]
             }
             (None, Some(listen), Some(host), Some(port), None) => {
                 vec![ServiceSpec::single(listen, SpecUpstream::Fixed { host, port })]
@@ -103,6 +124,8 @@ impl ProxyCommand {
         };
         let mut settings = self.proxy.settings(specs, self.services, self.workers.workers);
         settings.head_timeout = self.head_timeout;
+        settings.dns_grace = self.dns_grace;
+        settings.dns_rate = self.dns_rate;
         start(&settings)
     }
 }
@@ -151,6 +174,8 @@ impl ProxyArgs {
             },
             workers,
             head_timeout: DEFAULT_HEAD_TIMEOUT.as_secs_f64(),
+            dns_grace: DEFAULT_GRACE.as_secs_f64(),
+            dns_rate: DEFAULT_RATE,
             engine: self.engine,
         }
     }
@@ -183,7 +208,37 @@ pub struct ProxySettings {
     pub workers: usize,
     /// Routed services' head timeout, seconds (a service may set its own).
     pub head_timeout: f64,
+    /// Seconds the DNS service remembers an answer after its TTL.
+    pub dns_grace: f64,
+    /// DNS queries per second per client.
+    pub dns_rate: u32,
     pub engine: EngineArgs,
+}
+
+/// What `--route` names: a route the relay serves, or the DNS service.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SpecRoute {
+    Relayed(RouteKind),
+    Dns,
+}
+
+/// `--route`'s values: the relay's routes, and `dns`.
+fn route_values() -> impl clap::builder::TypedValueParser<Value = SpecRoute> {
+    use clap::builder::TypedValueParser;
+    use vsock_relay_engine::labels::Labelled;
+    let values = RouteKind::VALUES
+        .iter()
+        .map(|kind| {
+            clap::builder::PossibleValue::new(kind.label())
+                .aliases(kind.aliases().iter().copied())
+                .help(kind.help())
+        })
+        .chain([clap::builder::PossibleValue::new("dns")
+            .help("answer the enclave's DNS queries (vsock-relay dns) for the names the allowlist allows")]);
+    clap::builder::PossibleValuesParser::new(values).try_map(|text| match text.as_str() {
+        "dns" => Ok(SpecRoute::Dns),
+        text => text.parse().map(SpecRoute::Relayed),
+    })
 }
 
 /// Resolves every service's target, checks the address it will use against
@@ -192,7 +247,10 @@ pub struct ProxySettings {
 pub fn start(settings: &ProxySettings) -> anyhow::Result<Running> {
     let allowlist = Arc::new(RwLock::new(Allowlist::load(&settings.config)?));
     let dns = settings.engine.dns(settings.family);
+    let answered =
+        Arc::new(Answered::new(Duration::from_secs_f64(settings.dns_grace), answered::MAX_ENTRIES));
     let mut services = Vec::with_capacity(settings.services.len());
+    let mut dns_services = Vec::new();
     for spec in &settings.services {
         let service = match &spec.upstream {
             SpecUpstream::Fixed { host, port } => proxied_service(spec, host, *port, settings, &allowlist),
@@ -202,7 +260,12 @@ pub fn start(settings: &ProxySettings) -> anyhow::Result<Running> {
                 head_timeout.unwrap_or(settings.head_timeout),
                 settings,
                 &allowlist,
+                &answered,
             ),
+            SpecUpstream::Dns => {
+                dns_services.push(spec);
+                continue;
+            }
         };
         services.push(match settings.services.len() {
             1 => service?,
@@ -212,7 +275,24 @@ pub fn start(settings: &ProxySettings) -> anyhow::Result<Running> {
             })?,
         });
     }
+    if services.is_empty() {
+        anyhow::bail!(
+            "a DNS service runs beside the relay: give it a relayed service too (route: transparent, as the enclave's egress uses)"
+        );
+    }
     let mut running = settings.engine.launch_with(services, settings.workers, settings.family)?;
+    for spec in dns_services {
+        let listener = socket::listen(&spec.listen, &SocketOptions::default())
+            .with_context(|| format!("cannot listen on {} for the DNS service", spec.listen))?;
+        let settings = DnsSettings {
+            allowlist: Arc::clone(&allowlist),
+            dns: dns.clone(),
+            answered: Arc::clone(&answered),
+            rate: settings.dns_rate,
+        };
+        server::start(listener, settings)?;
+        tracing::info!(listen = %spec.listen, "DNS service: answering the names the allowlist allows");
+    }
     let resolver = Resolver::new(&dns).context("cannot set up DNS resolution")?;
     let checked: Vec<(ServiceSpec, Service)> =
         settings.services.iter().cloned().zip(running.relay.services().iter().cloned()).collect();
@@ -229,13 +309,28 @@ fn routed_service(
     head_timeout: f64,
     settings: &ProxySettings,
     allowlist: &Arc<RwLock<Allowlist>>,
+    answered: &Arc<Answered>,
 ) -> anyhow::Result<Service> {
+    let policy = match kind {
+        RouteKind::Transparent => transparent_policy(Arc::clone(allowlist), Arc::clone(answered)),
+        _ => named_policy(settings, allowlist)?,
+    };
+    let mut route = Route::new(kind, policy);
+    route.head_timeout = Duration::from_secs_f64(head_timeout);
+    tracing::info!(route = %kind, config = %settings.config.display(),
+        "routed: each client's destination is checked against the allowlist in force");
+    Ok(as_specified(Service::routed(spec.listen.clone(), route), spec, &settings.engine))
+}
+
+/// The policy of a route whose clients name their destination: the
+/// allowlist in force, entries given by name resolved when needed.
+fn named_policy(settings: &ProxySettings, allowlist: &Arc<RwLock<Allowlist>>) -> anyhow::Result<Policy> {
     // For allowlist entries given by name; the router resolves destinations.
     let resolver = Mutex::new(
         Resolver::new(&settings.engine.dns(settings.family)).context("cannot set up DNS resolution")?,
     );
     let shared = Arc::clone(allowlist);
-    let policy: Policy = Arc::new(move |host: &Host, port, address, may_block| {
+    Ok(Arc::new(move |asked: &Asked<'_>, may_block| {
         // The resolver is asked only for entries given by name, and only
         // when no entry allows the destination by itself; on a worker
         // (`may_block` false) that means: decide on the router's threads.
@@ -248,17 +343,44 @@ fn routed_service(
             let resolver = resolver.lock().unwrap_or_else(|e| e.into_inner());
             resolver.resolve(name).map(|found| found.addresses).unwrap_or_default()
         };
-        let verdict = read(&shared).admits_routed(host, port, address, &mut resolve);
+        let verdict = read(&shared).admits_routed(asked.host, asked.port, asked.address, &mut resolve);
         match verdict {
             Err(_) if blocked => None,
             verdict => Some(verdict.map_err(|e| e.to_string())),
         }
-    });
-    let mut route = Route::new(kind, policy);
-    route.head_timeout = Duration::from_secs_f64(head_timeout);
-    tracing::info!(route = %kind, config = %settings.config.display(),
-        "routed: each client's destination is checked against the allowlist in force");
-    Ok(as_specified(Service::routed(spec.listen.clone(), route), spec, &settings.engine))
+    }))
+}
+
+/// The policy of the `transparent` route: the destination is an address
+/// (where the client was going). Allowed when an address or CIDR entry
+/// allows it, or when the DNS service told this client, lately, that a
+/// name an entry allows has this address; entries given by name are not
+/// resolved (the address must have come from our own answer). Never blocks.
+fn transparent_policy(allowlist: Arc<RwLock<Allowlist>>, answered: Arc<Answered>) -> Policy {
+    Arc::new(move |asked: &Asked<'_>, _may_block| {
+        let allowlist = read(&allowlist);
+        let (port, address) = (asked.port, asked.address);
+        let by_address = allowlist.admits_routed(asked.host, port, address, &mut |_| Vec::new());
+        let Err(refusal) = by_address else { return Some(by_address.map_err(|e| e.to_string())) };
+        let names = answered.names(asked.client, address);
+        for name in &names {
+            if let Ok(rule) =
+                allowlist.admits_routed(&Host::Name(name.clone()), port, address, &mut |_| Vec::new())
+            {
+                tracing::info!(client = %asked.client, destination = %SocketAddr::new(address, port), %name, %rule,
+                    "transparent: allowed by the name this client was answered");
+                return Some(Ok(rule));
+            }
+        }
+        let why = match names.is_empty() {
+            true => format!("{refusal}; and the DNS service gave {} no name with this address", asked.client),
+            false => format!(
+                "{refusal}; names answered with it ({}) are not allowed on port {port}",
+                names.join(", ")
+            ),
+        };
+        Some(Err(why))
+    })
 }
 
 /// `service` named as `spec` says, with the spec's own client rules laid

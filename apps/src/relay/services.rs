@@ -20,6 +20,12 @@
 //!   listen: vsock:any:3128
 //!   route: connect              # or socks5, or sni (with sni_port: 443)
 //!   head_timeout: 10            # optional, seconds, as --head-timeout
+//! - name: enclave-dns           # the enclave's DNS (vsock-relay dns), answered
+//!   listen: vsock:any:8053      # for the names the allowlist allows
+//!   route: dns
+//! - name: transparent           # the enclave's redirected connections
+//!   listen: vsock:any:8100      # (vsock-relay forward --transparent)
+//!   route: transparent
 //! ```
 //!
 //! Every fixed service is checked against the allowlist (`--config`) at
@@ -66,6 +72,9 @@ pub enum SpecUpstream {
     /// Where each client asks to go, if the allowlist allows it; a head
     /// timeout in seconds (`None`: the command line's).
     Routed { route: RouteKind, head_timeout: Option<f64> },
+    /// Not relayed: the DNS service (`route: dns`) answers its clients'
+    /// queries for the names the allowlist allows.
+    Dns,
 }
 
 /// A `services:` item as written.
@@ -144,6 +153,12 @@ pub fn parse(text: &str, path: &Path) -> Result<Vec<ServiceSpec>, ServicesError>
         let written: Written = serde_norway::from_value(item.clone()).map_err(|e| at(e.to_string()))?;
         let rules = written.rules(at)?;
         let upstream = match (written.route.as_deref(), written.address, written.port) {
+            (Some("dns"), None, None) if written.sni_port.is_none() && written.head_timeout.is_none() => {
+                SpecUpstream::Dns
+            }
+            (Some("dns"), None, None) => {
+                return Err(at("sni_port and head_timeout do not go with route: dns".into()))
+            }
             (Some(route), None, None) => {
                 let mut route: RouteKind = route.parse().map_err(|e| at(format!("{e}")))?;
                 match (&mut route, written.sni_port) {

@@ -447,7 +447,7 @@ fn a_finished_direction_ignores_readiness() {
 
 /// A routed connection's client and its peer, reading a head of `kind`.
 fn routed(kind: crate::route::RouteKind, deadline: Instant) -> (Connection, UnixStream) {
-    routed_on(&Route::new(kind, Arc::new(|_: &Host, _, _, _| None)), deadline)
+    routed_on(&Route::new(kind, Arc::new(|_: &crate::route::Asked<'_>, _| None)), deadline)
 }
 
 /// A routed connection of `route` (whose counters the test reads) and its client's peer.
@@ -648,7 +648,7 @@ fn the_proxy_header_goes_first_and_is_not_counted_as_the_clients() {
 /// destination, a head that timed out.
 #[test]
 fn the_route_counts_its_decisions_as_they_are_made() {
-    let route = Route::new(crate::route::RouteKind::Connect, Arc::new(|_: &Host, _, _, _| None));
+    let route = Route::new(crate::route::RouteKind::Connect, Arc::new(|_: &crate::route::Asked<'_>, _| None));
     let mut pools = Pools::new(0, 4);
     let (mut bad, mut peer) = routed_on(&route, Instant::now() + FAR);
     peer.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();

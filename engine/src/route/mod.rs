@@ -6,7 +6,7 @@
 //! the address that was checked, answers the client, and from then on
 //! relays exactly as a fixed target does.
 //!
-//! The head parsers (`connect`, `socks5`, `sni`) are pure: bytes in, a
+//! The head parsers (`connect`, `socks5`, `sni`, the PROXY header's) are pure: bytes in, a
 //! [`Parse`] out, so that they are tested alone (property tests: no panic,
 //! bounded memory, whatever the bytes).
 
@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::endpoint::Host;
+use crate::proxy_header;
 
 pub(crate) mod connect;
 pub(crate) mod router;
@@ -27,15 +28,59 @@ pub(crate) mod socks5;
 /// Default bound on the time a client takes to send its head.
 pub const DEFAULT_HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Decides whether a routed client may reach `host:port` at `address` (the
-/// address the connect will use): `Ok` names the rule that allowed it (a
-/// metrics label: one per rule, never per host), `Err` says why not.
+/// Decides whether a routed client may reach the destination it asked for
+/// ([`Asked`]): `Ok` names the rule that allowed it (a metrics label: one
+/// per rule, never per host), `Err` says why not.
 ///
 /// The last argument says whether it may block (an allowlist entry given by
 /// name may need a lookup). `false`: it runs on a worker thread and must not
 /// block; it returns `None` when it cannot decide without blocking, and is
 /// asked again on the router's threads with `true`, where it must decide.
-pub type Policy = Arc<dyn Fn(&Host, u16, IpAddr, bool) -> Option<Result<String, String>> + Send + Sync>;
+pub type Policy = Arc<dyn Fn(&Asked<'_>, bool) -> Option<Result<String, String>> + Send + Sync>;
+
+/// What a policy is asked: may `client` reach `host:port` at `address`
+/// (the address the connect will use)?
+#[derive(Clone, Copy, Debug)]
+pub struct Asked<'a> {
+    pub client: Peer,
+    pub host: &'a Host,
+    pub port: u16,
+    pub address: IpAddr,
+}
+
+/// Who a routed client is, as far as a policy tells clients apart: the
+/// vsock CID of its machine (an enclave), the IP address of a TCP client,
+/// or a local client (a Unix socket, or a peer not known).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Peer {
+    Cid(u32),
+    Ip(IpAddr),
+    Local,
+}
+
+impl Peer {
+    /// The peer of a connected socket.
+    pub fn of(socket: &socket2::Socket) -> Peer {
+        match socket.peer_addr() {
+            Ok(address) => match (address.as_vsock_address(), address.as_socket()) {
+                (Some((cid, _)), _) => Peer::Cid(cid),
+                (None, Some(ip)) => Peer::Ip(ip.ip().to_canonical()),
+                (None, None) => Peer::Local,
+            },
+            Err(_) => Peer::Local,
+        }
+    }
+}
+
+impl fmt::Display for Peer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Peer::Cid(cid) => write!(f, "cid {cid}"),
+            Peer::Ip(ip) => write!(f, "{ip}"),
+            Peer::Local => f.write_str("local"),
+        }
+    }
+}
 
 /// A routed service's upstream: how clients name their destination, and
 /// who decides.
@@ -125,6 +170,10 @@ labelled! {
         /// (parsed as [`DEFAULT_SNI_PORT`]; the caller may change it); the
         /// ClientHello is passed on unchanged.
         Sni { port: u16 = DEFAULT_SNI_PORT } = "sni", "the server name of the client's TLS ClientHello, on one port";
+        /// A PROXY protocol v2 header naming the address and port the
+        /// client was redirected from (`vsock-relay forward --transparent`
+        /// in the enclave); nothing is answered, a refusal closes.
+        Transparent = "transparent", "a PROXY v2 header with the original destination (forward --transparent)";
     }
 }
 
@@ -217,6 +266,7 @@ enum Parser {
         port: u16,
         peek: Box<sni::SniPeek>,
     },
+    Transparent,
 }
 
 impl Head {
@@ -225,6 +275,7 @@ impl Head {
             RouteKind::Connect => Parser::Connect,
             RouteKind::Socks5 => Parser::Socks5 { greeted: false },
             RouteKind::Sni { port } => Parser::Sni { port, peek: Box::default() },
+            RouteKind::Transparent => Parser::Transparent,
         };
         Head { bytes: Vec::new(), seen: 0, parser }
     }
@@ -243,6 +294,7 @@ impl Head {
             },
             Parser::Socks5 { greeted: true } => socks5::parse_request(&self.bytes),
             Parser::Sni { port, peek } => peek.parse(&self.bytes, *port),
+            Parser::Transparent => original_destination(&self.bytes),
         }
     }
 
@@ -251,7 +303,25 @@ impl Head {
         match self.parser {
             Parser::Connect => connect::reply(outcome, detail),
             Parser::Socks5 { .. } => socks5::reply(outcome, bound),
-            Parser::Sni { .. } => Vec::new(),
+            Parser::Sni { .. } | Parser::Transparent => Vec::new(),
         }
+    }
+}
+
+/// A transparent client's head: the PROXY v2 header whose destination is
+/// where the client was going. A header without one (LOCAL, UNSPEC) names
+/// no destination and is refused.
+fn original_destination(bytes: &[u8]) -> Parse {
+    let refuse = |reason: String| Parse::Refuse { reply: Vec::new(), reason };
+    match proxy_header::parse(bytes) {
+        Ok(None) if bytes.len() < MAX_HEAD_BYTES => Parse::More,
+        Ok(None) => refuse(format!("a PROXY header over {MAX_HEAD_BYTES} bytes")),
+        Ok(Some(proxy_header::Parsed { addresses: Some((_, destination)), length })) => Parse::Destination {
+            host: Host::Ip(destination.ip().to_canonical()),
+            port: destination.port(),
+            consumed: length,
+        },
+        Ok(Some(_)) => refuse("the PROXY header names no destination (LOCAL or UNSPEC)".into()),
+        Err(e) => refuse(format!("not a transparent forwarder's head: {e}")),
     }
 }

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use hickory_resolver::TokioResolver;
 use tokio::sync::mpsc;
 
-use super::{Destination, Outcome, Policy, Route};
+use super::{Asked, Destination, Outcome, Peer, Policy, Route};
 use crate::dns::{self, DnsError, DnsOptions, IpFamily};
 use crate::endpoint::Host;
 use crate::error::Error;
@@ -42,12 +42,14 @@ pub const POLICY_TIMEOUT: Duration = Duration::from_secs(2);
 /// Threads that may run policy checks at once.
 const POLICY_THREADS: usize = 8;
 
-/// A destination to decide on, for connection `key` of `worker`.
+/// A destination to decide on, for connection `key` of `worker`, whose
+/// client is `client`.
 #[derive(Debug)]
 pub(crate) struct Job {
     pub worker: usize,
     pub key: Key,
     pub service: usize,
+    pub client: Peer,
     pub destination: Destination,
 }
 
@@ -152,13 +154,15 @@ impl Router {
     /// Decides on the calling (worker) thread when that needs no lookup: the
     /// destination is an address or a name resolved recently, and the policy
     /// decides without blocking. `None`: ask the router ([`Router::ask`]).
-    pub fn decide_now(&self, service: usize, host: &Host, port: u16) -> Option<Verdict> {
+    pub fn decide_now(&self, service: usize, client: Peer, destination: &Destination) -> Option<Verdict> {
         let route = self.shared.route(service)?;
+        let Destination { host, port } = destination;
         let address = match host {
             Host::Ip(ip) => *ip,
             Host::Name(name) => self.shared.recent_address(name)?,
         };
-        let verdict = match (route.policy)(host, port, address, false)? {
+        let port = *port;
+        let verdict = match (route.policy)(&Asked { client, host, port, address }, false)? {
             Ok(rule) => Verdict::Allowed { address: SocketAddr::new(address, port), rule },
             Err(reason) => Verdict::Refused { outcome: Outcome::NotAllowed, reason },
         };
@@ -201,8 +205,10 @@ impl Shared {
                 Err((outcome, reason)) => return Verdict::Refused { outcome, reason },
             },
         };
-        let (policy, host, port): (Policy, Host, u16) = (Arc::clone(&route.policy), host.clone(), *port);
-        let check = tokio::task::spawn_blocking(move || policy(&host, port, address, true));
+        let (policy, host, port, client): (Policy, Host, u16, Peer) =
+            (Arc::clone(&route.policy), host.clone(), *port, job.client);
+        let check =
+            tokio::task::spawn_blocking(move || policy(&Asked { client, host: &host, port, address }, true));
         match tokio::time::timeout(POLICY_TIMEOUT, check).await {
             Ok(Ok(Some(Ok(rule)))) => Verdict::Allowed { address: SocketAddr::new(address, port), rule },
             Ok(Ok(Some(Err(reason)))) => Verdict::Refused { outcome: Outcome::NotAllowed, reason },

@@ -16,6 +16,8 @@ pub(super) enum Refusal {
     Cid(u32),
     UnknownCid,
     OverLimit(u64),
+    /// A redirected client whose original destination cannot be read.
+    NoOriginalDestination,
 }
 
 impl Refusal {
@@ -24,6 +26,7 @@ impl Refusal {
             Refusal::Closed => RefusedBy::Allowlist,
             Refusal::Cid(_) | Refusal::UnknownCid => RefusedBy::Cid,
             Refusal::OverLimit(_) => RefusedBy::Limit,
+            Refusal::NoOriginalDestination => RefusedBy::NoDestination,
         }
     }
 
@@ -34,6 +37,9 @@ impl Refusal {
             Refusal::Cid(_) => "client refused: its CID is not in --allow-cid",
             Refusal::UnknownCid => "client refused: its CID is unknown and --allow-cid is set",
             Refusal::OverLimit(_) => "client refused: --max-connections reached",
+            Refusal::NoOriginalDestination => {
+                "client refused: where it was going is unknown (not redirected here by iptables REDIRECT)"
+            }
         }
     }
 }

@@ -32,6 +32,7 @@ use crate::driver::{Backend, Driver, DriverEvent, EpollDriver, UringDriver};
 use crate::error::{ConnError, Error, Op, Side};
 use crate::pool::Pools;
 use crate::route::router::{Job, Mailbox, Router, Verdict};
+use crate::route::Peer;
 use crate::socket;
 use crate::stats::{Failure, Stats};
 use crate::vocab::{DataPath, Direction, Key, Readiness, Wait};
@@ -444,7 +445,7 @@ impl<D: Driver> Worker<D> {
             let (cid, max) = match *refusal {
                 Refusal::Cid(cid) => (Some(cid), None),
                 Refusal::OverLimit(max) => (None, Some(max)),
-                Refusal::Closed | Refusal::UnknownCid => (None, None),
+                Refusal::Closed | Refusal::UnknownCid | Refusal::NoOriginalDestination => (None, None),
             };
             tracing::warn!(worker = self.index, %client, %service, cid, max, "{}", refusal.reason());
         }
@@ -571,12 +572,12 @@ impl<D: Driver> Worker<D> {
         match action {
             Action::AwaitHead => self.driver.watch(key, &slot.conn.client, Side::Client, Readiness::READABLE),
             Action::Decide(destination) => {
-                let service = slot.service;
+                let (service, client) = (slot.service, Peer::of(&slot.conn.client));
                 let Some(router) = self.router.clone() else { return Ok(()) };
-                match router.decide_now(service, &destination.host, destination.port) {
+                match router.decide_now(service, client, &destination) {
                     Some(verdict) => self.decided(key, verdict),
                     None => {
-                        router.ask(Job { worker: self.index, key, service, destination });
+                        router.ask(Job { worker: self.index, key, service, client, destination });
                         Ok(())
                     }
                 }

@@ -7,7 +7,8 @@
 //! each direction's data path chosen by the families of both sockets (and
 //! whether the driver has a buffer ring), the connect's deadline; for a
 //! route, the head to read and its deadline. A PROXY protocol header, when
-//! the service sends one, is written here from the client's socket. The
+//! the service sends one, is written here from the client's socket (for a
+//! transparent forwarder: with the destination it was redirected from). The
 //! same dial serves a routed connection once the router allowed its
 //! destination. What the worker keeps: the slots, the driver, the counters
 //! and the log.
@@ -37,6 +38,14 @@ pub(super) enum Opened {
     /// No upstream socket could be opened for a fixed target (out of
     /// descriptors, most likely): the client is reset.
     NoUpstreamSocket { client: Socket, failure: NoSocket },
+}
+
+/// Where a redirected TCP client was going. A connection made to the
+/// listener itself (not redirected) has its own listener as the original
+/// destination: the parent refuses it as loopback.
+fn original_destination(client: &Socket) -> io::Result<std::net::SocketAddr> {
+    let ipv6 = client.local_addr()?.as_socket().is_some_and(|local| local.is_ipv6());
+    crate::sys::original_destination(std::os::fd::AsFd::as_fd(client), ipv6)
 }
 
 /// No upstream socket could be opened for `address`.
@@ -92,13 +101,23 @@ impl Opener {
             },
             Upstream::Routed(route) => Plan::route(route),
         };
-        let proxy_header = match served.rules.sends_proxy_header() {
-            true => {
+        let proxy_header = match (served.transparent, served.rules.sends_proxy_header()) {
+            (true, _) => match original_destination(&client) {
+                Ok(destination) => {
+                    let peer = client.peer_addr().ok().and_then(|a| a.as_socket());
+                    proxy_header::encode(peer, Some(destination))
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "no original destination");
+                    return Opened::Refused { client, refusal: Refusal::NoOriginalDestination };
+                }
+            },
+            (false, true) => {
                 let peer = client.peer_addr().ok().and_then(|a| a.as_socket());
                 let local = client.local_addr().ok().and_then(|a| a.as_socket());
                 proxy_header::encode(peer, local)
             }
-            false => Vec::new(),
+            (false, false) => Vec::new(),
         };
         self.last_id += 1;
         Opened::Connection(Connection::new(self.last_id, client, plan, self.trigger, proxy_header))

@@ -618,7 +618,7 @@ fn a_routed_plan_gets_its_upstream_only_once_allowed() {
 
 /// A worker serving one routed (CONNECT) service, and its route's counters.
 fn routed_harness() -> (Harness, Arc<RouteCounters>) {
-    let route = Route::new(RouteKind::Connect, Arc::new(|_: &Host, _, _, _| None));
+    let route = Route::new(RouteKind::Connect, Arc::new(|_: &crate::route::Asked<'_>, _| None));
     let counters = Arc::clone(&route.counters);
     let h = Harness::new(|config| config.services[0].upstream = Upstream::Routed(route));
     (h, counters)

@@ -228,6 +228,8 @@ fn start_proxy(args: &DemoArgs, hop: &Hop, port: u16, allowlist: &Path) -> anyho
         family: IpFamily::Any,
         workers: 1,
         head_timeout: vsock_relay_engine::route::DEFAULT_HEAD_TIMEOUT.as_secs_f64(),
+        dns_grace: crate::dns::answered::DEFAULT_GRACE.as_secs_f64(),
+        dns_rate: crate::dns::server::DEFAULT_RATE,
         engine: args.engine.clone(),
     })
     .map(|running| running.relay)
