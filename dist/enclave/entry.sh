@@ -18,6 +18,16 @@
 #            `vsock-relay proxy --route connect`, and the server set to use
 #            it as its HTTPS proxy (no hosts line);
 #   socks5   the same with `--route socks5` on the parent (socks5h://).
+#   transparent  any application, unchanged: names resolve through
+#            `vsock-relay dns` (127.0.0.1:53, resolv.conf written) to the
+#            parent's `route: dns` on DNS_PORT (8053); every outgoing TCP
+#            connection not to loopback is redirected by legacy iptables
+#            (AWS's enclave kernel, 4.14, has no nf_tables and loads no
+#            modules; its NAT and REDIRECT are built in) to
+#            `forward --transparent` on CAPTURE_PORT (8100), which carries
+#            the original destination to the parent's `route: transparent`
+#            on PROXY_PORT. Needs an `iptables-legacy` (or legacy
+#            `iptables`) in the image: the Dockerfile's `transparent` stage.
 set -eu
 PARENT_CID=${PARENT_CID:-3}
 PROXY_PORT=${PROXY_PORT:-8001}
@@ -26,6 +36,8 @@ REMOTE_HOST=${REMOTE_HOST:-ip-ranges.amazonaws.com}
 VSOCK_RELAY=${VSOCK_RELAY:-/bin/vsock-relay}
 EGRESS=${EGRESS:-static}
 EGRESS_PORT=${EGRESS_PORT:-3128}
+DNS_PORT=${DNS_PORT:-8053}
+CAPTURE_PORT=${CAPTURE_PORT:-8100}
 
 case "$EGRESS" in
 static)
@@ -42,8 +54,24 @@ connect | socks5)
     "$VSOCK_RELAY" forward --listen "tcp:127.0.0.1:$EGRESS_PORT" --to "vsock:$PARENT_CID:$PROXY_PORT" --loopback-up &
     PROXY_ARGS="--proxy $scheme://127.0.0.1:$EGRESS_PORT"
     ;;
+transparent)
+    iptables=iptables-legacy
+    command -v "$iptables" >/dev/null 2>&1 || iptables=iptables
+    # The enclave has no route off the machine: a default route via the
+    # loopback interface, with a source address of its own on it (without
+    # one a connect is made from 0.0.0.0 and no answer comes), makes every
+    # connect reach the redirect.
+    ip link set lo up
+    ip addr add 10.0.2.15/32 dev lo 2>/dev/null || true
+    ip route add default dev lo src 10.0.2.15 2>/dev/null || true
+    "$iptables" -t nat -A OUTPUT -p tcp ! -d 127.0.0.0/8 -j REDIRECT --to-ports "$CAPTURE_PORT"
+    echo "enclave: DNS 127.0.0.1:53 -> vsock:$PARENT_CID:$DNS_PORT; TCP redirected to 127.0.0.1:$CAPTURE_PORT -> vsock:$PARENT_CID:$PROXY_PORT; server on vsock port $SERVER_PORT"
+    "$VSOCK_RELAY" dns --listen udp:127.0.0.1:53 --to "vsock:$PARENT_CID:$DNS_PORT" --resolv-conf &
+    "$VSOCK_RELAY" forward --transparent --listen "tcp:127.0.0.1:$CAPTURE_PORT" --to "vsock:$PARENT_CID:$PROXY_PORT" &
+    PROXY_ARGS=""
+    ;;
 *)
-    echo "enclave: EGRESS must be static, connect or socks5, not \`$EGRESS'" >&2
+    echo "enclave: EGRESS must be static, connect, socks5 or transparent, not \`$EGRESS'" >&2
     exit 2
     ;;
 esac

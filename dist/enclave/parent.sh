@@ -7,7 +7,9 @@
 # ip-ranges.amazonaws.com:443), VSOCK_PROXY (/usr/local/bin/vsock-proxy),
 # VSOCK_RELAY (/usr/local/bin/vsock-relay), ROUTE (empty: the proxy of the
 # one destination; connect or socks5: one routed port for every allowed
-# host, for an enclave built with EGRESS=connect or socks5).
+# host, for an enclave built with EGRESS=connect or socks5; transparent:
+# the enclave's DNS on vsock port 8053 and its redirected connections on
+# 8001, one process, for an enclave built with EGRESS=transparent).
 set -eu
 EIF=${EIF:-vsock-relay.eif}
 ENCLAVE_CID=${ENCLAVE_CID:-16}
@@ -16,7 +18,13 @@ VSOCK_PROXY=${VSOCK_PROXY:-/usr/local/bin/vsock-proxy}
 VSOCK_RELAY=${VSOCK_RELAY:-/usr/local/bin/vsock-relay}
 
 ROUTE=${ROUTE:-}
-if [ -n "$ROUTE" ]; then
+if [ "$ROUTE" = transparent ]; then
+    # One process: the transparent service allows an address when the DNS
+    # service told this enclave a name the allowlist allows has it.
+    services=$(mktemp)
+    printf 'services:\n- {name: dns, listen: "vsock:any:8053", route: dns}\n- {name: transparent, listen: "vsock:any:8001", route: transparent}\n' >"$services"
+    "$VSOCK_RELAY" proxy --services "$services" --config "$CONFIG" &
+elif [ -n "$ROUTE" ]; then
     "$VSOCK_RELAY" proxy --listen vsock:any:8001 --route "$ROUTE" --config "$CONFIG" &
 else
     "$VSOCK_PROXY" 8001 ip-ranges.amazonaws.com 443 --config "$CONFIG" &

@@ -71,11 +71,11 @@ vsock_relay_engine::labelled! {
 
 /// The service's counters, by decision.
 #[derive(Debug, Default)]
-pub struct DnsCounters {
+pub struct QueryCounters {
     decisions: [AtomicU64; DnsDecision::ALL.len()],
 }
 
-impl DnsCounters {
+impl QueryCounters {
     fn count(&self, decision: DnsDecision) {
         self.decisions[decision as usize].fetch_add(1, Relaxed);
     }
@@ -104,7 +104,7 @@ pub struct Answerer {
     allowlist: Arc<RwLock<Allowlist>>,
     resolver: TokioResolver,
     answered: Arc<Answered>,
-    counters: Arc<DnsCounters>,
+    counters: Arc<QueryCounters>,
     rate: u32,
 }
 
@@ -252,7 +252,7 @@ fn error_reply(query: &[u8], code: ResponseCode) -> Option<Vec<u8>> {
 
 /// A running DNS service; it ends with the process.
 pub struct DnsServer {
-    pub counters: Arc<DnsCounters>,
+    pub counters: Arc<QueryCounters>,
 }
 
 /// Per client: its connections open and the permits of its queries in flight.

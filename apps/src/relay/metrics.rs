@@ -30,6 +30,8 @@ use socket2::Socket;
 use vsock_relay_engine::labels::Labelled;
 use vsock_relay_engine::stats::{HistogramSnapshot, CONNECT_BUCKETS, DURATION_BUCKETS};
 use vsock_relay_engine::target::DnsCounters;
+
+use crate::dns::server::{DnsDecision, QueryCounters};
 use vsock_relay_engine::{
     socket, Decision, Endpoint, Failure, RefusedBy, Relay, Route, Service, Stats, StatsSnapshot, Upstream,
 };
@@ -47,15 +49,18 @@ const MAX_REQUEST_BYTES: u64 = 8 * 1024;
 pub struct RelayMetrics {
     stats: Arc<Stats>,
     services: Vec<Service>,
+    /// The DNS services beside the relay (`route: dns`): name, counters.
+    dns_services: Vec<(String, Arc<QueryCounters>)>,
     backend: String,
     data_path: String,
 }
 
 impl RelayMetrics {
-    pub fn new(relay: &Relay) -> Self {
+    pub fn new(relay: &Relay, dns_services: Vec<(String, Arc<QueryCounters>)>) -> Self {
         RelayMetrics {
             stats: relay.stats(),
             services: relay.services().to_vec(),
+            dns_services,
             backend: relay.backend().to_string(),
             data_path: relay.data_path().label().to_string(),
         }
@@ -297,8 +302,24 @@ impl Collector for RelayMetrics {
             });
             family(&mut encoder, name, &help, kind, all)?;
         }
+        if !self.dns_services.is_empty() {
+            let samples = self.dns_services.iter().flat_map(|(service, counters)| {
+                by_label("decision", |d| counters.decisions(d)).into_iter().map(|(mut labels, sample)| {
+                    labels.insert(0, ("service", service.clone()));
+                    (labels, sample)
+                })
+            });
+            family(&mut encoder, DNS_FAMILY, &dns_help(), MetricType::Counter, samples)?;
+        }
         Ok(())
     }
+}
+
+/// The DNS services' family: queries by decision.
+const DNS_FAMILY: &str = "dns_queries";
+
+fn dns_help() -> String {
+    help_by::<DnsDecision>("DNS queries of the enclave answered by the parent (route: dns), by decision")
 }
 
 /// The metrics endpoint: a thread answering scrapes until the process ends.
@@ -307,8 +328,13 @@ pub struct MetricsServer {
 }
 
 impl MetricsServer {
-    /// Listens on `endpoint` (TCP or Unix) and serves `/metrics` from `relay`.
-    pub fn start(endpoint: &Endpoint, relay: &Relay) -> anyhow::Result<MetricsServer> {
+    /// Listens on `endpoint` (TCP or Unix) and serves `/metrics` from
+    /// `relay` and the DNS services beside it.
+    pub fn start(
+        endpoint: &Endpoint,
+        relay: &Relay,
+        dns_services: Vec<(String, Arc<QueryCounters>)>,
+    ) -> anyhow::Result<MetricsServer> {
         if let Endpoint::Vsock { .. } = endpoint {
             anyhow::bail!("--metrics {endpoint}: metrics are served on tcp: or unix: endpoints");
         }
@@ -320,7 +346,7 @@ impl MetricsServer {
             })
             .with_context(|| format!("cannot serve metrics on {endpoint}"))?;
         let local = socket::local_endpoint(&listener, endpoint)?;
-        let metrics = Arc::new(RelayMetrics::new(relay));
+        let metrics = Arc::new(RelayMetrics::new(relay, dns_services));
         std::thread::Builder::new()
             .name("metrics".into())
             .spawn(move || serve(&listener, &metrics))
@@ -498,6 +524,9 @@ mod tests {
         names_every_label::<Failure>("connections_failed");
         names_every_label::<RefusedBy>("connections_refused");
         names_every_label::<Decision>("routed");
+        for value in DnsDecision::VALUES {
+            assert!(dns_help().contains(&format!("{} ({})", value.label(), value.help())));
+        }
     }
 
     /// docs/operations.md lists every family and every label the code writes.
@@ -508,7 +537,15 @@ mod tests {
             let series = format!("`vsock_relay_{}", family.name);
             assert!(docs.contains(&series), "docs/operations.md lacks {series}");
         }
-        let labels = Failure::LABELS.iter().chain(&RefusedBy::LABELS).chain(&Decision::LABELS);
+        assert!(
+            docs.contains(&format!("`vsock_relay_{DNS_FAMILY}")),
+            "docs/operations.md lacks {DNS_FAMILY}"
+        );
+        let labels = Failure::LABELS
+            .iter()
+            .chain(&RefusedBy::LABELS)
+            .chain(&Decision::LABELS)
+            .chain(&DnsDecision::LABELS);
         for label in labels {
             assert!(docs.contains(&format!("`{label}`")), "docs/operations.md lacks the label `{label}`");
         }

@@ -2,6 +2,7 @@
 //! user typed into engine settings before any socket opens.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
@@ -13,6 +14,7 @@ use vsock_relay_engine::{
     Service, Target, DEFAULT_CONNECT_TIMEOUT, DEFAULT_DRAIN_TIMEOUT, DEFAULT_PIPE_BYTES,
 };
 
+use crate::dns::server::QueryCounters;
 use crate::relay::metrics::MetricsServer;
 use crate::relay::run::Running;
 
@@ -210,7 +212,7 @@ impl EngineArgs {
     /// [`EngineArgs::start`], plus the metrics endpoint when asked for: a
     /// command that runs until a signal.
     pub fn launch(&self, services: Vec<Service>, workers: usize) -> anyhow::Result<Running> {
-        self.launch_with(services, workers, IpFamily::Any)
+        self.launch_with(services, workers, IpFamily::Any, Vec::new())
     }
 
     /// [`EngineArgs::launch`], routed destinations resolved in `family`.
@@ -219,10 +221,14 @@ impl EngineArgs {
         services: Vec<Service>,
         workers: usize,
         family: IpFamily,
+        dns_services: Vec<(String, Arc<QueryCounters>)>,
     ) -> anyhow::Result<Running> {
         let relay = self.start_with(services, workers, family)?;
-        let metrics =
-            self.metrics.as_ref().map(|endpoint| MetricsServer::start(endpoint, &relay)).transpose()?;
+        let metrics = self
+            .metrics
+            .as_ref()
+            .map(|endpoint| MetricsServer::start(endpoint, &relay, dns_services))
+            .transpose()?;
         Ok(Running { relay, metrics, reload: None })
     }
 }

@@ -280,19 +280,22 @@ pub fn start(settings: &ProxySettings) -> anyhow::Result<Running> {
             "a DNS service runs beside the relay: give it a relayed service too (route: transparent, as the enclave's egress uses)"
         );
     }
-    let mut running = settings.engine.launch_with(services, settings.workers, settings.family)?;
+    let mut answering = Vec::with_capacity(dns_services.len());
     for spec in dns_services {
         let listener = socket::listen(&spec.listen, &SocketOptions::default())
             .with_context(|| format!("cannot listen on {} for the DNS service", spec.listen))?;
-        let settings = DnsSettings {
+        let dns_settings = DnsSettings {
             allowlist: Arc::clone(&allowlist),
             dns: dns.clone(),
             answered: Arc::clone(&answered),
             rate: settings.dns_rate,
         };
-        server::start(listener, settings)?;
-        tracing::info!(listen = %spec.listen, "DNS service: answering the names the allowlist allows");
+        let server = server::start(listener, dns_settings)?;
+        let name = spec.name.clone().unwrap_or_else(|| spec.listen.to_string());
+        tracing::info!(service = %name, listen = %spec.listen, "DNS service: answering the names the allowlist allows");
+        answering.push((name, server.counters));
     }
+    let mut running = settings.engine.launch_with(services, settings.workers, settings.family, answering)?;
     let resolver = Resolver::new(&dns).context("cannot set up DNS resolution")?;
     let checked: Vec<(ServiceSpec, Service)> =
         settings.services.iter().cloned().zip(running.relay.services().iter().cloned()).collect();
