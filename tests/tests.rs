@@ -4,6 +4,7 @@
 
 mod backend;
 mod bench;
+mod burst;
 mod channel;
 mod cli;
 mod dns;
