@@ -54,16 +54,30 @@ pub struct Pools {
     buffers: Vec<Buffer>,
     pipe_size: usize,
     max_idle: usize,
+    /// Test seam: making a pipe fails as out of descriptors (EMFILE).
+    #[cfg(test)]
+    pub refuse_pipes: bool,
 }
 
 impl Pools {
     /// `pipe_size` is the capacity asked for each pipe; at most `max_idle`
     /// pipes and buffers each are kept when not in use.
     pub fn new(pipe_size: usize, max_idle: usize) -> Self {
-        Pools { pipes: Vec::new(), buffers: Vec::new(), pipe_size, max_idle }
+        Pools {
+            pipes: Vec::new(),
+            buffers: Vec::new(),
+            pipe_size,
+            max_idle,
+            #[cfg(test)]
+            refuse_pipes: false,
+        }
     }
 
     pub fn take_pipe(&mut self) -> io::Result<Pipe> {
+        #[cfg(test)]
+        if self.refuse_pipes {
+            return Err(io::Error::from_raw_os_error(libc::EMFILE));
+        }
         match self.pipes.pop() {
             Some(pipe) => Ok(pipe),
             None => Pipe::new(self.pipe_size),

@@ -85,6 +85,11 @@ fn is_splice_unsupported(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::EINVAL | libc::EOPNOTSUPP | libc::ENOSYS))
 }
 
+/// The process (EMFILE) or the system (ENFILE) has no descriptor left.
+fn is_out_of_descriptors(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
+}
+
 impl Pump {
     /// A pump moving bytes `from` one side `to` the other by `path`
     /// (resolved with [`DataPath::for_direction`]; `Auto` adapts: it copies
@@ -196,41 +201,50 @@ impl Pump {
         Ok(n)
     }
 
-    /// Reads from the source into an empty pipe or buffer.
+    /// Reads from the source into an empty pipe or buffer. Where no pipe
+    /// can be made for want of descriptors, this read copies (a buffer takes
+    /// none); the next one tries a pipe again.
     fn fill(&mut self, src: &Socket, pools: &mut Pools) -> io::Result<usize> {
-        match self.path {
-            DataPath::Splice | DataPath::Auto if self.streaming => {
-                #[cfg(test)]
-                if self.refuse_splice {
-                    return Err(io::Error::from_raw_os_error(libc::EINVAL));
-                }
-                let pipe = match std::mem::replace(&mut self.held, Held::Nothing) {
-                    Held::Pipe { pipe, .. } => pipe,
-                    _ => pools.take_pipe()?,
-                };
-                let result = pipe.fill_from(src.as_fd(), SPLICE_REQUEST_BYTES);
-                let pending = *result.as_ref().unwrap_or(&0);
-                self.held = Held::Pipe { pipe, pending };
-                if self.path == DataPath::Auto && pending > 0 && pending < STREAMING_BYTES {
-                    self.streaming = false;
-                }
-                result
+        if matches!(self.path, DataPath::Splice | DataPath::Auto) && self.streaming {
+            #[cfg(test)]
+            if self.refuse_splice {
+                return Err(io::Error::from_raw_os_error(libc::EINVAL));
             }
-            _ => {
-                let mut buffer = match std::mem::replace(&mut self.held, Held::Nothing) {
-                    Held::Buffer { buffer, .. } => buffer,
-                    _ => pools.take_buffer(),
-                };
-                let result = (&*src).read(&mut buffer);
-                let end = *result.as_ref().unwrap_or(&0);
-                self.drained = end > 0 && end < buffer.len();
-                self.held = Held::Buffer { buffer, start: 0, end };
-                if self.path == DataPath::Auto && end >= STREAMING_BYTES {
-                    self.streaming = true;
+            let pipe = match std::mem::replace(&mut self.held, Held::Nothing) {
+                Held::Pipe { pipe, .. } => Ok(pipe),
+                _ => pools.take_pipe(),
+            };
+            match pipe {
+                Ok(pipe) => return self.splice_into(pipe, src),
+                Err(e) if is_out_of_descriptors(&e) => {
+                    tracing::debug!(from = %self.from, error = %e, "no pipe; this read copies");
                 }
-                result
+                Err(e) => return Err(e),
             }
         }
+        let mut buffer = match std::mem::replace(&mut self.held, Held::Nothing) {
+            Held::Buffer { buffer, .. } => buffer,
+            _ => pools.take_buffer(),
+        };
+        let result = (&*src).read(&mut buffer);
+        let end = *result.as_ref().unwrap_or(&0);
+        self.drained = end > 0 && end < buffer.len();
+        self.held = Held::Buffer { buffer, start: 0, end };
+        if self.path == DataPath::Auto && end >= STREAMING_BYTES {
+            self.streaming = true;
+        }
+        result
+    }
+
+    /// Splices from the source into `pipe`, which this direction then holds.
+    fn splice_into(&mut self, pipe: Pipe, src: &Socket) -> io::Result<usize> {
+        let result = pipe.fill_from(src.as_fd(), SPLICE_REQUEST_BYTES);
+        let pending = *result.as_ref().unwrap_or(&0);
+        self.held = Held::Pipe { pipe, pending };
+        if self.path == DataPath::Auto && pending > 0 && pending < STREAMING_BYTES {
+            self.streaming = false;
+        }
+        result
     }
 
     /// Gives an empty pipe or buffer back to the pool. One still holding
@@ -361,6 +375,33 @@ mod tests {
         dst_peer.read_to_string(&mut got).unwrap();
         assert_eq!(got, "first bytes, then more");
         assert_eq!(pools.idle(), (0, 1), "no pipe was taken; the copy buffer went back");
+    }
+
+    /// No descriptor for a pipe (EMFILE): the direction copies this read
+    /// instead of failing the connection, and splices again once pipes can
+    /// be made.
+    /// Catches: the pipe's EMFILE ending the connection (counted as the
+    /// client's failure, as it was before).
+    #[test]
+    fn no_descriptor_for_a_pipe_copies_instead() {
+        let (src, mut src_peer) = pair();
+        let (dst, mut dst_peer) = pair();
+        let mut pools = Pools::new(64 * 1024, 4);
+        pools.refuse_pipes = true;
+        let mut pump = Pump::new(Side::Client, Side::Upstream, DataPath::Splice);
+        src_peer.write_all(b"no pipe").unwrap();
+        assert_eq!(pump.run(&src, &dst, &mut pools, Trigger::Level).unwrap(), (Wait::Readable, 7));
+        assert_eq!((pump.path(), pools.idle()), (DataPath::Splice, (0, 1)), "copied, still a splice path");
+        pools.refuse_pipes = false;
+        src_peer.write_all(b", then a pipe").unwrap();
+        src_peer.shutdown(std::net::Shutdown::Write).unwrap();
+        // A splice's length says nothing of the socket being empty: the
+        // pump reads on, to the EOF.
+        assert_eq!(pump.run(&src, &dst, &mut pools, Trigger::Level).unwrap(), (Wait::Finished, 13));
+        assert_eq!(pools.idle(), (1, 1), "spliced through a pipe this time");
+        let mut got = String::new();
+        dst_peer.read_to_string(&mut got).unwrap();
+        assert_eq!(got, "no pipe, then a pipe");
     }
 
     #[test]

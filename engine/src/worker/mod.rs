@@ -9,7 +9,8 @@
 //! relay: it watches every listener, one slab of connections.
 //! What a new client becomes (the service's rules, its upstream socket and
 //! data paths, a PROXY header) is `open.rs`; who may connect, `admission.rs`;
-//! what is logged, `log.rs`.
+//! what is logged, `log.rs`; a client accepted when no upstream socket
+//! could be opened for it waits (`waiting.rs`) instead of being reset.
 //! Routed services' clients are handed to the router (`route/router.rs`)
 //! once their head is read; its verdicts come back through this worker's
 //! mailbox, which wakes it.
@@ -39,12 +40,14 @@ use crate::vocab::{DataPath, Direction, Key, Readiness, Wait};
 use admission::Refusal;
 use log::Warnings;
 use open::{NoSocket, Opened, Opener};
+use waiting::{Waiter, Waiting};
 
 mod admission;
 mod log;
 mod open;
 #[cfg(test)]
 mod tests;
+mod waiting;
 
 /// Pause before accepting again after running out of descriptors.
 const ACCEPT_RETRY: Duration = Duration::from_millis(100);
@@ -165,10 +168,13 @@ struct Slot {
     last_active: Instant,
 }
 
-/// The counter a connection's ending goes to (`None`: not a failure).
+/// The counter a connection's ending goes to (`None`: not a failure). A
+/// call that failed for want of descriptors or memory (a pipe that could
+/// not be made, say) is the relay's shortage, whichever socket it was on.
 fn failure_of(ending: &Ending) -> Option<Failure> {
     match ending {
         Ending::Finished => None,
+        Ending::Failed(ConnError { source, .. }) if out_of_resources(source) => Some(Failure::Resources),
         Ending::Refused { .. } => Some(Failure::Route),
         Ending::Idle(_) => Some(Failure::Idle),
         Ending::Failed(ConnError { op: Op::Connect, .. }) => Some(Failure::Connect),
@@ -191,6 +197,11 @@ struct Worker<D> {
     router: Option<Arc<Router>>,
     verdicts: Vec<(Key, Verdict)>,
     accept_paused_until: Option<Instant>,
+    /// Clients accepted while no upstream socket could be opened for them.
+    waiting: Waiting<Socket>,
+    /// A connection's sockets closed this round: waiting clients may get
+    /// theirs now.
+    freed: bool,
     /// Set once stopping: when the open connections are reset.
     drain_deadline: Option<Instant>,
     /// With an idle timeout: when to look for idle connections next.
@@ -225,6 +236,8 @@ impl<D: Driver> Worker<D> {
             router,
             verdicts: Vec::new(),
             accept_paused_until: None,
+            waiting: Waiting::new(config.connect_timeout),
+            freed: false,
             drain_deadline: None,
             idle_sweep: sweep_every.map(|every| Instant::now() + every),
             sweep_every,
@@ -248,7 +261,7 @@ impl<D: Driver> Worker<D> {
         loop {
             let now = Instant::now();
             if let Some(drain_deadline) = self.drain_deadline {
-                if self.conns.is_empty() || drain_deadline <= now {
+                if (self.conns.is_empty() && self.waiting.is_empty()) || drain_deadline <= now {
                     self.abandon();
                     return Ok(());
                 }
@@ -257,6 +270,9 @@ impl<D: Driver> Worker<D> {
             self.now = Instant::now();
             for event in events.drain(..) {
                 self.on_event(event)?;
+            }
+            if std::mem::take(&mut self.freed) && !self.waiting.is_empty() {
+                self.retry_waiting()?;
             }
             self.expire(Instant::now())?;
             std::mem::swap(&mut ready, &mut self.ready);
@@ -324,8 +340,7 @@ impl<D: Driver> Worker<D> {
                         tracing::warn!(worker = self.index, %error, "cannot accept: the listener failed; retrying shortly");
                     }
                 }
-                self.accept_paused_until = Some(Instant::now() + ACCEPT_RETRY);
-                self.driver.pause_accepting();
+                self.pause_accepting();
                 Ok(())
             }
             DriverEvent::Woken => {
@@ -347,7 +362,7 @@ impl<D: Driver> Worker<D> {
             }
             DriverEvent::Released(key) => {
                 if self.slot(key).is_some() {
-                    self.conns.remove(key.index as usize);
+                    self.remove(key);
                 }
                 Ok(())
             }
@@ -408,7 +423,11 @@ impl<D: Driver> Worker<D> {
         }
         if self.accept_paused_until.is_some_and(|at| at <= now) {
             self.accept_paused_until = None;
-            self.driver.resume_accepting();
+            // Waiting clients first; one that must wait again pauses anew.
+            self.retry_waiting()?;
+            if self.accept_paused_until.is_none() {
+                self.driver.resume_accepting();
+            }
         }
         if let (Some(every), Some(sweep)) = (self.sweep_every, self.idle_sweep) {
             if sweep <= now {
@@ -451,18 +470,45 @@ impl<D: Driver> Worker<D> {
         }
     }
 
-    /// A new client of `service`: refused, or a connection in a slot.
+    /// A new client of `service`: refused, waiting, or a connection in a slot.
     fn open(&mut self, service: usize, client: Socket) -> io::Result<()> {
-        match self.opener.open(service, client, self.stats.active(service)) {
+        let opened = self.opener.open(service, client, self.stats.active(service));
+        self.settle(service, opened, self.now, false)
+    }
+
+    /// Carries out what became of a client of `service` accepted at
+    /// `since` (`retried`: it waited already, and waits again first in line).
+    fn settle(&mut self, service: usize, opened: Opened, since: Instant, retried: bool) -> io::Result<()> {
+        match opened {
             Opened::Refused { client, refusal } => {
                 self.refuse(service, &client, &refusal);
                 Ok(())
             }
+            Opened::NoUpstreamSocket { client, failure } if failure.out_of_resources() => {
+                // Accepting more now would only take more descriptors.
+                self.pause_accepting();
+                let waiter = Waiter { service, client, since };
+                if retried {
+                    self.waiting.put_back(waiter);
+                    return Ok(());
+                }
+                match self.waiting.push(waiter) {
+                    Ok(()) => {
+                        if self.warnings.no_upstream_socket.admit(self.now, self.index) {
+                            let error = failure.explained();
+                            tracing::warn!(worker = self.index, %error, "cannot open an upstream socket; the client waits for one, accepting paused");
+                        }
+                        Ok(())
+                    }
+                    Err(Waiter { client, .. }) => {
+                        self.give_up(service, &client);
+                        self.no_upstream_socket(failure);
+                        Ok(())
+                    }
+                }
+            }
             Opened::NoUpstreamSocket { client, failure } => {
-                socket::reset(&client);
-                let cell = self.stats.cell(self.index, service);
-                cell.opened();
-                cell.dropped(Failure::Resources);
+                self.give_up(service, &client);
                 self.no_upstream_socket(failure);
                 Ok(())
             }
@@ -473,6 +519,50 @@ impl<D: Driver> Worker<D> {
         }
     }
 
+    /// A client that will not get an upstream socket: reset, and counted as
+    /// accepted and failed for want of resources.
+    fn give_up(&self, service: usize, client: &Socket) {
+        socket::reset(client);
+        let cell = self.stats.cell(self.index, service);
+        cell.opened();
+        cell.dropped(Failure::Resources);
+    }
+
+    /// Tries the waiting clients again, oldest first, until one must wait
+    /// again; those that waited their connect timeout are given up.
+    fn retry_waiting(&mut self) -> io::Result<()> {
+        let expired = self.waiting.expired(self.now);
+        if !expired.is_empty() {
+            tracing::warn!(
+                worker = self.index,
+                clients = expired.len(),
+                "no upstream socket within the connect timeout; clients reset"
+            );
+        }
+        for Waiter { service, client, .. } in expired {
+            self.give_up(service, &client);
+        }
+        while let Some(Waiter { service, client, since }) = self.waiting.next() {
+            let before = self.waiting.len();
+            let opened = self.opener.open(service, client, self.stats.active(service));
+            self.settle(service, opened, since, true)?;
+            if self.waiting.len() > before {
+                // It waits again: so do the ones after it.
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Stops accepting for a while (out of descriptors or memory, or the
+    /// listener in error): accepting again at once would fail again.
+    fn pause_accepting(&mut self) {
+        if self.accept_paused_until.is_none() {
+            self.accept_paused_until = Some(Instant::now() + ACCEPT_RETRY);
+            self.driver.pause_accepting();
+        }
+    }
+
     /// Out of descriptors, most likely: this client is given up on, the
     /// others are served. Logged (throttled).
     fn no_upstream_socket(&mut self, failure: NoSocket) {
@@ -480,6 +570,12 @@ impl<D: Driver> Worker<D> {
             let error = failure.explained();
             tracing::warn!(worker = self.index, %error, "cannot open an upstream socket; client reset");
         }
+    }
+
+    /// Drops a connection's slot, closing its sockets.
+    fn remove(&mut self, key: Key) {
+        self.conns.remove(key.index as usize);
+        self.freed = true;
     }
 
     /// Puts a new connection in a slot, registers its client socket (a
@@ -508,6 +604,9 @@ impl<D: Driver> Worker<D> {
             Err(failure) => {
                 slot.conn.give_up();
                 self.stats.cell(self.index, slot.service).dropped(Failure::Resources);
+                if failure.out_of_resources() {
+                    self.pause_accepting();
+                }
                 self.no_upstream_socket(failure);
                 self.forget(key)
             }
@@ -533,7 +632,7 @@ impl<D: Driver> Worker<D> {
     /// Drops a connection that never started (its sockets close now).
     fn forget(&mut self, key: Key) -> io::Result<()> {
         if self.driver.release(key)? {
-            self.conns.remove(key.index as usize);
+            self.remove(key);
         }
         Ok(())
     }
@@ -609,7 +708,7 @@ impl<D: Driver> Worker<D> {
             Action::Close(ending) => {
                 self.count_closed(key, &ending);
                 if self.driver.release(key)? {
-                    self.conns.remove(key.index as usize);
+                    self.remove(key);
                 }
                 Ok(())
             }
@@ -642,7 +741,7 @@ impl<D: Driver> Worker<D> {
 
     /// At the end of the drain time, connections still open are reset and
     /// counted as failed, cut by the drain.
-    fn abandon(&self) {
+    fn abandon(&mut self) {
         let open = self.conns.iter().filter(|(_, slot)| slot.conn.state != ConnState::Closed);
         let mut count = 0;
         for (_, slot) in open {
@@ -650,6 +749,13 @@ impl<D: Driver> Worker<D> {
             self.stats
                 .cell(self.index, slot.service)
                 .closed(Some(Failure::Drain), slot.conn.opened.elapsed());
+            count += 1;
+        }
+        for Waiter { service, client, .. } in self.waiting.all() {
+            socket::reset(&client);
+            let cell = self.stats.cell(self.index, service);
+            cell.opened();
+            cell.closed(Some(Failure::Drain), Duration::ZERO);
             count += 1;
         }
         if count > 0 {

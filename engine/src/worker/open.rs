@@ -56,6 +56,12 @@ pub(super) struct NoSocket {
 }
 
 impl NoSocket {
+    /// Whether the process ran out of descriptors or memory (it may work a
+    /// moment later), rather than the address being unusable.
+    pub fn out_of_resources(&self) -> bool {
+        super::out_of_resources(&self.error)
+    }
+
     /// The error, with what to do about it where the hint table knows (a
     /// vsock target): for the log line, so made only when one is written.
     pub fn explained(self) -> io::Error {

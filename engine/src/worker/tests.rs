@@ -654,7 +654,8 @@ fn a_socket_the_driver_will_not_watch_fails_its_connection_once() {
     assert_eq!(h.worker.slot(key).unwrap().conn.state, ConnState::Closed, "the release is pending");
     h.worker.expire(Instant::now() + Duration::from_secs(3600)).unwrap();
     let stats = h.stats.snapshot();
-    assert_eq!((stats.failed_by(Failure::Connect), stats.failed()), (1, 1), "{stats:?}");
+    // The driver's ENOMEM is the relay's shortage, not the upstream's.
+    assert_eq!((stats.failed_by(Failure::Resources), stats.failed()), (1, 1), "{stats:?}");
     assert_eq!(counters.decisions(Decision::Allowed), 1);
     let mut answer = String::new();
     client.read_to_string(&mut answer).unwrap();
@@ -677,4 +678,24 @@ fn no_answer_and_no_decision_in_time_count_as_unresolved() {
     h.worker.expire(Instant::now() + DECISION_TIMEOUT).unwrap();
     assert_eq!(counters.decisions(Decision::Unresolved), 2);
     assert_eq!(h.stats.snapshot().failed_by(Failure::Route), 2);
+}
+
+/// An ending for want of descriptors or memory is the relay's shortage
+/// (`resources`), whichever socket the call was on; other failures keep
+/// their side's cause.
+/// Catches: a pipe that could not be made for the client's direction
+/// counted as `failed{client}` (as the soak found).
+#[test]
+fn a_shortage_is_counted_as_resources_whichever_side() {
+    let failed = |side, op, errno| {
+        failure_of(&Ending::Failed(ConnError::new(side, op, io::Error::from_raw_os_error(errno))))
+    };
+    for errno in [libc::EMFILE, libc::ENFILE, libc::ENOBUFS, libc::ENOMEM] {
+        assert_eq!(failed(Side::Client, Op::Read, errno), Some(Failure::Resources));
+        assert_eq!(failed(Side::Upstream, Op::Write, errno), Some(Failure::Resources));
+        assert_eq!(failed(Side::Upstream, Op::Connect, errno), Some(Failure::Resources));
+    }
+    assert_eq!(failed(Side::Client, Op::Read, libc::ECONNRESET), Some(Failure::Client));
+    assert_eq!(failed(Side::Upstream, Op::Read, libc::ECONNRESET), Some(Failure::Upstream));
+    assert_eq!(failed(Side::Upstream, Op::Connect, libc::ECONNREFUSED), Some(Failure::Connect));
 }
