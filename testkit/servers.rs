@@ -116,6 +116,20 @@ impl Server {
         Server::start(Listener::Tcp(listener), handler)
     }
 
+    /// Listens on loopback TCP with room for `backlog` clients not yet
+    /// accepted (the standard library's listener has 128): an upstream for
+    /// bursts of new connections, which otherwise meet dropped SYNs and
+    /// their one-second retransmit.
+    pub fn tcp_with_backlog(backlog: i32, handler: impl Fn(Stream) + Send + Sync + 'static) -> Server {
+        let socket =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("tcp socket");
+        socket.set_reuse_address(true).expect("SO_REUSEADDR");
+        let address: SocketAddr = "127.0.0.1:0".parse().expect("an address");
+        socket.bind(&address.into()).expect("bind loopback");
+        socket.listen(backlog).expect("listen");
+        Server::start(Listener::Tcp(TcpListener::from(socket)), handler)
+    }
+
     /// Listens on a Unix socket at `path`.
     pub fn unix(path: &Path, handler: impl Fn(Stream) + Send + Sync + 'static) -> Server {
         let _ = std::fs::remove_file(path);

@@ -120,7 +120,7 @@ fn a_burst_of_a_thousand_is_served_on_both_backends() {
     }
     let mut took = Vec::new();
     for backend in BACKENDS {
-        let server = Server::tcp(echo);
+        let server = Server::tcp_with_backlog(CLIENTS as i32 + 64, echo);
         let relay = relay("tcp:127.0.0.1:0", server.endpoint(), (backend, DataPath::Auto), |_| {});
         let endpoint = relay.local_endpoints()[0].clone();
         let result = burst(&endpoint, CLIENTS, Duration::ZERO);
@@ -184,19 +184,8 @@ fn burst_past_the_limit(
     let metrics = dir.path("metrics.sock");
     let metrics_arg = format!("unix:{}", metrics.display());
     let to = server.endpoint().to_string();
-    let args = [
-        "relay",
-        "--backend",
-        name,
-        "--listen",
-        "tcp:127.0.0.1:0",
-        "--to",
-        &to,
-        "-w",
-        "2",
-        "--metrics",
-        &metrics_arg,
-    ];
+    let mut args = vec!["relay", "--backend", name, "--listen", "tcp:127.0.0.1:0", "--to", &to];
+    args.extend(["-w", "2", "--metrics", &metrics_arg]);
     let mut proxy = Proc::spawn_with("vsock-relay", &args, |command| {
         vsock_relay_testkit::seccomp::limit_open_files(command, 384);
     });

@@ -25,7 +25,7 @@ labelled! {
         Upstream = "upstream", "a read or write on the upstream's socket failed after the connect";
         Idle = "idle", "reset by the idle timeout (--idle-timeout)";
         Drain = "drain", "still open when a stop's drain time ended (--drain-timeout)";
-        Resources = "resources", "no socket for the upstream could be opened (out of descriptors)";
+        Resources = "resources", "out of descriptors or memory: no upstream socket within the connect timeout, or a call on either socket failed for want of them";
         Route = "route", "routed: the head was bad or late, or its destination was refused";
     }
 }

@@ -484,7 +484,7 @@ impl<D: Driver> Worker<D> {
                 self.refuse(service, &client, &refusal);
                 Ok(())
             }
-            Opened::NoUpstreamSocket { client, failure } if failure.out_of_resources() => {
+            Opened::NoUpstreamSocket { client, failure } if out_of_resources(failure.error()) => {
                 // Accepting more now would only take more descriptors.
                 self.pause_accepting();
                 let waiter = Waiter { service, client, since };
@@ -604,7 +604,7 @@ impl<D: Driver> Worker<D> {
             Err(failure) => {
                 slot.conn.give_up();
                 self.stats.cell(self.index, slot.service).dropped(Failure::Resources);
-                if failure.out_of_resources() {
+                if out_of_resources(failure.error()) {
                     self.pause_accepting();
                 }
                 self.no_upstream_socket(failure);

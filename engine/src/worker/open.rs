@@ -56,10 +56,9 @@ pub(super) struct NoSocket {
 }
 
 impl NoSocket {
-    /// Whether the process ran out of descriptors or memory (it may work a
-    /// moment later), rather than the address being unusable.
-    pub fn out_of_resources(&self) -> bool {
-        super::out_of_resources(&self.error)
+    /// Why no socket could be opened.
+    pub fn error(&self) -> &io::Error {
+        &self.error
     }
 
     /// The error, with what to do about it where the hint table knows (a

@@ -133,8 +133,8 @@ mod tests {
     fn a_full_queue_hands_the_client_back() {
         let now = Instant::now();
         let mut waiting = Waiting::new(Duration::from_secs(5));
-        for client in 0..MAX_WAITING as u32 {
-            waiting.push(waiter(client, now)).unwrap();
+        for client in 0..MAX_WAITING {
+            waiting.push(waiter(u32::try_from(client).unwrap(), now)).unwrap();
         }
         let refused = waiting.push(waiter(u32::MAX, now)).unwrap_err();
         assert_eq!(refused.client, u32::MAX);
