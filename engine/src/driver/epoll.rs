@@ -16,7 +16,7 @@ use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 use socket2::Socket;
 
-use super::{Driver, DriverEvent};
+use super::{Driver, DriverEvent, ACCEPTS_PER_WAKE};
 use crate::error::Side;
 use crate::sys;
 use crate::vocab::{Key, Readiness, Trigger};
@@ -84,13 +84,16 @@ impl EpollDriver {
         })
     }
 
-    /// Accepts on every listener until its queue is empty or an accept
+    /// Accepts on every listener until its queue is empty, an accept
     /// fails (the worker decides whether to pause; otherwise the next wait
-    /// tries again).
+    /// tries again) or [`ACCEPTS_PER_WAKE`] were taken (the rest are taken
+    /// in the next round, after the events of this one).
     fn accept_all(&mut self, events: &mut Vec<DriverEvent>) -> io::Result<()> {
         for (service, listener) in self.listeners.iter().enumerate() {
             let Some(listener) = listener else { continue };
-            while self.accept_pending[service] && !self.accept_paused {
+            let mut bound = ACCEPTS_PER_WAKE;
+            while self.accept_pending[service] && !self.accept_paused && bound > 0 {
+                bound -= 1;
                 match sys::accept_nonblocking(listener.as_fd()) {
                     Ok(client) => {
                         events.push(DriverEvent::Accepted { service, client: Ok(Socket::from(client)) });

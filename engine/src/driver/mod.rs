@@ -84,6 +84,11 @@ pub fn choose(choice: BackendChoice) -> Result<Backend, Error> {
     }
 }
 
+/// Most clients a driver accepts from one listener per wake-up: a burst is
+/// taken in a few system calls without starving the connections already
+/// open of their turn (the rest of the backlog waits for the next round).
+pub(crate) const ACCEPTS_PER_WAKE: usize = 32;
+
 /// What a driver hands back from a wait.
 #[derive(Debug)]
 pub(crate) enum DriverEvent {
