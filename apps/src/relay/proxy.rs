@@ -290,9 +290,10 @@ pub fn start(settings: &ProxySettings) -> anyhow::Result<Running> {
             answered: Arc::clone(&answered),
             rate: settings.dns_rate,
         };
+        let local = socket::local_endpoint(&listener, &spec.listen)?;
         let server = server::start(listener, dns_settings)?;
         let name = spec.name.clone().unwrap_or_else(|| spec.listen.to_string());
-        tracing::info!(service = %name, listen = %spec.listen, "DNS service: answering the names the allowlist allows");
+        tracing::info!(service = %name, listen = %local, "DNS service: answering the names the allowlist allows");
         answering.push((name, server.counters));
     }
     let mut running = settings.engine.launch_with(services, settings.workers, settings.family, answering)?;
