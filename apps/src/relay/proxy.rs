@@ -78,7 +78,7 @@ pub struct ProxyCommand {
     pub sni_port: u16,
 
     /// Routed services: close a client that has not sent its whole head
-    /// (its CONNECT request, SOCKS5 request or TLS ClientHello) this many
+    /// (its CONNECT or http:// request, SOCKS5 request or TLS ClientHello) this many
     /// seconds after connecting.
     #[arg(long, default_value_t = DEFAULT_HEAD_TIMEOUT.as_secs_f64(), value_name = "SECONDS", value_parser = parse_seconds)]
     pub head_timeout: f64,
