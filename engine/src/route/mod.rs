@@ -346,3 +346,54 @@ fn original_destination(bytes: &[u8]) -> Parse {
         Err(e) => refuse(format!("not a transparent forwarder's head: {e}")),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_transparent_head_names_the_original_destination_and_keeps_what_follows() {
+        let client: SocketAddr = "127.0.0.1:40000".parse().unwrap();
+        let original: SocketAddr = "[::ffff:198.51.100.10]:443".parse().unwrap();
+        let mut bytes = proxy_header::encode(Some(client), Some(original));
+        let length = bytes.len();
+        bytes.extend_from_slice(b"\x16\x03\x01");
+        let mut head = Head::new(RouteKind::Transparent);
+        for cut in 0..length {
+            head.bytes = bytes[..cut].to_vec();
+            assert_eq!(head.parse(), Parse::More, "{cut} bytes");
+        }
+        head.bytes = bytes;
+        let destination = Parse::Destination {
+            host: Host::Ip("198.51.100.10".parse().unwrap()),
+            port: 443,
+            consumed: length,
+            send_first: Vec::new(),
+        };
+        assert_eq!(head.parse(), destination, "the IPv4-mapped address in its IPv4 form");
+        assert!(head.reply(Outcome::Connected, "", None).is_empty(), "nothing is answered");
+    }
+
+    #[test]
+    fn a_transparent_head_without_a_destination_is_refused_without_a_reply() {
+        let mut head = Head::new(RouteKind::Transparent);
+        for (bytes, why) in [
+            (proxy_header::encode(None, None), "names no destination"),
+            (b"GET / HTTP/1.1\r\n\r\n".to_vec(), "not a transparent forwarder's head"),
+        ] {
+            head.bytes = bytes;
+            match head.parse() {
+                Parse::Refuse { reply, reason } => {
+                    assert!(reply.is_empty());
+                    assert!(reason.contains(why), "{reason}");
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        let mut endless = proxy_header::SIGNATURE.to_vec();
+        endless.extend_from_slice(&[0x21, 0x11, 0xFF, 0xFF]);
+        endless.resize(MAX_HEAD_BYTES, 0);
+        head.bytes = endless;
+        assert!(matches!(head.parse(), Parse::Refuse { .. }), "a header longer than a head may be");
+    }
+}
