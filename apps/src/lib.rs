@@ -7,7 +7,8 @@
 //! - [`sample`]: the workshop's sample application (`serve`, `client`, the
 //!   IP-ranges data, `demo`), which shows the product at work;
 //!
-//! and [`bench`], the load generator and sink both sides use; [`about`]:
+//! and [`dns`], the enclave's DNS forwarder (`vsock-relay dns`) and the
+//! framing it shares with the parent's DNS service; [`bench`], the load generator and sink both sides use; [`about`]:
 //! `--version`, manual pages and shell completions. The binaries in `bin/`
 //! are thin: parse, validate, hand to the engine.
 
@@ -15,5 +16,6 @@
 
 pub mod about;
 pub mod bench;
+pub mod dns;
 pub mod relay;
 pub mod sample;
