@@ -12,9 +12,11 @@ use std::path::Path;
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query, ResponseCode};
+use hickory_proto::op::{Message, OpCode, ResponseCode};
 use hickory_proto::rr::rdata::A;
 use hickory_proto::rr::{Name, RData, Record, RecordType};
+
+use vsock_relay_apps::dns::forwarder::stub_query;
 
 use crate::util::{run_to_exit, Proc, TempDir};
 
@@ -135,15 +137,7 @@ fn write_frame(stream: &mut impl Write, message: &[u8]) {
 }
 
 fn query(id: u16, name: &str, edns: Option<u16>) -> Vec<u8> {
-    let mut message = Message::new(id, MessageType::Query, OpCode::Query);
-    message.metadata.recursion_desired = true;
-    message.add_query(Query::query(Name::from_ascii(name).unwrap(), RecordType::A));
-    if let Some(size) = edns {
-        let mut opt = Edns::new();
-        opt.set_max_payload(size);
-        message.set_edns(opt);
-    }
-    message.to_vec().unwrap()
+    stub_query(id, &Name::from_ascii(name).unwrap(), RecordType::A, edns).to_vec().unwrap()
 }
 
 fn addresses(answer: &Message) -> Vec<Ipv4Addr> {
@@ -157,18 +151,32 @@ fn addresses(answer: &Message) -> Vec<Ipv4Addr> {
         .collect()
 }
 
-/// Starts the forwarder on a free port towards `to`; its process and port.
-fn forwarder(to: &Path, extra: &[&str]) -> (Proc, u16) {
-    let to = format!("unix:{}", to.display());
+/// A fake parent and the forwarder on a free port towards it.
+struct Setup {
+    /// Removed when the test ends (after the forwarder is killed).
+    _dir: TempDir,
+    parent: std::path::PathBuf,
+    seen: Arc<Mutex<Seen>>,
+    forwarder: Proc,
+    port: u16,
+}
+
+/// Starts a fake parent holding queries `hold` (none: no parent yet) and
+/// the forwarder towards it, with `extra` options.
+fn start(tag: &str, hold: Option<Duration>, extra: &[&str]) -> Setup {
+    let dir = TempDir::new(tag);
+    let parent = dir.path("parent.sock");
+    let seen = hold.map_or_else(Arc::default, |hold| fake_parent(&parent, hold));
+    let to = format!("unix:{}", parent.display());
     let mut args = vec!["dns", "--listen", "udp:127.0.0.1:0", "--to", &to];
     args.extend_from_slice(extra);
-    let mut proc = Proc::spawn("vsock-relay", &args);
-    proc.wait_for_log("dns forwarder listening", Duration::from_secs(20));
-    let log = proc.stderr();
+    let mut forwarder = Proc::spawn("vsock-relay", &args);
+    forwarder.wait_for_log("dns forwarder listening", Duration::from_secs(20));
+    let log = forwarder.stderr();
     let mark = "listen=127.0.0.1:";
     let at = log.find(mark).unwrap_or_else(|| panic!("no listen address in:\n{log}")) + mark.len();
     let port = log[at..].chars().take_while(char::is_ascii_digit).collect::<String>().parse().unwrap();
-    (proc, port)
+    Setup { _dir: dir, parent, seen, forwarder, port }
 }
 
 fn udp_client() -> UdpSocket {
@@ -202,10 +210,8 @@ fn tcp_receive(stream: &mut TcpStream) -> Message {
 
 #[test]
 fn dns_forwarder_answers_each_client_with_its_own_id_in_any_order() {
-    let dir = TempDir::new("dns-fwd-ids");
-    let parent = dir.path("parent.sock");
-    let seen = fake_parent(&parent, PAIRS);
-    let (_forwarder, port) = forwarder(&parent, &[]);
+    let setup = start("dns-fwd-ids", Some(PAIRS), &[]);
+    let (seen, port) = (&setup.seen, setup.port);
 
     // Two UDP clients, one ID: each gets its own answer, with that ID.
     let (a, b) = (udp_client(), udp_client());
@@ -249,10 +255,8 @@ fn dns_forwarder_answers_each_client_with_its_own_id_in_any_order() {
 
 #[test]
 fn dns_forwarder_truncates_large_udp_answers_and_tcp_gets_them_whole() {
-    let dir = TempDir::new("dns-fwd-big");
-    let parent = dir.path("parent.sock");
-    let _seen = fake_parent(&parent, HOLD);
-    let (_forwarder, port) = forwarder(&parent, &[]);
+    let setup = start("dns-fwd-big", Some(HOLD), &[]);
+    let port = setup.port;
 
     let small = udp_ask(port, 11, "big.test.", None);
     assert!(small.metadata.truncation, "TC set for a 512-byte client");
@@ -272,10 +276,9 @@ fn dns_forwarder_truncates_large_udp_answers_and_tcp_gets_them_whole() {
 
 #[test]
 fn dns_forwarder_reconnects_and_resends_once_when_the_parent_drops() {
-    let dir = TempDir::new("dns-fwd-drop");
-    let parent = dir.path("parent.sock");
-    let seen = fake_parent(&parent, HOLD);
-    let (mut forwarder, port) = forwarder(&parent, &[]);
+    let mut setup = start("dns-fwd-drop", Some(HOLD), &[]);
+    let (seen, port) = (Arc::clone(&setup.seen), setup.port);
+    let forwarder = &mut setup.forwarder;
 
     // Dropped once with the query in flight: sent again on the new
     // connection, and answered.
@@ -302,9 +305,8 @@ fn dns_forwarder_reconnects_and_resends_once_when_the_parent_drops() {
 
 #[test]
 fn dns_forwarder_without_a_parent_answers_servfail_in_time_then_recovers() {
-    let dir = TempDir::new("dns-fwd-none");
-    let parent = dir.path("parent.sock");
-    let (_forwarder, port) = forwarder(&parent, &["--query-timeout", "1"]);
+    let setup = start("dns-fwd-none", None, &["--query-timeout", "1"]);
+    let (parent, port) = (&setup.parent, setup.port);
 
     let started = Instant::now();
     let answer = udp_ask(port, 31, "n1.test.", Some(1232));
@@ -314,7 +316,7 @@ fn dns_forwarder_without_a_parent_answers_servfail_in_time_then_recovers() {
     assert!(took >= Duration::from_millis(900) && took < Duration::from_secs(3), "SERVFAIL after {took:?}");
 
     // The parent comes up: within the backoff's 2 s, queries are answered.
-    let _seen = fake_parent(&parent, HOLD);
+    let _seen = fake_parent(parent, HOLD);
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let answer = udp_ask(port, 32, "n2.test.", None);
@@ -328,10 +330,8 @@ fn dns_forwarder_without_a_parent_answers_servfail_in_time_then_recovers() {
 
 #[test]
 fn dns_forwarder_survives_garbage_and_answers_afterwards() {
-    let dir = TempDir::new("dns-fwd-garbage");
-    let parent = dir.path("parent.sock");
-    let _seen = fake_parent(&parent, HOLD);
-    let (mut forwarder, port) = forwarder(&parent, &[]);
+    let mut setup = start("dns-fwd-garbage", Some(HOLD), &[]);
+    let port = setup.port;
 
     let udp = udp_client();
     let target = ("127.0.0.1", port);
@@ -368,7 +368,7 @@ fn dns_forwarder_survives_garbage_and_answers_afterwards() {
     let mut tcp = tcp_client(port);
     tcp.write_all(&frame(&query(44, "n8.test.", None))).unwrap();
     assert_eq!(addresses(&tcp_receive(&mut tcp)), vec![Ipv4Addr::new(10, 0, 0, 8)]);
-    assert!(forwarder.running());
+    assert!(setup.forwarder.running());
 }
 
 #[test]

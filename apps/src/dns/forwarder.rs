@@ -23,7 +23,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
-use hickory_proto::op::{Edns, Message, MessageType, OpCode, ResponseCode};
+use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query, ResponseCode};
+use hickory_proto::rr::{Name, RecordType};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::{mpsc, Semaphore};
 use vsock_relay_engine::endpoint::{Endpoint, Host};
@@ -275,6 +276,21 @@ pub fn fit_udp(answer: Vec<u8>, query: &Message, limit: usize) -> Option<(Vec<u8
     truncated.to_vec().ok().filter(|bytes| bytes.len() <= limit).map(|bytes| (bytes, true))
 }
 
+/// A query as a stub resolver sends it (recursion desired, one question,
+/// an OPT record with `edns` as its UDP size if given): for the tests of
+/// both halves and for checks that ask a forwarder or server.
+pub fn stub_query(id: u16, name: &Name, record_type: RecordType, edns: Option<u16>) -> Message {
+    let mut message = Message::new(id, MessageType::Query, OpCode::Query);
+    message.metadata.recursion_desired = true;
+    message.add_query(Query::query(name.clone(), record_type));
+    if let Some(size) = edns {
+        let mut opt = Edns::new();
+        opt.set_max_payload(size);
+        message.set_edns(opt);
+    }
+    message
+}
+
 /// The answer to a forwarded query: the parent's, or SERVFAIL.
 async fn answer_query(
     upstream: &Upstream,
@@ -514,23 +530,14 @@ async fn serve_tcp_client(
 
 #[cfg(test)]
 mod tests {
-    use hickory_proto::op::Query;
     use hickory_proto::rr::rdata::A;
-    use hickory_proto::rr::{Name, RData, Record, RecordType};
+    use hickory_proto::rr::{Name, RData, Record};
     use proptest::prelude::*;
 
     use super::*;
 
     fn query(name: &str, edns: Option<u16>) -> Message {
-        let mut message = Message::new(0x4242, MessageType::Query, OpCode::Query);
-        message.metadata.recursion_desired = true;
-        message.add_query(Query::query(Name::from_ascii(name).unwrap(), RecordType::A));
-        if let Some(size) = edns {
-            let mut opt = Edns::new();
-            opt.set_max_payload(size);
-            message.set_edns(opt);
-        }
-        message
+        stub_query(0x4242, &Name::from_ascii(name).unwrap(), RecordType::A, edns)
     }
 
     #[test]
