@@ -7,6 +7,7 @@ mod bench;
 mod channel;
 mod cli;
 mod dns;
+mod dns_forward;
 mod doctor;
 mod faults;
 mod forward;

@@ -34,12 +34,13 @@ use hickory_proto::op::{Message, MessageType, OpCode, ResponseCode};
 use hickory_proto::rr::{DNSClass, RData};
 use hickory_resolver::TokioResolver;
 use socket2::Socket;
-use tokio::sync::Semaphore;
+use tokio::sync::{mpsc, Semaphore};
 use vsock_relay_engine::dns::{self, DnsError, DnsOptions};
 use vsock_relay_engine::Peer;
 
 use crate::dns::answered::Answered;
-use crate::dns::frame;
+use crate::dns::frame::{self, FrameError};
+use crate::dns::stream::SocketStream;
 use crate::relay::allowlist::Allowlist;
 
 /// Connections one client may hold open at once.
@@ -127,7 +128,7 @@ impl Answerer {
         self.counters.count(decision);
         let reply = reply?;
         match reply.to_vec() {
-            Ok(bytes) if bytes.len() <= frame::MAX_MESSAGE_BYTES => Some(bytes),
+            Ok(bytes) if bytes.len() <= frame::MAX_FRAME_BYTES => Some(bytes),
             _ => error_reply(query, ResponseCode::ServFail),
         }
     }
@@ -258,14 +259,13 @@ pub struct DnsServer {
 /// Per client: its connections open and the permits of its queries in flight.
 type Clients = Mutex<HashMap<Peer, (usize, Arc<Semaphore>)>>;
 
-/// Serves `listener` (a blocking stream listener of any family) on threads
-/// of its own: one accepts, each connection has a reader and a writer, and
-/// lookups run on a small tokio runtime (a slow name delays only its own
-/// answer).
+/// Serves `listener` (a stream listener of any family): a thread accepts,
+/// and each connection is served on a small tokio runtime, where lookups
+/// run too (a slow name delays only its own answer).
 pub fn start(listener: Socket, settings: DnsSettings) -> anyhow::Result<DnsServer> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
-        .thread_name("dns-lookup")
+        .thread_name("dns-service")
         .enable_all()
         .build()?;
     let answerer = {
@@ -276,25 +276,23 @@ pub fn start(listener: Socket, settings: DnsSettings) -> anyhow::Result<DnsServe
     listener.set_nonblocking(false)?;
     let service = Arc::new(Service {
         answerer: Arc::new(answerer),
-        runtime,
         clients: Clients::default(),
         buckets: Mutex::default(),
         open: AtomicU64::new(0),
     });
-    std::thread::Builder::new().name("dns".into()).spawn(move || service.accept(&listener))?;
+    std::thread::Builder::new().name("dns".into()).spawn(move || service.accept(&listener, &runtime))?;
     Ok(DnsServer { counters })
 }
 
 struct Service {
     answerer: Arc<Answerer>,
-    runtime: tokio::runtime::Runtime,
     clients: Clients,
     buckets: Mutex<HashMap<Peer, (f64, Instant)>>,
     open: AtomicU64,
 }
 
 impl Service {
-    fn accept(self: Arc<Self>, listener: &Socket) {
+    fn accept(self: Arc<Self>, listener: &Socket, runtime: &tokio::runtime::Runtime) {
         loop {
             let socket = match listener.accept() {
                 Ok((socket, _)) => socket,
@@ -311,16 +309,12 @@ impl Service {
                 continue;
             };
             let service = Arc::clone(&self);
-            let spawned = std::thread::Builder::new().name("dns-client".into()).spawn(move || {
-                if let Err(e) = service.serve(socket, client, permits) {
+            runtime.spawn(async move {
+                if let Err(e) = service.serve(socket, client, permits).await {
                     tracing::debug!(%client, error = %e, "DNS connection ended");
                 }
                 service.connection_closed(client);
             });
-            if let Err(e) = spawned {
-                tracing::warn!(error = %e, "DNS service: no thread for a connection");
-                self.connection_closed(client);
-            }
         }
     }
 
@@ -352,48 +346,44 @@ impl Service {
         }
     }
 
-    /// One connection: this thread reads queries and hands each to the
-    /// runtime; a writer thread sends the answers as they come, each
-    /// releasing its query's permit once written (so a client that does not
-    /// read its answers stops being read).
-    fn serve(&self, socket: Socket, client: Peer, permits: Arc<Semaphore>) -> io::Result<()> {
-        let (answers, outgoing) = std::sync::mpsc::sync_channel::<Answer>(MAX_IN_FLIGHT_PER_CLIENT);
-        let mut writer_socket = socket.try_clone()?;
-        let writer = std::thread::Builder::new().name("dns-answers".into()).spawn(move || {
-            for (answer, permit) in outgoing {
-                frame::write_message(&mut writer_socket, &answer)?;
+    /// One connection: reads queries and answers each on a task of its
+    /// own; a writer task sends the answers as they come, each releasing
+    /// its query's permit once written (so a client that does not read its
+    /// answers stops being read).
+    async fn serve(&self, socket: Socket, client: Peer, permits: Arc<Semaphore>) -> Result<(), FrameError> {
+        let (mut reader, mut writer) = tokio::io::split(SocketStream::new(socket)?);
+        let (answers, mut outgoing) = mpsc::channel::<Answer>(MAX_IN_FLIGHT_PER_CLIENT);
+        let written = tokio::spawn(async move {
+            while let Some((answer, permit)) = outgoing.recv().await {
+                frame::write_frame(&mut writer, &answer).await?;
                 drop(permit);
             }
-            io::Result::Ok(())
-        })?;
-        let mut reader = &socket;
+            Ok::<(), FrameError>(())
+        });
         let read = loop {
-            let query = match frame::read_message(&mut reader) {
+            let query = match frame::read_frame(&mut reader, frame::MAX_FRAME_BYTES).await {
                 Ok(Some(query)) => query,
                 Ok(None) => break Ok(()),
                 Err(e) => break Err(e),
             };
-            let Ok(permit) = self.runtime.block_on(Arc::clone(&permits).acquire_owned()) else {
-                break Ok(());
-            };
+            let Ok(permit) = Arc::clone(&permits).acquire_owned().await else { break Ok(()) };
             if !self.answerer.admit(&self.buckets, client) {
                 self.answerer.counters.count(DnsDecision::Limited);
                 let Some(reply) = error_reply(&query, ResponseCode::ServFail) else { continue };
-                if answers.send((reply, permit)).is_err() {
+                if answers.send((reply, permit)).await.is_err() {
                     break Ok(());
                 }
                 continue;
             }
             let (answerer, answers) = (Arc::clone(&self.answerer), answers.clone());
-            self.runtime.spawn(async move {
+            tokio::spawn(async move {
                 if let Some(reply) = answerer.answer(client, &query).await {
-                    let _ = answers.send((reply, permit));
+                    let _ = answers.send((reply, permit)).await;
                 }
             });
         };
-        let _ = socket.shutdown(std::net::Shutdown::Read);
         drop(answers);
-        let written = writer.join().unwrap_or_else(|_| Err(io::Error::other("the answer writer panicked")));
+        let written = written.await.unwrap_or_else(|e| Err(FrameError::Io(io::Error::other(e))));
         read.and(written)
     }
 }
