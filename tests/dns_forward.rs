@@ -362,6 +362,9 @@ fn dns_forwarder_survives_garbage_and_answers_afterwards() {
     assert_eq!(tcp_receive(&mut tcp).metadata.response_code, ResponseCode::FormErr);
     tcp.write_all(&[0, 0]).unwrap();
     assert!(read_frame(&mut tcp).is_none(), "a zero-length frame closes the connection");
+    let mut tcp = tcp_client(port);
+    tcp.write_all(&frame(&[0u8; 5000])).unwrap();
+    assert!(read_frame(&mut tcp).is_none(), "a frame above 4096 bytes closes the connection");
 
     let answer = udp_ask(port, 43, "n7.test.", None);
     assert_eq!((answer.metadata.id, addresses(&answer)), (43, vec![Ipv4Addr::new(10, 0, 0, 7)]));

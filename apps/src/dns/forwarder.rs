@@ -29,7 +29,7 @@ use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::{mpsc, Semaphore};
 use vsock_relay_engine::endpoint::{Endpoint, Host};
 
-use crate::dns::frame::{self, MAX_FRAME_BYTES};
+use crate::dns::frame;
 use crate::dns::upstream::{message_id, Upstream, UpstreamConfig};
 use crate::relay::options::{parse_seconds, UsageError};
 
@@ -39,6 +39,11 @@ pub const UDP_CLASSIC_LIMIT: usize = 512;
 /// above it, fragments (the DNS flag day 2020 figure is 1232; 4096 is
 /// what most resolvers advertise and accept).
 pub const UDP_MAX_LIMIT: usize = 4096;
+/// The largest query taken from a client (a stub resolver's is a few
+/// hundred bytes): bounds what the queries in flight hold, 4 MiB at the
+/// default 1,024. Longer ones are dropped (UDP) or close the connection
+/// (TCP). Answers from the parent may use the whole frame.
+pub const MAX_QUERY_BYTES: usize = 4096;
 /// Queries one TCP client may have in flight; past it, its next frame is
 /// read when an answer went out (back pressure, not SERVFAIL).
 pub const TCP_IN_FLIGHT_PER_CLIENT: usize = 64;
@@ -393,7 +398,8 @@ impl Drop for Report {
 }
 
 async fn serve_udp(udp: Arc<UdpSocket>, upstream: Upstream, counters: Arc<Counters>) -> anyhow::Result<()> {
-    let mut buf = vec![0u8; MAX_FRAME_BYTES];
+    // One byte more than a query may have: a longer datagram fills it.
+    let mut buf = vec![0u8; MAX_QUERY_BYTES + 1];
     loop {
         let (len, client) = match udp.recv_from(&mut buf).await {
             Ok(received) => received,
@@ -402,7 +408,9 @@ async fn serve_udp(udp: Arc<UdpSocket>, upstream: Upstream, counters: Arc<Counte
             Err(e) => return Err(e).context("cannot receive on the UDP socket"),
         };
         let bytes = &buf[..len];
-        let query = match classify(bytes) {
+        let input =
+            if len > MAX_QUERY_BYTES { Input::Drop("longer than a query may be") } else { classify(bytes) };
+        let query = match input {
             Input::Query(query) => query,
             Input::Drop(why) => {
                 Counters::add(&counters.dropped);
@@ -487,7 +495,7 @@ async fn serve_tcp_client(
     let in_flight = Arc::new(Semaphore::new(TCP_IN_FLIGHT_PER_CLIENT));
     loop {
         let Ok(permit) = Arc::clone(&in_flight).acquire_owned().await else { break };
-        let bytes = match tokio::time::timeout(idle, frame::read_frame(&mut reader, MAX_FRAME_BYTES)).await {
+        let bytes = match tokio::time::timeout(idle, frame::read_frame(&mut reader, MAX_QUERY_BYTES)).await {
             Ok(Ok(Some(bytes))) => bytes,
             Ok(Ok(None)) => break,
             Ok(Err(e)) => {
