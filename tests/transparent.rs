@@ -368,3 +368,41 @@ fn a_flood_from_one_client_leaves_another_answered_and_memory_bounded() {
     assert!(answered >= 2_000, "the flooder's own rate was answered: {answered}");
     assert!(after_kib < before_kib + 64 * 1024, "RSS grew from {before_kib} to {after_kib} KiB");
 }
+
+/// `proxy --route dns` alone: a process of one DNS service, no relay; it
+/// answers over TCP and stops on SIGTERM.
+#[test]
+fn a_dns_service_alone_answers_and_stops_on_a_signal() {
+    let names = NameServer::start();
+    names.set(ALLOWED, Answer::Addresses(vec![ip(WEB_ADDRESS)]));
+    let dir = TempDir::new("dns-alone");
+    let config = write_file(&dir, "allowlist.yaml", ALLOWLIST);
+    let name_server = names.addr().to_string();
+    let args = [
+        "proxy",
+        "--listen",
+        "tcp:127.0.0.1:0",
+        "--route",
+        "dns",
+        "--config",
+        &config,
+        "--dns-server",
+        &name_server,
+    ];
+    let mut proxy = Proc::spawn("vsock-relay", &args);
+    proxy.wait_for_log("DNS service: answering", Duration::from_secs(20));
+    let log = proxy.stderr();
+    let mark = "listen=tcp:127.0.0.1:";
+    let at = log.find(mark).expect("the DNS service's port") + mark.len();
+    let port: u16 = log[at..].chars().take_while(char::is_ascii_digit).collect::<String>().parse().unwrap();
+    let mut client = dns_client("127.0.0.1", port);
+    client.write_all(&framed_query(5, ALLOWED)).unwrap();
+    client.write_all(&framed_query(6, NOT_LISTED)).unwrap();
+    let mut answers = [read_answer(&mut client), read_answer(&mut client)];
+    answers.sort_by_key(|a| a.metadata.id);
+    assert_eq!(answers[0].metadata.response_code, ResponseCode::NoError);
+    assert_eq!(answers[0].answers.len(), 1);
+    assert_eq!(answers[1].metadata.response_code, ResponseCode::Refused);
+    proxy.signal("TERM");
+    assert_eq!(proxy.wait_exit(Duration::from_secs(10)), Some(0), "{}", proxy.stderr());
+}
