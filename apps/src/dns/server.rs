@@ -30,12 +30,12 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use hickory_proto::op::{Message, MessageType, OpCode, ResponseCode};
+use hickory_proto::op::{Edns, Message, MessageType, OpCode, ResponseCode};
 use hickory_proto::rr::{DNSClass, RData};
 use hickory_resolver::TokioResolver;
 use socket2::Socket;
 use tokio::sync::{mpsc, Semaphore};
-use vsock_relay_engine::dns::{self, DnsError, DnsOptions};
+use vsock_relay_engine::dns::{self, DnsError, DnsOptions, IpFamily};
 use vsock_relay_engine::Peer;
 
 use crate::dns::answered::Answered;
@@ -52,6 +52,10 @@ pub const MAX_CONNECTIONS: usize = 256;
 pub const MAX_IN_FLIGHT_PER_CLIENT: usize = 128;
 /// Default queries per second one client may ask (and as many at once).
 pub const DEFAULT_RATE: u32 = 2_000;
+/// Clients whose rate is tracked at most (beyond, quiet ones are forgotten).
+const MAX_RATE_BUCKETS: usize = 4_096;
+/// The UDP payload size an answer's EDNS record announces.
+const EDNS_PAYLOAD: u16 = 4_096;
 /// Longest one lookup may take before the client is answered SERVFAIL.
 pub const LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest TTL given out: an answer is remembered for its TTL, so that a
@@ -107,6 +111,9 @@ pub struct Answerer {
     answered: Arc<Answered>,
     counters: Arc<QueryCounters>,
     rate: u32,
+    /// Addresses of another family than `-4`/`-6` allow are not given out:
+    /// the parent could not connect to them.
+    family: IpFamily,
 }
 
 impl Answerer {
@@ -115,6 +122,7 @@ impl Answerer {
     pub fn new(settings: DnsSettings) -> Result<Answerer, DnsError> {
         Ok(Answerer {
             resolver: dns::build(&settings.dns)?,
+            family: settings.dns.family,
             allowlist: settings.allowlist,
             answered: settings.answered,
             counters: Arc::default(),
@@ -157,6 +165,14 @@ impl Answerer {
         reply.metadata.recursion_desired = request.metadata.recursion_desired;
         reply.metadata.recursion_available = true;
         reply.add_query(question.clone());
+        if request.edns.is_some() {
+            // A query with EDNS gets an answer with it (RFC 6891, 6.1.1);
+            // the stream hop carries any size, the enclave's forwarder
+            // truncates for its UDP clients.
+            let mut edns = Edns::new();
+            edns.set_max_payload(EDNS_PAYLOAD);
+            reply.set_edns(edns);
+        }
         let name = question.name().to_ascii();
         let name = name.trim_end_matches('.');
         let allowed = question.query_class() == DNSClass::IN
@@ -199,6 +215,9 @@ impl Answerer {
                     _ => None,
                 };
                 if let Some(address) = address {
+                    if !self.family.admits(address) {
+                        continue;
+                    }
                     if let Some(kind) = allowlist.withholds(address) {
                         withheld.push((address, kind));
                         continue;
@@ -229,6 +248,10 @@ impl Answerer {
         let rate = f64::from(self.rate.max(1));
         let now = Instant::now();
         let mut buckets = buckets.lock().unwrap_or_else(|e| e.into_inner());
+        if buckets.len() >= MAX_RATE_BUCKETS {
+            // Clients quiet for a second have full buckets: forgetting them changes nothing.
+            buckets.retain(|_, (_, at)| now.duration_since(*at) < Duration::from_secs(1));
+        }
         let (tokens, at) = buckets.entry(client).or_insert((rate, now));
         *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * rate).min(rate);
         *at = now;
