@@ -504,6 +504,7 @@ fn generate_docs_writes_pages_and_completions() {
                 "-client",
                 "-completions",
                 "-demo",
+                "-dns",
                 "-doctor",
                 "-forward",
                 "-proxy",

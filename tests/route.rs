@@ -659,3 +659,120 @@ fn a_routed_tunnel_sends_the_proxy_protocol_header_with_the_clients_address_firs
         assert_eq!(line["rule"], format!("127.0.0.0/8:{upstream_port}").as_str(), "{line}");
     }
 }
+
+/// A loopback HTTP/1.1 server: reads one request (its head and a
+/// `Content-Length` body), sends what it read on `received`, answers
+/// [`HTTP_ANSWER`] and closes.
+fn http_server(received: std::sync::mpsc::Sender<Vec<u8>>) -> Server {
+    Server::tcp(move |mut stream| {
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&got[..end]).to_ascii_lowercase();
+                let body = head
+                    .lines()
+                    .find_map(|line| line.strip_prefix("content-length: "))
+                    .map_or(0, |len| len.trim().parse::<usize>().unwrap_or(0));
+                if got.len() >= end + 4 + body {
+                    break;
+                }
+            }
+            match stream.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+        let _ = received.send(got);
+        let _ = stream.write_all(HTTP_ANSWER);
+        let _ = stream.shutdown(Shutdown::Write);
+    })
+}
+
+const HTTP_ANSWER: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\nConnection: close\r\n\r\nhello\n";
+
+/// Sends `request` to the proxy on `port` and reads its answer to the end.
+fn ask(port: u16, request: &[u8]) -> String {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    stream.write_all(request).unwrap();
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer);
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+#[test]
+fn plain_http_in_absolute_form_reaches_an_allowed_server_in_origin_form_and_others_get_403() {
+    let curl_here = have("curl");
+    for backend in BACKENDS.map(backend_arg) {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let server = http_server(tx);
+        let port = server.tcp_addr().port();
+        let names = NameServer::start();
+        names.set(WEB, Answer::Addresses(vec![loopback(1)]));
+        names.set("elsewhere.example", Answer::Addresses(vec!["192.0.2.7".parse().unwrap()]));
+        let dir = TempDir::new("route-plain-http");
+        let (mut proxy, proxy_port) = connect_proxy(backend, &names, &dir, port, &[]);
+
+        // A raw client: the server gets the request in origin form (Host
+        // from the URL, Proxy-* gone, Connection: close); the client gets
+        // the server's response and nothing of the proxy's.
+        let request = format!(
+            "GET http://127.0.0.1:{port}/x?y=1 HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAccept: */*\r\n\
+             Proxy-Connection: Keep-Alive\r\nConnection: keep-alive\r\n\r\n"
+        );
+        let answer = ask(proxy_port, request.as_bytes());
+        assert_eq!(answer.as_bytes(), HTTP_ANSWER, "{backend}: {answer}\n{}", proxy.stderr());
+        let got = rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        let expected = format!(
+            "GET /x?y=1 HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAccept: */*\r\nConnection: close\r\n\r\n"
+        );
+        assert_eq!(String::from_utf8_lossy(&got), expected, "{backend}");
+
+        // By name, with a body sent in the same write as the head.
+        let request = format!(
+            "PUT http://{WEB}:{port}/file HTTP/1.1\r\nContent-Length: 5\r\nProxy-Authorization: Basic eDp5\r\n\r\nhello"
+        );
+        assert_eq!(ask(proxy_port, request.as_bytes()).as_bytes(), HTTP_ANSWER, "{backend}");
+        let got = rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        let expected = format!(
+            "PUT /file HTTP/1.1\r\nHost: {WEB}:{port}\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello"
+        );
+        assert_eq!(String::from_utf8_lossy(&got), expected, "{backend}");
+
+        // Not allowed (an address, a name at an address no entry holds, an
+        // allowed address on another port): 403 as for CONNECT, no connect.
+        for url in [
+            format!("http://192.0.2.7:{port}/"),
+            format!("http://elsewhere.example:{port}/"),
+            format!("http://127.0.0.1:{}/", port ^ 1),
+        ] {
+            let answer = ask(proxy_port, format!("GET {url} HTTP/1.1\r\n\r\n").as_bytes());
+            assert!(answer.starts_with("HTTP/1.1 403 Forbidden\r\n"), "{backend} {url}: {answer}");
+        }
+        proxy.wait_for_log("destination=elsewhere.example", Duration::from_secs(5));
+        // https:// in absolute form: 400, and why.
+        let answer = ask(proxy_port, format!("GET https://127.0.0.1:{port}/ HTTP/1.1\r\n\r\n").as_bytes());
+        assert!(answer.starts_with("HTTP/1.1 400 Bad Request\r\n"), "{backend}: {answer}");
+        assert!(answer.contains("CONNECT tunnel"), "{backend}: {answer}");
+
+        if curl_here {
+            // curl with a proxy for an http:// URL sends the absolute form.
+            let proxy_url = format!("http://127.0.0.1:{proxy_port}");
+            let url = format!("http://{WEB}:{port}/from-curl");
+            let (code, body, err) = curl(&["-x", &proxy_url, "--data-binary", "abc", &url]);
+            assert_eq!((code, body.as_str()), (0, "hello\n"), "{backend}: {err}\n{}", proxy.stderr());
+            let got = String::from_utf8_lossy(&rx.recv_timeout(Duration::from_secs(5)).unwrap()).into_owned();
+            let start = format!("POST /from-curl HTTP/1.1\r\nHost: {WEB}:{port}\r\n");
+            assert!(got.starts_with(&start), "{backend}: {got}");
+            assert!(got.ends_with("\r\nConnection: close\r\n\r\nabc"), "{backend}: {got}");
+            assert!(!got.to_ascii_lowercase().contains("proxy-"), "{backend}: {got}");
+            let refused = format!("http://elsewhere.example:{port}/");
+            let (code, status, err) =
+                curl(&["-x", &proxy_url, "-w", "%{http_code}", "-o", "/dev/null", &refused]);
+            assert_eq!((code, status.as_str()), (0, "403"), "{backend}: {err}");
+        }
+        assert!(rx.try_recv().is_err(), "{backend}: a refused request reached the server");
+    }
+}

@@ -8,6 +8,7 @@ mod burst;
 mod channel;
 mod cli;
 mod dns;
+mod dns_forward;
 mod doctor;
 mod faults;
 mod forward;

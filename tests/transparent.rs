@@ -266,3 +266,143 @@ fn transparent_egress_on(backend: &str) {
         log.lines().find(|line| line.contains("routed client refused") && line.contains(OTHER_ADDRESS));
     assert!(refusal.is_some_and(|line| line.contains("no name with this address")), "{log}");
 }
+
+/// A DNS-over-TCP client of the parent's DNS service, from `source`.
+fn dns_client(source: &str, port: u16) -> TcpStream {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.bind(&SocketAddr::new(ip(source), 0).into()).unwrap();
+    socket.connect(&SocketAddr::from(([127, 0, 0, 1], port)).into()).unwrap();
+    let stream = TcpStream::from(socket);
+    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    stream
+}
+
+fn framed_query(id: u16, name: &str) -> Vec<u8> {
+    let mut query = Message::query();
+    query.metadata.id = id;
+    query.add_query(Query::query(Name::from_ascii(format!("{name}.")).unwrap(), RecordType::A));
+    let message = query.to_vec().unwrap();
+    let mut framed = u16::try_from(message.len()).unwrap().to_be_bytes().to_vec();
+    framed.extend_from_slice(&message);
+    framed
+}
+
+fn read_answer(stream: &mut TcpStream) -> Message {
+    let mut length = [0u8; 2];
+    stream.read_exact(&mut length).expect("an answer's length");
+    let mut message = vec![0u8; usize::from(u16::from_be_bytes(length))];
+    stream.read_exact(&mut message).expect("an answer");
+    Message::from_vec(&message).expect("an answer parses")
+}
+
+/// One client floods the DNS service with 10,000 queries a second for 5
+/// seconds; another, asking once every 100 ms, is answered every time
+/// (each answer's time is printed: the speed figure is the benchmark's
+/// business, not this test's) and the service's memory stays bounded.
+#[test]
+fn a_flood_from_one_client_leaves_another_answered_and_memory_bounded() {
+    let names = NameServer::start();
+    names.set(ALLOWED, Answer::Addresses(vec![ip(WEB_ADDRESS)]));
+    let dir = TempDir::new("dns-flood");
+    let capture = format!("unix:{}", dir.path("transparent.sock").display());
+    let config = write_file(&dir, "parent.yaml", &format!(
+        "{ALLOWLIST}services:\n- {{name: dns, listen: 'tcp:127.0.0.1:0', route: dns}}\n- {{name: transparent, listen: '{capture}', route: transparent}}\n"
+    ));
+    let name_server = names.addr().to_string();
+    let mut proxy = Proc::spawn(
+        "vsock-relay",
+        &["proxy", "--services", &config, "--config", &config, "--dns-server", &name_server],
+    );
+    let port = proxy.logged_tcp_port();
+    let before_kib = proxy.rss_kib();
+
+    let mut flooder = dns_client("127.0.0.2", port);
+    let mut flood_answers = flooder.try_clone().unwrap();
+    let reader = std::thread::spawn(move || {
+        let (mut answered, mut limited) = (0u32, 0u32);
+        while answered + limited < 50_000 {
+            match read_answer(&mut flood_answers).metadata.response_code {
+                ResponseCode::NoError => answered += 1,
+                ResponseCode::ServFail => limited += 1,
+                other => panic!("the flood got {other:?}"),
+            }
+        }
+        (answered, limited)
+    });
+    let flood = std::thread::spawn(move || {
+        let started = std::time::Instant::now();
+        for batch in 0..500u32 {
+            let due = started + Duration::from_millis(u64::from(batch) * 10);
+            std::thread::sleep(due.saturating_duration_since(std::time::Instant::now()));
+            let mut bytes = Vec::new();
+            for i in 0..20u16 {
+                bytes.extend_from_slice(&framed_query(i, ALLOWED));
+            }
+            for _ in 0..5 {
+                flooder.write_all(&bytes).unwrap();
+            }
+        }
+    });
+    let mut other = dns_client("127.0.0.3", port);
+    let mut times = Vec::new();
+    for id in 0..45u16 {
+        std::thread::sleep(Duration::from_millis(100));
+        let asked = std::time::Instant::now();
+        other.write_all(&framed_query(id, ALLOWED)).unwrap();
+        let answer = read_answer(&mut other);
+        times.push(asked.elapsed());
+        assert_eq!((answer.metadata.id, answer.metadata.response_code), (id, ResponseCode::NoError));
+        assert_eq!(answer.answers.len(), 1, "the other client's answer has the address");
+    }
+    flood.join().unwrap();
+    let (answered, limited) = reader.join().unwrap();
+    let after_kib = proxy.rss_kib();
+    times.sort();
+    eprintln!(
+        "flood: {answered} answered, {limited} over the rate (SERVFAIL); the other client: median {:?}, max {:?}; \
+         proxy RSS {before_kib} KiB before, {after_kib} KiB after",
+        times[times.len() / 2],
+        times[times.len() - 1],
+    );
+    assert!(limited > 0, "10,000 a second is over the default rate of 2,000");
+    assert!(answered >= 2_000, "the flooder's own rate was answered: {answered}");
+    assert!(after_kib < before_kib + 64 * 1024, "RSS grew from {before_kib} to {after_kib} KiB");
+}
+
+/// `proxy --route dns` alone: a process of one DNS service, no relay; it
+/// answers over TCP and stops on SIGTERM.
+#[test]
+fn a_dns_service_alone_answers_and_stops_on_a_signal() {
+    let names = NameServer::start();
+    names.set(ALLOWED, Answer::Addresses(vec![ip(WEB_ADDRESS)]));
+    let dir = TempDir::new("dns-alone");
+    let config = write_file(&dir, "allowlist.yaml", ALLOWLIST);
+    let name_server = names.addr().to_string();
+    let args = [
+        "proxy",
+        "--listen",
+        "tcp:127.0.0.1:0",
+        "--route",
+        "dns",
+        "--config",
+        &config,
+        "--dns-server",
+        &name_server,
+    ];
+    let mut proxy = Proc::spawn("vsock-relay", &args);
+    proxy.wait_for_log("DNS service: answering", Duration::from_secs(20));
+    let log = proxy.stderr();
+    let mark = "listen=tcp:127.0.0.1:";
+    let at = log.find(mark).expect("the DNS service's port") + mark.len();
+    let port: u16 = log[at..].chars().take_while(char::is_ascii_digit).collect::<String>().parse().unwrap();
+    let mut client = dns_client("127.0.0.1", port);
+    client.write_all(&framed_query(5, ALLOWED)).unwrap();
+    client.write_all(&framed_query(6, NOT_LISTED)).unwrap();
+    let mut answers = [read_answer(&mut client), read_answer(&mut client)];
+    answers.sort_by_key(|a| a.metadata.id);
+    assert_eq!(answers[0].metadata.response_code, ResponseCode::NoError);
+    assert_eq!(answers[0].answers.len(), 1);
+    assert_eq!(answers[1].metadata.response_code, ResponseCode::Refused);
+    proxy.signal("TERM");
+    assert_eq!(proxy.wait_exit(Duration::from_secs(10)), Some(0), "{}", proxy.stderr());
+}

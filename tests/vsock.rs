@@ -853,3 +853,109 @@ fn soak_over_vsock_both_backends() {
     }
     assert!(problems.is_empty(), "soak problems:\n{}", problems.join("\n"));
 }
+
+/// DNS for the enclave over real vsock: `vsock-relay dns` (UDP on
+/// loopback) to the parent's `route: dns` service on vsock, both in this
+/// guest. Allowed names are answered, others refused; and the time a
+/// cached lookup takes through the forwarder is printed next to the
+/// parent's own (its DNS service asked over loopback TCP): the forwarder
+/// and the vsock hop are the difference (perf reads the line; a speed
+/// figure is a benchmark's, not an assertion).
+#[test]
+#[ignore = "needs the vsock guest: tests/vm/run.sh"]
+fn dns_over_vsock_answers_allowed_names_and_adds_little_to_a_lookup() {
+    use std::net::{TcpStream, UdpSocket};
+
+    use hickory_proto::op::{Message, Query, ResponseCode};
+    use hickory_proto::rr::{Name, RecordType};
+    use vsock_relay_testkit::names::{Answer, NameServer};
+    require_vsock_guest();
+    let names = NameServer::start();
+    names.set("kms.us-east-1.amazonaws.com", Answer::Addresses(vec!["192.0.2.10".parse().unwrap()]));
+    let dir = std::env::temp_dir().join("dns-over-vsock");
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("parent.yaml");
+    std::fs::write(
+        &config,
+        "allowlist:\n- {address: kms.us-east-1.amazonaws.com, port: 443}\nservices:\n\
+         - {name: enclave-dns, listen: 'vsock:any:18053', route: dns}\n\
+         - {name: local-dns, listen: 'tcp:127.0.0.1:18054', route: dns}\n",
+    )
+    .unwrap();
+    let config = config.display().to_string();
+    let name_server = names.addr().to_string();
+    let binary = vsock_relay_testkit::binary("vsock-relay");
+    let parent = Command::new(&binary)
+        .args(["proxy", "--services", &config, "--config", &config, "--dns-server", &name_server])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let forwarder = Command::new(&binary)
+        .args(["dns", "--listen", "udp:127.0.0.1:18055", "--to", "vsock:1:18053"])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _children = KillOnDrop(vec![parent, forwarder]);
+    let query = |id: u16, name: &str| {
+        let mut message = Message::query();
+        message.metadata.id = id;
+        message.metadata.recursion_desired = true;
+        message.add_query(Query::query(Name::from_ascii(name).unwrap(), RecordType::A));
+        message.to_vec().unwrap()
+    };
+    let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
+    udp.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+    udp.connect("127.0.0.1:18055").unwrap();
+    let through_forwarder = |id: u16, name: &str| -> Option<Message> {
+        udp.send(&query(id, name)).ok()?;
+        let mut buf = [0u8; 1500];
+        let n = udp.recv(&mut buf).ok()?;
+        Message::from_vec(&buf[..n]).ok()
+    };
+    // Until both are up (a minute at most).
+    let started = Instant::now();
+    let first = loop {
+        match through_forwarder(1, "kms.us-east-1.amazonaws.com.") {
+            Some(answer) if answer.metadata.response_code == ResponseCode::NoError => break answer,
+            _ if started.elapsed() < Duration::from_secs(60) => {
+                std::thread::sleep(Duration::from_millis(200))
+            }
+            other => panic!("no answer through the forwarder within a minute: {other:?}"),
+        }
+    };
+    assert_eq!((first.metadata.id, first.answers.len()), (1, 1));
+    let refused = through_forwarder(2, "example.com.").expect("an answer");
+    assert_eq!((refused.metadata.id, refused.metadata.response_code), (2, ResponseCode::Refused));
+    let mut tcp = TcpStream::connect("127.0.0.1:18054").unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut direct = |id: u16, name: &str| -> Message {
+        let message = query(id, name);
+        let mut framed = u16::try_from(message.len()).unwrap().to_be_bytes().to_vec();
+        framed.extend_from_slice(&message);
+        tcp.write_all(&framed).unwrap();
+        let mut length = [0u8; 2];
+        tcp.read_exact(&mut length).unwrap();
+        let mut answer = vec![0u8; usize::from(u16::from_be_bytes(length))];
+        tcp.read_exact(&mut answer).unwrap();
+        Message::from_vec(&answer).unwrap()
+    };
+    let (mut parents, mut forwarded) = (Vec::new(), Vec::new());
+    for id in 10..210u16 {
+        let asked = Instant::now();
+        assert_eq!(direct(id, "kms.us-east-1.amazonaws.com.").answers.len(), 1);
+        parents.push(asked.elapsed());
+        let asked = Instant::now();
+        let answer = through_forwarder(id, "kms.us-east-1.amazonaws.com.").expect("an answer");
+        forwarded.push(asked.elapsed());
+        assert_eq!((answer.metadata.id, answer.answers.len()), (id, 1));
+    }
+    parents.sort();
+    forwarded.sort();
+    let (parent, through) = (parents[parents.len() / 2], forwarded[forwarded.len() / 2]);
+    println!(
+        "PERF dns lookup (cached, median of 200): parent's own {} us, through the enclave's forwarder over vsock {} us, adds {} us",
+        parent.as_micros(),
+        through.as_micros(),
+        through.saturating_sub(parent).as_micros()
+    );
+}

@@ -7,8 +7,9 @@
 //! - [`sample`]: the workshop's sample application (`serve`, `client`, the
 //!   IP-ranges data, `demo`), which shows the product at work;
 //!
-//! and [`dns`], DNS for the enclave (the forwarder in it, the parent's
-//! service that answers as the allowlist allows); [`bench`], the load generator and sink both sides use; [`about`]:
+//! and [`dns`], DNS for the enclave: its forwarder (`vsock-relay dns`), the
+//! parent's service that answers as the allowlist allows, and the framing
+//! both speak; [`bench`], the load generator and sink both sides use; [`about`]:
 //! `--version`, manual pages and shell completions. The binaries in `bin/`
 //! are thin: parse, validate, hand to the engine.
 

@@ -23,7 +23,8 @@ if [ "$ROUTE" = transparent ]; then
     # service told this enclave a name the allowlist allows has it.
     services=$(mktemp)
     printf 'services:\n- {name: dns, listen: "vsock:any:8053", route: dns}\n- {name: transparent, listen: "vsock:any:8001", route: transparent}\n' >"$services"
-    "$VSOCK_RELAY" proxy --services "$services" --config "$CONFIG" &
+    # -4: the enclave captures IPv4 only, so no IPv6 address is given out.
+    "$VSOCK_RELAY" proxy -4 --services "$services" --config "$CONFIG" &
 elif [ -n "$ROUTE" ]; then
     "$VSOCK_RELAY" proxy --listen vsock:any:8001 --route "$ROUTE" --config "$CONFIG" &
 else

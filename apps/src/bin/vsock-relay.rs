@@ -11,6 +11,7 @@ use clap_complete::Shell;
 
 use vsock_relay_apps::about;
 use vsock_relay_apps::bench::{self, Bench};
+use vsock_relay_apps::dns::forwarder::DnsArgs;
 use vsock_relay_apps::relay::doctor::DoctorArgs;
 use vsock_relay_apps::relay::forward::ForwardArgs;
 use vsock_relay_apps::relay::options::{RelayArgs, UsageError};
@@ -45,6 +46,16 @@ enum Command {
     /// Workshop form: `vsock-relay forward 127.0.0.1 443 3 8001`. Several
     /// forwardings in one process: `--map 443=vsock:3:8001 --map ...`.
     Forward(ForwardArgs),
+    /// Enclave side: the enclave's resolver. Answers DNS on UDP and TCP at
+    /// --listen by sending every query over one connection to the parent's
+    /// DNS service (`route: dns`), which answers by its allowlist.
+    ///
+    /// `vsock-relay dns --listen udp:127.0.0.1:53 --to vsock:3:8053
+    /// --resolv-conf` (--resolv-conf REPLACES /etc/resolv.conf with
+    /// `nameserver 127.0.0.1`). Every query gets an answer: SERVFAIL when
+    /// the parent is unreachable or slow (--query-timeout); UDP answers
+    /// above the client's size come back truncated, so it asks over TCP.
+    Dns(DnsArgs),
     /// Enclave side: the workshop's sample server. A client sends a region
     /// name; the answer is the S3 prefixes of that region in AWS's
     /// ip-ranges.json, fetched over HTTPS (through the forwarder and the
@@ -105,6 +116,7 @@ impl Command {
         match self {
             Command::Proxy(_) => "proxy",
             Command::Forward(_) => "forward",
+            Command::Dns(_) => "dns",
             Command::Serve(_) => "serve",
             Command::Client(_) => "client",
             Command::Demo(_) => "demo",
@@ -119,6 +131,7 @@ impl Command {
         let running = match self {
             Command::Client(args) => return args.run(),
             Command::Serve(args) => return args.run().map(|()| ExitCode::SUCCESS),
+            Command::Dns(args) => return args.run().map(|()| ExitCode::SUCCESS),
             Command::Bench(bench) => return bench::run(bench).map(|()| ExitCode::SUCCESS),
             Command::Doctor(args) => return args.run(&mut std::io::stdout().lock()),
             Command::Demo(args) => {

@@ -30,16 +30,17 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use hickory_proto::op::{Message, MessageType, OpCode, ResponseCode};
+use hickory_proto::op::{Edns, Message, MessageType, OpCode, ResponseCode};
 use hickory_proto::rr::{DNSClass, RData};
 use hickory_resolver::TokioResolver;
 use socket2::Socket;
-use tokio::sync::Semaphore;
-use vsock_relay_engine::dns::{self, DnsError, DnsOptions};
+use tokio::sync::{mpsc, Semaphore};
+use vsock_relay_engine::dns::{self, DnsError, DnsOptions, IpFamily};
 use vsock_relay_engine::Peer;
 
 use crate::dns::answered::Answered;
-use crate::dns::frame;
+use crate::dns::frame::{self, FrameError};
+use crate::dns::stream::SocketStream;
 use crate::relay::allowlist::Allowlist;
 
 /// Connections one client may hold open at once.
@@ -51,6 +52,10 @@ pub const MAX_CONNECTIONS: usize = 256;
 pub const MAX_IN_FLIGHT_PER_CLIENT: usize = 128;
 /// Default queries per second one client may ask (and as many at once).
 pub const DEFAULT_RATE: u32 = 2_000;
+/// Clients whose rate is tracked at most (beyond, quiet ones are forgotten).
+const MAX_RATE_BUCKETS: usize = 4_096;
+/// The UDP payload size an answer's EDNS record announces.
+const EDNS_PAYLOAD: u16 = 4_096;
 /// Longest one lookup may take before the client is answered SERVFAIL.
 pub const LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest TTL given out: an answer is remembered for its TTL, so that a
@@ -106,6 +111,9 @@ pub struct Answerer {
     answered: Arc<Answered>,
     counters: Arc<QueryCounters>,
     rate: u32,
+    /// Addresses of another family than `-4`/`-6` allow are not given out:
+    /// the parent could not connect to them.
+    family: IpFamily,
 }
 
 impl Answerer {
@@ -114,6 +122,7 @@ impl Answerer {
     pub fn new(settings: DnsSettings) -> Result<Answerer, DnsError> {
         Ok(Answerer {
             resolver: dns::build(&settings.dns)?,
+            family: settings.dns.family,
             allowlist: settings.allowlist,
             answered: settings.answered,
             counters: Arc::default(),
@@ -127,7 +136,7 @@ impl Answerer {
         self.counters.count(decision);
         let reply = reply?;
         match reply.to_vec() {
-            Ok(bytes) if bytes.len() <= frame::MAX_MESSAGE_BYTES => Some(bytes),
+            Ok(bytes) if bytes.len() <= frame::MAX_FRAME_BYTES => Some(bytes),
             _ => error_reply(query, ResponseCode::ServFail),
         }
     }
@@ -156,6 +165,14 @@ impl Answerer {
         reply.metadata.recursion_desired = request.metadata.recursion_desired;
         reply.metadata.recursion_available = true;
         reply.add_query(question.clone());
+        if request.edns.is_some() {
+            // A query with EDNS gets an answer with it (RFC 6891, 6.1.1);
+            // the stream hop carries any size, the enclave's forwarder
+            // truncates for its UDP clients.
+            let mut edns = Edns::new();
+            edns.set_max_payload(EDNS_PAYLOAD);
+            reply.set_edns(edns);
+        }
         let name = question.name().to_ascii();
         let name = name.trim_end_matches('.');
         let allowed = question.query_class() == DNSClass::IN
@@ -198,6 +215,9 @@ impl Answerer {
                     _ => None,
                 };
                 if let Some(address) = address {
+                    if !self.family.admits(address) {
+                        continue;
+                    }
                     if let Some(kind) = allowlist.withholds(address) {
                         withheld.push((address, kind));
                         continue;
@@ -228,6 +248,10 @@ impl Answerer {
         let rate = f64::from(self.rate.max(1));
         let now = Instant::now();
         let mut buckets = buckets.lock().unwrap_or_else(|e| e.into_inner());
+        if buckets.len() >= MAX_RATE_BUCKETS {
+            // Clients quiet for a second have full buckets: forgetting them changes nothing.
+            buckets.retain(|_, (_, at)| now.duration_since(*at) < Duration::from_secs(1));
+        }
         let (tokens, at) = buckets.entry(client).or_insert((rate, now));
         *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * rate).min(rate);
         *at = now;
@@ -258,14 +282,13 @@ pub struct DnsServer {
 /// Per client: its connections open and the permits of its queries in flight.
 type Clients = Mutex<HashMap<Peer, (usize, Arc<Semaphore>)>>;
 
-/// Serves `listener` (a blocking stream listener of any family) on threads
-/// of its own: one accepts, each connection has a reader and a writer, and
-/// lookups run on a small tokio runtime (a slow name delays only its own
-/// answer).
+/// Serves `listener` (a stream listener of any family): a thread accepts,
+/// and each connection is served on a small tokio runtime, where lookups
+/// run too (a slow name delays only its own answer).
 pub fn start(listener: Socket, settings: DnsSettings) -> anyhow::Result<DnsServer> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
-        .thread_name("dns-lookup")
+        .thread_name("dns-service")
         .enable_all()
         .build()?;
     let answerer = {
@@ -276,25 +299,23 @@ pub fn start(listener: Socket, settings: DnsSettings) -> anyhow::Result<DnsServe
     listener.set_nonblocking(false)?;
     let service = Arc::new(Service {
         answerer: Arc::new(answerer),
-        runtime,
         clients: Clients::default(),
         buckets: Mutex::default(),
         open: AtomicU64::new(0),
     });
-    std::thread::Builder::new().name("dns".into()).spawn(move || service.accept(&listener))?;
+    std::thread::Builder::new().name("dns".into()).spawn(move || service.accept(&listener, &runtime))?;
     Ok(DnsServer { counters })
 }
 
 struct Service {
     answerer: Arc<Answerer>,
-    runtime: tokio::runtime::Runtime,
     clients: Clients,
     buckets: Mutex<HashMap<Peer, (f64, Instant)>>,
     open: AtomicU64,
 }
 
 impl Service {
-    fn accept(self: Arc<Self>, listener: &Socket) {
+    fn accept(self: Arc<Self>, listener: &Socket, runtime: &tokio::runtime::Runtime) {
         loop {
             let socket = match listener.accept() {
                 Ok((socket, _)) => socket,
@@ -311,16 +332,12 @@ impl Service {
                 continue;
             };
             let service = Arc::clone(&self);
-            let spawned = std::thread::Builder::new().name("dns-client".into()).spawn(move || {
-                if let Err(e) = service.serve(socket, client, permits) {
+            runtime.spawn(async move {
+                if let Err(e) = service.serve(socket, client, permits).await {
                     tracing::debug!(%client, error = %e, "DNS connection ended");
                 }
                 service.connection_closed(client);
             });
-            if let Err(e) = spawned {
-                tracing::warn!(error = %e, "DNS service: no thread for a connection");
-                self.connection_closed(client);
-            }
         }
     }
 
@@ -352,48 +369,44 @@ impl Service {
         }
     }
 
-    /// One connection: this thread reads queries and hands each to the
-    /// runtime; a writer thread sends the answers as they come, each
-    /// releasing its query's permit once written (so a client that does not
-    /// read its answers stops being read).
-    fn serve(&self, socket: Socket, client: Peer, permits: Arc<Semaphore>) -> io::Result<()> {
-        let (answers, outgoing) = std::sync::mpsc::sync_channel::<Answer>(MAX_IN_FLIGHT_PER_CLIENT);
-        let mut writer_socket = socket.try_clone()?;
-        let writer = std::thread::Builder::new().name("dns-answers".into()).spawn(move || {
-            for (answer, permit) in outgoing {
-                frame::write_message(&mut writer_socket, &answer)?;
+    /// One connection: reads queries and answers each on a task of its
+    /// own; a writer task sends the answers as they come, each releasing
+    /// its query's permit once written (so a client that does not read its
+    /// answers stops being read).
+    async fn serve(&self, socket: Socket, client: Peer, permits: Arc<Semaphore>) -> Result<(), FrameError> {
+        let (mut reader, mut writer) = tokio::io::split(SocketStream::new(socket)?);
+        let (answers, mut outgoing) = mpsc::channel::<Answer>(MAX_IN_FLIGHT_PER_CLIENT);
+        let written = tokio::spawn(async move {
+            while let Some((answer, permit)) = outgoing.recv().await {
+                frame::write_frame(&mut writer, &answer).await?;
                 drop(permit);
             }
-            io::Result::Ok(())
-        })?;
-        let mut reader = &socket;
+            Ok::<(), FrameError>(())
+        });
         let read = loop {
-            let query = match frame::read_message(&mut reader) {
+            let query = match frame::read_frame(&mut reader, frame::MAX_FRAME_BYTES).await {
                 Ok(Some(query)) => query,
                 Ok(None) => break Ok(()),
                 Err(e) => break Err(e),
             };
-            let Ok(permit) = self.runtime.block_on(Arc::clone(&permits).acquire_owned()) else {
-                break Ok(());
-            };
+            let Ok(permit) = Arc::clone(&permits).acquire_owned().await else { break Ok(()) };
             if !self.answerer.admit(&self.buckets, client) {
                 self.answerer.counters.count(DnsDecision::Limited);
                 let Some(reply) = error_reply(&query, ResponseCode::ServFail) else { continue };
-                if answers.send((reply, permit)).is_err() {
+                if answers.send((reply, permit)).await.is_err() {
                     break Ok(());
                 }
                 continue;
             }
             let (answerer, answers) = (Arc::clone(&self.answerer), answers.clone());
-            self.runtime.spawn(async move {
+            tokio::spawn(async move {
                 if let Some(reply) = answerer.answer(client, &query).await {
-                    let _ = answers.send((reply, permit));
+                    let _ = answers.send((reply, permit)).await;
                 }
             });
         };
-        let _ = socket.shutdown(std::net::Shutdown::Read);
         drop(answers);
-        let written = writer.join().unwrap_or_else(|_| Err(io::Error::other("the answer writer panicked")));
+        let written = written.await.unwrap_or_else(|e| Err(FrameError::Io(io::Error::other(e))));
         read.and(written)
     }
 }

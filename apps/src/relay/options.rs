@@ -229,7 +229,7 @@ impl EngineArgs {
             .as_ref()
             .map(|endpoint| MetricsServer::start(endpoint, &relay, dns_services))
             .transpose()?;
-        Ok(Running { relay, metrics, reload: None })
+        Ok(Running { relay: Some(relay), metrics, reload: None })
     }
 }
 

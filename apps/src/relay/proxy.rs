@@ -78,7 +78,7 @@ pub struct ProxyCommand {
     pub sni_port: u16,
 
     /// Routed services: close a client that has not sent its whole head
-    /// (its CONNECT request, SOCKS5 request or TLS ClientHello) this many
+    /// (its CONNECT or http:// request, SOCKS5 request or TLS ClientHello) this many
     /// seconds after connecting.
     #[arg(long, default_value_t = DEFAULT_HEAD_TIMEOUT.as_secs_f64(), value_name = "SECONDS", value_parser = parse_seconds)]
     pub head_timeout: f64,
@@ -275,10 +275,8 @@ pub fn start(settings: &ProxySettings) -> anyhow::Result<Running> {
             })?,
         });
     }
-    if services.is_empty() {
-        anyhow::bail!(
-            "a DNS service runs beside the relay: give it a relayed service too (route: transparent, as the enclave's egress uses)"
-        );
+    if services.is_empty() && settings.engine.metrics.is_some() {
+        anyhow::bail!("--metrics needs a relayed service beside the DNS service (route: transparent, say)");
     }
     let mut answering = Vec::with_capacity(dns_services.len());
     for spec in dns_services {
@@ -290,15 +288,20 @@ pub fn start(settings: &ProxySettings) -> anyhow::Result<Running> {
             answered: Arc::clone(&answered),
             rate: settings.dns_rate,
         };
+        let local = socket::local_endpoint(&listener, &spec.listen)?;
         let server = server::start(listener, dns_settings)?;
         let name = spec.name.clone().unwrap_or_else(|| spec.listen.to_string());
-        tracing::info!(service = %name, listen = %spec.listen, "DNS service: answering the names the allowlist allows");
+        tracing::info!(service = %name, listen = %local, "DNS service: answering the names the allowlist allows");
         answering.push((name, server.counters));
     }
-    let mut running = settings.engine.launch_with(services, settings.workers, settings.family, answering)?;
+    let mut running = match services.is_empty() {
+        true => Running { relay: None, metrics: None, reload: None },
+        false => settings.engine.launch_with(services, settings.workers, settings.family, answering)?,
+    };
     let resolver = Resolver::new(&dns).context("cannot set up DNS resolution")?;
-    let checked: Vec<(ServiceSpec, Service)> =
-        settings.services.iter().cloned().zip(running.relay.services().iter().cloned()).collect();
+    let relayed = settings.services.iter().filter(|spec| spec.upstream != SpecUpstream::Dns).cloned();
+    let running_services = running.relay.as_ref().map(|relay| relay.services().to_vec()).unwrap_or_default();
+    let checked: Vec<(ServiceSpec, Service)> = relayed.zip(running_services).collect();
     let reloader = Reloader { settings: settings.clone(), allowlist, resolver, services: checked };
     running.reload = Some(reloader.into_reload());
     Ok(running)

@@ -45,7 +45,9 @@ pub fn init_logging(level: &str, format: LogFormat) {
 
 /// A started relaying command: its relay and what the process adds to it.
 pub struct Running {
-    pub relay: Relay,
+    /// `None`: a proxy of DNS services alone (`proxy --route dns`), which
+    /// answer on threads of their own.
+    pub relay: Option<Relay>,
     /// The `/metrics` endpoint, with `--metrics`.
     pub metrics: Option<MetricsServer>,
     /// What SIGHUP does (the proxy re-reads its allowlist); `None`: SIGHUP
@@ -73,6 +75,7 @@ pub fn serve_until_signal(listen: &Endpoint) -> anyhow::Result<()> {
 /// second signal resets them); SIGHUP reloads. Logs the totals at the end.
 pub fn until_signal(running: Running) -> anyhow::Result<()> {
     let Running { relay, metrics, mut reload } = running;
+    let Some(relay) = relay else { return until_stopped(reload) };
     let mut signals = Signals::new([SIGINT, SIGTERM, SIGHUP])?;
     let stop = relay.stop_handle();
     let handle = signals.handle();
@@ -117,6 +120,23 @@ pub fn until_signal(running: Running) -> anyhow::Result<()> {
     handle.close();
     let _ = watcher.join();
     Ok(result?)
+}
+
+/// Blocks a process without a relay (DNS services alone) until SIGINT or
+/// SIGTERM; SIGHUP reloads.
+fn until_stopped(mut reload: Option<Reload>) -> anyhow::Result<()> {
+    let mut signals = Signals::new([SIGINT, SIGTERM, SIGHUP])?;
+    for signal in signals.forever() {
+        if signal != SIGHUP {
+            tracing::info!(signal, "stopping");
+            break;
+        }
+        match reload.as_mut() {
+            Some(reload) => reload(),
+            None => tracing::info!(signal, "SIGHUP: nothing to reload for this command; ignored"),
+        }
+    }
+    Ok(())
 }
 
 /// Prints a failure as one line (its causes after colons, each once) and

@@ -5,7 +5,8 @@
 //! and request, a TLS ClientHello) that names its destination; the parsers
 //! in `route/` say what it means, this module reads it from the socket,
 //! sends the answers the protocol wants (the SOCKS5 method choice, `200`,
-//! `403`, a SOCKS reply code) and counts the route's decisions as they are
+//! `403`, a SOCKS reply code; none on success for a plain HTTP request,
+//! whose answer is the upstream's response) and counts the route's decisions as they are
 //! made, so that the connection's state machine (`conn/mod.rs`) only moves
 //! between states. A refusal is answered and the client's EOF sent, never
 //! a reset: the client reads why.
@@ -38,8 +39,9 @@ pub(crate) struct Routed {
 pub(crate) enum HeadStep {
     /// The head is not whole yet: wait for more.
     More,
-    /// The head names `destination`; `after` is what the client sent after
-    /// its head (it goes upstream first).
+    /// The head names `destination`; `after` goes upstream first: what the
+    /// parser said to send in place of the head (an absolute-form request
+    /// rewritten), then what the client sent after its head.
     Named { destination: Destination, after: Vec<u8> },
     /// The client closed without a byte (a port probe): no failure.
     Silent,
@@ -108,8 +110,9 @@ impl Routed {
                         return HeadStep::Failed(ConnError::new(Side::Client, Op::Write, e));
                     }
                 }
-                Parse::Destination { host, port, consumed } => {
-                    let after = head.bytes.get(consumed..).unwrap_or_default().to_vec();
+                Parse::Destination { host, port, consumed, send_first } => {
+                    let mut after = send_first;
+                    after.extend_from_slice(head.bytes.get(consumed..).unwrap_or_default());
                     self.destination = Some(format!("{host}:{port}"));
                     return HeadStep::Named { destination: Destination { host, port }, after };
                 }

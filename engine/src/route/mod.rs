@@ -1,14 +1,17 @@
 //! Routing: services whose clients name their destination, instead of a
 //! fixed target. A routed connection first reads a short head from its
-//! client (an HTTP `CONNECT`, a SOCKS5 request, or a TLS ClientHello's
-//! server name), asks the router for a decision (DNS off the worker
-//! threads, then the service's policy: the proxy's allowlist), connects to
-//! the address that was checked, answers the client, and from then on
-//! relays exactly as a fixed target does.
+//! client (an HTTP `CONNECT`, an HTTP request for an `http://` URL in
+//! absolute form, a SOCKS5 request, or a TLS ClientHello's server name),
+//! asks the router for a decision (DNS off the worker threads, then the
+//! service's policy: the proxy's allowlist), connects to the address that
+//! was checked, answers the client, and from then on relays exactly as a
+//! fixed target does.
 //!
 //! The head parsers (`connect`, `socks5`, `sni`, the PROXY header's) are pure: bytes in, a
 //! [`Parse`] out, so that they are tested alone (property tests: no panic,
-//! bounded memory, whatever the bytes).
+//! bounded memory, whatever the bytes). What goes upstream first is theirs
+//! to say too ([`Parse::Destination`]'s `send_first`: an absolute-form
+//! request rewritten to origin form), so the connection only sends bytes.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -162,7 +165,9 @@ labelled! {
     /// How a routed service learns where a client wants to go.
     pub enum RouteKind as "route" {
         /// HTTP/1.1 `CONNECT host:port` (RFC 9110, 9.3.6): `HTTPS_PROXY=http://...`.
-        Connect = "connect" | "http", "HTTP CONNECT (HTTPS_PROXY=http://HOST:PORT)";
+        /// Also a request for an `http://` URL in absolute form (RFC 9112,
+        /// 3.2.2), sent upstream in origin form: `HTTP_PROXY=http://...`.
+        Connect = "connect" | "http", "HTTP CONNECT and http:// URLs (HTTPS_PROXY and HTTP_PROXY=http://HOST:PORT)";
         /// SOCKS5 (RFC 1928), no authentication, the CONNECT command:
         /// `ALL_PROXY=socks5h://...`.
         Socks5 = "socks5" | "socks", "SOCKS5 (ALL_PROXY=socks5h://HOST:PORT, names resolved here)";
@@ -197,7 +202,10 @@ pub(crate) enum Parse {
     Answer { consumed: usize, reply: Vec<u8> },
     /// The client asked for `host:port`; the first `consumed` bytes were the
     /// head (what follows is the client's first payload, passed on).
-    Destination { host: Host, port: u16, consumed: usize },
+    /// `send_first` goes upstream before that payload, in place of the head
+    /// (an absolute-form HTTP request in origin form); empty for the routes
+    /// that send nothing of their own (SNI keeps its head: `consumed` 0).
+    Destination { host: Host, port: u16, consumed: usize, send_first: Vec<u8> },
     /// The head is malformed, unsupported or too large: write `reply` (may
     /// be empty) and close; `reason` goes to the log.
     Refuse { reply: Vec<u8>, reason: String },
@@ -256,7 +264,11 @@ pub(crate) struct Head {
 /// Where a head's parse stands, per route.
 #[derive(Debug)]
 enum Parser {
-    Connect,
+    /// `absolute`: the head was a request in absolute form, whose answer is
+    /// the upstream's response (no `200 Connection established`).
+    Connect {
+        absolute: bool,
+    },
     /// `greeted`: the greeting was answered; the request comes next.
     Socks5 {
         greeted: bool,
@@ -272,7 +284,7 @@ enum Parser {
 impl Head {
     pub fn new(kind: RouteKind) -> Head {
         let parser = match kind {
-            RouteKind::Connect => Parser::Connect,
+            RouteKind::Connect => Parser::Connect { absolute: false },
             RouteKind::Socks5 => Parser::Socks5 { greeted: false },
             RouteKind::Sni { port } => Parser::Sni { port, peek: Box::default() },
             RouteKind::Transparent => Parser::Transparent,
@@ -283,7 +295,13 @@ impl Head {
     /// Parses what was read so far.
     pub fn parse(&mut self) -> Parse {
         match &mut self.parser {
-            Parser::Connect => connect::parse(&self.bytes),
+            Parser::Connect { absolute } => {
+                let parse = connect::parse(&self.bytes);
+                if let Parse::Destination { send_first, .. } = &parse {
+                    *absolute = !send_first.is_empty();
+                }
+                parse
+            }
             Parser::Socks5 { greeted: false } => match socks5::parse_greeting(&self.bytes) {
                 Parse::Answer { consumed, reply } => {
                     self.parser = Parser::Socks5 { greeted: true };
@@ -298,10 +316,12 @@ impl Head {
         }
     }
 
-    /// What the client is told of the outcome (empty: nothing, for SNI).
+    /// What the client is told of the outcome (empty: nothing, for SNI, and
+    /// for an absolute-form request once connected: the upstream answers).
     pub fn reply(&self, outcome: Outcome, detail: &str, bound: Option<SocketAddr>) -> Vec<u8> {
         match self.parser {
-            Parser::Connect => connect::reply(outcome, detail),
+            Parser::Connect { absolute: true } if outcome == Outcome::Connected => Vec::new(),
+            Parser::Connect { .. } => connect::reply(outcome, detail),
             Parser::Socks5 { .. } => socks5::reply(outcome, bound),
             Parser::Sni { .. } | Parser::Transparent => Vec::new(),
         }
@@ -320,8 +340,60 @@ fn original_destination(bytes: &[u8]) -> Parse {
             host: Host::Ip(destination.ip().to_canonical()),
             port: destination.port(),
             consumed: length,
+            send_first: Vec::new(),
         },
         Ok(Some(_)) => refuse("the PROXY header names no destination (LOCAL or UNSPEC)".into()),
         Err(e) => refuse(format!("not a transparent forwarder's head: {e}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_transparent_head_names_the_original_destination_and_keeps_what_follows() {
+        let client: SocketAddr = "127.0.0.1:40000".parse().unwrap();
+        let original: SocketAddr = "[::ffff:198.51.100.10]:443".parse().unwrap();
+        let mut bytes = proxy_header::encode(Some(client), Some(original));
+        let length = bytes.len();
+        bytes.extend_from_slice(b"\x16\x03\x01");
+        let mut head = Head::new(RouteKind::Transparent);
+        for cut in 0..length {
+            head.bytes = bytes[..cut].to_vec();
+            assert_eq!(head.parse(), Parse::More, "{cut} bytes");
+        }
+        head.bytes = bytes;
+        let destination = Parse::Destination {
+            host: Host::Ip("198.51.100.10".parse().unwrap()),
+            port: 443,
+            consumed: length,
+            send_first: Vec::new(),
+        };
+        assert_eq!(head.parse(), destination, "the IPv4-mapped address in its IPv4 form");
+        assert!(head.reply(Outcome::Connected, "", None).is_empty(), "nothing is answered");
+    }
+
+    #[test]
+    fn a_transparent_head_without_a_destination_is_refused_without_a_reply() {
+        let mut head = Head::new(RouteKind::Transparent);
+        for (bytes, why) in [
+            (proxy_header::encode(None, None), "names no destination"),
+            (b"GET / HTTP/1.1\r\n\r\n".to_vec(), "not a transparent forwarder's head"),
+        ] {
+            head.bytes = bytes;
+            match head.parse() {
+                Parse::Refuse { reply, reason } => {
+                    assert!(reply.is_empty());
+                    assert!(reason.contains(why), "{reason}");
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        let mut endless = proxy_header::SIGNATURE.to_vec();
+        endless.extend_from_slice(&[0x21, 0x11, 0xFF, 0xFF]);
+        endless.resize(MAX_HEAD_BYTES, 0);
+        head.bytes = endless;
+        assert!(matches!(head.parse(), Parse::Refuse { .. }), "a header longer than a head may be");
     }
 }

@@ -46,7 +46,9 @@ impl SniPeek {
             Ok(Some(accepted)) => match accepted.client_hello().server_name() {
                 None => refuse("the ClientHello has no server name (SNI)".into()),
                 Some(name) => match parse_host(name) {
-                    Some(host @ Host::Name(_)) => Parse::Destination { host, port, consumed: 0 },
+                    Some(host @ Host::Name(_)) => {
+                        Parse::Destination { host, port, consumed: 0, send_first: Vec::new() }
+                    }
                     _ => refuse(format!("server name `{}` is not a host name", name.escape_debug())),
                 },
             },
@@ -92,7 +94,12 @@ mod tests {
         LazyLock::new(|| client_hello("api.example.com").expect("a ClientHello"));
 
     fn api_example_com(port: u16) -> Parse {
-        Parse::Destination { host: Host::Name("api.example.com".into()), port, consumed: 0 }
+        Parse::Destination {
+            host: Host::Name("api.example.com".into()),
+            port,
+            consumed: 0,
+            send_first: Vec::new(),
+        }
     }
 
     /// The same handshake bytes, re-wrapped in records of 1 to 7 bytes each.

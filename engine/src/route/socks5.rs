@@ -82,7 +82,7 @@ pub(crate) fn parse_request(head: &[u8]) -> Parse {
     if port == 0 {
         return refuse(Reply::GeneralFailure, "destination port 0".into());
     }
-    Parse::Destination { host, port, consumed: 4 + address_len + 2 }
+    Parse::Destination { host, port, consumed: 4 + address_len + 2, send_first: Vec::new() }
 }
 
 /// The reply (VER REP RSV ATYP BND.ADDR BND.PORT) that tells a client how
@@ -193,7 +193,10 @@ mod tests {
         for (request, host, port) in cases {
             let mut head = request.to_vec();
             head.extend_from_slice(b"first payload");
-            assert_eq!(parse_request(&head), Parse::Destination { host, port, consumed: request.len() });
+            assert_eq!(
+                parse_request(&head),
+                Parse::Destination { host, port, consumed: request.len(), send_first: Vec::new() }
+            );
         }
     }
 

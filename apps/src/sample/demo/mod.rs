@@ -232,7 +232,7 @@ fn start_proxy(args: &DemoArgs, hop: &Hop, port: u16, allowlist: &Path) -> anyho
         dns_rate: crate::dns::server::DEFAULT_RATE,
         engine: args.engine.clone(),
     })
-    .map(|running| running.relay)
+    .and_then(|running| running.relay.ok_or_else(|| anyhow::anyhow!("the demo's proxy has no relay")))
 }
 
 fn start_forwarder(args: &DemoArgs, hop: &Hop) -> anyhow::Result<Relay> {
