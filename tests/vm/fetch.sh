@@ -125,6 +125,11 @@ kernel_suite() {
 # The legacy-iptables NAT of the transparent egress: the rule's table and
 # target; their dependencies come from each module's own `depends=`.
 NETFILTER_MODULES="ip_tables iptable_nat xt_REDIRECT"
+# Loaded first where the kernel has it as a module: libcrc32c (nf_conntrack
+# and nf_nat depend on it, up to 6.13) asks the crypto API for "crc32c" when
+# it loads and fails without it (its `softdep=pre: crc32c`, which modprobe
+# would resolve by alias; the guests have no modprobe).
+NETFILTER_SOFTDEPS="crc32c_generic"
 
 # fetch_netfilter NAME: $WORK/kernel-NAME/netfilter/*.ko and `order` (each
 # module after the ones it depends on), from the package of the cached
@@ -149,7 +154,7 @@ fetch_netfilter() {
     fi
     local tree="$out/netfilter-pkg"
     rm -rf "$tree" "$out/netfilter" && mkdir -p "$tree" "$out/netfilter"
-    dpkg-deb --fsys-tarfile "$debs/${pkg}"_*.deb | tar -x -C "$tree" --wildcards '*/kernel/net/*' '*/kernel/lib/*'
+    dpkg-deb --fsys-tarfile "$debs/${pkg}"_*.deb | tar -x -C "$tree" --wildcards '*/kernel/net/*' '*/kernel/lib/*' '*/kernel/crypto/*'
     local order=""
     # add MODULE: its dependencies first, then itself, each once.
     add() {
@@ -168,6 +173,9 @@ fetch_netfilter() {
         order="$order $1"
     }
     local m
+    for m in $NETFILTER_SOFTDEPS; do
+        [ -z "$(find "$tree" -name "$m.ko*")" ] || add "$m"
+    done
     for m in $NETFILTER_MODULES; do add "$m"; done
     printf '%s\n' $order > "$out/netfilter/order"
     rm -rf "$tree"
