@@ -6,11 +6,17 @@
 #   2. the forwarder: TCP 127.0.0.1:443 -> vsock PARENT_CID:PROXY_PORT, where
 #      the parent's vsock-proxy waits;
 #   3. the sample server on vsock port SERVER_PORT (any CID), in the
-#      foreground: the enclave lives as long as it does.
+#      foreground: the enclave lives as long as it does; or, with SERVER
+#      set, that command instead (the enclave's own application).
 # Settings (environment): PARENT_CID (3: the parent), PROXY_PORT (8001),
 # SERVER_PORT (5005), REMOTE_HOST (ip-ranges.amazonaws.com), SERVE_ARGS
 # (extra options of `vsock-relay serve`, e.g. --ca-file), VSOCK_RELAY
-# (/bin/vsock-relay), and EGRESS:
+# (/bin/vsock-relay), SERVER (empty: `vsock-relay serve`; else a command
+# line, split at spaces, run in the foreground in its place, e.g.
+# SERVER="python3 /app/server.py server 5005", the workshop's server
+# unchanged: with EGRESS=transparent it needs no hosts line and no proxy
+# setting; with connect or socks5 it must take its proxy setting itself),
+# and EGRESS:
 #   static   (default) the workshop's way: 127.0.0.1:443 and a hosts line
 #            for REMOTE_HOST, to a parent proxy of that one destination;
 #   connect  one egress port for every allowed host: a forwarder on
@@ -75,5 +81,10 @@ transparent)
     exit 2
     ;;
 esac
+if [ -n "${SERVER:-}" ]; then
+    echo "enclave: server: $SERVER"
+    # shellcheck disable=SC2086 # SERVER is a command line
+    exec $SERVER
+fi
 # shellcheck disable=SC2086 # PROXY_ARGS and SERVE_ARGS are lists of options
 exec "$VSOCK_RELAY" serve "$SERVER_PORT" $PROXY_ARGS ${SERVE_ARGS:-}

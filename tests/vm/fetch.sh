@@ -9,7 +9,18 @@
 #       also a vsock host
 #   and, only when named after WORK, kernels the CI does not boot:
 #   6.18 (trixie-backports' newest 6.18, for the speed comparisons)
-# Usage: fetch.sh WORK [KERNEL...]   (prints each step; a second run uses the cache)
+#   and, named as transparent:KERNEL (tests/vm/two-vms.sh transparent):
+#   $WORK/transparent   Debian's Python 3.11 (python3.11-minimal and the
+#       standard library: what the workshop's server.py and client.py use,
+#       urllib, ssl, json, argparse, AF_VSOCK) and legacy iptables
+#       (xtables-legacy-multi; the nft variant removed), with their C
+#       libraries, from bookworm, amd64
+#   $WORK/kernel-KERNEL/netfilter/   that kernel's modules for legacy NAT
+#       and REDIRECT (ip_tables, iptable_nat, xt_REDIRECT and what they
+#       depend on) and `order`, the order to insmod them in; taken from the
+#       cached kernel's own package (the same version as its vmlinux)
+# Usage: fetch.sh WORK [KERNEL...] [transparent:KERNEL]
+#   (prints each step; a second run uses the cache)
 set -euo pipefail
 mkdir -p "$1"
 WORK=$(cd "$1" && pwd)
@@ -100,10 +111,109 @@ fetch_kernel 5.10 bullseye '5\.10\.0-[0-9]+'
 fetch_kernel 6.1 bookworm '6\.1\.0-[0-9]+'
 fetch_kernel arm64-6.1 bookworm '6\.1\.0-[0-9]+' arm64
 fetch_kernel 6.12 trixie '6\.12\.[0-9.+~a-z]*-?[0-9]*'
+# kernel_suite NAME: the suite fetch_kernel takes kernel NAME from.
+kernel_suite() {
+    case "$1" in
+        5.10) echo bullseye ;;
+        6.1) echo bookworm ;;
+        6.12) echo trixie ;;
+        6.18) echo trixie-backports ;;
+        *) say "no netfilter modules for kernel $1 (amd64 kernels only: 5.10 6.1 6.12 6.18)"; exit 1 ;;
+    esac
+}
+
+# The legacy-iptables NAT of the transparent egress: the rule's table and
+# target; their dependencies come from each module's own `depends=`.
+NETFILTER_MODULES="ip_tables iptable_nat xt_REDIRECT"
+# Loaded first where the kernel has it as a module: libcrc32c (nf_conntrack
+# and nf_nat depend on it, up to 6.13) asks the crypto API for "crc32c" when
+# it loads and fails without it (its `softdep=pre: crc32c`, which modprobe
+# would resolve by alias; the guests have no modprobe).
+NETFILTER_SOFTDEPS="crc32c_generic"
+
+# fetch_netfilter NAME: $WORK/kernel-NAME/netfilter/*.ko and `order` (each
+# module after the ones it depends on), from the package of the cached
+# kernel's version (apt reuses a package already downloaded).
+fetch_netfilter() {
+    local name=$1 out="$WORK/kernel-$1"
+    if [ -f "$out/netfilter/order" ]; then
+        say "kernel $name: netfilter modules cached ($(tr '\n' ' ' < "$out/netfilter/order"))"
+        return
+    fi
+    local suite version pkg
+    suite=$(kernel_suite "$name")
+    version=$(cat "$out/version")
+    pkg=linux-image-$version-unsigned
+    [ "$name" = 6.18 ] && pkg=linux-image-$version
+    say "kernel $name: netfilter modules from $pkg ($suite)"
+    local debs="$WORK/debs-$suite"
+    mkdir -p "$debs"
+    if ! (cd "$debs" && private_apt "$suite" -o APT::Sandbox::User=root download -qq "$pkg" >&2); then
+        say "$pkg is no longer on the mirror: remove $out to fetch the newest kernel with its modules"
+        exit 1
+    fi
+    local tree="$out/netfilter-pkg"
+    rm -rf "$tree" "$out/netfilter" && mkdir -p "$tree" "$out/netfilter"
+    dpkg-deb --fsys-tarfile "$debs/${pkg}"_*.deb | tar -x -C "$tree" --wildcards '*/kernel/net/*' '*/kernel/lib/*' '*/kernel/crypto/*'
+    local order=""
+    # add MODULE: its dependencies first, then itself, each once.
+    add() {
+        case " $order " in *" $1 "*) return ;; esac
+        local ko dep
+        ko=$(find "$tree" -name "$1.ko*" | head -1)
+        [ -n "$ko" ] || { say "module $1 not found in $pkg"; exit 1; }
+        case "$ko" in
+            *.xz) xz -dc "$ko" > "$out/netfilter/$1.ko" ;;
+            *.zst) zstd -qdc "$ko" > "$out/netfilter/$1.ko" ;;
+            *) cp "$ko" "$out/netfilter/$1.ko" ;;
+        esac
+        for dep in $(tr '\0' '\n' < "$out/netfilter/$1.ko" | sed -n 's/^depends=//p' | tr ',' ' '); do
+            add "$dep"
+        done
+        order="$order $1"
+    }
+    local m
+    for m in $NETFILTER_SOFTDEPS; do
+        [ -z "$(find "$tree" -name "$m.ko*")" ] || add "$m"
+    done
+    for m in $NETFILTER_MODULES; do add "$m"; done
+    printf '%s\n' $order > "$out/netfilter/order"
+    rm -rf "$tree"
+    say "kernel $name: netfilter modules $order"
+}
+
+# fetch_transparent_userland: $WORK/transparent (see the header).
+fetch_transparent_userland() {
+    local out="$WORK/transparent"
+    if [ -x "$out/usr/bin/python3.11" ] && [ -e "$out/usr/sbin/xtables-legacy-multi" ]; then
+        say "Python and legacy iptables: cached"
+        return
+    fi
+    say "fetching Python 3.11 and legacy iptables (bookworm)"
+    rm -rf "$out"
+    # Named one by one rather than apt's whole closure (which adds dpkg,
+    # tar, perl's and Kerberos' libraries): the C library, OpenSSL for ssl,
+    # zlib and expat for the interpreter, the iptables libraries.
+    download_unpack bookworm "$out" libc6 libgcc-s1 libssl3 zlib1g libexpat1 \
+        python3.11-minimal libpython3.11-minimal libpython3.11-stdlib \
+        iptables libip4tc2 libip6tc2 libxtables12 libmnl0 libnftnl11 libnfnetlink0 libnetfilter-conntrack3
+    rm -rf "$out/usr/share/doc" "$out/usr/share/man" "$out/usr/share/lintian" "$out/usr/share/locale"
+    # Legacy only: no nf_tables front end to reach for by mistake.
+    find "$out/usr/sbin" -lname 'xtables-nft-multi' -delete
+    rm -f "$out/usr/sbin/xtables-nft-multi"
+    ln -sf python3.11 "$out/usr/bin/python3"
+    # iptables' lock file lives in /run.
+    mkdir -p "$out/run"
+}
+
 for extra in "${@:2}"; do
     case "$extra" in
         5.10 | 6.1 | 6.12 | arm64-6.1) ;;
+        transparent:*)
+            fetch_transparent_userland
+            fetch_netfilter "${extra#transparent:}"
+            ;;
         6.18) fetch_kernel 6.18 trixie-backports '6\.18\.[0-9]+\+deb13' amd64 signed ;;
-        *) say "unknown kernel $extra (known: 5.10 6.1 6.12 arm64-6.1 6.18)"; exit 1 ;;
+        *) say "unknown kernel $extra (known: 5.10 6.1 6.12 arm64-6.1 6.18; transparent:KERNEL)"; exit 1 ;;
     esac
 done

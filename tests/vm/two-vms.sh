@@ -6,10 +6,21 @@
 # backend puts them in one group: a connection from either VM to the other's
 # CID crosses both guest kernels and the device, and nothing else.
 #
-#   tests/vm/two-vms.sh            the workshop's channel, then the cross-VM tests
+#   tests/vm/two-vms.sh            the workshop's channel, the cross-VM tests,
+#                                  then transparent egress
 #   tests/vm/two-vms.sh channel    the channel only: the enclave VM runs
 #                                  dist/enclave/entry.sh as PID 1, the parent VM
 #                                  vsock-proxy, the HTTPS stand-in and the client
+#   tests/vm/two-vms.sh transparent  the workshop's own application, unchanged:
+#                                  the enclave VM runs entry.sh with
+#                                  EGRESS=transparent (legacy iptables, no
+#                                  nf_tables loaded) and the workshop's
+#                                  server.py under Debian's Python, plus
+#                                  `vsock-relay serve` on port 5006; the parent
+#                                  VM `vsock-relay proxy` with the dns and
+#                                  transparent services, a name server and the
+#                                  HTTPS stand-in off loopback, then the
+#                                  workshop's client.py and `vsock-relay client`
 #   tests/vm/two-vms.sh suite      the cross-VM tests (tests/vm/two_vms.rs)
 #   tests/vm/two-vms.sh probe      the transport alone, no relay: 1 MiB each way
 #                                  in writes of 512 B to 256 KiB, then 8, 32
@@ -26,7 +37,11 @@
 # there a connect to CID 16 needs VMADDR_FLAG_TO_HOST to leave the VM: the
 # channel's client then asks with `:to-host` and checks that a connect
 # without it fails and that doctor warns),
-# VSOCK_VM_TIMEOUT (seconds per boot), CARGO_TARGET_DIR, VSOCK_VM_WORK.
+# VSOCK_VM_TIMEOUT (seconds per boot), CARGO_TARGET_DIR, VSOCK_VM_WORK,
+# VSOCK_RELAY_WORKSHOP (transparent: the folder with the workshop's
+# server.py and client.py, ../shared/anchors/workshop beside the checkout;
+# they are not the project's, so they are read from there at run time and
+# checked against tests/vm/workshop.sha256, never copied into the repository).
 #
 # The device is the machine's only new process that could touch AF_VSOCK,
 # so it is built and run so that it cannot: vhost-device-vsock 0.2.0 (with
@@ -190,18 +205,64 @@ common_append() { # ROLE
     echo "$append"
 }
 
+# pack_transparent: $WORK/initramfs-$KERNEL-transparent.cpio.gz, the
+# common image with a second archive after it (the kernel unpacks both):
+# Python and legacy iptables with their libraries (fetch.sh
+# transparent:KERNEL), the kernel's netfilter modules in
+# /lib/modules/netfilter (insmod in the order of its file `order`), and the
+# workshop's server.py and client.py in /workshop, unchanged.
+pack_transparent() {
+    local workshop=${VSOCK_RELAY_WORKSHOP:-$PWD/../shared/anchors/workshop}
+    step "pack the transparent image: Python, legacy iptables, netfilter modules, the workshop's server.py and client.py ($workshop)"
+    [ -f "$workshop/server.py" ] && [ -f "$workshop/client.py" ] || {
+        echo "[vm] the workshop's server.py and client.py are not in $workshop (set VSOCK_RELAY_WORKSHOP)" >&2
+        return 1
+    }
+    (cd "$workshop" && sha256sum --quiet -c -) < tests/vm/workshop.sha256 || {
+        echo "[vm] $workshop/server.py or client.py is not the workshop's (tests/vm/workshop.sha256)" >&2
+        return 1
+    }
+    local dir="$WORK/initramfs-transparent"
+    rm -rf "$dir"
+    cp -a "$WORK/transparent" "$dir"
+    mkdir -p "$dir/lib/modules/netfilter" "$dir/workshop"
+    cp "$WORK/kernel-$KERNEL/netfilter/"* "$dir/lib/modules/netfilter/"
+    cp "$workshop/server.py" "$workshop/client.py" "$dir/workshop/"
+    { cat "$WORK/initramfs-$KERNEL.cpio.gz"
+        (cd "$dir" && find . | "$WORK/root/bin/busybox" cpio -o -H newc 2>/dev/null | gzip -1); } \
+        > "$WORK/initramfs-$KERNEL-transparent.cpio.gz"
+}
+
 # two_vms MODE: one boot pair of tests/vm/init's roles two-vms-*-MODE.
 two_vms() {
     local mode=$1 until=both
-    [ "$mode" = channel ] && until=parent # the enclave serves until stopped
+    # The enclave serves until stopped.
+    case "$mode" in channel | transparent) until=parent ;; esac
     local image="$WORK/initramfs-$KERNEL.cpio.gz"
+    if [ "$mode" = transparent ]; then
+        bash tests/vm/fetch.sh "$WORK" "transparent:$KERNEL"
+        pack_transparent || return 1
+        image="$WORK/initramfs-$KERNEL-transparent.cpio.gz"
+    fi
     step "two VMs on Linux $(cat "$WORK/kernel-$KERNEL/version"): $mode"
     boot_pair "$mode" "$image" "$image" "$(common_append "two-vms-parent-$mode")" \
         "$(common_append "two-vms-enclave-$mode")" "$until"
-    if [ "$mode" = channel ]; then
-        passed "$mode" parent
+    case "$mode" in
+        channel) passed "$mode" parent ;;
+        transparent) passed "$mode" parent && nf_tables_absent ;;
+        *) passed "$mode" parent enclave ;;
+    esac
+}
+
+# nf_tables_absent: the transparent enclave VM's evidence that its redirect
+# ran on legacy iptables alone (tests/vm/init prints it once the rule is in).
+nf_tables_absent() {
+    local log="$WORK/two-vms-transparent-enclave.log"
+    if grep -qa '^\[guest\] nf_tables not loaded' "$log"; then
+        echo "[vm] two VMs, transparent, enclave VM: $(grep -a '^\[guest\] nf_tables not loaded' "$log")"
     else
-        passed "$mode" parent enclave
+        echo "[vm] two VMs, transparent, enclave VM: no evidence that nf_tables stayed unloaded"
+        return 1
     fi
 }
 
@@ -215,16 +276,16 @@ case "$mode" in
         boot_pair "$@"
         exit 0
         ;;
-    all | channel | suite | probe) ;;
+    all | channel | suite | transparent | probe) ;;
     *)
-        echo "usage: two-vms.sh [all | channel | suite | probe | boot-pair ...]" >&2
+        echo "usage: two-vms.sh [all | channel | suite | transparent | probe | boot-pair ...]" >&2
         exit 2
         ;;
 esac
 stage "$(arch_of "$KERNEL")"
 pack "$KERNEL"
 failed=0
-for m in channel suite probe; do
+for m in channel suite transparent probe; do
     if { [ "$mode" = all ] && [ "$m" != probe ]; } || [ "$mode" = "$m" ]; then
         two_vms "$m" || failed=1
     fi

@@ -14,6 +14,12 @@
 //! memory) and answers `ok` or `fail REASON`. The enclave retries its first
 //! connect for a bounded time: the two VMs boot at their own pace.
 //!
+//! In the workshop's channel and in transparent egress the enclave VM
+//! runs no test here: dist/enclave/entry.sh is its PID 1 (tests/vm/init),
+//! and the parent's test is the client: what an enclave's application gets
+//! is the evidence (for transparent egress, the workshop's own server.py
+//! and client.py, unchanged).
+//!
 //! The probe (`two-vms.sh probe`) runs no relay: the transport alone, in
 //! writes of every size class, so that what the device loses is told apart
 //! from what a relay does (it found the device's limits that two-vms.sh
@@ -186,27 +192,7 @@ fn parent_channel() {
     )]);
     println!("[parent] vsock-proxy 8001 -> localhost:{port} listening; handing the enclave its CA");
 
-    // The enclave asks for the CA once (its init retries until this listens).
-    let ca = endpoint.ca_pem().to_string();
-    let listener = vsock_listener(CA_PORT);
-    listener.set_read_timeout(Some(PEER_BOOT)).unwrap();
-    let ca_server = std::thread::spawn(move || {
-        let (mut stream, cid) = accept(&listener);
-        let mut query = [0u8; 16];
-        let _ = stream.read(&mut query);
-        stream.write_all(ca.as_bytes()).unwrap();
-        cid
-    });
-
-    // Nothing goes to the enclave VM before it reached this VM: the device
-    // (vhost-device-vsock 0.2.0) stalls for good on a packet for a VM whose
-    // driver is not up yet.
-    assert_eq!(ca_server.join().unwrap(), ENCLAVE_CID, "the CA went to the enclave VM's CID");
-    let answers = [
-        ("us-east-1", "[\"3.5.0.0/19\", \"16.182.0.0/16\", \"52.216.0.0/15\"]\n"),
-        ("eu-west-1", "[\"3.5.64.0/21\", \"52.218.0.0/17\"]\n"),
-        ("mars-north-1", "[]\n"),
-    ];
+    hand_out_ca(endpoint.ca_pem());
     // A parent that is also a vsock host (vhost_vsock loaded) reaches the
     // enclave only with the to-host flag; a plain parent, as Nitro's, without.
     let vhost = parent_is_vsock_host();
@@ -214,7 +200,7 @@ fn parent_channel() {
         true => format!("vsock:{ENCLAVE_CID}:5005:to-host"),
         false => format!("vsock:{ENCLAVE_CID}:5005"),
     };
-    for (i, (region, expected)) in answers.into_iter().enumerate() {
+    for (i, (region, expected)) in ANSWERS.into_iter().enumerate() {
         // The first waits for the entry script's server.
         let within = if i == 0 { Duration::from_secs(120) } else { Duration::from_secs(30) };
         let answer = client_answer(&to, region, within);
@@ -229,6 +215,29 @@ fn parent_channel() {
     if vhost {
         to_host_is_needed_and_doctor_says_so();
     }
+}
+
+/// The sample answers of [`SAMPLE_DOCUMENT`](vsock_relay_apps::sample::demo::SAMPLE_DOCUMENT),
+/// as `vsock-relay client` prints them.
+const ANSWERS: [(&str, &str); 3] = [
+    ("us-east-1", "[\"3.5.0.0/19\", \"16.182.0.0/16\", \"52.216.0.0/15\"]\n"),
+    ("eu-west-1", "[\"3.5.64.0/21\", \"52.218.0.0/17\"]\n"),
+    ("mars-north-1", "[]\n"),
+];
+
+/// Hands the enclave VM the HTTPS stand-in's CA (PEM) on [`CA_PORT`], once
+/// (its init asks until this listens), and checks that the enclave VM's
+/// CID asked. Nothing goes to the enclave VM before it reached this VM:
+/// the device (vhost-device-vsock 0.2.0) stalls for good on a packet for a
+/// VM whose driver is not up yet.
+fn hand_out_ca(ca: &str) {
+    let listener = vsock_listener(CA_PORT);
+    listener.set_read_timeout(Some(PEER_BOOT)).unwrap();
+    let (mut stream, cid) = accept(&listener);
+    let mut query = [0u8; 16];
+    let _ = stream.read(&mut query);
+    stream.write_all(ca.as_bytes()).unwrap();
+    assert_eq!(cid, ENCLAVE_CID, "the CA went to the enclave VM's CID");
 }
 
 fn parent_is_vsock_host() -> bool {
@@ -284,6 +293,142 @@ fn client_answer(to: &str, query: &str, within: Duration) -> String {
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(Instant::now() < deadline, "client --to {to} {query}: {stderr}");
         std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Transparent egress: the workshop's own application, unchanged
+
+/// The remote host the workshop's server.py fetches from.
+const REMOTE_HOST: &str = "ip-ranges.amazonaws.com";
+/// Where the parent VM's HTTPS stand-in for [`REMOTE_HOST`] listens: off
+/// loopback, as a real host is (TEST-NET-2, on this VM's `lo`).
+const REMOTE_ADDRESS: &str = "198.51.100.10";
+/// The enclave VM's `vsock-relay serve` (the workshop's server.py has 5005).
+const SERVE_PORT: u32 = 5006;
+/// How long the first answer may take: the enclave VM boots, starts its
+/// egress and Python under emulation.
+const FIRST_ANSWER: Duration = Duration::from_secs(180);
+/// What the workshop's client.py prints of its server.py's answer (`str()`
+/// of a list), per region.
+const WORKSHOP_ANSWERS: [(&str, &str); 2] = [
+    ("us-east-1", "Received from server: ['3.5.0.0/19', '16.182.0.0/16', '52.216.0.0/15']"),
+    ("eu-west-1", "Received from server: ['3.5.64.0/21', '52.218.0.0/17']"),
+];
+
+/// The parent's side of transparent egress; the enclave VM runs
+/// dist/enclave/entry.sh as PID 1 with `EGRESS=transparent` and the
+/// workshop's server.py (tests/vm/init): no hosts line, no port mapping, no
+/// proxy variable. Here: the HTTPS stand-in on [`REMOTE_ADDRESS`], a name
+/// server answering [`REMOTE_HOST`] with it, and one `vsock-relay proxy`
+/// with the `dns` (vsock port 8053) and `transparent` (8001) services, whose
+/// allowlist names only `ip-ranges.amazonaws.com:443`. Then
+/// `vsock-relay client` asks the enclave's `vsock-relay serve` and the
+/// workshop's client.py, unchanged under Debian's Python, asks its
+/// server.py: both must print the region's prefixes, fetched through the
+/// enclave's DNS and redirect, allowed by the name the parent answered.
+#[test]
+#[ignore = "runs only in the parent VM of tests/vm/two-vms.sh"]
+fn parent_transparent() {
+    use std::net::{IpAddr, SocketAddr};
+    use vsock_relay_apps::sample::demo::{HttpsEndpoint, SAMPLE_DOCUMENT};
+    use vsock_relay_testkit::names::{Answer, NameServer};
+    require_role("two-vms-parent-transparent");
+    assert!(!parent_is_vsock_host(), "client.py cannot set VMADDR_FLAG_TO_HOST: no vhost_vsock here");
+    let address: IpAddr = REMOTE_ADDRESS.parse().unwrap();
+    let added = Command::new("ip").args(["addr", "add", &format!("{address}/32"), "dev", "lo"]).status();
+    assert!(added.is_ok_and(|s| s.success()), "ip addr add {address}/32 dev lo");
+    let endpoint = HttpsEndpoint::start_at(
+        SocketAddr::new(address, 443),
+        vec![REMOTE_HOST.into()],
+        SAMPLE_DOCUMENT.to_vec(),
+    )
+    .unwrap();
+    let names = NameServer::start();
+    names.set(REMOTE_HOST, Answer::Addresses(vec![address]));
+
+    let config = std::env::temp_dir().join("parent-egress.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "allowlist:\n- {{address: {REMOTE_HOST}, port: 443}}\nservices:\n\
+             - {{name: dns, listen: 'vsock:any:8053', route: dns}}\n\
+             - {{name: transparent, listen: 'vsock:any:8001', route: transparent}}\n"
+        ),
+    )
+    .unwrap();
+    let log_path = std::env::temp_dir().join("parent-proxy.log");
+    let config_text = config.to_str().unwrap();
+    let name_server = names.addr().to_string();
+    let args = ["proxy", "--services", config_text, "--config", config_text, "--dns-server", &name_server];
+    let _proxy = KillOnDrop(vec![Command::new(vsock_relay_testkit::binary("vsock-relay"))
+        .args(args)
+        .env("RUST_LOG", "info,vsock_relay_apps::dns=debug")
+        .stderr(std::fs::File::create(&log_path).unwrap())
+        .spawn()
+        .unwrap()]);
+    let proxy_log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !proxy_log().contains("relay listening") {
+        assert!(Instant::now() < deadline, "vsock-relay {args:?} did not listen:\n{}", proxy_log());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    println!("[parent] vsock-relay {}", args.join(" "));
+    println!("[parent] {REMOTE_HOST} at {address}:443 (the HTTPS stand-in), named by {name_server}");
+    hand_out_ca(endpoint.ca_pem());
+
+    // `vsock-relay serve` without --hosts: once it answers, the enclave's
+    // egress is up.
+    let serve = format!("vsock:{ENCLAVE_CID}:{SERVE_PORT}");
+    for (i, (region, expected)) in ANSWERS.into_iter().enumerate() {
+        let within = if i == 0 { FIRST_ANSWER } else { Duration::from_secs(30) };
+        let answer = client_answer(&serve, region, within);
+        println!("[parent] vsock-relay client --to {serve} {region}: {}", answer.trim_end());
+        assert_eq!(answer, expected, "{region}");
+    }
+    for (region, expected) in WORKSHOP_ANSWERS {
+        let said = workshop_client(region, Duration::from_secs(120));
+        println!("[parent] python3 client.py client {ENCLAVE_CID} 5005 {region}:\n{}", said.trim_end());
+        assert!(said.lines().any(|line| line == expected), "{region}: expected `{expected}`");
+    }
+    // serve keeps the document for a while; server.py fetches per query.
+    let fetches = 1 + WORKSHOP_ANSWERS.len();
+    assert_eq!(endpoint.requests(), fetches as u64, "the stand-in's fetches");
+
+    let log = proxy_log();
+    let allowed: Vec<&str> = log
+        .lines()
+        .filter(|line| line.contains("transparent: allowed by the name this client was answered"))
+        .collect();
+    for line in &allowed {
+        println!("[parent] proxy: {line}");
+    }
+    assert_eq!(allowed.len(), fetches, "one allowed connection per fetch:\n{log}");
+    let attributed = format!("name={REMOTE_HOST}");
+    assert!(
+        allowed.iter().all(|line| line.contains(&attributed) && line.contains(REMOTE_ADDRESS)),
+        "each attributed to {REMOTE_HOST} at {REMOTE_ADDRESS}"
+    );
+    assert!(!log.contains("refused"), "nothing refused:\n{log}");
+}
+
+/// `python3 /workshop/client.py client 16 5005 REGION` (the workshop's
+/// client, unchanged), run again while it fails (the enclave's server.py
+/// not listening yet) for at most `within`; its output.
+fn workshop_client(region: &str, within: Duration) -> String {
+    let deadline = Instant::now() + within;
+    loop {
+        let out = Command::new("python3")
+            .args(["/workshop/client.py", "client", &ENCLAVE_CID.to_string(), "5005", region])
+            .output()
+            .expect("python3 (the transparent image's)");
+        let said = String::from_utf8_lossy(&out.stdout).into_owned();
+        if out.status.success() && said.contains("Received from server: ") {
+            return said;
+        }
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(Instant::now() < deadline, "client.py {region}: {said}{stderr}");
+        std::thread::sleep(Duration::from_secs(2));
     }
 }
 
