@@ -214,20 +214,24 @@ common_append() { # ROLE
 pack_transparent() {
     local workshop=${VSOCK_RELAY_WORKSHOP:-$PWD/../shared/anchors/workshop}
     step "pack the transparent image: Python, legacy iptables, netfilter modules, the workshop's server.py and client.py ($workshop)"
-    [ -f "$workshop/server.py" ] && [ -f "$workshop/client.py" ] || {
-        echo "[vm] the workshop's server.py and client.py are not in $workshop (set VSOCK_RELAY_WORKSHOP)" >&2
-        return 1
-    }
-    (cd "$workshop" && sha256sum --quiet -c -) < tests/vm/workshop.sha256 || {
+    local packed=yes
+    if ! [ -f "$workshop/server.py" ] || ! [ -f "$workshop/client.py" ]; then
+        # A clone that is not beside ../shared (a CI clone elsewhere): the
+        # transparent pair runs without the workshop's files, with
+        # `vsock-relay serve` in server.py's place, and says so.
+        echo "[vm] NOTE: the workshop's server.py and client.py are not in $workshop (set VSOCK_RELAY_WORKSHOP):" \
+            "this run's enclave serves with vsock-relay serve in server.py's place" >&2
+        packed=no
+    elif ! (cd "$workshop" && sha256sum --quiet -c -) < tests/vm/workshop.sha256; then
         echo "[vm] $workshop/server.py or client.py is not the workshop's (tests/vm/workshop.sha256)" >&2
         return 1
-    }
+    fi
     local dir="$WORK/initramfs-transparent"
     rm -rf "$dir"
     cp -a "$WORK/transparent" "$dir"
     mkdir -p "$dir/lib/modules/netfilter" "$dir/workshop"
     cp "$WORK/kernel-$KERNEL/netfilter/"* "$dir/lib/modules/netfilter/"
-    cp "$workshop/server.py" "$workshop/client.py" "$dir/workshop/"
+    [ "$packed" = no ] || cp "$workshop/server.py" "$workshop/client.py" "$dir/workshop/"
     { cat "$WORK/initramfs-$KERNEL.cpio.gz"
         (cd "$dir" && find . | "$WORK/root/bin/busybox" cpio -o -H newc 2>/dev/null | gzip -1); } \
         > "$WORK/initramfs-$KERNEL-transparent.cpio.gz"

@@ -386,13 +386,31 @@ fn parent_transparent() {
         println!("[parent] vsock-relay client --to {serve} {region}: {}", answer.trim_end());
         assert_eq!(answer, expected, "{region}");
     }
-    for (region, expected) in WORKSHOP_ANSWERS {
-        let said = workshop_client(region, Duration::from_secs(120));
-        println!("[parent] python3 client.py client {ENCLAVE_CID} 5005 {region}:\n{}", said.trim_end());
-        assert!(said.lines().any(|line| line == expected), "{region}: expected `{expected}`");
+    if std::path::Path::new("/workshop/client.py").exists() {
+        for (region, expected) in WORKSHOP_ANSWERS {
+            let said = workshop_client(region, Duration::from_secs(120));
+            println!("[parent] python3 client.py client {ENCLAVE_CID} 5005 {region}:\n{}", said.trim_end());
+            assert!(said.lines().any(|line| line == expected), "{region}: expected `{expected}`");
+        }
+    } else {
+        // two-vms.sh did not find the workshop's files beside the checkout:
+        // the enclave runs `vsock-relay serve` on 5005 in server.py's place
+        // (it fetches once, as server.py would for the first query).
+        println!(
+            "[parent] NOTE: the workshop's client.py and server.py were not packed (VSOCK_RELAY_WORKSHOP)"
+        );
+        let stand_in = format!("vsock:{ENCLAVE_CID}:5005");
+        for (region, expected) in ANSWERS.into_iter().take(WORKSHOP_ANSWERS.len()) {
+            let answer = client_answer(&stand_in, region, Duration::from_secs(120));
+            println!("[parent] vsock-relay client --to {stand_in} {region}: {}", answer.trim_end());
+            assert_eq!(answer, expected, "{region}");
+        }
     }
     // serve keeps the document for a while; server.py fetches per query.
-    let fetches = 1 + WORKSHOP_ANSWERS.len();
+    let fetches = match std::path::Path::new("/workshop/client.py").exists() {
+        true => 1 + WORKSHOP_ANSWERS.len(),
+        false => 2,
+    };
     assert_eq!(endpoint.requests(), fetches as u64, "the stand-in's fetches");
 
     let log = proxy_log();
