@@ -62,6 +62,7 @@ fn the_dns_service_answers_allowed_names_and_remembers_them_per_client() {
         dns: DnsOptions { servers: vec![names.addr()], ..DnsOptions::default() },
         answered: Arc::clone(&answered),
         rate: DEFAULT_RATE,
+        allow_cids: None,
     };
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let answerer = {

@@ -70,6 +70,10 @@ transparent)
     ip link set lo up
     ip addr add 10.0.2.15/32 dev lo 2>/dev/null || true
     ip route add default dev lo src 10.0.2.15 2>/dev/null || true
+    ip route show default | grep -q 'dev lo' || {
+        echo "enclave: no default route via lo (ip route add default dev lo src 10.0.2.15 failed): outside connects would not reach the redirect" >&2
+        exit 1
+    }
     "$iptables" -t nat -A OUTPUT -p tcp ! -d 127.0.0.0/8 -j REDIRECT --to-ports "$CAPTURE_PORT"
     echo "enclave: DNS 127.0.0.1:53 -> vsock:$PARENT_CID:$DNS_PORT; TCP redirected to 127.0.0.1:$CAPTURE_PORT -> vsock:$PARENT_CID:$PROXY_PORT; server on vsock port $SERVER_PORT"
     "$VSOCK_RELAY" dns --listen udp:127.0.0.1:53 --to "vsock:$PARENT_CID:$DNS_PORT" --resolv-conf &

@@ -101,6 +101,9 @@ pub struct DnsSettings {
     pub answered: Arc<Answered>,
     /// Queries per second per client.
     pub rate: u32,
+    /// Only clients from these vsock CIDs are served (`allow_cid`,
+    /// `--allow-cid`); others are closed. `None`: any client.
+    pub allow_cids: Option<Vec<u32>>,
 }
 
 /// What answers a query: the allowlist in force, the resolver, the memory
@@ -285,7 +288,8 @@ type Clients = Mutex<HashMap<Peer, (usize, Arc<Semaphore>)>>;
 /// Serves `listener` (a stream listener of any family): a thread accepts,
 /// and each connection is served on a small tokio runtime, where lookups
 /// run too (a slow name delays only its own answer).
-pub fn start(listener: Socket, settings: DnsSettings) -> anyhow::Result<DnsServer> {
+pub fn start(listener: Socket, mut settings: DnsSettings) -> anyhow::Result<DnsServer> {
+    let allow_cids = settings.allow_cids.take();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .thread_name("dns-service")
@@ -297,7 +301,9 @@ pub fn start(listener: Socket, settings: DnsSettings) -> anyhow::Result<DnsServe
     };
     let counters = Arc::clone(&answerer.counters);
     listener.set_nonblocking(false)?;
+    let allow_cids = allow_cids.map(|cids| cids.into_iter().collect());
     let service = Arc::new(Service {
+        allow_cids,
         answerer: Arc::new(answerer),
         clients: Clients::default(),
         buckets: Mutex::default(),
@@ -308,6 +314,7 @@ pub fn start(listener: Socket, settings: DnsSettings) -> anyhow::Result<DnsServe
 }
 
 struct Service {
+    allow_cids: Option<std::collections::HashSet<u32>>,
     answerer: Arc<Answerer>,
     clients: Clients,
     buckets: Mutex<HashMap<Peer, (f64, Instant)>>,
@@ -327,6 +334,12 @@ impl Service {
                 }
             };
             let client = Peer::of(&socket);
+            if let Some(allowed) = &self.allow_cids {
+                if !matches!(client, Peer::Cid(cid) if allowed.contains(&cid)) {
+                    tracing::warn!(%client, "DNS service: client refused: its CID is not in allow_cid");
+                    continue;
+                }
+            }
             let Some(permits) = self.admit_connection(client) else {
                 tracing::warn!(%client, "DNS service: too many connections; closing the new one");
                 continue;
@@ -377,11 +390,18 @@ impl Service {
         let (mut reader, mut writer) = tokio::io::split(SocketStream::new(socket)?);
         let (answers, mut outgoing) = mpsc::channel::<Answer>(MAX_IN_FLIGHT_PER_CLIENT);
         let written = tokio::spawn(async move {
+            // After a failed write the answers still due are taken and
+            // dropped, each with its permit: this ends only once every
+            // lookup of the connection has, so that a client that closes
+            // and comes back finds its permits still taken, not new ones.
+            let mut failed = None;
             while let Some((answer, permit)) = outgoing.recv().await {
-                frame::write_frame(&mut writer, &answer).await?;
+                if failed.is_none() {
+                    failed = frame::write_frame(&mut writer, &answer).await.err();
+                }
                 drop(permit);
             }
-            Ok::<(), FrameError>(())
+            failed.map_or(Ok(()), Err)
         });
         let read = loop {
             let query = match frame::read_frame(&mut reader, frame::MAX_FRAME_BYTES).await {
@@ -435,6 +455,7 @@ mod tests {
             dns,
             answered: Arc::default(),
             rate: DEFAULT_RATE,
+            allow_cids: None,
         };
         let _in_runtime = runtime.enter();
         Answerer::new(settings).unwrap()

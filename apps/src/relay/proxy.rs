@@ -287,6 +287,7 @@ pub fn start(settings: &ProxySettings) -> anyhow::Result<Running> {
             dns: dns.clone(),
             answered: Arc::clone(&answered),
             rate: settings.dns_rate,
+            allow_cids: spec.rules.clone().or(settings.engine.rules()).allow_cids,
         };
         let local = socket::local_endpoint(&listener, &spec.listen)?;
         let server = server::start(listener, dns_settings)?;

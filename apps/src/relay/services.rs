@@ -153,6 +153,13 @@ pub fn parse(text: &str, path: &Path) -> Result<Vec<ServiceSpec>, ServicesError>
         let written: Written = serde_norway::from_value(item.clone()).map_err(|e| at(e.to_string()))?;
         let rules = written.rules(at)?;
         let upstream = match (written.route.as_deref(), written.address, written.port) {
+            (Some("dns"), None, None)
+                if written.max_connections.is_some()
+                    || written.idle_timeout.is_some()
+                    || written.proxy_protocol.is_some() =>
+            {
+                return Err(at("route: dns takes allow_cid only of the client rules".into()))
+            }
             (Some("dns"), None, None) if written.sni_port.is_none() && written.head_timeout.is_none() => {
                 SpecUpstream::Dns
             }
@@ -299,5 +306,23 @@ mod tests {
             SpecUpstream::Routed { route: RouteKind::Connect, head_timeout: None }
         );
         crate::relay::allowlist::Allowlist::parse(&examples, p()).unwrap();
+    }
+
+    #[test]
+    fn a_dns_service_takes_allow_cid_and_no_other_rule() {
+        let text = "services:\n- {listen: 'vsock:any:8053', route: dns, allow_cid: [16]}\n\
+            - {listen: 'vsock:any:8001', route: transparent}\n";
+        let services = parse(text, p()).unwrap();
+        assert_eq!(services[0].upstream, SpecUpstream::Dns);
+        assert_eq!(services[0].rules.allow_cids, Some(vec![16]));
+        assert_eq!(
+            services[1].upstream,
+            SpecUpstream::Routed { route: RouteKind::Transparent, head_timeout: None }
+        );
+        for extra in ["max_connections: 5", "idle_timeout: 3", "proxy_protocol: v2", "sni_port: 443"] {
+            let text = format!("services:\n- {{listen: 'vsock:any:8053', route: dns, {extra}}}\n");
+            let error = parse(&text, p()).unwrap_err().to_string();
+            assert!(error.contains("route: dns"), "{extra}: {error}");
+        }
     }
 }

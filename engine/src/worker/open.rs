@@ -44,7 +44,8 @@ pub(super) enum Opened {
 /// listener itself (not redirected) has its own listener as the original
 /// destination: the parent refuses it as loopback.
 fn original_destination(client: &Socket) -> io::Result<std::net::SocketAddr> {
-    let ipv6 = client.local_addr()?.as_socket().is_some_and(|local| local.is_ipv6());
+    // An IPv4 client of an IPv6 listener (::ffff:a.b.c.d) was tracked as IPv4.
+    let ipv6 = client.local_addr()?.as_socket().is_some_and(|local| local.ip().to_canonical().is_ipv6());
     crate::sys::original_destination(std::os::fd::AsFd::as_fd(client), ipv6)
 }
 
