@@ -70,7 +70,7 @@ transparent)
     ip link set lo up
     ip addr add 10.0.2.15/32 dev lo 2>/dev/null || true
     ip route add default dev lo src 10.0.2.15 2>/dev/null || true
-    ip route show default | grep -q 'dev lo' || {
+    ip route | grep -q '^default .*dev lo' || {
         echo "enclave: no default route via lo (ip route add default dev lo src 10.0.2.15 failed): outside connects would not reach the redirect" >&2
         exit 1
     }
