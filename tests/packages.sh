@@ -47,6 +47,7 @@ EXPECTED_COMMON="
 -rw-r--r-- /usr/share/man/man1/vsock-relay.1.gz
 -rw-r--r-- /usr/share/man/man1/vsock-relay-proxy.1.gz
 -rw-r--r-- /usr/share/man/man1/vsock-relay-forward.1.gz
+-rw-r--r-- /usr/share/man/man1/vsock-relay-dns.1.gz
 -rw-r--r-- /usr/share/man/man1/vsock-relay-serve.1.gz
 -rw-r--r-- /usr/share/man/man1/vsock-relay-client.1.gz
 -rw-r--r-- /usr/share/man/man1/vsock-relay-demo.1.gz
@@ -206,7 +207,7 @@ check_installed() {
         COMP_WORDS=(vsock-relay ""); COMP_CWORD=1; COMP_LINE="vsock-relay "; COMP_POINT=${#COMP_LINE}
         "$fn" vsock-relay "" vsock-relay
         printf "%s\n" "${COMPREPLY[@]}" | grep -v "^-"' _ "$root")
-    compare "$format $arch bash completion" "$(printf '%s\n' proxy forward serve client doctor demo bench relay completions help)" "$words" \
+    compare "$format $arch bash completion" "$(printf '%s\n' proxy forward dns serve client doctor demo bench relay completions help)" "$words" \
         && say "$format $arch: bash completes vsock-relay <Tab> to: $(tr '\n' ' ' <<<"$words")"
     if [ "$arch" = "$(uname -m)" ]; then
         cmp -s <("$root/usr/bin/vsock-relay" completions bash) "$root/usr/share/bash-completion/completions/vsock-relay" \
