@@ -397,9 +397,9 @@ fn throughput_ratio_through_the_relay() {
         let (n, _) = traffic::receive(&mut stream).unwrap();
         let _ = stream.write_all(&n.to_le_bytes());
     };
-    let vsock_sink = Server::vsock(15_000, sink);
+    let vsock_sink = Server::vsock(15_100, sink);
     let tcp_sink = Server::tcp(sink);
-    let relay = relay(vsock_any(15_001), tcp_sink.endpoint(), backends()[0], DataPath::Splice);
+    let relay = relay(vsock_any(15_101), tcp_sink.endpoint(), backends()[0], DataPath::Splice);
     let mut payload = vec![0u8; MIB as usize];
     traffic::Data::new(3).fill(&mut payload);
     let push = |to: &Endpoint| {
@@ -415,7 +415,7 @@ fn throughput_ratio_through_the_relay() {
         bytes as f64 / started.elapsed().as_secs_f64() / 1e6
     };
     let direct = push(vsock_sink.endpoint());
-    let relayed = push(&vsock(15_001));
+    let relayed = push(&vsock(15_101));
     println!(
         "THROUGHPUT vsock->vsock direct {direct:.1} MB/s, vsock->relay->tcp {relayed:.1} MB/s, ratio {:.2} ({})",
         relayed / direct,
