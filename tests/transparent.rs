@@ -282,10 +282,7 @@ fn framed_query(id: u16, name: &str) -> Vec<u8> {
     let mut query = Message::query();
     query.metadata.id = id;
     query.add_query(Query::query(Name::from_ascii(format!("{name}.")).unwrap(), RecordType::A));
-    let message = query.to_vec().unwrap();
-    let mut framed = u16::try_from(message.len()).unwrap().to_be_bytes().to_vec();
-    framed.extend_from_slice(&message);
-    framed
+    vsock_relay_apps::dns::frame::encode_frame(&query.to_vec().unwrap()).unwrap()
 }
 
 fn read_answer(stream: &mut TcpStream) -> Message {

@@ -929,10 +929,7 @@ fn dns_over_vsock_answers_allowed_names_and_adds_little_to_a_lookup() {
     let mut tcp = TcpStream::connect("127.0.0.1:18054").unwrap();
     tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let mut direct = |id: u16, name: &str| -> Message {
-        let message = query(id, name);
-        let mut framed = u16::try_from(message.len()).unwrap().to_be_bytes().to_vec();
-        framed.extend_from_slice(&message);
-        tcp.write_all(&framed).unwrap();
+        tcp.write_all(&vsock_relay_apps::dns::frame::encode_frame(&query(id, name)).unwrap()).unwrap();
         let mut length = [0u8; 2];
         tcp.read_exact(&mut length).unwrap();
         let mut answer = vec![0u8; usize::from(u16::from_be_bytes(length))];

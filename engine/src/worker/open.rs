@@ -107,23 +107,22 @@ impl Opener {
             },
             Upstream::Routed(route) => Plan::route(route),
         };
-        let proxy_header = match (served.transparent, served.rules.sends_proxy_header()) {
-            (true, _) => match original_destination(&client) {
-                Ok(destination) => {
-                    let peer = client.peer_addr().ok().and_then(|a| a.as_socket());
-                    proxy_header::encode(peer, Some(destination))
-                }
-                Err(e) => {
-                    tracing::debug!(error = %e, "no original destination");
-                    return Opened::Refused { client, refusal: Refusal::NoOriginalDestination };
-                }
-            },
-            (false, true) => {
-                let peer = client.peer_addr().ok().and_then(|a| a.as_socket());
-                let local = client.local_addr().ok().and_then(|a| a.as_socket());
-                proxy_header::encode(peer, local)
-            }
-            (false, false) => Vec::new(),
+        let proxy_header = if served.transparent || served.rules.sends_proxy_header() {
+            // The header's destination: where a redirected client was going,
+            // or the listener it reached.
+            let destination = match served.transparent {
+                true => match original_destination(&client) {
+                    Ok(destination) => Some(destination),
+                    Err(e) => {
+                        tracing::debug!(error = %e, "no original destination");
+                        return Opened::Refused { client, refusal: Refusal::NoOriginalDestination };
+                    }
+                },
+                false => client.local_addr().ok().and_then(|a| a.as_socket()),
+            };
+            proxy_header::encode(client.peer_addr().ok().and_then(|a| a.as_socket()), destination)
+        } else {
+            Vec::new()
         };
         self.last_id += 1;
         Opened::Connection(Connection::new(self.last_id, client, plan, self.trigger, proxy_header))
