@@ -46,9 +46,9 @@ def median(values):
     return statistics.median(values) if values else None
 
 
-def spread(values):
-    """`min-max` of ratios, `-` for none."""
-    return f"{min(values):.2f}-{max(values):.2f}" if values else "-"
+def spread(values, digits=2):
+    """`min-max` of ratios (or of figures, with fewer digits), `-` for none."""
+    return f"{min(values):.{digits}f}-{max(values):.{digits}f}" if values else "-"
 
 
 def fmt(v, digits=2, suffix=""):

@@ -18,7 +18,7 @@ use hickory_proto::rr::{Name, RData, Record, RecordType};
 
 use vsock_relay_apps::dns::forwarder::stub_query;
 
-use crate::util::{run_to_exit, Proc, TempDir};
+use crate::util::{run_capturing, run_to_exit, Proc, TempDir};
 
 /// How long the fake parent holds a query for a later one to overtake it,
 /// in the tests that do not count on it.
@@ -382,4 +382,41 @@ fn dns_forwarder_resolv_conf_needs_port_53() {
     );
     assert_eq!(code, 2, "{stderr}");
     assert!(stderr.contains("--resolv-conf needs --listen on port 53"), "{stderr}");
+}
+
+#[test]
+fn bench_dns_times_lookups_through_the_forwarder_over_udp_and_tcp() {
+    let setup = start("dns-bench", Some(Duration::ZERO), &[]);
+    for (to, name, code) in [
+        (format!("udp:127.0.0.1:{}", setup.port), "n7.test.", "NoError"),
+        (format!("tcp:127.0.0.1:{}", setup.port), "n7.test.", "NoError"),
+        (format!("udp:127.0.0.1:{}", setup.port), "unknown.test.", "NXDomain"),
+    ] {
+        let args = ["bench", "dns", "--to", &to, "--name", name, "--queries", "40", "--json"];
+        let out = run_capturing("vsock-relay", &args, Duration::from_secs(60));
+        assert_eq!(out.code, 0, "{args:?}: {}", out.stderr);
+        let value: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+        let dns = &value["dns"];
+        assert_eq!((dns["queries"].as_u64(), dns["answered"].as_u64()), (Some(40), Some(40)), "{value}");
+        assert_eq!(dns["codes"][code].as_u64(), Some(40), "every answer {code}: {value}");
+        let (p50, max) =
+            (dns["latency"]["p50_us"].as_f64().unwrap(), dns["latency"]["max_us"].as_f64().unwrap());
+        assert!(0.0 < p50 && p50 <= max, "{value}");
+    }
+    // The warming query and the 40 of each run: 3 x 41 reached the parent.
+    assert_eq!(setup.seen.lock().unwrap().queries.len(), 3 * 41);
+}
+
+#[test]
+fn bench_dns_without_an_answer_fails_and_says_where() {
+    // A UDP port nobody answers on.
+    let silent = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let to = format!("udp:{}", silent.local_addr().unwrap());
+    let out = run_capturing(
+        "vsock-relay",
+        &["bench", "dns", "--to", &to, "--name", "a.test.", "--queries", "1"],
+        Duration::from_secs(30),
+    );
+    assert_ne!(out.code, 0);
+    assert!(out.stderr.contains(&format!("no query to {to} was answered")), "{}", out.stderr);
 }

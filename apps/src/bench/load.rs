@@ -99,7 +99,7 @@ pub struct Latency {
 }
 
 impl Latency {
-    fn of(mut samples: Vec<Duration>) -> Latency {
+    pub fn of(mut samples: Vec<Duration>) -> Latency {
         samples.sort_unstable();
         let at = |q: f64| {
             let i = ((samples.len() as f64 * q).ceil() as usize).clamp(1, samples.len()) - 1;

@@ -3,6 +3,7 @@
 //! (directly, or through a relay), read the numbers; `--json` for scripts
 //! (perf/compare runs every relay between the same two ends with it).
 
+pub mod dns;
 pub mod load;
 pub mod sink;
 
@@ -60,6 +61,25 @@ pub enum Bench {
         /// Connections in flight at a time.
         #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=1024))]
         parallel: u16,
+    },
+    /// QUERIES lookups of NAME (type A), one at a time, as a stub resolver
+    /// makes them, after one that warms the cache: latency and answers by
+    /// response code. Not a sink workload: --to is a name server, the
+    /// enclave's `vsock-relay dns` (udp:IP:PORT) or the parent's DNS service
+    /// (a stream endpoint, DNS over TCP).
+    Dns {
+        /// udp:IP:PORT, or tcp:, unix: or vsock: for DNS over a stream.
+        #[arg(long, value_name = "TARGET")]
+        to: dns::DnsTarget,
+        /// The name looked up (an allowed one, to measure answers).
+        #[arg(long, value_name = "NAME")]
+        name: String,
+        /// Lookups measured.
+        #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+        queries: u32,
+        /// One JSON object on stdout instead of text.
+        #[arg(long)]
+        json: bool,
     },
     /// Opens CONNECTIONS connections (each confirmed with a 1-byte echo),
     /// holds them HOLD seconds and meanwhile checks that new connections are
@@ -163,6 +183,20 @@ pub fn run(bench: Bench) -> anyhow::Result<()> {
                 latency_text(&r.latency)
             );
             print(&common, serde_json::json!({"churn": r}), text);
+        }
+        Bench::Dns { to, name, queries, json } => {
+            let r = dns::lookups(&to, &name, queries as usize)?;
+            if json {
+                println!("{}", serde_json::json!({"dns": r}));
+            } else {
+                let codes: Vec<String> = r.codes.iter().map(|(code, n)| format!("{code} {n}")).collect();
+                println!(
+                    "dns: {queries} lookups of {name} at {to}, one at a time: {} answered ({}); latency {}",
+                    r.answered,
+                    codes.join(", "),
+                    latency_text(&r.latency)
+                );
+            }
         }
         Bench::Idle { common, connections, hold, limit } => {
             let r = load::idle(

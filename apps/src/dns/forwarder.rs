@@ -303,7 +303,7 @@ async fn answer_query(
     query: &Message,
     bytes: Vec<u8>,
 ) -> Option<Vec<u8>> {
-    match upstream.ask(bytes).await {
+    match upstream.ask(bytes, query.queries.first()).await {
         Ok(answer) => {
             Counters::add(&counters.answers);
             Some(answer)

@@ -4,27 +4,34 @@
 //! Clients choose their message IDs themselves, and two of them (or a UDP
 //! and a TCP client) may choose the same one; so each query is sent with an
 //! ID unique among the queries in flight (a 2-byte rewrite, the one thing
-//! done to a message by hand), and its answer gets the client's ID back.
+//! done to a message by hand), and its answer gets the client's ID back. An
+//! answer is taken as its query's only when it also carries the query's
+//! question: 16 bits of ID come round again after 65,536 queries, and an
+//! answer that arrives after its query gave up must not reach a later one.
 //! The table of queries in flight is bounded; a query finds it full, or
 //! waits past its timeout, or is lost with two connections: each of those
 //! ends in an error here, which the caller answers with SERVFAIL, so that
 //! no client waits forever.
 //!
 //! Who owns what: the table (behind a mutex, never held across an await)
-//! owns each query's bytes and the sender of its answer; [`Upstream::ask`]
-//! owns the receiving end and removes its entry when it gives up, so a late
-//! answer finds nothing and is dropped. The connection task owns the
-//! socket: it connects (with backoff), writes the queries queued for it,
-//! and a reader task beside it hands answers to the table. When the
-//! connection drops, each query written on it is queued again once (a
-//! second loss fails it) and the task reconnects.
+//! owns each query's bytes and the sender of its answer, and is also the
+//! queue of what to write: the connection task, woken by each new query,
+//! writes the entries not yet written on its connection, oldest first. So
+//! nothing grows while the parent is away: a query that gives up leaves
+//! the table, and with it the queue. [`Upstream::ask`] owns the receiving
+//! end and removes its entry when it gives up, so a late answer finds
+//! nothing and is dropped. The connection task owns the socket: it
+//! connects (with backoff) and writes, and a reader task beside it hands
+//! answers to the table. When the connection drops, each query written on
+//! it is written again once on the next (a second loss fails it).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, oneshot};
+use hickory_proto::op::{Message, Query};
+use tokio::sync::{oneshot, Notify};
 use vsock_relay_engine::Endpoint;
 
 use crate::dns::frame::{self, MAX_FRAME_BYTES};
@@ -75,7 +82,8 @@ pub struct UpstreamCounters {
     pub connections: AtomicU64,
     /// Queries written to the parent again on a new connection.
     pub resent: AtomicU64,
-    /// Answers for no query in flight (late, after a timeout) or too short.
+    /// Answers for no query in flight (late, after a timeout), for another
+    /// question than their ID's query, or too short.
     pub stray_answers: AtomicU64,
 }
 
@@ -85,6 +93,9 @@ struct Pending {
     seq: u64,
     /// The query as sent: the client's bytes with the upstream ID.
     query: Vec<u8>,
+    /// Its first question, which its answer must carry (`None`: it has
+    /// none, and neither will an answer).
+    question: Option<Query>,
     answer: oneshot::Sender<Vec<u8>>,
     /// Times written to a connection.
     writes: u8,
@@ -117,7 +128,8 @@ fn lock(table: &Shared) -> MutexGuard<'_, Table> {
 #[derive(Clone)]
 pub struct Upstream {
     table: Shared,
-    queue: mpsc::UnboundedSender<Key>,
+    /// Wakes the connection task: a query to write.
+    queued: Arc<Notify>,
     config: Arc<UpstreamConfig>,
     counters: Arc<UpstreamCounters>,
 }
@@ -125,10 +137,13 @@ pub struct Upstream {
 impl Upstream {
     /// Starts the connection task on the current tokio runtime.
     pub fn start(config: UpstreamConfig) -> Upstream {
-        let (queue, queued) = mpsc::unbounded_channel();
-        let upstream =
-            Upstream { table: Shared::default(), queue, config: Arc::new(config), counters: Arc::default() };
-        tokio::spawn(connection_task(upstream.clone(), queued));
+        let upstream = Upstream {
+            table: Shared::default(),
+            queued: Arc::default(),
+            config: Arc::new(config),
+            counters: Arc::default(),
+        };
+        tokio::spawn(connection_task(upstream.clone()));
         upstream
     }
 
@@ -138,8 +153,10 @@ impl Upstream {
     }
 
     /// Sends `query` (a DNS message of at least 12 bytes) to the parent and
-    /// returns its answer, with the query's own ID.
-    pub async fn ask(&self, mut query: Vec<u8>) -> Result<Vec<u8>, AskError> {
+    /// returns its answer, with the query's own ID. `question` is the
+    /// query's first question (the caller parsed it), which the answer must
+    /// carry.
+    pub async fn ask(&self, mut query: Vec<u8>, question: Option<&Query>) -> Result<Vec<u8>, AskError> {
         let client_id = message_id(&query).ok_or(AskError::NotAMessage)?;
         let (sender, answer) = oneshot::channel();
         let key = {
@@ -158,12 +175,14 @@ impl Upstream {
             let seq = table.next_seq;
             table.next_seq += 1;
             set_message_id(&mut query, id);
-            table.pending.insert(id, Pending { seq, query, answer: sender, writes: 0, written_on: None });
+            let question = question.cloned();
+            table
+                .pending
+                .insert(id, Pending { seq, query, question, answer: sender, writes: 0, written_on: None });
             Key { id, seq }
         };
         let _entry = Entry { table: &self.table, key };
-        // The connection task ends only with the runtime, which ends this too.
-        let _ = self.queue.send(key);
+        self.queued.notify_one();
         match tokio::time::timeout(self.config.query_timeout, answer).await {
             Ok(Ok(mut answer)) => {
                 set_message_id(&mut answer, client_id);
@@ -206,8 +225,13 @@ pub fn set_message_id(message: &mut [u8], id: u16) {
     }
 }
 
+/// The first question of a DNS message, if it has one and parses.
+fn first_question(message: &[u8]) -> Option<Query> {
+    Message::from_vec(message).ok()?.queries.into_iter().next()
+}
+
 /// Connects, serves the connection until it drops, and again, forever.
-async fn connection_task(upstream: Upstream, mut queued: mpsc::UnboundedReceiver<Key>) {
+async fn connection_task(upstream: Upstream) {
     let to = upstream.config.to.clone();
     let mut backoff: Option<Duration> = None;
     let mut failures = 0u64;
@@ -244,7 +268,7 @@ async fn connection_task(upstream: Upstream, mut queued: mpsc::UnboundedReceiver
             tracing::info!(resent, "queries of the dropped connection sent again");
         }
         let started = Instant::now();
-        serve(&upstream, stream, serial, &mut queued).await;
+        serve(&upstream, stream, serial).await;
         let lived = started.elapsed();
         backoff = if lived >= HEALTHY_FOR { None } else { Some(next_backoff(backoff)) };
         tracing::warn!(%to, connection = serial, lived = ?lived, "connection to the parent's DNS service lost; reconnecting");
@@ -256,65 +280,60 @@ fn next_backoff(current: Option<Duration>) -> Duration {
 }
 
 /// On a new connection (`serial`): each query written on an earlier one is
-/// queued again if that was its first write, or failed (its asker gets
-/// [`AskError::Lost`]). Returns how many were queued again.
+/// to be written again if that was its first write, or failed (its asker
+/// gets [`AskError::Lost`]). Returns how many are to be written again.
 fn requeue_or_fail(upstream: &Upstream, serial: u64) -> u64 {
     let mut table = lock(&upstream.table);
-    let dropped: Vec<u16> = table
-        .pending
-        .iter()
-        .filter(|(_, p)| p.written_on.is_some_and(|on| on < serial))
-        .map(|(id, _)| *id)
-        .collect();
     let mut resent = 0;
-    for id in dropped {
-        let Some(pending) = table.pending.get_mut(&id) else { continue };
-        if pending.writes >= 2 {
-            // Dropping the sender tells the asker at once.
-            table.pending.remove(&id);
-            continue;
+    // Dropping a failed query's sender tells its asker at once.
+    table.pending.retain(|_, pending| match pending.written_on {
+        Some(on) if on < serial && pending.writes >= 2 => false,
+        Some(on) if on < serial => {
+            pending.written_on = None;
+            resent += 1;
+            true
         }
-        pending.written_on = None;
-        let _ = upstream.queue.send(Key { id, seq: pending.seq });
-        resent += 1;
-    }
+        _ => true,
+    });
     upstream.counters.resent.fetch_add(resent, Ordering::Relaxed);
     resent
 }
 
-/// Serves one connection until it drops: writes what is queued, while a
-/// reader task delivers the answers.
-async fn serve(
-    upstream: &Upstream,
-    stream: SocketStream,
-    serial: u64,
-    queued: &mut mpsc::UnboundedReceiver<Key>,
-) {
+/// The queries not yet written on connection `serial`, oldest first, marked
+/// as written on it.
+fn take_unwritten(table: &Shared, serial: u64) -> Vec<Vec<u8>> {
+    let mut table = lock(table);
+    let mut unwritten: Vec<&mut Pending> =
+        table.pending.values_mut().filter(|pending| pending.written_on.is_none()).collect();
+    unwritten.sort_unstable_by_key(|pending| pending.seq);
+    unwritten
+        .into_iter()
+        .map(|pending| {
+            pending.writes += 1;
+            pending.written_on = Some(serial);
+            pending.query.clone()
+        })
+        .collect()
+}
+
+/// Serves one connection until it drops: writes what is in the table and
+/// not yet written on it, whenever a query comes, while a reader task
+/// delivers the answers.
+async fn serve(upstream: &Upstream, stream: SocketStream, serial: u64) {
     let (reader, mut writer) = tokio::io::split(stream);
     let mut answers =
         tokio::spawn(read_answers(reader, Arc::clone(&upstream.table), Arc::clone(&upstream.counters)));
     loop {
-        let key = tokio::select! {
-            key = queued.recv() => match key {
-                Some(key) => key,
-                None => break,
-            },
-            _ = &mut answers => break,
-        };
-        let query = {
-            let mut table = lock(&upstream.table);
-            match table.pending.get_mut(&key.id) {
-                Some(pending) if pending.seq == key.seq => {
-                    pending.writes += 1;
-                    pending.written_on = Some(serial);
-                    pending.query.clone()
-                }
-                _ => continue, // answered or given up meanwhile
+        for query in take_unwritten(&upstream.table, serial) {
+            if let Err(e) = frame::write_frame(&mut writer, &query).await {
+                tracing::debug!(error = %e, "cannot write a query to the parent");
+                answers.abort();
+                return;
             }
-        };
-        if let Err(e) = frame::write_frame(&mut writer, &query).await {
-            tracing::debug!(error = %e, "cannot write a query to the parent");
-            break;
+        }
+        tokio::select! {
+            () = upstream.queued.notified() => {}
+            _ = &mut answers => break,
         }
     }
     answers.abort();
@@ -336,7 +355,12 @@ async fn read_answers(
                 return;
             }
         };
-        let pending = message_id(&answer).and_then(|id| lock(&table).pending.remove(&id));
+        let asked = first_question(&answer);
+        let pending = message_id(&answer).and_then(|id| {
+            let mut table = lock(&table);
+            let pending = table.pending.get(&id)?;
+            (pending.question == asked).then(|| table.pending.remove(&id))?
+        });
         match pending {
             // The asker may have given up just now: then nobody needs it.
             Some(pending) => drop(pending.answer.send(answer)),
@@ -344,7 +368,7 @@ async fn read_answers(
                 counters.stray_answers.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(
                     bytes = answer.len(),
-                    "an answer for no query in flight (late, or garbled); dropped"
+                    "an answer for no query in flight (late, for another question, or garbled); dropped"
                 );
             }
         }
@@ -384,20 +408,100 @@ mod tests {
         UpstreamConfig { to, query_timeout: Duration::from_millis(300), max_in_flight }
     }
 
+    /// A parent on a Unix socket of its own: `serve` gets each connection.
+    fn parent_path(test: &str) -> std::path::PathBuf {
+        let path = std::env::temp_dir().join(format!("dns-upstream-{test}-{}.sock", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        path
+    }
+
+    fn query_for(id: u16, name: &str) -> (Vec<u8>, Query) {
+        let name = hickory_proto::rr::Name::from_ascii(name).unwrap();
+        let message = crate::dns::forwarder::stub_query(id, &name, hickory_proto::rr::RecordType::A, None);
+        (message.to_vec().unwrap(), message.queries[0].clone())
+    }
+
+    #[test]
+    fn queries_wait_for_the_parent_and_only_those_still_waiting_are_written() {
+        let path = parent_path("waiting");
+        runtime().block_on(async {
+            // Long enough for a reconnect after the backoff grew.
+            let patient = UpstreamConfig {
+                query_timeout: Duration::from_secs(10),
+                ..config(Endpoint::Unix { path: path.clone() }, 64)
+            };
+            let upstream = Upstream::start(patient);
+            // Asked while no parent listens: each asker gives up, and leaves nothing behind.
+            for id in 0..200 {
+                let (query, question) = query_for(id, "gone.example.");
+                let gave_up =
+                    tokio::time::timeout(Duration::from_millis(2), upstream.ask(query, Some(&question)))
+                        .await;
+                assert!(gave_up.is_err(), "no parent, no answer");
+            }
+            assert!(lock(&upstream.table).pending.is_empty());
+            let listener = tokio::net::UnixListener::bind(&path).unwrap();
+            let (query, question) = query_for(7, "wanted.example.");
+            let ask = upstream.ask(query.clone(), Some(&question));
+            let parent = async {
+                let (mut stream, _) = listener.accept().await.unwrap();
+                let written = frame::read_frame(&mut stream, MAX_FRAME_BYTES).await.unwrap().unwrap();
+                assert_eq!(
+                    first_question(&written),
+                    Some(question.clone()),
+                    "the first query written is the one waiting"
+                );
+                assert_eq!(&written[2..], &query[2..], "the client's bytes, but for the ID");
+                frame::write_frame(&mut stream, &written).await.unwrap();
+                stream
+            };
+            let both = tokio::time::timeout(Duration::from_secs(20), async { tokio::join!(ask, parent) });
+            let (answer, _stream) = both.await.expect("answered within 20 s");
+            assert_eq!(message_id(&answer.unwrap()), Some(7), "the client's ID back");
+        });
+        let _ = std::fs::remove_file(&path);
+    }
+
+    #[test]
+    fn an_answer_to_another_question_under_the_same_id_is_not_taken() {
+        let path = parent_path("question");
+        runtime().block_on(async {
+            let listener = tokio::net::UnixListener::bind(&path).unwrap();
+            let upstream = Upstream::start(config(Endpoint::Unix { path: path.clone() }, 64));
+            let (query, question) = query_for(1, "asked.example.");
+            let ask = upstream.ask(query, Some(&question));
+            let parent = async {
+                let (mut stream, _) = listener.accept().await.unwrap();
+                let written = frame::read_frame(&mut stream, MAX_FRAME_BYTES).await.unwrap().unwrap();
+                // A late answer that came round to the same ID, then the right one.
+                let (mut late, _) = query_for(0, "other.example.");
+                set_message_id(&mut late, message_id(&written).unwrap());
+                frame::write_frame(&mut stream, &late).await.unwrap();
+                frame::write_frame(&mut stream, &written).await.unwrap();
+                stream
+            };
+            let both = tokio::time::timeout(Duration::from_secs(20), async { tokio::join!(ask, parent) });
+            let (answer, _stream) = both.await.expect("answered within 20 s");
+            assert_eq!(first_question(&answer.unwrap()), Some(question));
+            assert_eq!(upstream.counters().stray_answers.load(Ordering::Relaxed), 1);
+        });
+        let _ = std::fs::remove_file(&path);
+    }
+
     #[test]
     fn without_a_parent_queries_time_out_and_a_full_table_says_busy() {
         let to = Endpoint::Unix { path: "/nonexistent/dns.sock".into() };
         runtime().block_on(async {
             let upstream = Upstream::start(config(to, 1));
             let query = vec![0u8; 12];
-            let (first, second) = tokio::join!(upstream.ask(query.clone()), async {
+            let (first, second) = tokio::join!(upstream.ask(query.clone(), None), async {
                 tokio::task::yield_now().await;
-                upstream.ask(query.clone()).await
+                upstream.ask(query.clone(), None).await
             });
             assert_eq!(first, Err(AskError::Timeout));
             assert_eq!(second, Err(AskError::Busy));
             assert!(lock(&upstream.table).pending.is_empty(), "a query that timed out leaves the table");
-            assert_eq!(upstream.ask(vec![0u8; 11]).await, Err(AskError::NotAMessage));
+            assert_eq!(upstream.ask(vec![0u8; 11], None).await, Err(AskError::NotAMessage));
         });
     }
 }
