@@ -69,7 +69,23 @@ fn every_workload_directly_and_through_a_relay() {
         let idle = bench(&["idle", "--to", to, "--connections", "500", "--hold", "0.5"]);
         assert_eq!(idle["confirmed"], 500, "{idle}");
         assert_eq!(idle["new_served"], idle["new_tried"], "{idle}");
+
+        let burst = bench(&["burst", "--to", to, "--connections", "300"]);
+        assert_eq!((burst["served"].as_u64(), burst["failed"].as_u64()), (Some(300), Some(0)), "{burst}");
+        assert_eq!(burst["failures"], serde_json::json!({}), "{burst}");
+        assert!(burst["all_served_seconds"].as_f64().unwrap() > 0.0, "{burst}");
+        assert_latency(&burst["latency"]);
     }
+}
+
+#[test]
+fn a_burst_counts_each_failure_by_its_cause() {
+    let dir = TempDir::new("bench-burst");
+    let missing = format!("unix:{}", dir.path("no-sink.sock").display());
+    let burst = bench(&["burst", "--to", &missing, "--connections", "20", "--limit", "2"]);
+    assert_eq!((burst["served"].as_u64(), burst["failed"].as_u64()), (Some(0), Some(20)), "{burst}");
+    assert_eq!(burst["failures"], serde_json::json!({"connect: No such file or directory (os error 2)": 20}));
+    assert_eq!(burst["latency"], Value::Null, "{burst}");
 }
 
 #[test]

@@ -497,7 +497,7 @@ fn generate_docs_writes_pages_and_completions() {
         .collect();
     pages.sort();
     let mut expected: Vec<String> =
-        ["", "-bench", "-bench-bulk", "-bench-churn", "-bench-idle", "-bench-rpc"]
+        ["", "-bench", "-bench-bulk", "-bench-burst", "-bench-churn", "-bench-idle", "-bench-rpc"]
             .iter()
             .chain(&[
                 "-bench-sink",

@@ -58,6 +58,7 @@ EXPECTED_COMMON="
 -rw-r--r-- /usr/share/man/man1/vsock-relay-bench-churn.1.gz
 -rw-r--r-- /usr/share/man/man1/vsock-relay-bench-dns.1.gz
 -rw-r--r-- /usr/share/man/man1/vsock-relay-bench-idle.1.gz
+-rw-r--r-- /usr/share/man/man1/vsock-relay-bench-burst.1.gz
 -rw-r--r-- /usr/share/man/man1/vsock-relay-relay.1.gz
 -rw-r--r-- /usr/share/man/man1/vsock-relay-doctor.1.gz
 -rw-r--r-- /usr/share/man/man1/vsock-relay-completions.1.gz

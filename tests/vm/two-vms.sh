@@ -222,7 +222,7 @@ pack_transparent() {
         echo "[vm] NOTE: the workshop's server.py and client.py are not in $workshop (set VSOCK_RELAY_WORKSHOP):" \
             "this run's enclave serves with vsock-relay serve in server.py's place" >&2
         packed=no
-    elif ! (cd "$workshop" && sha256sum --quiet -c -) < tests/vm/workshop.sha256; then
+    elif ! grep -E " (server|client)\.py$" tests/vm/workshop.sha256 | (cd "$workshop" && sha256sum --quiet -c -); then
         echo "[vm] $workshop/server.py or client.py is not the workshop's (tests/vm/workshop.sha256)" >&2
         return 1
     fi

@@ -3,6 +3,7 @@
 //! and idle connections held open. Each worker is a thread with blocking
 //! sockets: the load generator must be simple enough to trust.
 
+use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
@@ -299,6 +300,76 @@ pub fn idle(to: &Dial, connections: usize, hold: Duration, limit: Duration) -> a
     }
     std::thread::sleep(hold_until.saturating_duration_since(Instant::now()));
     Ok(IdleResult { connections, confirmed, open_seconds, new_served, new_tried })
+}
+
+#[derive(Debug, Serialize)]
+pub struct BurstResult {
+    pub connections: usize,
+    /// Connections that got their 1-byte echo within the time limit.
+    pub served: usize,
+    pub failed: usize,
+    /// Failed connections by cause: the step that failed (`connect`,
+    /// `send`, `echo`) and the error, e.g. `connect: Connection refused
+    /// (os error 111)`, `echo: closed before the echo`, `echo: none within
+    /// the limit`.
+    pub failures: BTreeMap<String, usize>,
+    /// From the release of every connection until the last served one got
+    /// its echo: the time to serve the whole burst.
+    pub all_served_seconds: f64,
+    /// Each served connection, from its connect call to its echo.
+    pub latency: Option<Latency>,
+}
+
+/// `connections` connections opened at once (a thread each, released
+/// together): each connects, sends one byte, waits for its echo and closes.
+/// Every connection ends served or failed with a cause, never the run:
+/// a relay that drops part of a burst shows as counts, not as an error.
+pub fn burst(to: &Dial, connections: usize, limit: Duration) -> anyhow::Result<BurstResult> {
+    let _ = vsock_relay_engine::raise_open_files_limit();
+    let to = to.clone();
+    let (outcomes, _) = in_parallel(connections, move |_| {
+        let started = Instant::now();
+        let failed = |step: &str, e: &io::Error| -> Result<Duration, String> {
+            Err(match e.kind() {
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
+                    format!("{step}: none within the limit")
+                }
+                io::ErrorKind::UnexpectedEof => format!("{step}: closed before the echo"),
+                _ if e.raw_os_error().is_some() => format!("{step}: {e}"),
+                kind => format!("{step}: {kind}"),
+            })
+        };
+        let mut stream = match open(&to, ECHO) {
+            Ok(stream) => stream,
+            Err(e) => return Ok(failed("connect", &e)),
+        };
+        if let Err(e) = stream.write_all(b"!") {
+            return Ok(failed("send", &e));
+        }
+        let left = (started + limit).saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
+        let mut byte = [0u8; 1];
+        let echoed = stream.set_read_timeout(Some(left)).and_then(|()| stream.read_exact(&mut byte));
+        Ok(match echoed {
+            Ok(()) => Ok(started.elapsed()),
+            Err(e) => failed("echo", &e),
+        })
+    })?;
+    let mut failures = BTreeMap::new();
+    let mut served = Vec::with_capacity(connections);
+    for outcome in outcomes {
+        match outcome {
+            Ok(took) => served.push(took),
+            Err(cause) => *failures.entry(cause).or_insert(0) += 1,
+        }
+    }
+    Ok(BurstResult {
+        connections,
+        served: served.len(),
+        failed: connections - served.len(),
+        failures,
+        all_served_seconds: served.iter().max().copied().unwrap_or_default().as_secs_f64(),
+        latency: (!served.is_empty()).then(|| Latency::of(served)),
+    })
 }
 
 /// Whether one echoed byte comes back before `deadline` (past it: whether

@@ -16,7 +16,7 @@ use load::Latency;
 
 #[derive(Subcommand, Debug, Clone)]
 pub enum Bench {
-    /// The far end: counts (bulk) or echoes (rpc, churn, idle) what each
+    /// The far end: counts (bulk) or echoes (rpc, churn, idle, burst) what each
     /// connection sends; the workloads say which with a first byte.
     Sink {
         /// Where to listen.
@@ -95,6 +95,19 @@ pub enum Bench {
         hold: f64,
         /// Seconds allowed for every connection to answer its echo.
         #[arg(long, default_value_t = 10.0, value_parser = crate::relay::options::parse_seconds)]
+        limit: f64,
+    },
+    /// CONNECTIONS connections opened at once (a thread each), each sending
+    /// one byte and waiting for its echo: how many were served, the time
+    /// until the last was, and each failure by its cause.
+    Burst {
+        #[command(flatten)]
+        common: Common,
+        /// Connections in the burst.
+        #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+        connections: u32,
+        /// Seconds each connection is given, from its connect call to its echo.
+        #[arg(long, default_value_t = 30.0, value_parser = crate::relay::options::parse_seconds)]
         limit: f64,
     },
 }
@@ -210,6 +223,21 @@ pub fn run(bench: Bench) -> anyhow::Result<()> {
                 r.connections, dial(&common), r.confirmed, r.open_seconds, r.new_served, r.new_tried
             );
             print(&common, serde_json::json!({"idle": r}), text);
+        }
+        Bench::Burst { common, connections, limit } => {
+            let r = load::burst(&dial(&common), connections as usize, Duration::from_secs_f64(limit))?;
+            let failures: Vec<String> = r.failures.iter().map(|(cause, n)| format!("{n} {cause}")).collect();
+            let text = format!(
+                "burst: {} connections at once to {}: {} served in {:.2} s, {} failed{}{}",
+                r.connections,
+                dial(&common),
+                r.served,
+                r.all_served_seconds,
+                r.failed,
+                if failures.is_empty() { "" } else { ": " },
+                failures.join(", ")
+            );
+            print(&common, serde_json::json!({"burst": r}), text);
         }
     }
     Ok(())
