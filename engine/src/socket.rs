@@ -20,10 +20,11 @@ use crate::sys;
 /// With many streams at once a worker reaches each socket less often, and a
 /// sender whose window is full waits for it; a larger window lets each
 /// socket queue more between two visits. Measured in the vsock guest
-/// (proxy alone, vsock -> TCP, 1 to 64 streams at once;
-/// perf/results-vsock-streams.md): 4 MiB against 1 MiB kept the lead over
-/// AWS's proxy at every stream count, with less relay CPU per GiB; 256 KiB
-/// was the slowest. The window is a bound, not an
+/// (proxy alone, vsock -> TCP, 1 to 64 streams at once, 5 boots on 6.12
+/// and 6.18; perf/results-vsock-streams.md): 4 MiB against 1 MiB moved
+/// 1.01-1.25x as much at 1 to 16 streams (medians per kernel and backend)
+/// with less relay CPU per GiB, and level at 64; the kernel's 256 KiB
+/// was the slowest of the windows tried. The window is a bound, not an
 /// allocation: it is used only by bytes queued for a reader, which a relay
 /// whose upstream is slow leaves there (up to this much per connection).
 pub const DEFAULT_VSOCK_BUFFER_BYTES: u64 = 4 << 20;
