@@ -29,6 +29,11 @@ pub const ECHO: u8 = b'E';
 
 const READ_BYTES: usize = 256 * 1024;
 
+/// The sink's own vsock credit window, fixed (not the relay's default, which
+/// may change): the `direct` rows of the vsock benchmarks stay comparable
+/// across builds.
+const VSOCK_WINDOW_BYTES: u64 = 1 << 20;
+
 /// Threads kept waiting for a next connection, at most.
 const MAX_WAITING: usize = 64;
 
@@ -36,7 +41,11 @@ const MAX_WAITING: usize = 64;
 /// endpoint once listening (port 0 gets a real port).
 pub fn start(listen: &Endpoint) -> anyhow::Result<Endpoint> {
     let _ = vsock_relay_engine::raise_open_files_limit();
-    let options = SocketOptions { backlog: 4096, ..SocketOptions::default() };
+    let options = SocketOptions {
+        backlog: 4096,
+        vsock_buffer_size: Some(VSOCK_WINDOW_BYTES),
+        ..SocketOptions::default()
+    };
     let listener = socket::listen(listen, &options).with_context(|| format!("cannot listen on {listen}"))?;
     listener.set_nonblocking(false)?;
     let local = socket::local_endpoint(&listener, listen)?;
