@@ -5,6 +5,8 @@
 //! the forwarder and the vsock hop add to a lookup.
 //!
 //! Blocking sockets, one query in flight: a latency probe, not a load.
+//! Given several targets, it asks them in turn, query by query: on a noisy
+//! machine their difference is then measured at the same moments.
 
 use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
@@ -62,6 +64,8 @@ impl std::fmt::Display for DnsTarget {
 
 #[derive(Debug, Serialize)]
 pub struct DnsResult {
+    /// The target, as given.
+    pub to: String,
     pub queries: usize,
     /// Queries that got an answer (any response code) within the timeout.
     pub answered: usize,
@@ -137,37 +141,57 @@ impl Asker {
     }
 }
 
-/// `queries` lookups of `name` (type A), one at a time: the first warms the
-/// resolver's cache and is not counted.
-pub fn lookups(target: &DnsTarget, name: &str, queries: usize) -> anyhow::Result<DnsResult> {
+/// `queries` lookups of `name` (type A) at each target, one at a time:
+/// the targets take turns query by query (who goes first rotates), so
+/// their figures share every moment's noise; before them one lookup per
+/// target warms its cache and is not counted. A result per target, in
+/// their order.
+pub fn lookups(targets: &[DnsTarget], name: &str, queries: usize) -> anyhow::Result<Vec<DnsResult>> {
     let name = Name::from_ascii(name).with_context(|| format!("`{name}` is not a domain name"))?;
-    let mut asker = Asker::open(target).with_context(|| format!("cannot reach {target}"))?;
-    let mut samples = Vec::with_capacity(queries);
-    let mut codes = BTreeMap::new();
-    for i in 0..=queries {
-        let id = (i % 65_536) as u16;
+    let mut askers = targets
+        .iter()
+        .map(|target| Asker::open(target).with_context(|| format!("cannot reach {target}")))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let mut samples: Vec<Vec<Duration>> = vec![Vec::with_capacity(queries); targets.len()];
+    let mut codes: Vec<BTreeMap<String, usize>> = vec![BTreeMap::new(); targets.len()];
+    for round in 0..=queries {
+        let id = (round % 65_536) as u16;
         let query = stub_query(id, &name, RecordType::A, None).to_vec().context("cannot build a query")?;
-        let started = Instant::now();
-        let outcome = asker.ask(&query, id);
-        let took = started.elapsed();
-        match outcome {
-            Ok(answer) if i > 0 => {
-                samples.push(took);
-                *codes.entry(code_name(answer.metadata.response_code)).or_insert(0) += 1;
-            }
-            Ok(_) => {}
-            // A stream out of step cannot be trusted: start a new one.
-            Err(e) => {
-                tracing::debug!(error = %e, "a query got no answer");
-                if let DnsTarget::Stream(_) = target {
-                    asker = Asker::open(target).with_context(|| format!("cannot reach {target} again"))?;
+        for turn in 0..targets.len() {
+            let at = (round + turn) % targets.len();
+            let started = Instant::now();
+            let outcome = askers[at].ask(&query, id);
+            let took = started.elapsed();
+            match outcome {
+                Ok(answer) if round > 0 => {
+                    samples[at].push(took);
+                    *codes[at].entry(code_name(answer.metadata.response_code)).or_insert(0) += 1;
+                }
+                Ok(_) => {}
+                // A stream out of step cannot be trusted: start a new one.
+                Err(e) => {
+                    tracing::debug!(error = %e, target = %targets[at], "a query got no answer");
+                    if let DnsTarget::Stream(_) = targets[at] {
+                        askers[at] = Asker::open(&targets[at])
+                            .with_context(|| format!("cannot reach {} again", targets[at]))?;
+                    }
                 }
             }
         }
     }
-    anyhow::ensure!(!samples.is_empty(), "no query to {target} was answered within {ANSWER_TIMEOUT:?}");
-    let answered = samples.len();
-    Ok(DnsResult { queries, answered, codes, latency: Latency::of(samples) })
+    targets
+        .iter()
+        .zip(samples)
+        .zip(codes)
+        .map(|((target, samples), codes)| {
+            anyhow::ensure!(
+                !samples.is_empty(),
+                "no query to {target} was answered within {ANSWER_TIMEOUT:?}"
+            );
+            let answered = samples.len();
+            Ok(DnsResult { to: target.to_string(), queries, answered, codes, latency: Latency::of(samples) })
+        })
+        .collect()
 }
 
 fn code_name(code: ResponseCode) -> String {
@@ -194,7 +218,7 @@ mod tests {
         // Bound and never read: every query times out.
         let silent = UdpSocket::bind("127.0.0.1:0").unwrap();
         let target = DnsTarget::Udp(silent.local_addr().unwrap());
-        let error = lookups(&target, "example.com.", 1).unwrap_err().to_string();
+        let error = lookups(&[target], "example.com.", 1).unwrap_err().to_string();
         assert!(error.contains("no query to udp:127.0.0.1:"), "{error}");
     }
 }

@@ -66,18 +66,21 @@ pub enum Bench {
     /// makes them, after one that warms the cache: latency and answers by
     /// response code. Not a sink workload: --to is a name server, the
     /// enclave's `vsock-relay dns` (udp:IP:PORT) or the parent's DNS service
-    /// (a stream endpoint, DNS over TCP).
+    /// (a stream endpoint, DNS over TCP). Several --to take turns query by
+    /// query (a result line each): their difference measured at the same
+    /// moments.
     Dns {
-        /// udp:IP:PORT, or tcp:, unix: or vsock: for DNS over a stream.
-        #[arg(long, value_name = "TARGET")]
-        to: dns::DnsTarget,
+        /// udp:IP:PORT, or tcp:, unix: or vsock: for DNS over a stream;
+        /// repeat it to compare targets.
+        #[arg(long, value_name = "TARGET", required = true)]
+        to: Vec<dns::DnsTarget>,
         /// The name looked up (an allowed one, to measure answers).
         #[arg(long, value_name = "NAME")]
         name: String,
-        /// Lookups measured.
+        /// Lookups measured per target.
         #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
         queries: u32,
-        /// One JSON object on stdout instead of text.
+        /// One JSON object per target on stdout instead of text.
         #[arg(long)]
         json: bool,
     },
@@ -198,17 +201,19 @@ pub fn run(bench: Bench) -> anyhow::Result<()> {
             print(&common, serde_json::json!({"churn": r}), text);
         }
         Bench::Dns { to, name, queries, json } => {
-            let r = dns::lookups(&to, &name, queries as usize)?;
-            if json {
-                println!("{}", serde_json::json!({"dns": r}));
-            } else {
-                let codes: Vec<String> = r.codes.iter().map(|(code, n)| format!("{code} {n}")).collect();
-                println!(
-                    "dns: {queries} lookups of {name} at {to}, one at a time: {} answered ({}); latency {}",
-                    r.answered,
-                    codes.join(", "),
-                    latency_text(&r.latency)
-                );
+            for r in dns::lookups(&to, &name, queries as usize)? {
+                if json {
+                    println!("{}", serde_json::json!({"dns": r}));
+                } else {
+                    let codes: Vec<String> = r.codes.iter().map(|(code, n)| format!("{code} {n}")).collect();
+                    println!(
+                        "dns: {queries} lookups of {name} at {}, one at a time: {} answered ({}); latency {}",
+                        r.to,
+                        r.answered,
+                        codes.join(", "),
+                        latency_text(&r.latency)
+                    );
+                }
             }
         }
         Bench::Idle { common, connections, hold, limit } => {
