@@ -5,9 +5,11 @@
 //! and a TCP client) may choose the same one; so each query is sent with an
 //! ID unique among the queries in flight (a 2-byte rewrite, the one thing
 //! done to a message by hand), and its answer gets the client's ID back. An
-//! answer is taken as its query's only when it also carries the query's
-//! question: 16 bits of ID come round again after 65,536 queries, and an
-//! answer that arrives after its query gave up must not reach a later one.
+//! answer that carries a question is taken as its query's only when it is
+//! the query's question: 16 bits of ID come round again after 65,536
+//! queries, and an answer that arrives after its query gave up must not
+//! reach a later one. (An error reply without a question, such as the
+//! parent's SERVFAIL to a client over its rate, goes by its ID.)
 //! The table of queries in flight is bounded; a query finds it full, or
 //! waits past its timeout, or is lost with two connections: each of those
 //! ends in an error here, which the caller answers with SERVFAIL, so that
@@ -359,7 +361,9 @@ async fn read_answers(
         let pending = message_id(&answer).and_then(|id| {
             let mut table = lock(&table);
             let pending = table.pending.get(&id)?;
-            (pending.question == asked).then(|| table.pending.remove(&id))?
+            // An error reply may carry no question (the parent could not
+            // or did not echo it): the ID alone then says whose it is.
+            (asked.is_none() || pending.question == asked).then(|| table.pending.remove(&id))?
         });
         match pending {
             // The asker may have given up just now: then nobody needs it.
@@ -481,9 +485,31 @@ mod tests {
                 stream
             };
             let both = tokio::time::timeout(Duration::from_secs(20), async { tokio::join!(ask, parent) });
-            let (answer, _stream) = both.await.expect("answered within 20 s");
+            let (answer, mut stream) = both.await.expect("answered within 20 s");
             assert_eq!(first_question(&answer.unwrap()), Some(question));
             assert_eq!(upstream.counters().stray_answers.load(Ordering::Relaxed), 1);
+
+            // An error reply without a question goes by its ID.
+            let (query, question) = query_for(2, "limited.example.");
+            let ask = upstream.ask(query, Some(&question));
+            let parent = async {
+                // On the same connection.
+                let written = frame::read_frame(&mut stream, MAX_FRAME_BYTES).await.unwrap().unwrap();
+                let id = message_id(&written).unwrap();
+                let servfail = Message::error_msg(
+                    id,
+                    hickory_proto::op::OpCode::Query,
+                    hickory_proto::op::ResponseCode::ServFail,
+                );
+                frame::write_frame(&mut stream, &servfail.to_vec().unwrap()).await.unwrap();
+            };
+            let both = tokio::time::timeout(Duration::from_secs(20), async { tokio::join!(ask, parent) });
+            let (answer, ()) = both.await.expect("answered within 20 s");
+            let answer = Message::from_vec(&answer.expect("the SERVFAIL is the query's")).unwrap();
+            assert_eq!(
+                (answer.metadata.id, answer.metadata.response_code),
+                (2, hickory_proto::op::ResponseCode::ServFail)
+            );
         });
         let _ = std::fs::remove_file(&path);
     }
