@@ -496,24 +496,32 @@ fn generate_docs_writes_pages_and_completions() {
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
     pages.sort();
-    let mut expected: Vec<String> =
-        ["", "-bench", "-bench-bulk", "-bench-burst", "-bench-churn", "-bench-idle", "-bench-rpc"]
-            .iter()
-            .chain(&[
-                "-bench-sink",
-                "-client",
-                "-completions",
-                "-demo",
-                "-dns",
-                "-doctor",
-                "-forward",
-                "-proxy",
-                "-relay",
-                "-serve",
-            ])
-            .chain(&["-vsock-proxy"])
-            .map(|s| format!("vsock-relay{s}.1"))
-            .collect();
+    let mut expected: Vec<String> = [
+        "",
+        "-bench",
+        "-bench-bulk",
+        "-bench-burst",
+        "-bench-churn",
+        "-bench-dns",
+        "-bench-idle",
+        "-bench-rpc",
+    ]
+    .iter()
+    .chain(&[
+        "-bench-sink",
+        "-client",
+        "-completions",
+        "-demo",
+        "-dns",
+        "-doctor",
+        "-forward",
+        "-proxy",
+        "-relay",
+        "-serve",
+    ])
+    .chain(&["-vsock-proxy"])
+    .map(|s| format!("vsock-relay{s}.1"))
+    .collect();
     expected.sort();
     assert_eq!(pages, expected);
     let page = std::fs::read_to_string(out_dir.join("man/vsock-relay-vsock-proxy.1")).unwrap();
