@@ -20,13 +20,13 @@ use serde::Serialize;
 use socket2::Socket;
 use vsock_relay_engine::Endpoint;
 
-use super::load::Latency;
+use super::load::{Latency, CONNECT_TIMEOUT};
 use crate::dns::forwarder::stub_query;
+use crate::dns::frame::encode_frame;
 use crate::sample::client;
 
 /// How long one query waits for its answer before it counts as unanswered.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(2);
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Where the queries go: a UDP name server (a stub resolver's way), or a
 /// stream endpoint speaking DNS over TCP framing (RFC 7766).
@@ -107,9 +107,7 @@ impl Asker {
         match self {
             Asker::Udp(socket) => socket.send(query)?,
             Asker::Stream(socket) => {
-                let length = u16::try_from(query.len()).map_err(io::Error::other)?;
-                let mut framed = length.to_be_bytes().to_vec();
-                framed.extend_from_slice(query);
+                let framed = encode_frame(query).map_err(io::Error::other)?;
                 socket.write_all(&framed)?;
                 framed.len()
             }

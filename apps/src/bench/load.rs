@@ -16,7 +16,7 @@ use vsock_relay_engine::Endpoint;
 use super::sink::{COUNT, ECHO};
 use crate::sample::client;
 
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+pub(super) const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const WRITE_BYTES: usize = 256 * 1024;
 
 /// Where the load goes: an endpoint (the sink, or a relay before it), and
